@@ -1,0 +1,1 @@
+"""cnfgnn: Cross-Node Federated Graph Neural Network for spatio-temporal forecasting."""

@@ -1,0 +1,1 @@
+"""cnfgnn.evaluation."""

@@ -1,0 +1,173 @@
+"""One Hydra config for the ServerApp and every ClientApp.
+
+Both apps compose ``conf/`` with the overrides in the single run-config key
+``hydra-overrides`` (``flwr run . --run-config 'hydra-overrides="dataset.num_nodes=20"'``),
+so the server and all clients agree on the experiment. The legacy
+``flwr.simulation.run_simulation`` entry has no run config; for it the runner puts the same
+string into the environment variable ``CNFGNN_HYDRA_OVERRIDES`` (Ray actors inherit the
+driver's environment), and the apps read it when the run-config key is absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shlex
+import threading
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+RUN_CONFIG_KEY = "hydra-overrides"
+ENV_OVERRIDES = "CNFGNN_HYDRA_OVERRIDES"
+ENV_STATE_ROOT = "CNFGNN_STATE_ROOT"
+STATE_DIR = "state-dir"  # optional node_config key: where that node keeps its state
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Every Flower process gets these (flower-notes §4): no telemetry, no update check, no
+# runtime dependency installation, Flower and Ray files inside the project.
+FLOWER_ENV_DEFAULTS = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def conf_dir() -> str:
+    """The Hydra config directory (the CLI's: ``$CNFGNN_CONF`` or the project's ``conf/``)."""
+    return os.environ.get("CNFGNN_CONF", str(PROJECT_ROOT / "conf"))
+
+
+def flower_environment(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Environment entries every Flower process needs (existing values are kept)."""
+    env = dict(FLOWER_ENV_DEFAULTS)
+    env["FLWR_HOME"] = str(root / ".flwr")
+    env["TMPDIR"] = str(root / ".tmp")
+    env["RAY_TMPDIR"] = str(root / ".tmp")
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def state_root(cfg: Any, node_config: Any = None) -> Path:
+    """Where clients keep their state between messages: node_config ``state-dir``, else
+    ``$CNFGNN_STATE_ROOT``, else ``engine.state_root``, else the project's ``.tmp/node_state``.
+    """
+    for value in ((node_config or {}).get(STATE_DIR), os.environ.get(ENV_STATE_ROOT),
+                  cfg.engine.get("state_root")):
+        if value:
+            return Path(str(value))
+    return PROJECT_ROOT / ".tmp" / "node_state"
+
+
+def overrides_from_run_config(run_config: Any) -> str:
+    """The override string for this run: run-config key first, then the environment."""
+    if run_config is not None and RUN_CONFIG_KEY in run_config:
+        return str(run_config[RUN_CONFIG_KEY])
+    return os.environ.get(ENV_OVERRIDES, "")
+
+
+_COMPOSE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def compose_cfg(overrides: str) -> DictConfig:
+    """``conf/`` composed with a shell-quoted override string (cached: apps call it per message).
+
+    Works inside a ``@hydra.main`` job too (``cnfgnn engine=simulation``): the job's global
+    Hydra is set aside while composing and put back afterwards.
+    """
+    with _COMPOSE_LOCK:
+        gh = GlobalHydra.instance()
+        outer = gh.hydra if gh.is_initialized() else None
+        if outer is not None:
+            gh.clear()
+        try:
+            with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+                cfg = compose("config", overrides=shlex.split(overrides))
+        finally:
+            if outer is not None:
+                GlobalHydra.instance().clear()
+                GlobalHydra.instance().initialize(outer)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+# ---------------------------------------------------------------------- driver side
+def _format(value: Any) -> str:
+    """A resolved config value in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_format(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot express {type(value).__name__} as a Hydra override")
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, name + "."))
+        else:
+            out.append(f"++{name}={_format(value)}")
+    return out
+
+
+def _root_groups() -> list[str]:
+    """Config groups in the root defaults list (``dataset``, ``model``, ...)."""
+    root = OmegaConf.load(Path(conf_dir()) / "config.yaml")
+    groups = []
+    for entry in root.get("defaults", []):
+        if isinstance(entry, (dict, DictConfig)):
+            for key in entry:
+                groups.append(str(key).replace("optional ", "").strip())
+    return groups
+
+
+def _plain(cfg: Any) -> dict:
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in container.items() if k != "hydra"}
+
+
+def exact_overrides(cfg: Any) -> list[str]:
+    """Overrides that make ``conf/`` compose to exactly ``cfg`` (every leaf, resolved)."""
+    return [f"~{g}" for g in _root_groups()] + _leaves(_plain(cfg))
+
+
+def overrides_for(cfg: Any, run_dir: str | Path, cli_overrides: list[str] | None = None) -> str:
+    """The ``hydra-overrides`` string under which both apps compose ``cfg`` (+ ``run_dir``).
+
+    The overrides typed on the command line are used when they reproduce ``cfg`` exactly
+    (readable in logs); otherwise (a config built in code, or changed after composing)
+    every leaf is pinned. Raises when neither reproduces ``cfg``.
+    """
+    want = _plain(cfg)
+    want["run_dir"] = str(run_dir)
+    candidates = []
+    if cli_overrides is not None:
+        kept = [o for o in cli_overrides if not o.lstrip("+~").startswith("run_dir=")]
+        candidates.append(kept + [f"run_dir={_format(str(run_dir))}"])
+    candidates.append(exact_overrides(want))
+    for overrides in candidates:
+        text = shlex.join(overrides)
+        if _plain(compose_cfg(text)) == want:
+            return text
+    raise ValueError("cannot express this config as Hydra overrides of conf/ "
+                     "(the apps would compose a different experiment)")

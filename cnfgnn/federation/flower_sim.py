@@ -1,0 +1,93 @@
+"""Start a Flower simulation of a composed config (``cnfgnn engine=simulation ...``).
+
+The ServerApp and ClientApp are the same as under ``flwr run .``; both compose ``conf/``
+from the ``hydra-overrides`` string built here (``flower_config.overrides_for``: the
+command-line overrides when they reproduce the config, every leaf otherwise, plus
+``run_dir``). ``flwr.simulation.run_simulation`` has no run config, so the string travels
+in ``CNFGNN_HYDRA_OVERRIDES`` (set for the duration of the simulation, inherited by Ray).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from omegaconf import OmegaConf
+
+from cnfgnn.federation.flower_config import ENV_OVERRIDES, flower_environment, overrides_for
+from cnfgnn.results import RunWriter
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cli_overrides() -> list[str] | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return None
+
+
+def backend_config(cfg: Any) -> dict[str, Any]:
+    """``engine.backend`` as the plain dict ``run_simulation`` expects."""
+    return OmegaConf.to_container(cfg.engine.backend, resolve=True)  # type: ignore[return-value]
+
+
+def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,
+                              progress: Callable[[str], None] = print,
+                              engine_wrapper: Callable[[Any], Any] | None = None
+                              ) -> tuple[dict, RunWriter]:
+    """Run ``cfg`` as a Flower simulation with one SuperNode per client.
+
+    Returns ``(final metrics, writer)`` like the in-process path (``final`` as written to
+    ``final.json``).
+    """
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's link state, at import
+    import ray
+    from flwr.simulation import run_simulation
+
+    from cnfgnn.federation import client_app, server_app
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process; the simulation's "
+                           "actors would not see its configuration")
+    writer = RunWriter(cfg, run_dir)
+    overrides = overrides_for(cfg, writer.dir.resolve(), _cli_overrides())
+    env = flower_environment()
+    env[ENV_OVERRIDES] = overrides
+    for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    progress(f"Flower simulation: {num_clients} SuperNodes, "
+             f"{cfg.federation.nodes_per_client} sensor(s) each; output={writer.dir}")
+    server_app.ENGINE_WRAPPER, server_app.PROGRESS = engine_wrapper, progress
+    flwr_log = logging.getLogger("flwr")
+    propagate, flwr_log.propagate = flwr_log.propagate, False  # Flower prints its own log
+    started = time.time()
+    try:
+        with _environ(env):
+            run_simulation(server_app=server_app.app, client_app=client_app.app,
+                           num_supernodes=num_clients, backend_config=backend_config(cfg))
+    finally:
+        server_app.ENGINE_WRAPPER = server_app.PROGRESS = None
+        flwr_log.propagate = propagate
+    final_path = writer.dir / "final.json"
+    if not final_path.exists() or final_path.stat().st_mtime < started:
+        raise RuntimeError(f"the Flower simulation ended without {final_path}; see its log above")
+    return json.loads(final_path.read_text()), writer

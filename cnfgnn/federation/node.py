@@ -1,0 +1,353 @@
+"""Node-side work of CNFGNN: everything a client does with its own sensors' series.
+
+Plain PyTorch, no Flower import. A client hosts a group of K sensors; each keeps its own
+weights and optimizer state (stacked along K, computed in batched passes). The worker
+answers one message type per method and keeps what must survive between messages:
+
+* the last global node model it received, the scaler;
+* ``h_c`` of the last encoded split (the decoder's initial state in split learning);
+* ``h_G`` for every training window (fixed input of the next round's local training).
+
+Nothing a worker returns holds inputs or targets: weights, ``h_c``, ``dL/dh_G``, sums.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cnfgnn import rng
+from cnfgnn.data.scaler import Scaler, input_stats, per_node_scaler
+from cnfgnn.data.windows import split_starts
+from cnfgnn.evaluation.metrics import error_sums
+from cnfgnn.federation import protocol as P
+from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
+
+
+@dataclass
+class LocalSeries:
+    """The series a client holds: only its own K sensors.
+
+    Attributes:
+        nodes: ``[K]`` global node indices.
+        sensor_ids: K sensor ids.
+        speed: ``[T, K]`` float32 original units (missing = 0).
+        mask: ``[T, K]`` bool, True where observed.
+        time_of_day: ``[T]`` float32 fraction of the day.
+        starts: window start indices per split (``train``/``val``/``test``).
+    """
+
+    nodes: np.ndarray
+    sensor_ids: list[str]
+    speed: np.ndarray
+    mask: np.ndarray
+    time_of_day: np.ndarray
+    starts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        nodes: np.ndarray,
+        sensor_ids: list[str],
+        speed: np.ndarray,
+        mask: np.ndarray,
+        time_of_day: np.ndarray,
+        dataset_cfg: Any,
+    ) -> "LocalSeries":
+        """Build from a client's columns and the dataset's window/split settings."""
+        split = dataset_cfg.split
+        starts = split_starts(
+            speed.shape[0], dataset_cfg.in_steps, dataset_cfg.out_steps,
+            split.train, split.val, split.test,
+        )
+        return cls(np.asarray(nodes, dtype=np.int64), list(sensor_ids),
+                   speed.astype(np.float32), mask.astype(bool),
+                   time_of_day.astype(np.float32), starts)
+
+
+class NodeWorker:
+    """A client's node group: the handlers of every CNFGNN message type.
+
+    Args:
+        series: the client's own series.
+        cfg: the composed experiment config (``model``, ``federation``, ``dataset``, ``seed``).
+        device: torch device for the node models.
+    """
+
+    def __init__(self, series: LocalSeries, cfg: Any, device: torch.device | str = "cpu"):
+        self.series = series
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.in_steps = int(cfg.dataset.in_steps)
+        self.out_steps = int(cfg.dataset.out_steps)
+        m = cfg.model
+        self.model = NodeSeq2Seq(
+            num_nodes=len(series.nodes), input_size=m.input_size, output_size=m.output_size,
+            hidden_size=m.hidden_size, num_layers=m.num_layers,
+            graph_embedding=m.graph_embedding, horizon=m.horizon,
+        ).to(self.device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: Scaler | None = None
+        self.inputs: Tensor | None = None  # [K, T, F] scaled speed + time of day
+        self.h_c: dict[str, Tensor] = {}  # split -> [S, K, L, H]
+        self.h_g_train: Tensor | None = None  # [S_train, K, L, H]
+        self.round = 0
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, message_type: str, payload: P.Payload) -> P.Payload:
+        """Answer one message (the only entry point the engines call)."""
+        handlers = {
+            P.HELLO: self.hello, P.STATS: self.stats, P.CONFIGURE: self.configure,
+            P.LOCAL_TRAIN: self.local_train, P.ENCODE: self.encode,
+            P.SPLIT_STEP: self.split_step, P.EMBED: self.embed, P.EVALUATE: self.evaluate,
+        }
+        if message_type not in handlers:
+            raise ValueError(f"unknown message type {message_type!r}")
+        return handlers[message_type](payload)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.series.nodes)
+
+    def hello(self, payload: P.Payload) -> P.Payload:
+        counts = [len(self.series.starts[s]) for s in P.SPLITS]
+        return {P.NODES: self.series.nodes.copy(), P.SENSOR_IDS: ",".join(self.series.sensor_ids),
+                P.NUM_WINDOWS: np.asarray(counts, dtype=np.int64)}
+
+    def stats(self, payload: P.Payload) -> P.Payload:
+        """Per-node sums of the training inputs (each step once per window covering it)."""
+        st = self._input_stats()
+        return {P.STAT_SUM: np.asarray(st["sum"], np.float64),
+                P.STAT_SUMSQ: np.asarray(st["sumsq"], np.float64),
+                P.STAT_COUNT: np.asarray(st["count"], np.float64)}
+
+    def _input_stats(self) -> dict[str, np.ndarray]:
+        return input_stats(self.series.speed, self.series.starts[P.TRAIN], self.in_steps,
+                           include_missing=self.cfg.federation.scaler_include_missing,
+                           mask=self.series.mask)
+
+    def configure(self, payload: P.Payload) -> P.Payload:
+        """Set the scaler and the initial global node model; scale the local inputs."""
+        if P.SCALER_MEAN in payload:
+            self.scaler = Scaler(np.asarray(payload[P.SCALER_MEAN], np.float64),
+                                 np.asarray(payload[P.SCALER_STD], np.float64))
+        else:  # per-node scaling: computed here, nothing leaves the node
+            self.scaler = per_node_scaler(self._input_stats())
+        scaled = self.scaler.transform(self.series.speed).astype(np.float32)  # [T, K]
+        tod = np.broadcast_to(self.series.time_of_day[:, None], scaled.shape)
+        feats = np.stack([scaled, tod], axis=-1)  # [T, K, 2]
+        self.inputs = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(self.device)
+        self.raw = torch.from_numpy(np.ascontiguousarray(self.series.speed.T)).to(self.device)
+        self.observed = torch.from_numpy(np.ascontiguousarray(self.series.mask.T)).to(self.device)
+        self._load_global(payload)
+        s_train = len(self.series.starts[P.TRAIN])
+        m = self.cfg.model
+        self.h_g_train = torch.zeros(s_train, self.num_nodes, m.num_layers, m.hidden_size,
+                                     device=self.device)  # round 1: h_G = 0
+        return {}
+
+    def _load_global(self, payload: P.Payload) -> None:
+        weights = P.weights_from_payload(payload)
+        if weights:
+            self.model.load_global_state({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+    # ------------------------------------------------------------------ batches
+    def _gather(self, split: str, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Windows for each node: ``idx`` is ``[K, B]`` positions within ``split``.
+
+        Returns x ``[B, T_in, K, F]``, x_last ``[B, K, F]``, y_tod ``[B, H, K]``,
+        y_scaled ``[B, H, K]`` and the flat time index ``[K, B, T_in + H]``.
+        """
+        assert self.inputs is not None, "configure must come first"
+        starts = torch.as_tensor(self.series.starts[split], device=self.device)
+        span = torch.arange(self.in_steps + self.out_steps, device=self.device)
+        t = starts[idx][..., None] + span  # [K, B, T_in + H]
+        k = torch.arange(self.num_nodes, device=self.device)[:, None, None]
+        win = self.inputs[k, t]  # [K, B, T_in + H, F]
+        x = win[:, :, : self.in_steps].permute(1, 2, 0, 3)  # [B, T_in, K, F]
+        y = win[:, :, self.in_steps :].permute(1, 2, 0, 3)  # [B, H, K, F]
+        return x, x[:, -1], y[..., 1], y[..., 0], t
+
+    def _teacher(self, phase: str, step: int, batch: int) -> Tensor:
+        """Scheduled-sampling coins ``[H, K]``: one draw per decoding step per node."""
+        p = teacher_forcing_prob(step, float(self.cfg.model.cl_decay_steps))
+        u = rng.uniforms(self.cfg.seed, self.series.nodes, self.round, phase, self.out_steps,
+                         extra=step * 1_000_003 + batch)
+        return torch.from_numpy(u.T <= p).to(self.device)
+
+    def _loss(self, pred: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-node mean squared error ``[K]`` (unmasked unless configured), sums, counts."""
+        err = (pred[..., 0] - y).square()  # [B, H, K]
+        if self.cfg.federation.loss_masked:
+            k = torch.arange(self.num_nodes, device=self.device)[:, None, None]
+            m = self.observed[k, t[:, :, self.in_steps :]].permute(1, 2, 0).float()  # [B, H, K]
+            sums, counts = (err * m).sum((0, 1)), m.sum((0, 1))
+        else:
+            sums = err.sum((0, 1))
+            counts = torch.full_like(sums, float(err.shape[0] * err.shape[1]))
+        return sums / counts.clamp_min(1.0), sums.detach(), counts
+
+    # ------------------------------------------------------------------ phases
+    def local_train(self, payload: P.Payload) -> P.Payload:
+        """R_c epochs on the node's own windows with last round's h_G fixed (step 1)."""
+        fed = self.cfg.federation
+        self.round = int(payload[P.ROUND])
+        step = int(payload[P.STEP])
+        self._load_global(payload)
+        if self.optimizer is None or fed.reset_client_optimizer:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=fed.lr,
+                                              weight_decay=fed.weight_decay)
+        s = len(self.series.starts[P.TRAIN])
+        bs = int(fed.batch_size)
+        loss_sum = torch.zeros(self.num_nodes, dtype=torch.float64, device=self.device)
+        count = torch.zeros_like(loss_sum)
+        use_hg = self.cfg.model.graph_embedding
+        k_ar = torch.arange(self.num_nodes, device=self.device)[:, None]
+        self.model.train()
+        for epoch in range(int(fed.local_epochs)):
+            perm = torch.from_numpy(rng.permutations(self.cfg.seed, self.series.nodes, self.round,
+                                                     "local", s, extra=epoch)).to(self.device)
+            for b in range(math.ceil(s / bs)):
+                idx = perm[:, b * bs : (b + 1) * bs]  # [K, B] per-node window positions
+                x, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
+                h_g = self.h_g_train[idx, k_ar].transpose(0, 1) if use_hg else None  # [B, K, L, H]
+                teacher = self._teacher("local", step, b)
+                pred = self.model(x, y_tod, h_g, targets=y, teacher=teacher)
+                per_node, sums, counts = self._loss(pred, y, t)
+                self.optimizer.zero_grad(set_to_none=True)
+                per_node.sum().backward()  # node k's gradient depends on its own loss only
+                self.optimizer.step()
+                loss_sum += sums.double()
+                count += counts.double()
+                step += 1
+        out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in self.model.stacked_state().items()}
+        out[P.NUM_EXAMPLES] = np.full(self.num_nodes, s * int(fed.local_epochs), np.int64)
+        out[P.LOSS_SUM] = loss_sum.cpu().numpy()
+        out[P.LOSS_COUNT] = count.cpu().numpy()
+        out[P.STEP] = step
+        return out
+
+    @torch.no_grad()
+    def encode(self, payload: P.Payload) -> P.Payload:
+        """h_c for every window of a split with the (new) global model (step 2)."""
+        self._load_global(payload)
+        split = str(payload[P.SPLIT])
+        s = len(self.series.starts[split])
+        self.model.eval()
+        parts = []
+        bs = int(self.cfg.federation.eval_batch_size)
+        for b in range(0, s, bs):
+            idx = torch.arange(b, min(b + bs, s), device=self.device).expand(self.num_nodes, -1)
+            x = self._gather(split, idx)[0]
+            parts.append(self.model.encode(x))  # [B, K, L, H]
+        self.h_c[split] = torch.cat(parts) if parts else torch.zeros(0)
+        return {P.H_C: self.h_c[split].cpu().numpy().copy()}
+
+    def split_step(self, payload: P.Payload) -> P.Payload:
+        """Decode a server batch with the received h_G; return dL_k/dh_G (step 3)."""
+        batch = torch.as_tensor(np.asarray(payload[P.BATCH]), device=self.device)  # [B]
+        step = int(payload[P.STEP])
+        self.round = int(payload[P.ROUND])
+        h_g = torch.tensor(np.asarray(payload[P.H_G]), device=self.device, requires_grad=True)
+        idx = batch.expand(self.num_nodes, -1)  # every node decodes the same windows
+        _, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
+        h_c = self.h_c[P.TRAIN][batch]  # [B, K, L, H], node model frozen here
+        teacher = self._teacher("split", step, 0)
+        self.model.train()
+        pred = self.model.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
+        per_node, sums, counts = self._loss(pred, y, t)
+        (grad,) = torch.autograd.grad(per_node.sum(), h_g)  # row k: d(loss_k)/d(h_G,k)
+        return {P.GRAD: grad.cpu().numpy(), P.LOSS_SUM: sums.double().cpu().numpy(),
+                P.LOSS_COUNT: counts.double().cpu().numpy()}
+
+    def embed(self, payload: P.Payload) -> P.Payload:
+        """Store h_G for every training window: next round's fixed input (step 4)."""
+        self.h_g_train = torch.tensor(np.asarray(payload[P.H_G]), device=self.device)
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self, payload: P.Payload) -> P.Payload:
+        """Error sums per node and horizon for a split, decoding with the received h_G."""
+        split = str(payload[P.SPLIT])
+        if self.scaler is None:
+            raise RuntimeError("evaluate before configure")
+        self._load_global(payload)
+        if P.H_G in payload:  # CNFGNN: decode from the h_c this node sent up for this split
+            h_g_all = torch.as_tensor(np.asarray(payload[P.H_G]), device=self.device)
+            if split not in self.h_c or len(self.h_c[split]) != len(h_g_all):
+                raise ValueError(f"h_G for {len(h_g_all)} {split} windows, but this node "
+                                 f"encoded {len(self.h_c.get(split, []))}; send {P.ENCODE} first")
+        else:  # no graph embedding: encode here with the current model
+            h_g_all = None
+            self.encode({P.SPLIT: split})
+        s = len(self.series.starts[split])
+        bs = int(self.cfg.federation.eval_batch_size)
+        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
+        self.model.eval()
+        total: dict[str, Tensor] = {}
+        k_ar = torch.arange(self.num_nodes, device=self.device)[:, None, None]
+        for b in range(0, s, bs):
+            batch = torch.arange(b, min(b + bs, s), device=self.device)
+            _, x_last, y_tod, y, t = self._gather(split, batch.expand(self.num_nodes, -1))
+            h_g = h_g_all[batch] if h_g_all is not None else None
+            pred = self.model.decode(x_last, y_tod, self.h_c[split][batch], h_g)[..., 0]
+            t_out = t[:, :, self.in_steps :]  # [K, B, H]
+            target = self.raw[k_ar, t_out].permute(1, 2, 0)  # [B, H, K]
+            mask = self.observed[k_ar, t_out].permute(1, 2, 0)
+            sums = error_sums(pred * std + mean, target, mask, pred, y)
+            for key, v in sums.items():
+                total[key] = total[key] + v if key in total else v
+        return {P.ERR_PREFIX + k: v.cpu().numpy() for k, v in total.items()}
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes between messages (the Flower engines persist it).
+
+        The series and the config are not included: a restored worker is built from the
+        same series and config, then :meth:`load_state_dict` is applied. Keep this in step
+        with the attributes the handlers set.
+        """
+        def cpu(t: Tensor | None) -> Tensor | None:  # a snapshot, not a view
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        return {
+            "model": {k: cpu(v) for k, v in self.model.state_dict().items()},
+            "optimizer": None if self.optimizer is None
+            else copy.deepcopy(self.optimizer.state_dict()),
+            "scaler": None if self.scaler is None else (np.asarray(self.scaler.mean),
+                                                        np.asarray(self.scaler.std)),
+            "inputs": cpu(self.inputs),
+            "raw": cpu(getattr(self, "raw", None)),
+            "observed": cpu(getattr(self, "observed", None)),
+            "h_c": {k: cpu(v) for k, v in self.h_c.items()},
+            "h_g_train": cpu(self.h_g_train),
+            "round": self.round,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on this worker's device)."""
+        def dev(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(self.device)
+
+        self.model.load_state_dict(state["model"])
+        self.optimizer = None
+        if state["optimizer"] is not None:
+            fed = self.cfg.federation
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=fed.lr,
+                                              weight_decay=fed.weight_decay)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler = None if state["scaler"] is None else Scaler(*state["scaler"])
+        self.inputs = dev(state["inputs"])
+        for name in ("raw", "observed"):
+            if state[name] is not None:
+                setattr(self, name, dev(state[name]))
+        self.h_c = {k: dev(v) for k, v in state["h_c"].items()}
+        self.h_g_train = dev(state["h_g_train"])
+        self.round = int(state["round"])

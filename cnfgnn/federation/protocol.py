@@ -1,0 +1,109 @@
+"""The CNFGNN wire protocol: message types, payload keys and byte accounting.
+
+A *payload* is a flat ``dict[str, np.ndarray | int | float | str]``. Every engine moves
+payloads between the server orchestration and the client handlers; the Flower engines pack
+them into ``RecordDict`` (arrays into an ``ArrayRecord``, scalars into a ``ConfigRecord``),
+the in-process engine hands them over as they are. Neither side uses string literals for
+message types or keys: they are the constants below.
+
+What crosses the wire (DESIGN.md §5): node-model weights, temporal encodings ``h_c``,
+graph embeddings ``h_G``, gradients ``dL/dh_G``, and sums/counts. Never inputs or targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Payload = dict[str, Any]
+
+# --- message types: "<train|evaluate|query>.<action>" (Flower's Message API naming) ---
+HELLO = "query.hello"  # up: hosted node indices, sensor ids, windows per split
+STATS = "query.stats"  # up: per-node sums/counts of the training inputs (scaler)
+CONFIGURE = "query.configure"  # down: scaler, initial node model, training nodes
+LOCAL_TRAIN = "train.local"  # down: step counter; up: per-node weights after R_c epochs
+ENCODE = "query.encode"  # down: global node model; up: h_c for every window of a split
+SPLIT_STEP = "train.split"  # down: h_G for a server batch; up: dL/dh_G, loss sums
+EMBED = "query.embed"  # down: h_G for every training window (cached for next round)
+EVALUATE = "evaluate.decode"  # down: h_G for a split; up: error sums per horizon
+
+MESSAGE_TYPES = (HELLO, STATS, CONFIGURE, LOCAL_TRAIN, ENCODE, SPLIT_STEP, EMBED, EVALUATE)
+
+# Flower transport only: answered by the ClientApp itself (no NodeWorker), so that the
+# FlowerEngine can map Flower node ids (which change when a SuperNode restarts) to clients.
+IDENTIFY = "query.identify"  # up: the client's partition id and the number of partitions
+PARTITION_ID = "partition_id"
+NUM_PARTITIONS = "num_partitions"
+
+# --- payload keys ---
+NODES = "nodes"  # [K] int64 global node indices hosted by the client
+SENSOR_IDS = "sensor_ids"  # str, comma-separated
+NUM_WINDOWS = "num_windows"  # [3] int64: train/val/test windows
+SPLIT = "split"  # str: train | val | test
+ROUND = "round"
+STEP = "step"  # scheduled-sampling step counter (local + server batches)
+WEIGHTS_PREFIX = "w."  # node-model tensors: "w.<name>" -> [K, ...] (up) or [...] (down)
+NUM_EXAMPLES = "num_examples"  # [K] windows each node trained on
+ACTIVE = "active"  # [K] bool: which hosted nodes take part in training
+SCALER_MEAN = "scaler_mean"  # [] or [K]
+SCALER_STD = "scaler_std"
+STAT_SUM = "stat_sum"  # [K]
+STAT_SUMSQ = "stat_sumsq"  # [K]
+STAT_COUNT = "stat_count"  # [K]
+H_C = "h_c"  # [S, K, L, H] temporal encodings
+H_G = "h_g"  # [S, K, L, H] graph embeddings
+GRAD = "grad_h_g"  # [B, K, L, H] dL_k/dh_G (each node's own mean loss)
+BATCH = "batch"  # [B] int64 window positions within the train split
+LOSS_SUM = "loss_sum"  # [K] sum of squared scaled errors
+LOSS_COUNT = "loss_count"  # [K]
+ERR_PREFIX = "err."  # evaluation sums: "err.<name>" -> [K, horizon]
+
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS = (TRAIN, VAL, TEST)
+
+
+@dataclass
+class ClientFailure:
+    """A client that raised or did not answer: it is left out of the phase."""
+
+    reason: str
+
+
+def weights_to_payload(state: dict[str, Any]) -> Payload:
+    """Prefix node-model tensors for a payload (``name -> w.name``)."""
+    return {WEIGHTS_PREFIX + k: np.ascontiguousarray(_np(v)) for k, v in state.items()}
+
+
+def weights_from_payload(payload: Payload) -> dict[str, np.ndarray]:
+    """Inverse of :func:`weights_to_payload`."""
+    n = len(WEIGHTS_PREFIX)
+    return {k[n:]: v for k, v in payload.items() if k.startswith(WEIGHTS_PREFIX)}
+
+
+def payload_nbytes(payload: Payload) -> tuple[int, int]:
+    """Bytes of a payload: ``(tensor_bytes, other_bytes)``.
+
+    ``tensor_bytes`` counts float32 arrays: model weights, ``h_c``, ``h_G``, ``dL/dh_G``
+    (what the DESIGN.md §5 formula counts). ``other_bytes`` counts the rest: float64
+    sums and counts, integer arrays, strings, and scalars (8 bytes each).
+    """
+    floats = other = 0
+    for value in payload.values():
+        if isinstance(value, np.ndarray):
+            if value.dtype == np.float32:
+                floats += value.nbytes
+            else:
+                other += value.nbytes
+        elif isinstance(value, str):
+            other += len(value.encode())
+        else:
+            other += 8
+    return floats, other
+
+
+def _np(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,383 @@
+"""CNFGNN round orchestration (DESIGN.md §5), written once against an engine.
+
+One round: (1) local training + FedAvg, (2) temporal encodings up, (3) split learning of
+the server GN, (4) graph embeddings down, (5) validation; early stopping on the node-mean
+validation loss; test with the best round's parameters. Every payload is measured (bytes
+per phase and direction) and every phase timed; each round is logged and checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cnfgnn import rng
+from cnfgnn.data.nodes import select_nodes
+from cnfgnn.data.scaler import global_scaler
+from cnfgnn.evaluation.metrics import metrics_from_sums, node_mean_loss, per_horizon
+from cnfgnn.federation import protocol as P
+from cnfgnn.federation.engines import Engine
+from cnfgnn.federation.server import GraphServer, fedavg
+from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+from cnfgnn.results import RunWriter
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (too few nodes answered, inconsistent clients...)."""
+
+
+@dataclass
+class ServerGraph:
+    """All the server knows about the sensor network: the graph, never a series.
+
+    Attributes:
+        adjacency: ``[N, N]`` weights of directed edges i -> j (self-loops kept).
+        sensor_ids: N sensor ids.
+        locations: ``[N, 2]`` (lat, lon) or None.
+    """
+
+    adjacency: np.ndarray
+    sensor_ids: list[str]
+    locations: np.ndarray | None = None
+
+
+def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
+    """The global node model of round 0, from the experiment seed."""
+    torch.manual_seed(int(cfg.seed))
+    m = cfg.model
+    model = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
+                        hidden_size=m.hidden_size, num_layers=m.num_layers,
+                        graph_embedding=m.graph_embedding, horizon=m.horizon)
+    return {k: v.numpy() for k, v in model.node_state(0).items()}
+
+
+class Orchestrator:
+    """The server side of a CNFGNN run.
+
+    Args:
+        cfg: composed config.
+        engine: transport to the clients.
+        graph: the graph the server holds.
+        writer: run directory writer (None: nothing written).
+        progress: callable for one-line progress messages.
+    """
+
+    def __init__(self, cfg: Any, engine: Engine, graph: ServerGraph,
+                 writer: RunWriter | None = None, progress: Callable[[str], None] = print,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.engine, self.graph, self.writer = cfg, engine, graph, writer
+        self.fed = cfg.federation
+        self.progress = progress
+        self.device = torch.device(device)
+        self.server = GraphServer(cfg.model, lr=self.fed.server_lr, device=self.device)
+        self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.failures: list[dict[str, Any]] = []
+        self.theta = initial_node_model(cfg)
+        self.version = 0  # version of theta; clients track which one they hold
+        self.client_version: dict[int, int] = {}
+        self.step = 0
+
+    # ------------------------------------------------------------------ transport
+    def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
+              ) -> dict[int, P.Payload]:
+        """Send, measure bytes and time, drop failures, fail when too few answer."""
+        for p in payloads.values():
+            f, o = P.payload_nbytes(p)
+            self.bytes[phase]["down_tensor"] += f
+            self.bytes[phase]["down_other"] += o
+        t0 = time.perf_counter()
+        replies = self.engine.send(mtype, payloads)
+        self.seconds[phase] += time.perf_counter() - t0
+        ok: dict[int, P.Payload] = {}
+        for cid in payloads:
+            reply = replies.get(cid, P.ClientFailure("no reply"))
+            if isinstance(reply, P.ClientFailure):
+                nodes = self.client_nodes.get(cid, np.zeros(0, int)) if hasattr(self, "client_nodes") else []
+                self.failures.append({"round": getattr(self, "round", 0), "phase": phase,
+                                      "client": cid, "reason": reply.reason,
+                                      "sensors": [self.graph.sensor_ids[i] for i in nodes]})
+                self.progress(f"  client {cid} left out of {phase}: {reply.reason}")
+                continue
+            f, o = P.payload_nbytes(reply)
+            self.bytes[phase]["up_tensor"] += f
+            self.bytes[phase]["up_other"] += o
+            ok[cid] = reply
+        if hasattr(self, "client_nodes") and payloads:
+            asked = sum(len(self.client_nodes[c]) for c in payloads)
+            got = sum(len(self.client_nodes[c]) for c in ok)
+            if got < self.fed.min_answer_fraction * asked:
+                raise FederationError(
+                    f"only {got}/{asked} nodes answered {mtype} in phase {phase}; "
+                    f"below federation.min_answer_fraction={self.fed.min_answer_fraction}")
+        elif payloads and not ok:
+            raise FederationError(f"no client answered {mtype}")
+        return ok
+
+    def _with_model(self, cid: int, payload: P.Payload) -> P.Payload:
+        """Attach the global node model when the client does not hold this version yet."""
+        if self.client_version.get(cid) != self.version:
+            payload = payload | P.weights_to_payload(self.theta)
+        return payload
+
+    def _delivered(self, replies: dict[int, P.Payload], payloads: dict[int, P.Payload]) -> None:
+        for cid in replies:
+            if any(k.startswith(P.WEIGHTS_PREFIX) for k in payloads[cid]):
+                self.client_version[cid] = self.version
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Handshake, training-node selection, scaler, initial model."""
+        clients = self.engine.client_ids()
+        hello = self._send("setup", P.HELLO, {c: {} for c in clients})
+        self.client_nodes = {c: np.asarray(r[P.NODES], np.int64) for c, r in hello.items()}
+        n = len(self.graph.sensor_ids)
+        hosted = np.concatenate(list(self.client_nodes.values()))
+        if len(np.unique(hosted)) != len(hosted) or hosted.min() < 0 or hosted.max() >= n:
+            raise FederationError(f"clients host duplicate or unknown nodes (graph has {n})")
+        counts = {tuple(np.asarray(r[P.NUM_WINDOWS]).tolist()) for r in hello.values()}
+        if len(counts) != 1:
+            raise FederationError(f"clients disagree on windows per split: {counts}")
+        self.num_windows = dict(zip(P.SPLITS, counts.pop()))
+        ratio = self.fed.inductive_ratio
+        if ratio is None:
+            train = np.sort(hosted)
+        else:
+            train = select_nodes(n, float(ratio), self.graph.locations, seed=int(self.cfg.seed))
+        train_set = set(train.tolist())
+        self.train_clients = []
+        for c, nodes in sorted(self.client_nodes.items()):
+            inside = [int(i) in train_set for i in nodes]
+            if all(inside):
+                self.train_clients.append(c)
+            elif any(inside):
+                raise FederationError(f"client {c} mixes training and held-out nodes; "
+                                      "partition seen and unseen nodes separately")
+        self.train_nodes = np.sort(np.concatenate([self.client_nodes[c] for c in self.train_clients]))
+        self.col = {int(g): i for i, g in enumerate(self.train_nodes)}  # global -> train column
+        self.eval_nodes = np.sort(hosted)
+        self.eval_col = {int(g): i for i, g in enumerate(self.eval_nodes)}
+        adj = self.graph.adjacency
+        self.train_graph = self.server.graph(adj[np.ix_(self.train_nodes, self.train_nodes)])
+        self.eval_graph = self.server.graph(adj[np.ix_(self.eval_nodes, self.eval_nodes)])
+        conf: P.Payload = {}
+        if self.fed.scaling == "global":
+            stats = self._send("setup", P.STATS, {c: {} for c in self.train_clients})
+            sc = global_scaler([{"sum": r[P.STAT_SUM], "sumsq": r[P.STAT_SUMSQ],
+                                 "count": r[P.STAT_COUNT]} for r in stats.values()])
+            conf = {P.SCALER_MEAN: np.asarray(sc.mean, np.float64),
+                    P.SCALER_STD: np.asarray(sc.std, np.float64)}
+            self.scaler = sc
+        payloads = {c: self._with_model(c, dict(conf)) for c in self.client_nodes}
+        self._delivered(self._send("setup", P.CONFIGURE, payloads), payloads)
+
+    # ------------------------------------------------------------------ helpers
+    def _assemble(self, replies: dict[int, P.Payload], key: str, col: dict[int, int]) -> np.ndarray:
+        """Stack per-client ``[S, K, ...]`` arrays into ``[S, N, ...]`` by node column."""
+        first = next(iter(replies.values()))[key]
+        out = np.zeros((first.shape[0], len(col)) + first.shape[2:], dtype=first.dtype)
+        for c, r in replies.items():
+            out[:, [col[int(g)] for g in self.client_nodes[c]]] = r[key]
+        return out
+
+    def _slice(self, arr: np.ndarray, cid: int, col: dict[int, int]) -> np.ndarray:
+        return np.ascontiguousarray(arr[:, [col[int(g)] for g in self.client_nodes[cid]]])
+
+    @property
+    def uses_gn(self) -> bool:
+        return bool(self.cfg.model.graph_embedding)
+
+    # ------------------------------------------------------------------ phases
+    def local_phase(self) -> dict[str, float]:
+        payloads = {c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
+                    for c in self.train_clients}
+        replies = self._send("local", P.LOCAL_TRAIN, payloads)
+        self._delivered(replies, payloads)
+        self.theta = fedavg([P.weights_from_payload(r) for r in replies.values()],
+                            [r[P.NUM_EXAMPLES] for r in replies.values()],
+                            self.fed.fedavg_weighting)
+        self.version += 1
+        self.step = max(int(r[P.STEP]) for r in replies.values())
+        loss = sum(r[P.LOSS_SUM].sum() for r in replies.values())
+        count = sum(r[P.LOSS_COUNT].sum() for r in replies.values())
+        return {"train_loss": float(loss / max(count, 1))}
+
+    def encode_phase(self, split: str, clients: list[int], phase: str) -> dict[int, P.Payload]:
+        payloads = {c: self._with_model(c, {P.SPLIT: split}) for c in clients}
+        replies = self._send(phase, P.ENCODE, payloads)
+        self._delivered(replies, payloads)
+        return replies
+
+    def split_phase(self, h_c: np.ndarray) -> dict[str, float]:
+        """R_s epochs of split learning: GN forward here, decoders and losses on the nodes."""
+        s = h_c.shape[0]
+        bs = int(self.fed.server_batch_size) * int(self.fed.server_batches_per_trip)
+        loss = count = 0.0
+        for epoch in range(int(self.fed.server_epochs)):
+            order = rng.permutations(int(self.cfg.seed), np.zeros(1, np.int64), self.round,
+                                     "server", s, extra=epoch)[0]
+            for b in range(math.ceil(s / bs)):
+                batch = np.sort(order[b * bs:(b + 1) * bs])
+                t0 = time.perf_counter()
+                h_g = self.server.forward(h_c[batch], self.train_graph)  # [B, N, L, H]
+                h_g_np = h_g.detach().cpu().numpy()
+                self.seconds["split_server"] += time.perf_counter() - t0
+                payloads = {c: {P.BATCH: batch.astype(np.int64), P.ROUND: self.round,
+                                P.STEP: self.step, P.H_G: self._slice(h_g_np, c, self.col)}
+                            for c in self.train_clients}
+                replies = self._send("split", P.SPLIT_STEP, payloads)
+                t0 = time.perf_counter()
+                grad = self._assemble(replies, P.GRAD, self.col)  # missing nodes stay 0
+                answered = sum(len(self.client_nodes[c]) for c in replies)
+                self.server.step(h_g, grad / answered)  # d(mean over nodes of MSE_k)/dh_G
+                self.seconds["split_server"] += time.perf_counter() - t0
+                loss += sum(r[P.LOSS_SUM].sum() for r in replies.values())
+                count += sum(r[P.LOSS_COUNT].sum() for r in replies.values())
+                self.step += 1
+        return {"split_loss": float(loss / max(count, 1.0))}
+
+    def embed_phase(self, h_c: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        h_g = self.server.embed_all(h_c, self.train_graph, int(self.fed.eval_batch_size))
+        self.seconds["embed_server"] += time.perf_counter() - t0
+        payloads = {c: {P.H_G: self._slice(h_g, c, self.col)} for c in self.train_clients}
+        self._send("embed", P.EMBED, payloads)
+
+    def evaluate(self, split: str, phase: str) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
+        """Encode up, ``h_G`` down, error sums up: ``(sums [N, H] per key, replies)``."""
+        clients = sorted(self.client_nodes)
+        payloads: dict[int, P.Payload] = {c: {P.SPLIT: split} for c in clients}
+        if self.uses_gn:
+            enc = self.encode_phase(split, clients, phase)
+            h_c = self._assemble(enc, P.H_C, self.eval_col)
+            t0 = time.perf_counter()
+            h_g = self.server.embed_all(h_c, self.eval_graph, int(self.fed.eval_batch_size))
+            self.seconds[phase + "_server"] += time.perf_counter() - t0
+            payloads = {c: {P.SPLIT: split, P.H_G: self._slice(h_g, c, self.eval_col)} for c in enc}
+        else:
+            payloads = {c: self._with_model(c, p) for c, p in payloads.items()}
+        replies = self._send(phase, P.EVALUATE, payloads)
+        self._delivered(replies, payloads)
+        n = len(self.eval_nodes)
+        sums: dict[str, np.ndarray] = {}
+        for c, r in replies.items():
+            cols = [self.eval_col[int(g)] for g in self.client_nodes[c]]
+            for k, v in r.items():
+                if k.startswith(P.ERR_PREFIX):
+                    name = k[len(P.ERR_PREFIX):]
+                    sums.setdefault(name, np.zeros((n,) + v.shape[1:]))[cols] = v
+        return sums, replies
+
+    # ------------------------------------------------------------------ main loop
+    def _checkpoint(self, es: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        self.writer.save_checkpoint({
+            "round": self.round, "theta": self.theta, "version": self.version,
+            "step": self.step, "server": self.server.state_dict(), "early_stopping": es,
+            "bytes": {k: dict(v) for k, v in self.bytes.items()},
+            "seconds": dict(self.seconds), "failures": self.failures,
+        })
+
+    def run(self) -> dict[str, Any]:
+        """Train with early stopping, test the best round; returns ``final.json``'s content."""
+        t_start = time.perf_counter()
+        self.round = 0
+        self.setup()
+        es = {"best_loss": math.inf, "best_round": 0, "bad_rounds": 0,
+              "best_theta": copy.deepcopy(self.theta), "best_server": self.server.state_dict()}
+        start_round = 1
+        ckpt = self.writer.load_checkpoint() if (self.writer and self.cfg.resume) else None
+        if ckpt is not None:
+            start_round = self._restore(ckpt)
+            es = ckpt["early_stopping"]
+        for self.round in range(start_round, int(self.fed.rounds) + 1):
+            if es["bad_rounds"] >= int(self.fed.early_stopping_patience):
+                break
+            rec = self.train_round()
+            sums, _ = self.evaluate(P.VAL, "val")
+            val = metrics_from_sums(sums)
+            rec.update({"val_loss": node_mean_loss(sums), "val_rmse": val["rmse"],
+                        "val_mae": val["mae"], "val_masked_mae": val["masked_mae"]})
+            if rec["val_loss"] < es["best_loss"]:
+                es.update(best_loss=rec["val_loss"], best_round=self.round, bad_rounds=0,
+                          best_theta=copy.deepcopy(self.theta), best_server=self.server.state_dict())
+            else:
+                es["bad_rounds"] += 1
+            rec.update(self._totals())
+            if self.writer:
+                self.writer.log_round(rec)
+            self._checkpoint(es)
+            if self.round % int(self.cfg.log_every) == 0:
+                self.progress(f"round {self.round:3d}  train {rec.get('train_loss', math.nan):.4f}"
+                              f"  val loss {rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}"
+                              f"  ({rec['seconds_round']:.1f}s)")
+        return self.test(es, time.perf_counter() - t_start)
+
+    def train_round(self) -> dict[str, Any]:
+        before = dict(self.seconds)
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"round": self.round}
+        rec.update(self.local_phase())
+        if self.uses_gn:
+            enc = self.encode_phase(P.TRAIN, self.train_clients, "encode")
+            h_c = self._assemble(enc, P.H_C, self.col)  # [S, N_train, L, H]
+            rec.update(self.split_phase(h_c))
+            self.embed_phase(h_c)
+        rec["step"] = self.step
+        rec["seconds_round"] = time.perf_counter() - t0
+        rec["seconds"] = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
+        return rec
+
+    def _totals(self) -> dict[str, Any]:
+        return {"bytes": {k: dict(v) for k, v in self.bytes.items()},
+                "failures": len(self.failures)}
+
+    def _restore(self, ckpt: dict[str, Any]) -> int:
+        """Continue after ``ckpt['round']``: reload server state, rebuild the nodes' h_G."""
+        self.theta, self.version = ckpt["theta"], ckpt["version"] + 1
+        self.step = ckpt["step"]
+        self.server.load_state_dict(ckpt["server"])
+        self.round = ckpt["round"]
+        if self.uses_gn and self.round > 0:  # the nodes' cached h_G = GN(h_c(theta))
+            enc = self.encode_phase(P.TRAIN, self.train_clients, "resume")
+            self.embed_phase(self._assemble(enc, P.H_C, self.col))
+        if self.writer:
+            self.writer.truncate_rounds(self.round)
+        self.progress(f"resumed after round {self.round}")
+        return self.round + 1
+
+    def test(self, es: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Evaluate the best round's parameters on the test split."""
+        self.theta = es["best_theta"]
+        self.version += 1
+        self.server.load_state_dict(es["best_server"])
+        sums, _ = self.evaluate(P.TEST, "test")
+        final: dict[str, Any] = {"test": metrics_from_sums(sums),
+                                 "best_round": es["best_round"], "rounds_run": self.round,
+                                 "best_val_loss": es["best_loss"],
+                                 "test_per_horizon": per_horizon(sums)}
+        per_node = np.sqrt(sums["sq"].sum(1) / np.maximum(sums["count"].sum(1), 1))
+        final["test_rmse_per_node"] = dict(zip([self.graph.sensor_ids[i] for i in self.eval_nodes],
+                                               per_node.tolist()))
+        if self.fed.inductive_ratio is not None:
+            seen = np.isin(self.eval_nodes, self.train_nodes)
+            final["test_seen"] = metrics_from_sums({k: v[seen] for k, v in sums.items()})
+            final["test_unseen"] = metrics_from_sums({k: v[~seen] for k, v in sums.items()})
+        final.update(self._totals())
+        final["bytes_total"] = int(sum(sum(v.values()) for v in self.bytes.values()))
+        final["seconds_total"] = seconds
+        final["seconds"] = dict(self.seconds)
+        final["failures"] = self.failures
+        final["nodes"] = {"total": len(self.eval_nodes), "train": len(self.train_nodes),
+                          "clients": len(self.client_nodes)}
+        if self.writer:
+            self.writer.write_final(final)
+        return final

@@ -1,0 +1,179 @@
+"""Server-side Graph Network of CNFGNN: Battaglia-style GN blocks batched over windows.
+
+Node features stay ``[M, N, F]`` (``M = B * L`` windows times GRU layers) with ONE shared
+``edge_index`` for the fixed sensor graph: edges gather with ``index_select`` along dim 1 and
+messages are summed at their targets with :func:`torch_geometric.utils.scatter` along dim 1,
+so no batched (disjoint-union) index tensors are ever built (paper notes §3.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+
+
+class MLP(nn.Sequential):
+    r"""``Linear -> ReLU -> Dropout -> Linear -> ReLU -> Dropout -> Linear``.
+
+    Args:
+        in_size (int): input features.
+        hidden_size (int): width of both hidden layers.
+        out_size (int): output features (no activation on the output).
+        dropout (float, optional): dropout after each hidden ReLU. (default: ``0.0``)
+
+    Shapes:
+        - **input:** ``[*, in_size]``; **output:** ``[*, out_size]``
+    """
+
+    def __init__(self, in_size: int, hidden_size: int, out_size: int, dropout: float = 0.0):
+        super().__init__(
+            nn.Linear(in_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_size, out_size),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self:
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def tail(self, h: Tensor) -> Tensor:
+        """Everything after the first Linear, for callers that compute that layer themselves."""
+        for m in list(self)[1:]:
+            h = m(h)
+        return h
+
+
+class GNBlock(nn.Module):
+    r"""One Graph Network block (`Battaglia et al., 2018 <https://arxiv.org/abs/1806.01261>`_)
+    in PyG ``MetaLayer`` order, with sum aggregation:
+
+    .. math::
+        e'_{ij} &= \phi_e([x_i, x_j, e_{ij}, u]) \quad (i \to j) \\
+        x'_j &= \phi_v([x_j, \textstyle\sum_{i \to j} e'_{ij}, u]) \\
+        u' &= \phi_u([\textstyle\sum_j x'_j, \sum_{ij} e'_{ij}, u])
+
+    The first Linear of :math:`\phi_e` is applied to its concatenated input by parts, which
+    is the same map: the node parts are projected once per node and then gathered per edge,
+    so the wide ``[x_i, x_j]`` rows are never materialised for every edge.
+
+    Args:
+        node_in (int): node feature size.
+        edge_in (int): edge feature size.
+        global_in (int): global feature size.
+        mlp_hidden (int): hidden width of the three MLPs.
+        latent_size (int): output size of the three MLPs.
+        dropout (float, optional): MLP dropout. (default: ``0.0``)
+
+    Shapes:
+        - **input:** x ``[M, N, node_in]``, e ``[M or 1, E, edge_in]``, u ``[M, global_in]``,
+          src / dst ``[E]``
+        - **output:** x' ``[M, N, latent]``, e' ``[M, E, latent]``, u' ``[M, latent]`` or
+          ``None`` when ``update_global=False``
+    """
+
+    def __init__(self, node_in: int, edge_in: int, global_in: int, mlp_hidden: int,
+                 latent_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.sizes = (node_in, node_in, edge_in, global_in)
+        self.edge_mlp = MLP(2 * node_in + edge_in + global_in, mlp_hidden, latent_size, dropout)
+        self.node_mlp = MLP(node_in + latent_size + global_in, mlp_hidden, latent_size, dropout)
+        self.global_mlp = MLP(2 * latent_size + global_in, mlp_hidden, latent_size, dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for mlp in (self.edge_mlp, self.node_mlp, self.global_mlp):
+            mlp.reset_parameters()
+
+    def forward(self, x: Tensor, e: Tensor, u: Tensor, src: Tensor, dst: Tensor,
+                update_global: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        m, n, _ = x.shape
+        first = self.edge_mlp[0]
+        w_src, w_dst, w_e, w_u = first.weight.split(self.sizes, dim=1)
+        p_src, p_dst = F.linear(x, torch.cat([w_src, w_dst])).chunk(2, dim=-1)  # [M, N, hidden] x2
+        pre = (p_src.index_select(1, src) + p_dst.index_select(1, dst)  # [M, E, hidden]
+               + F.linear(e, w_e) + F.linear(u, w_u, first.bias).unsqueeze(1))
+        e_new = self.edge_mlp.tail(pre)  # [M, E, latent]
+
+        agg = scatter(e_new, dst, dim=1, dim_size=n, reduce="sum")  # [M, N, latent]
+        x_new = self.node_mlp(torch.cat([x, agg, u.unsqueeze(1).expand(m, n, -1)], dim=-1))
+
+        u_new = None
+        if update_global:
+            u_new = self.global_mlp(torch.cat([x_new.sum(1), e_new.sum(1), u], dim=-1))
+        return x_new, e_new, u_new
+
+
+class GraphNetwork(nn.Module):
+    r"""CNFGNN's server-side Graph Network
+    (`Meng et al., KDD 2021 <https://arxiv.org/abs/2106.05223>`_, §3.2 of the notes): maps the
+    temporal encodings :math:`h_c` of all nodes to graph embeddings :math:`h_G`.
+
+    ``num_blocks`` :class:`GNBlock` s with dense skip connections on all three streams, then a
+    per-node output Linear:
+
+    .. math::
+        u^{(0)} = 0,\quad (x', e', u') = \mathrm{GN}_b(x, e, u),\quad
+        x \leftarrow [x', x],\ e \leftarrow [e', e],\ u \leftarrow [u', u],\quad
+        h_G = W_o x + b_o
+
+    The global MLP of the LAST block is kept (so the parameter count is the authors'
+    1,237,312 at the defaults) but never evaluated: its output would not be read. It receives
+    no gradient. The block-1 first-layer weights that multiply :math:`u^{(0)} = 0` always get a
+    zero gradient.
+
+    Args:
+        node_size (int, optional): input node features, the encoder's H. (default: ``64``)
+        edge_size (int, optional): edge features. (default: ``1``)
+        global_size (int, optional): initial global features (zeros). (default: ``64``)
+        mlp_hidden (int, optional): MLP hidden width. (default: ``256``)
+        latent_size (int, optional): edge / node / global update size. (default: ``128``)
+        num_blocks (int, optional): GN blocks. (default: ``2``)
+        output_size (int, optional): h_G size per node and layer. (default: ``64``)
+        dropout (float, optional): MLP dropout. (default: ``0.0``)
+
+    Shapes:
+        - **input:** h ``[B, N, L, node_size]``, edge_index ``[2, E]`` (source -> target),
+          edge_weight ``[E]`` or ``[E, edge_size]``
+        - **output:** h_G ``[B, N, L, output_size]``
+    """
+
+    def __init__(self, node_size: int = 64, edge_size: int = 1, global_size: int = 64,
+                 mlp_hidden: int = 256, latent_size: int = 128, num_blocks: int = 2,
+                 output_size: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.node_size, self.edge_size, self.global_size = node_size, edge_size, global_size
+        self.latent_size, self.num_blocks, self.output_size = latent_size, num_blocks, output_size
+        blocks = []
+        nx, ne, nu = node_size, edge_size, global_size
+        for _ in range(num_blocks):
+            blocks.append(GNBlock(nx, ne, nu, mlp_hidden, latent_size, dropout))
+            nx, ne, nu = nx + latent_size, ne + latent_size, nu + latent_size
+        self.blocks = nn.ModuleList(blocks)
+        self.output = nn.Linear(nx, output_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for block in self.blocks:
+            block.reset_parameters()
+        self.output.reset_parameters()
+
+    def forward(self, h: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        b, n, layers, _ = h.shape
+        x = h.transpose(1, 2).reshape(b * layers, n, -1)  # [B, N, L, F] -> [B*L, N, F]
+        m = x.shape[0]
+        src, dst = edge_index[0], edge_index[1]
+        e = edge_weight.to(x.dtype).reshape(1, edge_index.shape[1], -1)  # [1, E, edge_size]
+        u = x.new_zeros(m, self.global_size)
+        for i, block in enumerate(self.blocks):
+            last = i + 1 == self.num_blocks
+            x_new, e_new, u_new = block(x, e, u, src, dst, update_global=not last)
+            x = torch.cat([x_new, x], dim=-1)
+            if not last:
+                e = torch.cat([e_new, e.expand(m, -1, -1)], dim=-1)
+                u = torch.cat([u_new, u], dim=-1)
+        out = self.output(x)  # [B*L, N, out]
+        return out.view(b, layers, n, -1).transpose(1, 2)  # [B, N, L, out]

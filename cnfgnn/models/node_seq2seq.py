@@ -1,0 +1,302 @@
+"""Per-node GRU encoder-decoder, computed for a group of nodes with stacked weights.
+
+Every node keeps its own weights, stacked along a leading ``K`` dimension, and the group is
+evaluated with batched matmuls (``torch.baddbmm``). Adam and the other elementwise
+optimizers then keep separate per-node state for free, so training node ``k`` inside a group
+gives the same result as training it alone (DESIGN.md §4; paper notes §3.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def teacher_forcing_prob(step: int, k: float) -> float:
+    r"""Scheduled-sampling probability of feeding the ground truth, :math:`k / (k + e^{s/k})`.
+
+    Returns ``0.0`` once :math:`e^{s/k}` overflows a float (e.g. ``k = 1`` after ~710 steps).
+    """
+    try:
+        return k / (k + math.exp(step / k))
+    except OverflowError:
+        return 0.0
+
+
+class GroupGRU(nn.Module):
+    r"""A multi-layer GRU with separate weights for each of ``K`` nodes, run in batched passes.
+
+    Same equations and gate order (r, z, n) as :class:`torch.nn.GRU`
+    (`Cho et al., 2014 <https://arxiv.org/abs/1406.1078>`_), for every node :math:`k`:
+
+    .. math::
+        r &= \sigma(W^k_{ir} x + b^k_{ir} + W^k_{hr} h + b^k_{hr}) \\
+        z &= \sigma(W^k_{iz} x + b^k_{iz} + W^k_{hz} h + b^k_{hz}) \\
+        n &= \tanh(W^k_{in} x + b^k_{in} + r \odot (W^k_{hn} h + b^k_{hn})) \\
+        h' &= (1 - z) \odot n + z \odot h
+
+    Parameters are named like :class:`torch.nn.GRU`'s but stacked: ``weight_ih_l{l}``
+    ``[K, 3H, in_l]``, ``weight_hh_l{l}`` ``[K, 3H, H]``, ``bias_ih_l{l}`` and ``bias_hh_l{l}``
+    ``[K, 3H]``, where ``in_0 = input_size`` and ``in_l = H`` for ``l > 0``.
+
+    Args:
+        num_nodes (int): number of nodes ``K`` in the group.
+        input_size (int): input features per step.
+        hidden_size (int): hidden size ``H``.
+        num_layers (int, optional): stacked GRU layers ``L``. (default: ``1``)
+
+    Shapes:
+        - **step:** x ``[K, B, in]``, h ``[L, K, B, H]`` -> h' ``[L, K, B, H]``
+        - **forward:** x ``[K, B, T, in]``, h0 ``[L, K, B, H]`` or ``None`` (zeros)
+          -> h_n ``[L, K, B, H]``
+    """
+
+    def __init__(self, num_nodes: int, input_size: int, hidden_size: int, num_layers: int = 1):
+        super().__init__()
+        self.num_nodes, self.input_size = num_nodes, input_size
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        g = 3 * hidden_size
+        for layer in range(num_layers):
+            in_l = input_size if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(num_nodes, g, in_l)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(num_nodes, g, hidden_size)))
+            self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(num_nodes, g)))
+            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(num_nodes, g)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every weight and bias, like :class:`nn.GRU`."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def _layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}"),
+                getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}"))
+
+    @staticmethod
+    def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
+        """``[K, R, in]`` -> ``[K, R, 3H]``: W_ih x + b_ih for every row of every node."""
+        return torch.baddbmm(b_ih.unsqueeze(1), x, w_ih.transpose(1, 2))
+
+    @staticmethod
+    def _cell(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+        """One GRU update from precomputed input gates ``gi`` ``[K, B, 3H]``, h ``[K, B, H]``."""
+        gh = torch.baddbmm(b_hh.unsqueeze(1), h, w_hh.transpose(1, 2))  # [K, B, 3H]
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (h - n)  # == (1 - z) * n + z * h
+
+    def step_layers(self, x: Tensor, h: list[Tensor]) -> list[Tensor]:
+        """:meth:`step` on a list of per-layer states ``[K, B, H]`` (cheaper backward than
+        selecting from a stacked tensor at every step)."""
+        out = []
+        inp = x
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self._layer(layer)
+            inp = self._cell(self._input_gates(inp, w_ih, b_ih), h[layer], w_hh, b_hh)
+            out.append(inp)
+        return out
+
+    def step(self, x: Tensor, h: Tensor) -> Tensor:
+        """Advance every layer by one time step: x ``[K, B, in]``, h ``[L, K, B, H]``."""
+        return torch.stack(self.step_layers(x, list(h.unbind(0))))
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> Tensor:
+        """Run over the whole sequence x ``[K, B, T, in]``; return h_n ``[L, K, B, H]``."""
+        k, b, t, _ = x.shape
+        h0s = [x.new_zeros(k, b, self.hidden_size)] * self.num_layers if h0 is None else h0.unbind(0)
+        seq = x.transpose(1, 2)  # [K, T, B, in]: time-major rows, so every step is one slab
+        h_n = []
+        for layer in range(self.num_layers):  # layer by layer: input gates of all steps at once
+            w_ih, w_hh, b_ih, b_hh = self._layer(layer)
+            gi = self._input_gates(seq.reshape(k, t * b, -1), w_ih, b_ih)  # [K, T*B, 3H]
+            h = h0s[layer]
+            outs = []
+            for gi_s in gi.view(k, t, b, -1).unbind(1):  # unbind: one stack in backward
+                h = self._cell(gi_s, h, w_hh, b_hh)
+                outs.append(h)
+            h_n.append(h)
+            if layer + 1 < self.num_layers:
+                seq = torch.stack(outs, dim=1)  # [K, T, B, H]
+        return torch.stack(h_n)
+
+    def extra_repr(self) -> str:
+        return (f"num_nodes={self.num_nodes}, input_size={self.input_size}, "
+                f"hidden_size={self.hidden_size}, num_layers={self.num_layers}")
+
+
+class GroupLinear(nn.Module):
+    r"""A linear layer with separate weights for each of ``K`` nodes: :math:`y_k = W_k x_k + b_k`.
+
+    Args:
+        num_nodes (int): number of nodes ``K``.
+        in_features (int): input size.
+        out_features (int): output size.
+
+    Shapes:
+        - **input:** ``[K, B, in_features]``
+        - **output:** ``[K, B, out_features]``
+    """
+
+    def __init__(self, num_nodes: int, in_features: int, out_features: int):
+        super().__init__()
+        self.num_nodes, self.in_features, self.out_features = num_nodes, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_nodes, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_nodes, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Per node, the default :class:`nn.Linear` init: kaiming_uniform(a=sqrt(5)) for the
+        weight and the bias both reduce to U(-1/sqrt(in), 1/sqrt(in))."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"num_nodes={self.num_nodes}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class NodeSeq2Seq(nn.Module):
+    r"""CNFGNN's node-level GRU encoder-decoder for a group of ``K`` nodes, each with its own
+    weights (`Meng et al., KDD 2021 <https://arxiv.org/abs/2106.05223>`_, §3.1 of the notes).
+
+    Encoder: :math:`h_c = \mathrm{GRU}_{enc}(x_{1..T})`. Decoder: a GRU started from
+    :math:`[h_c ; h_G]` (``graph_embedding=True``, hidden 2H) or :math:`h_c` (plain seq2seq of
+    the baselines, hidden H), run autoregressively for ``horizon`` steps:
+
+    .. math::
+        s_0 = x_T,\quad h_t = \mathrm{GRU}_{dec}(s_t, h_{t-1}),\quad
+        \hat y_t = W h_t^{(L)} + b,\quad s_{t+1} = [\hat y_t \text{ or } y_t,\ \mathrm{tod}_t]
+
+    where the ground truth :math:`y_t` is fed instead of :math:`\hat y_t` wherever the
+    caller's ``teacher`` mask is set (scheduled-sampling draws are the caller's business).
+
+    Parameter names follow :class:`nn.GRU` / :class:`nn.Linear` (``encoder.weight_ih_l0``,
+    ``decoder.bias_hh_l0``, ``readout.weight``...), each stacked along a leading ``K``.
+
+    Args:
+        num_nodes (int): nodes ``K`` in the group.
+        input_size (int, optional): input features, the target plus time of day. (default: ``2``)
+        output_size (int, optional): predicted features; must be ``input_size - 1``.
+            (default: ``1``)
+        hidden_size (int, optional): encoder hidden size ``H``. (default: ``64``)
+        num_layers (int, optional): GRU layers ``L``. (default: ``1``)
+        graph_embedding (bool, optional): decoder starts from ``[h_c ; h_G]``. (default: ``True``)
+        horizon (int, optional): decoding steps. (default: ``12``)
+
+    Shapes:
+        - **x:** ``[B, T_in, K, F]``; **y_tod:** ``[B, horizon, K]``;
+          **h_g:** ``[B, K, L, H]``; **targets:** ``[B, horizon, K]``;
+          **teacher:** ``[horizon, K]`` bool
+        - **encode:** -> h_c ``[B, K, L, H]``
+        - **forward / decode:** -> predictions ``[B, horizon, K, output_size]``
+    """
+
+    def __init__(self, num_nodes: int, input_size: int = 2, output_size: int = 1,
+                 hidden_size: int = 64, num_layers: int = 1, graph_embedding: bool = True,
+                 horizon: int = 12):
+        super().__init__()
+        if input_size != output_size + 1:
+            raise ValueError("decoder inputs are [prediction, time of day]: "
+                             f"input_size ({input_size}) must be output_size ({output_size}) + 1")
+        self.num_nodes, self.input_size, self.output_size = num_nodes, input_size, output_size
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.graph_embedding, self.horizon = graph_embedding, horizon
+        dec_hidden = 2 * hidden_size if graph_embedding else hidden_size
+        self.encoder = GroupGRU(num_nodes, input_size, hidden_size, num_layers)
+        self.decoder = GroupGRU(num_nodes, input_size, dec_hidden, num_layers)
+        self.readout = GroupLinear(num_nodes, dec_hidden, output_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.encoder.reset_parameters()
+        self.decoder.reset_parameters()
+        self.readout.reset_parameters()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x ``[B, T_in, K, F]`` (scaled speed, time of day) -> h_c ``[B, K, L, H]``."""
+        h_n = self.encoder(x.permute(2, 0, 1, 3))  # [K, B, T, F] -> [L, K, B, H]
+        return h_n.permute(2, 1, 0, 3)
+
+    def decode(self, x_last: Tensor, y_tod: Tensor, h_c: Tensor, h_g: Tensor | None = None,
+               targets: Tensor | None = None, teacher: Tensor | None = None) -> Tensor:
+        """Autoregressive decoding from the last observed input ``x_last`` ``[B, K, F]``.
+
+        ``teacher[t, k]`` feeds ``targets[:, t, k]`` instead of node k's prediction after
+        step t. Returns predictions ``[B, horizon, K, output_size]``.
+        """
+        if self.graph_embedding:
+            if h_g is None:
+                raise ValueError("graph_embedding=True needs h_g")
+            h_c = torch.cat([h_c, h_g], dim=-1)  # [B, K, L, 2H]
+        elif h_g is not None:
+            raise ValueError("graph_embedding=False takes no h_g")
+        if teacher is not None and targets is None:
+            raise ValueError("teacher forcing needs targets")
+        h = list(h_c.permute(2, 1, 0, 3).unbind(0))  # L x [K, B, Hd]
+        inp = x_last.transpose(0, 1)  # [K, B, F]
+        tod = y_tod.permute(1, 2, 0).unsqueeze(-1)  # [horizon, K, B, 1]
+        if teacher is not None:
+            truth = targets.permute(1, 2, 0).unsqueeze(-1)  # [horizon, K, B, 1]
+            mask = teacher.to(torch.bool)[:, :, None, None]  # [horizon, K, 1, 1]
+        preds = []
+        for t in range(self.horizon):
+            h = self.decoder.step_layers(inp, h)
+            y = self.readout(h[-1])  # [K, B, out]
+            preds.append(y)
+            if t + 1 < self.horizon:
+                fed = torch.where(mask[t], truth[t], y) if teacher is not None else y
+                inp = torch.cat([fed, tod[t]], dim=-1)
+        return torch.stack(preds, dim=2).permute(1, 2, 0, 3)  # [K, B, horizon, out] -> [B, horizon, K, out]
+
+    def forward(self, x: Tensor, y_tod: Tensor, h_g: Tensor | None = None,
+                targets: Tensor | None = None, teacher: Tensor | None = None) -> Tensor:
+        """Encode ``x`` ``[B, T_in, K, F]`` and decode ``horizon`` steps."""
+        return self.decode(x[:, -1], y_tod, self.encode(x), h_g, targets, teacher)
+
+    # ------------------------------------------------------------------ FedAvg helpers
+    def node_state(self, k: int) -> dict[str, Tensor]:
+        """Unstacked copy of node ``k``'s weights: name -> ``[...]``."""
+        return {n: p[k].detach().clone() for n, p in self.named_parameters()}
+
+    def stacked_state(self) -> dict[str, Tensor]:
+        """All nodes' weights: name -> ``[K, ...]`` (detached clones)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters()}
+
+    def _check_keys(self, state: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+        params = dict(self.named_parameters())
+        if set(state) != set(params):
+            raise KeyError(f"missing {sorted(set(params) - set(state))}, "
+                           f"unexpected {sorted(set(state) - set(params))}")
+        return params
+
+    @torch.no_grad()
+    def load_stacked_state(self, state: dict[str, Tensor]) -> None:
+        """Load name -> ``[K, ...]`` weights, one row per node."""
+        for n, p in self._check_keys(state).items():
+            v = torch.as_tensor(state[n])
+            if v.shape != p.shape:
+                raise ValueError(f"{n}: expected {tuple(p.shape)}, got {tuple(v.shape)}")
+            p.copy_(v)
+
+    @torch.no_grad()
+    def load_global_state(self, state: dict[str, Tensor]) -> None:
+        """Load one node's name -> ``[...]`` weights into all ``K`` nodes."""
+        for n, p in self._check_keys(state).items():
+            v = torch.as_tensor(state[n])
+            if v.shape != p.shape[1:]:
+                raise ValueError(f"{n}: expected {tuple(p.shape[1:])}, got {tuple(v.shape)}")
+            p.copy_(v.unsqueeze(0).expand_as(p))
+
+    def num_parameters_per_node(self) -> int:
+        """Trainable parameters of one node (63,873 for the CNFGNN default)."""
+        return sum(p[0].numel() for p in self.parameters())
