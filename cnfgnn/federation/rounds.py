@@ -50,11 +50,12 @@ class ServerGraph:
 
 def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
     """The global node model of round 0, from the experiment seed."""
-    torch.manual_seed(int(cfg.seed))
     m = cfg.model
-    model = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
-                        hidden_size=m.hidden_size, num_layers=m.num_layers,
-                        graph_embedding=m.graph_embedding, horizon=m.horizon)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        model = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
+                            hidden_size=m.hidden_size, num_layers=m.num_layers,
+                            graph_embedding=m.graph_embedding, horizon=m.horizon)
     return {k: v.numpy() for k, v in model.node_state(0).items()}
 
 
@@ -76,7 +77,9 @@ class Orchestrator:
         self.fed = cfg.federation
         self.progress = progress
         self.device = torch.device(device)
-        self.server = GraphServer(cfg.model, lr=self.fed.server_lr, device=self.device)
+        with torch.random.fork_rng(devices=[]):  # GN init from the seed, not the global stream
+            torch.manual_seed(int(cfg.seed))
+            self.server = GraphServer(cfg.model, lr=self.fed.server_lr, device=self.device)
         self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.seconds: dict[str, float] = defaultdict(float)
         self.failures: list[dict[str, Any]] = []
