@@ -25,7 +25,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	@mkdir -p .tmp .flwr
-	$(BIN)/cnfgnn
+	$(BIN)/cnfgnn experiment=synthetic_cnfgnn
 
 test: $(STAMP)
 	@mkdir -p .tmp .flwr
