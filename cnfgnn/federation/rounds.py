@@ -304,8 +304,10 @@ class Orchestrator:
         for self.round in range(start_round, int(self.fed.rounds) + 1):
             if es["bad_rounds"] >= int(self.fed.early_stopping_patience):
                 break
+            before = dict(self.seconds)
             rec = self.train_round()
             sums, _ = self.evaluate(P.VAL, "val")
+            rec["seconds"] = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
             val = metrics_from_sums(sums)
             rec.update({"val_loss": node_mean_loss(sums), "val_rmse": val["rmse"],
                         "val_mae": val["mae"], "val_masked_mae": val["masked_mae"]})
@@ -325,7 +327,6 @@ class Orchestrator:
         return self.test(es, time.perf_counter() - t_start)
 
     def train_round(self) -> dict[str, Any]:
-        before = dict(self.seconds)
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"round": self.round}
         rec.update(self.local_phase())
@@ -336,7 +337,6 @@ class Orchestrator:
             self.embed_phase(h_c)
         rec["step"] = self.step
         rec["seconds_round"] = time.perf_counter() - t0
-        rec["seconds"] = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
         return rec
 
     def _totals(self) -> dict[str, Any]:
