@@ -248,7 +248,7 @@ class Orchestrator:
 
     def embed_phase(self, h_c: np.ndarray) -> None:
         t0 = time.perf_counter()
-        h_g = self.server.embed_all(h_c, self.train_graph, int(self.fed.eval_batch_size))
+        h_g = self.server.embed_all(h_c, self.train_graph, int(self.fed.server_eval_batch_size))
         self.seconds["embed_server"] += time.perf_counter() - t0
         payloads = {c: {P.H_G: self._slice(h_g, c, self.col)} for c in self.train_clients}
         self._send("embed", P.EMBED, payloads)
@@ -261,7 +261,7 @@ class Orchestrator:
             enc = self.encode_phase(split, clients, phase)
             h_c = self._assemble(enc, P.H_C, self.eval_col)
             t0 = time.perf_counter()
-            h_g = self.server.embed_all(h_c, self.eval_graph, int(self.fed.eval_batch_size))
+            h_g = self.server.embed_all(h_c, self.eval_graph, int(self.fed.server_eval_batch_size))
             self.seconds[phase + "_server"] += time.perf_counter() - t0
             payloads = {c: {P.SPLIT: split, P.H_G: self._slice(h_g, c, self.eval_col)} for c in enc}
         else:
