@@ -63,15 +63,6 @@ def error_sums(
     return {k: v.transpose(0, 1).contiguous() for k, v in out.items()}  # [K, H]
 
 
-def add_sums(total: dict[str, np.ndarray] | None, part: dict[str, np.ndarray]) -> dict:
-    """Accumulate error sums (``None`` starts a new total)."""
-    if total is None:
-        return {k: np.array(v, dtype=np.float64) for k, v in part.items()}
-    for k, v in part.items():
-        total[k] = total[k] + v
-    return total
-
-
 def _ratio(num: np.ndarray, den: np.ndarray) -> float:
     den_sum = float(np.sum(den))
     return float(np.sum(num) / den_sum) if den_sum > 0 else float("nan")

@@ -13,7 +13,8 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,11 +49,18 @@ class ServerGraph:
     locations: np.ndarray | None = None
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw initial weights from ``seed`` without touching the global RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
     """The global node model of round 0, from the experiment seed."""
     m = cfg.model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.seed))
+    with seeded(int(cfg.seed)):
         model = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
                             hidden_size=m.hidden_size, num_layers=m.num_layers,
                             graph_embedding=m.graph_embedding, horizon=m.horizon)
@@ -77,8 +85,7 @@ class Orchestrator:
         self.fed = cfg.federation
         self.progress = progress
         self.device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):  # GN init from the seed, not the global stream
-            torch.manual_seed(int(cfg.seed))
+        with seeded(int(cfg.seed)):  # GN init from the seed, not the global stream
             self.server = GraphServer(cfg.model, lr=self.fed.server_lr, device=self.device)
         self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.seconds: dict[str, float] = defaultdict(float)
@@ -87,6 +94,8 @@ class Orchestrator:
         self.version = 0  # version of theta; clients track which one they hold
         self.client_version: dict[int, int] = {}
         self.step = 0
+        self.round = 0
+        self.client_nodes: dict[int, np.ndarray] = {}  # filled by the handshake
 
     # ------------------------------------------------------------------ transport
     def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
@@ -103,8 +112,8 @@ class Orchestrator:
         for cid in payloads:
             reply = replies.get(cid, P.ClientFailure("no reply"))
             if isinstance(reply, P.ClientFailure):
-                nodes = self.client_nodes.get(cid, np.zeros(0, int)) if hasattr(self, "client_nodes") else []
-                self.failures.append({"round": getattr(self, "round", 0), "phase": phase,
+                nodes = self.client_nodes.get(cid, np.zeros(0, int))
+                self.failures.append({"round": self.round, "phase": phase,
                                       "client": cid, "reason": reply.reason,
                                       "sensors": [self.graph.sensor_ids[i] for i in nodes]})
                 self.progress(f"  client {cid} left out of {phase}: {reply.reason}")
@@ -113,7 +122,7 @@ class Orchestrator:
             self.bytes[phase]["up_tensor"] += f
             self.bytes[phase]["up_other"] += o
             ok[cid] = reply
-        if hasattr(self, "client_nodes") and payloads:
+        if self.client_nodes and payloads:
             asked = sum(len(self.client_nodes[c]) for c in payloads)
             got = sum(len(self.client_nodes[c]) for c in ok)
             if got < self.fed.min_answer_fraction * asked:
