@@ -59,7 +59,11 @@ def plot_bytes(run: Path) -> Path | None:
         ax.bar(r, per_round[p] / 1e6, bottom=bottom, label=p)
         bottom += per_round[p] / 1e6
     ax.set(xlabel="round", ylabel="MB", title="Bytes communicated per round, by phase")
-    ax.legend(fontsize=8)
+    if bottom.sum() > 0:
+        ax.legend(fontsize=8)
+    else:  # centralised and local baselines communicate nothing during training
+        ax.text(0.5, 0.5, "no communication during training", transform=ax.transAxes,
+                ha="center", va="center")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, run / "plots" / "bytes_per_round.png")
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -97,6 +98,22 @@ class RunWriter:
         path = self.dir / "final.json"
         text = json.dumps(_clean(final), indent=2)
         _atomic_write(path, lambda p: p.write_text(text))
+        return path
+
+    def write_predictions(self, sensor_ids: np.ndarray, t_index: np.ndarray,
+                          forecast: np.ndarray) -> Path:
+        """``predictions.npz``: test forecasts of a few sensors (for plots).
+
+        Keys: ``sensor_ids`` ``[S]``, ``t_index`` ``[W]`` time index of each window's first
+        forecast step, ``forecast`` ``[W, H, S]`` in original units.
+        """
+        path = self.dir / "predictions.npz"
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez(f, sensor_ids=np.asarray(sensor_ids, dtype=str), t_index=t_index,
+                         forecast=forecast)
+
+        _atomic_write(path, write)
         return path
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ finite distances, entries below 0.1 set to 0, not symmetrised; here self-loops a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,3 +75,21 @@ def distance_matrix(src: Sequence[str], dst: Sequence[str], dist: np.ndarray,
     out = np.full((n, n), np.inf, dtype=np.float32)
     out[i[ok], j[ok]] = d[ok]
     return out
+
+
+def graph_fingerprint(adjacency: np.ndarray, sensor_ids: Sequence[str]) -> dict:
+    """What identifies a sensor network: its ids in order, edge count, hash of the weights.
+
+    Stored in a run's checkpoint, so that a later forecast can check that the data it is
+    given is the network the model was trained on.
+
+    Args:
+        adjacency: ``[N, N]`` edge weights.
+        sensor_ids: N sensor ids (the column order).
+
+    Returns:
+        ``{"sensor_ids": [N] str, "num_edges": int, "adjacency_sha256": str}``.
+    """
+    adj = np.ascontiguousarray(adjacency, dtype=np.float32)
+    return {"sensor_ids": [str(s) for s in sensor_ids], "num_edges": int((adj != 0).sum()),
+            "adjacency_sha256": hashlib.sha256(adj.tobytes()).hexdigest()}

@@ -51,8 +51,9 @@ VERSION = "version"
 
 # Handlers that leave the worker's state as it was: no save, no new version. (split_step
 # decodes with the cached h_c and returns a gradient; the node model does not change.
-# tests/federation/test_flower.py checks this against NodeWorker.)
-READ_ONLY = frozenset({P.HELLO, P.STATS, P.SPLIT_STEP})
+# The predict_* handlers of inference only read the configured model. tests/federation/
+# test_flower.py and test_inference.py check this against NodeWorker.)
+READ_ONLY = frozenset({P.HELLO, P.STATS, P.SPLIT_STEP, P.SL_ENCODE, P.PREDICT_ENCODE, P.PREDICT})
 
 _DATA: dict[str, Any] = {}  # dataset config -> (data, time of day, client groups), per process
 _WORKERS: OrderedDict[tuple[int, int], tuple[int, NodeWorker]] = OrderedDict()
@@ -238,4 +239,34 @@ def embed(msg: Message, context: Context) -> Message:
 
 @app.evaluate(_action(P.EVALUATE))
 def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.query(_action(P.KEEP_MODEL))
+def keep_model(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.train(_action(P.SL_ENCODE))
+def sl_encode(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.train(_action(P.SL_DECODE))
+def sl_decode(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.train(_action(P.SL_BACKWARD))
+def sl_backward(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.query(_action(P.PREDICT_ENCODE))
+def predict_encode(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@app.query(_action(P.PREDICT))
+def predict(msg: Message, context: Context) -> Message:
     return _handle(msg, context)

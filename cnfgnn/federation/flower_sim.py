@@ -46,8 +46,23 @@ def _cli_overrides() -> list[str] | None:
 
 
 def backend_config(cfg: Any) -> dict[str, Any]:
-    """``engine.backend`` as the plain dict ``run_simulation`` expects."""
-    return OmegaConf.to_container(cfg.engine.backend, resolve=True)  # type: ignore[return-value]
+    """``engine.backend`` as the plain dict ``run_simulation`` expects.
+
+    Ray hides every GPU from an actor that asked for none, so with ``device=cuda`` (or
+    ``auto`` on a GPU machine) and ``client_resources.num_gpus: 0`` the actors get an
+    equal share of one GPU each (they would otherwise fail or fall back to the CPU).
+    """
+    backend: dict[str, Any] = OmegaConf.to_container(cfg.engine.backend, resolve=True)  # type: ignore[assignment]
+    device = str(cfg.device)
+    res = backend.setdefault("client_resources", {})
+    if (device.startswith("cuda") or device == "auto") and not res.get("num_gpus"):
+        import torch
+
+        if torch.cuda.is_available():
+            cpus = float(backend.get("init_args", {}).get("num_cpus") or os.cpu_count() or 1)
+            actors = max(1, int(cpus // float(res.get("num_cpus") or 1)))
+            res["num_gpus"] = 1.0 / actors
+    return backend
 
 
 def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,

@@ -28,6 +28,7 @@ from cnfgnn.data.windows import split_starts
 from cnfgnn.evaluation.metrics import error_sums
 from cnfgnn.federation import protocol as P
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
+from cnfgnn.optim import make_adam
 
 
 @dataclass
@@ -80,24 +81,27 @@ class NodeWorker:
         device: torch device for the node models.
     """
 
-    def __init__(self, series: LocalSeries, cfg: Any, device: torch.device | str = "cpu"):
+    def __init__(self, series: LocalSeries, cfg: Any, device: torch.device | str = "cpu",
+                 build_model: bool = True):
         self.series = series
         self.cfg = cfg
         self.device = torch.device(device)
         self.in_steps = int(cfg.dataset.in_steps)
         self.out_steps = int(cfg.dataset.out_steps)
         m = cfg.model
-        self.model = NodeSeq2Seq(
+        self.model = NodeSeq2Seq(  # build_model=False: data handling only (central baselines)
             num_nodes=len(series.nodes), input_size=m.input_size, output_size=m.output_size,
             hidden_size=m.hidden_size, num_layers=m.num_layers,
             graph_embedding=m.graph_embedding, horizon=m.horizon,
-        ).to(self.device)
+        ).to(self.device) if build_model else None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: Scaler | None = None
         self.inputs: Tensor | None = None  # [K, T, F] scaled speed + time of day
         self.h_c: dict[str, Tensor] = {}  # split -> [S, K, L, H]
         self.h_g_train: Tensor | None = None  # [S_train, K, L, H]
         self.round = 0
+        self.best_model: dict[str, Tensor] | None = None  # methods without a global model
+        self.sl_pending: dict[str, Any] | None = None  # split learning: batch between messages
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, message_type: str, payload: P.Payload) -> P.Payload:
@@ -106,6 +110,9 @@ class NodeWorker:
             P.HELLO: self.hello, P.STATS: self.stats, P.CONFIGURE: self.configure,
             P.LOCAL_TRAIN: self.local_train, P.ENCODE: self.encode,
             P.SPLIT_STEP: self.split_step, P.EMBED: self.embed, P.EVALUATE: self.evaluate,
+            P.KEEP_MODEL: self.keep_model, P.SL_ENCODE: self.sl_encode,
+            P.SL_DECODE: self.sl_decode, P.SL_BACKWARD: self.sl_backward,
+            P.PREDICT_ENCODE: self.predict_encode, P.PREDICT: self.predict,
         }
         if message_type not in handlers:
             raise ValueError(f"unknown message type {message_type!r}")
@@ -117,8 +124,11 @@ class NodeWorker:
 
     def hello(self, payload: P.Payload) -> P.Payload:
         counts = [len(self.series.starts[s]) for s in P.SPLITS]
+        first = [int(self.series.starts[s][0]) if len(self.series.starts[s]) else -1
+                 for s in P.SPLITS]
         return {P.NODES: self.series.nodes.copy(), P.SENSOR_IDS: ",".join(self.series.sensor_ids),
-                P.NUM_WINDOWS: np.asarray(counts, dtype=np.int64)}
+                P.NUM_WINDOWS: np.asarray(counts, dtype=np.int64),
+                P.FIRST_START: np.asarray(first, dtype=np.int64)}
 
     def stats(self, payload: P.Payload) -> P.Payload:
         """Per-node sums of the training inputs (each step once per window covering it)."""
@@ -145,6 +155,8 @@ class NodeWorker:
         self.inputs = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(self.device)
         self.raw = torch.from_numpy(np.ascontiguousarray(self.series.speed.T)).to(self.device)
         self.observed = torch.from_numpy(np.ascontiguousarray(self.series.mask.T)).to(self.device)
+        if self.model is None:
+            return {}
         self._load_global(payload)
         s_train = len(self.series.starts[P.TRAIN])
         m = self.cfg.model
@@ -201,14 +213,15 @@ class NodeWorker:
         step = int(payload[P.STEP])
         self._load_global(payload)
         if self.optimizer is None or fed.reset_client_optimizer:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=fed.lr,
-                                              weight_decay=fed.weight_decay)
+            self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
+                                       weight_decay=fed.weight_decay)
         s = len(self.series.starts[P.TRAIN])
         bs = int(fed.batch_size)
         loss_sum = torch.zeros(self.num_nodes, dtype=torch.float64, device=self.device)
         count = torch.zeros_like(loss_sum)
         use_hg = self.cfg.model.graph_embedding
         k_ar = torch.arange(self.num_nodes, device=self.device)[:, None]
+        fmtl = self._fmtl_term(payload)
         self.model.train()
         for epoch in range(int(fed.local_epochs)):
             perm = torch.from_numpy(rng.permutations(self.cfg.seed, self.series.nodes, self.round,
@@ -220,18 +233,121 @@ class NodeWorker:
                 teacher = self._teacher("local", step, b)
                 pred = self.model(x, y_tod, h_g, targets=y, teacher=teacher)
                 per_node, sums, counts = self._loss(pred, y, t)
+                if fmtl is not None:
+                    per_node = per_node + fmtl()
                 self.optimizer.zero_grad(set_to_none=True)
                 per_node.sum().backward()  # node k's gradient depends on its own loss only
                 self.optimizer.step()
                 loss_sum += sums.double()
                 count += counts.double()
                 step += 1
-        out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in self.model.stacked_state().items()}
+        self.model.zero_grad(set_to_none=True)  # keep only the weights between messages:
+        if fed.reset_client_optimizer:  # grads + Adam moments were 3/4 of a node's memory
+            self.optimizer = None
+        out: P.Payload = {}
+        if str(fed.aggregate) != "none":  # local / AT w/o FedAvg keep their models at home
+            out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy()
+                   for k, v in self.model.stacked_state().items()}
         out[P.NUM_EXAMPLES] = np.full(self.num_nodes, s * int(fed.local_epochs), np.int64)
         out[P.LOSS_SUM] = loss_sum.cpu().numpy()
         out[P.LOSS_COUNT] = count.cpu().numpy()
         out[P.STEP] = step
         return out
+
+    def _fmtl_term(self, payload: P.Payload) -> Any:
+        r"""FMTL's graph regulariser (paper notes §6), or None without neighbour weights.
+
+        Returns a callable giving ``[K]``: :math:`\lambda \sum_m A_{km} \lVert w_k - w_m \rVert_2`
+        (not squared, as the authors' code), all parameters flattened, the neighbours'
+        weights ``w_m`` fixed at the round's snapshot.
+        """
+        n = len(P.NBR_PREFIX)
+        nbr = {k[n:]: v for k, v in payload.items() if k.startswith(P.NBR_PREFIX)}
+        if not nbr:
+            return None
+        names = [name for name, _ in self.model.named_parameters()]
+        if set(nbr) != set(names):
+            raise ValueError(f"FMTL neighbour weights do not match the node model: "
+                             f"missing {sorted(set(names) - set(nbr))}")
+        w_nbr = torch.cat([torch.as_tensor(np.asarray(nbr[name]), device=self.device)
+                           .flatten(1).double() for name in names], dim=1)  # [M, D]
+        a = torch.as_tensor(np.asarray(payload[P.NBR_WEIGHT]), device=self.device).double()  # [K, M]
+        lam = float(self.cfg.federation.fmtl_lambda)
+        nbr_sq = w_nbr.square().sum(1)  # [M]
+
+        def term() -> Tensor:
+            w = torch.cat([p.flatten(1) for p in self.model.parameters()], dim=1).double()  # [K, D]
+            sq = (w.square().sum(1, keepdim=True) + nbr_sq - 2.0 * w @ w_nbr.T).clamp_min(0.0)
+            dist = torch.where(sq > 0, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
+            return (lam * (a * dist).sum(1)).float()  # grad 0 where w_k == w_m (subgradient)
+
+        return term
+
+    def keep_model(self, payload: P.Payload) -> P.Payload:
+        """Methods whose nodes keep their own models: remember or restore the best one."""
+        action = str(payload[P.ACTION])
+        if action == P.KEEP_BEST:
+            self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        elif action == P.RESTORE_BEST:
+            if self.best_model is None:
+                raise RuntimeError("restore_best before any keep_best")
+            self.model.load_state_dict(self.best_model)
+        else:
+            raise ValueError(f"unknown {P.ACTION} {action!r}; expected {P.KEEP_BEST} or {P.RESTORE_BEST}")
+        return {}
+
+    # ------------------------------------------------------------------ split learning
+    def _sl_batch(self, payload: P.Payload) -> tuple[Tensor, ...]:
+        batch = torch.as_tensor(np.asarray(payload[P.BATCH]), device=self.device)  # [B]
+        return self._gather(P.TRAIN, batch.expand(self.num_nodes, -1))
+
+    @torch.no_grad()
+    def sl_encode(self, payload: P.Payload) -> P.Payload:
+        """Split learning, step 1: h_c of a batch with the node's current model."""
+        self.model.eval()
+        return {P.H_C: self.model.encode(self._sl_batch(payload)[0]).cpu().numpy()}
+
+    def _sl_forward(self, h_c: Tensor, h_g: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        x, x_last, y_tod, y, t = self._sl_batch(self.sl_pending)
+        teacher = self._teacher("sl", step, 0)
+        self.model.train()
+        pred = self.model.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
+        return self._loss(pred, y, t)
+
+    def sl_decode(self, payload: P.Payload) -> P.Payload:
+        """Split learning, step 2: decode with the received h_G; return dL_k/dh_G."""
+        self.round = int(payload[P.ROUND])
+        self.sl_pending = {P.BATCH: np.asarray(payload[P.BATCH]), P.STEP: int(payload[P.STEP]),
+                           P.H_G: torch.tensor(np.asarray(payload[P.H_G]), device=self.device)}
+        with torch.no_grad():
+            h_c = self.model.encode(self._sl_batch(self.sl_pending)[0])
+        h_g = self.sl_pending[P.H_G].clone().requires_grad_(True)
+        per_node, sums, counts = self._sl_forward(h_c, h_g, self.sl_pending[P.STEP])
+        (grad,) = torch.autograd.grad(per_node.sum(), h_g)
+        return {P.GRAD: grad.cpu().numpy(), P.LOSS_SUM: sums.double().cpu().numpy(),
+                P.LOSS_COUNT: counts.double().cpu().numpy()}
+
+    def sl_backward(self, payload: P.Payload) -> P.Payload:
+        """Split learning, step 3: backpropagate both paths into the node model and step.
+
+        The forward pass is recomputed (the node model has not changed since step 2), so
+        nothing but tensors is kept between messages. Node k's encoder gets the gradient
+        through its own decoder plus the GN's ``dL/dh_c`` sent by the server.
+        """
+        if self.sl_pending is None:
+            raise RuntimeError(f"{P.SL_BACKWARD} without a pending {P.SL_DECODE}")
+        fed = self.cfg.federation
+        if self.optimizer is None:
+            self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
+                                       weight_decay=fed.weight_decay)
+        g = torch.as_tensor(np.asarray(payload[P.GRAD_H_C]), device=self.device)
+        h_c = self.model.encode(self._sl_batch(self.sl_pending)[0])
+        per_node, _, _ = self._sl_forward(h_c, self.sl_pending[P.H_G], self.sl_pending[P.STEP])
+        self.optimizer.zero_grad(set_to_none=True)
+        (per_node.sum() + (h_c * g).sum()).backward()
+        self.optimizer.step()
+        self.sl_pending = None
+        return {}
 
     @torch.no_grad()
     def encode(self, payload: P.Payload) -> P.Payload:
@@ -292,19 +408,101 @@ class NodeWorker:
         std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
         self.model.eval()
         total: dict[str, Tensor] = {}
-        k_ar = torch.arange(self.num_nodes, device=self.device)[:, None, None]
+        report = np.asarray(payload.get(P.REPORT, np.zeros(0, np.int64)), np.int64)  # [W]
+        forecast = np.zeros((len(report), self.out_steps, self.num_nodes), np.float32)
         for b in range(0, s, bs):
             batch = torch.arange(b, min(b + bs, s), device=self.device)
             _, x_last, y_tod, y, t = self._gather(split, batch.expand(self.num_nodes, -1))
             h_g = h_g_all[batch] if h_g_all is not None else None
             pred = self.model.decode(x_last, y_tod, self.h_c[split][batch], h_g)[..., 0]
-            t_out = t[:, :, self.in_steps :]  # [K, B, H]
-            target = self.raw[k_ar, t_out].permute(1, 2, 0)  # [B, H, K]
-            mask = self.observed[k_ar, t_out].permute(1, 2, 0)
-            sums = error_sums(pred * std + mean, target, mask, pred, y)
-            for key, v in sums.items():
+            wanted = (report >= b) & (report < b + len(batch))
+            if wanted.any():  # forecasts leave the node only when the server asks for them
+                forecast[wanted] = (pred[report[wanted] - b] * std + mean).cpu().numpy()
+            for key, v in self.batch_errors(pred, y, t).items():
                 total[key] = total[key] + v if key in total else v
-        return {P.ERR_PREFIX + k: v.cpu().numpy() for k, v in total.items()}
+        out: P.Payload = {P.ERR_PREFIX + k: v.cpu().numpy() for k, v in total.items()}
+        if len(report):
+            out[P.FORECAST] = forecast
+        return out
+
+    def batch_errors(self, pred: Tensor, y: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """Error sums ``[K, H]`` (both metric protocols) of scaled predictions ``[B, H, K]``
+        against the windows ``t`` ``[K, B, T_in + H]`` from :meth:`_gather`."""
+        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
+        k_ar = torch.arange(self.num_nodes, device=self.device)[:, None, None]
+        t_out = t[:, :, self.in_steps :]  # [K, B, H]
+        target = self.raw[k_ar, t_out].permute(1, 2, 0)  # [B, H, K]
+        mask = self.observed[k_ar, t_out].permute(1, 2, 0)
+        return error_sums(pred * std + mean, target, mask, pred, y)
+
+    # ------------------------------------------------------------------ inference
+    def _windows_ending(self, payload: P.Payload) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs of the windows whose last input step is ``payload[ENDS]`` (``[W]``).
+
+        Returns x ``[W, T_in, K, F]``, x_last ``[W, K, F]`` and y_tod ``[W, H, K]`` (time of
+        day of the forecast steps: from the series where known, extrapolated past its end).
+        """
+        if self.inputs is None or self.scaler is None:
+            raise RuntimeError(f"{P.PREDICT} before {P.CONFIGURE}: send the scaler and the "
+                               "node model first")
+        ends = np.asarray(payload[P.ENDS], dtype=np.int64).reshape(-1)
+        t_len = self.inputs.shape[1]
+        bad = ends[(ends < self.in_steps - 1) | (ends >= t_len)]
+        if bad.size:
+            raise ValueError(f"window ends {bad[:5].tolist()} outside [{self.in_steps - 1}, "
+                             f"{t_len - 1}]: a window needs {self.in_steps} steps of history")
+        e = torch.as_tensor(ends, device=self.device)
+        t_in = e[:, None] + torch.arange(1 - self.in_steps, 1, device=self.device)  # [W, T_in]
+        x = self.inputs[:, t_in].permute(1, 2, 0, 3)  # [K, W, T_in, F] -> [W, T_in, K, F]
+        tod = self.series.time_of_day  # [T]
+        t_out = ends[:, None] + np.arange(1, self.out_steps + 1)  # [W, H]
+        day = np.diff(tod.astype(np.float64)) % 1.0  # steps as fractions of a day
+        step = float(np.median(day)) if day.size else 0.0
+        past_end = (tod[-1] + (t_out - (t_len - 1)) * step) % 1.0
+        y_tod = np.where(t_out < t_len, tod[np.minimum(t_out, t_len - 1)], past_end)
+        y_tod = torch.as_tensor(y_tod.astype(np.float32), device=self.device)  # [W, H]
+        return x, x[:, -1], y_tod[:, :, None].expand(-1, -1, self.num_nodes).contiguous()
+
+    @torch.no_grad()
+    def predict_encode(self, payload: P.Payload) -> P.Payload:
+        """h_c ``[W, K, L, H]`` of the windows ending at ``ENDS`` (inference, step 1)."""
+        x = self._windows_ending(payload)[0]
+        bs = int(self.cfg.federation.eval_batch_size)
+        self.model.eval()
+        h_c = [self.model.encode(x[b : b + bs]) for b in range(0, len(x), bs)]
+        return {P.H_C: torch.cat(h_c).cpu().numpy() if h_c else np.zeros(0, np.float32)}
+
+    @torch.no_grad()
+    def predict(self, payload: P.Payload) -> P.Payload:
+        """Forecasts ``[W, H, K]`` in original units of the windows ending at ``ENDS``.
+
+        Decodes with the received h_G ``[W, K, L, H]`` (models with a graph embedding) from
+        the same h_c the node sent up (re-encoded: nothing is kept between messages). The
+        reply holds only the forecasts, never inputs or targets.
+        """
+        x, x_last, y_tod = self._windows_ending(payload)
+        h_g = None
+        if self.cfg.model.graph_embedding:
+            if P.H_G not in payload:
+                raise ValueError(f"{P.PREDICT}: this node model decodes with a graph "
+                                 f"embedding; send {P.H_G} for every window")
+            h_g = torch.as_tensor(np.asarray(payload[P.H_G]), device=self.device)
+            if tuple(h_g.shape[:2]) != (len(x), self.num_nodes):
+                raise ValueError(f"{P.PREDICT}: h_G has shape {tuple(h_g.shape)} for "
+                                 f"{len(x)} windows of {self.num_nodes} nodes")
+        bs = int(self.cfg.federation.eval_batch_size)
+        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
+        self.model.eval()
+        out = []
+        for b in range(0, len(x), bs):
+            h_c = self.model.encode(x[b : b + bs])  # [B, K, L, H]
+            pred = self.model.decode(x_last[b : b + bs], y_tod[b : b + bs], h_c,
+                                     None if h_g is None else h_g[b : b + bs])[..., 0]
+            out.append(pred * std + mean)  # [B, H, K] original units
+        fc = torch.cat(out) if out else torch.zeros(0, self.out_steps, self.num_nodes)
+        return {P.FORECAST: fc.cpu().numpy().astype(np.float32)}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -329,6 +527,10 @@ class NodeWorker:
             "h_c": {k: cpu(v) for k, v in self.h_c.items()},
             "h_g_train": cpu(self.h_g_train),
             "round": self.round,
+            "best_model": None if self.best_model is None
+            else {k: cpu(v) for k, v in self.best_model.items()},
+            "sl_pending": None if self.sl_pending is None
+            else {k: cpu(v) if isinstance(v, Tensor) else v for k, v in self.sl_pending.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -340,8 +542,8 @@ class NodeWorker:
         self.optimizer = None
         if state["optimizer"] is not None:
             fed = self.cfg.federation
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=fed.lr,
-                                              weight_decay=fed.weight_decay)
+            self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
+                                       weight_decay=fed.weight_decay)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler = None if state["scaler"] is None else Scaler(*state["scaler"])
         self.inputs = dev(state["inputs"])
@@ -351,3 +553,8 @@ class NodeWorker:
         self.h_c = {k: dev(v) for k, v in state["h_c"].items()}
         self.h_g_train = dev(state["h_g_train"])
         self.round = int(state["round"])
+        best = state.get("best_model")
+        self.best_model = None if best is None else {k: dev(v) for k, v in best.items()}
+        pend = state.get("sl_pending")
+        self.sl_pending = None if pend is None else {
+            k: dev(v) if isinstance(v, Tensor) else v for k, v in pend.items()}

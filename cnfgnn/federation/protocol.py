@@ -28,8 +28,23 @@ ENCODE = "query.encode"  # down: global node model; up: h_c for every window of 
 SPLIT_STEP = "train.split"  # down: h_G for a server batch; up: dL/dh_G, loss sums
 EMBED = "query.embed"  # down: h_G for every training window (cached for next round)
 EVALUATE = "evaluate.decode"  # down: h_G for a split; up: error sums per horizon
+# Methods whose nodes keep their own models (local, FMTL, AT w/o FedAvg, split learning):
+KEEP_MODEL = "query.keep"  # down: ACTION keep_best | restore_best (the best model stays on the node)
+# Split learning without alternation (paper notes §4.5): node and GN trained every step.
+SL_ENCODE = "train.sl_encode"  # down: BATCH; up: h_c [B, K, L, H] of the batch
+SL_DECODE = "train.sl_decode"  # down: h_G of the batch; up: dL/dh_G, loss sums
+SL_BACKWARD = "train.sl_backward"  # down: dL/dh_c through the GN; the node steps its model
 
-MESSAGE_TYPES = (HELLO, STATS, CONFIGURE, LOCAL_TRAIN, ENCODE, SPLIT_STEP, EMBED, EVALUATE)
+MESSAGE_TYPES = (HELLO, STATS, CONFIGURE, LOCAL_TRAIN, ENCODE, SPLIT_STEP, EMBED, EVALUATE,
+                 KEEP_MODEL, SL_ENCODE, SL_DECODE, SL_BACKWARD)
+
+# Inference after training (DESIGN.md §5 item 6, cnfgnn/federation/inference.py). Both are
+# read-only on the node: the model and scaler come from CONFIGURE; windows are named by
+# ENDS, the time index of their last input step (any index with a full input history).
+PREDICT_ENCODE = "query.predict_encode"  # down: ENDS; up: h_c [W, K, L, H]
+PREDICT = "query.predict"  # down: ENDS (+ h_G [W, K, L, H]); up: FORECAST [W, H, K] only
+MESSAGE_TYPES = MESSAGE_TYPES + (PREDICT_ENCODE, PREDICT)
+ENDS = "ends"  # [W] int64 time index of each window's last input step
 
 # Flower transport only: answered by the ClientApp itself (no NodeWorker), so that the
 # FlowerEngine can map Flower node ids (which change when a SuperNode restarts) to clients.
@@ -41,6 +56,7 @@ NUM_PARTITIONS = "num_partitions"
 NODES = "nodes"  # [K] int64 global node indices hosted by the client
 SENSOR_IDS = "sensor_ids"  # str, comma-separated
 NUM_WINDOWS = "num_windows"  # [3] int64: train/val/test windows
+FIRST_START = "first_start"  # [3] int64: time index where each split's first window starts
 SPLIT = "split"  # str: train | val | test
 ROUND = "round"
 STEP = "step"  # scheduled-sampling step counter (local + server batches)
@@ -59,6 +75,13 @@ BATCH = "batch"  # [B] int64 window positions within the train split
 LOSS_SUM = "loss_sum"  # [K] sum of squared scaled errors
 LOSS_COUNT = "loss_count"  # [K]
 ERR_PREFIX = "err."  # evaluation sums: "err.<name>" -> [K, horizon]
+NBR_PREFIX = "nbr."  # FMTL: out-neighbours' weights "nbr.<name>" -> [M, ...] (round snapshot)
+NBR_WEIGHT = "nbr_weight"  # FMTL: [K, M] float64 adjacency weights A_ij of hosted node i -> neighbour j
+ACTION = "action"  # str, KEEP_MODEL: keep_best | restore_best
+KEEP_BEST, RESTORE_BEST = "keep_best", "restore_best"
+GRAD_H_C = "grad_h_c"  # [B, K, L, H] d(sum of node losses)/dh_c through the GN (split learning)
+REPORT = "report"  # [W] int64 window positions whose forecasts the node should return
+FORECAST = "forecast"  # [W, H, K] float32 forecasts in original units (only when asked)
 
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)

@@ -67,6 +67,21 @@ def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.node_state(0).items()}
 
 
+def report_selection(cfg: Any, num_nodes: int, num_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test forecasts kept for plots: ``(node positions [S], window positions [W])``.
+
+    ``predictions.sensors`` positions spread evenly over the ``num_nodes`` evaluated nodes,
+    and the first ``predictions.hours`` of the test windows.
+    """
+    pc = cfg.predictions
+    k = min(int(pc.sensors), num_nodes)
+    if k <= 0 or num_test == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    per_hour = 60 // int(cfg.dataset.interval_minutes)
+    return (np.unique(np.linspace(0, num_nodes - 1, k).round().astype(np.int64)),
+            np.arange(min(num_test, int(pc.hours) * per_hour), dtype=np.int64))
+
+
 class Orchestrator:
     """The server side of a CNFGNN run.
 
@@ -96,6 +111,10 @@ class Orchestrator:
         self.step = 0
         self.round = 0
         self.client_nodes: dict[int, np.ndarray] = {}  # filled by the handshake
+        self.aggregate = str(self.fed.aggregate)  # fedavg | none | fmtl
+        if self.aggregate not in ("fedavg", "none", "fmtl"):
+            raise ValueError(f"federation.aggregate must be fedavg, none or fmtl, got {self.aggregate!r}")
+        self.node_weights: dict[int, dict[str, np.ndarray]] = {}  # FMTL: each node's last upload
 
     # ------------------------------------------------------------------ transport
     def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
@@ -113,10 +132,12 @@ class Orchestrator:
             reply = replies.get(cid, P.ClientFailure("no reply"))
             if isinstance(reply, P.ClientFailure):
                 nodes = self.client_nodes.get(cid, np.zeros(0, int))
+                ids = [self.graph.sensor_ids[i] for i in nodes]
                 self.failures.append({"round": self.round, "phase": phase,
-                                      "client": cid, "reason": reply.reason,
-                                      "sensors": [self.graph.sensor_ids[i] for i in nodes]})
-                self.progress(f"  client {cid} left out of {phase}: {reply.reason}")
+                                      "client": cid, "reason": reply.reason, "sensors": ids})
+                shown = ", ".join(ids[:8]) + (f" +{len(ids) - 8}" if len(ids) > 8 else "")
+                self.progress(f"  client {cid} (sensors {shown}) left out of {phase}: "
+                              f"{reply.reason}")
                 continue
             f, o = P.payload_nbytes(reply)
             self.bytes[phase]["up_tensor"] += f
@@ -158,7 +179,14 @@ class Orchestrator:
         if len(counts) != 1:
             raise FederationError(f"clients disagree on windows per split: {counts}")
         self.num_windows = dict(zip(P.SPLITS, counts.pop()))
+        self.first_start = dict(zip(P.SPLITS, np.asarray(next(iter(hello.values()))
+                                                         .get(P.FIRST_START, [-1, -1, -1])).tolist()))
         ratio = self.fed.inductive_ratio
+        if ratio is not None and self.per_node_models:
+            raise FederationError(
+                f"federation.method={self.fed.method} keeps one model per node, so unseen nodes "
+                "have no model: it cannot run inductively. Fix: set federation.inductive_ratio=null "
+                "or use a method with a global node model (cnfgnn, fedavg)")
         if ratio is None:
             train = np.sort(hosted)
         else:
@@ -206,16 +234,51 @@ class Orchestrator:
     def uses_gn(self) -> bool:
         return bool(self.cfg.model.graph_embedding)
 
+    @property
+    def per_node_models(self) -> bool:
+        """True when every node keeps its own model (local, FMTL, AT w/o FedAvg, SL)."""
+        return self.aggregate != "fedavg"
+
+    def _fmtl_payload(self, cid: int) -> P.Payload:
+        """The out-neighbours' weights (round snapshot) and ``A_ij`` for a client's nodes."""
+        nodes = self.client_nodes[cid]
+        adj = self.graph.adjacency
+        sub = adj[np.ix_(nodes, self.train_nodes)].copy()  # [K, N_train]
+        sub[np.arange(len(nodes)), [self.col[int(g)] for g in nodes]] = 0.0  # j != i
+        cols = np.nonzero((sub > 0).any(0))[0]
+        if len(cols) == 0:
+            return {}
+        nbrs = self.train_nodes[cols]
+        out = {P.NBR_PREFIX + name: np.stack([self.node_weights[int(j)][name] for j in nbrs])
+               for name in self.theta}
+        out[P.NBR_WEIGHT] = sub[:, cols].astype(np.float64)
+        return out
+
+    def _keep(self, action: str) -> None:
+        """Per-node methods: the nodes remember (or restore) their best model at home."""
+        if self.per_node_models:
+            self._send("best", P.KEEP_MODEL, {c: {P.ACTION: action} for c in self.client_nodes})
+
     # ------------------------------------------------------------------ phases
     def local_phase(self) -> dict[str, float]:
         payloads = {c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
                     for c in self.train_clients}
+        if self.aggregate == "fmtl":
+            if not self.node_weights:  # round 1: every node starts from theta
+                self.node_weights = {int(g): self.theta for g in self.train_nodes}
+            payloads = {c: p | self._fmtl_payload(c) for c, p in payloads.items()}
         replies = self._send("local", P.LOCAL_TRAIN, payloads)
         self._delivered(replies, payloads)
-        self.theta = fedavg([P.weights_from_payload(r) for r in replies.values()],
-                            [r[P.NUM_EXAMPLES] for r in replies.values()],
-                            self.fed.fedavg_weighting)
-        self.version += 1
+        if self.aggregate == "fedavg":
+            self.theta = fedavg([P.weights_from_payload(r) for r in replies.values()],
+                                [r[P.NUM_EXAMPLES] for r in replies.values()],
+                                self.fed.fedavg_weighting)
+            self.version += 1
+        elif self.aggregate == "fmtl":  # nothing averaged: keep each node's weights
+            for c, r in replies.items():
+                w = P.weights_from_payload(r)
+                for k, g in enumerate(self.client_nodes[c]):
+                    self.node_weights[int(g)] = {name: v[k] for name, v in w.items()}
         self.step = max(int(r[P.STEP]) for r in replies.values())
         loss = sum(r[P.LOSS_SUM].sum() for r in replies.values())
         count = sum(r[P.LOSS_COUNT].sum() for r in replies.values())
@@ -255,6 +318,40 @@ class Orchestrator:
                 self.step += 1
         return {"split_loss": float(loss / max(count, 1.0))}
 
+    def sl_epoch(self) -> dict[str, float]:
+        """Split learning without alternation: one epoch, node models and GN every step.
+
+        Per batch: nodes send ``h_c`` up, the server runs the GN and sends ``h_G`` down, the
+        nodes return ``dL/dh_G``, the server steps the GN and returns ``dL/dh_c``, the nodes
+        step their own models. Three round trips per batch; nothing is averaged.
+        """
+        s = self.num_windows[P.TRAIN]
+        bs = int(self.fed.batch_size)
+        order = rng.permutations(int(self.cfg.seed), np.zeros(1, np.int64), self.round, "sl", s)[0]
+        loss = count = 0.0
+        for b in range(math.ceil(s / bs)):
+            batch = np.sort(order[b * bs:(b + 1) * bs]).astype(np.int64)
+            enc = self._send("split", P.SL_ENCODE, {c: {P.BATCH: batch} for c in self.train_clients})
+            t0 = time.perf_counter()
+            h_c = torch.tensor(self._assemble(enc, P.H_C, self.col), device=self.device,
+                               requires_grad=True)  # [B, N, L, H]
+            h_g = self.server.forward(h_c, self.train_graph)
+            h_g_np = h_g.detach().cpu().numpy()
+            self.seconds["split_server"] += time.perf_counter() - t0
+            dec = self._send("split", P.SL_DECODE, {
+                c: {P.BATCH: batch, P.ROUND: self.round, P.STEP: self.step,
+                    P.H_G: self._slice(h_g_np, c, self.col)} for c in enc})
+            t0 = time.perf_counter()
+            answered = sum(len(self.client_nodes[c]) for c in dec)
+            g_hc = self.server.step_through(h_c, h_g, self._assemble(dec, P.GRAD, self.col), answered)
+            self.seconds["split_server"] += time.perf_counter() - t0
+            self._send("split", P.SL_BACKWARD,
+                       {c: {P.GRAD_H_C: self._slice(g_hc, c, self.col)} for c in dec})
+            loss += sum(r[P.LOSS_SUM].sum() for r in dec.values())
+            count += sum(r[P.LOSS_COUNT].sum() for r in dec.values())
+            self.step += 1
+        return {"train_loss": float(loss / max(count, 1.0))}
+
     def embed_phase(self, h_c: np.ndarray) -> None:
         t0 = time.perf_counter()
         h_g = self.server.embed_all(h_c, self.train_graph, int(self.fed.server_eval_batch_size))
@@ -262,8 +359,12 @@ class Orchestrator:
         payloads = {c: {P.H_G: self._slice(h_g, c, self.col)} for c in self.train_clients}
         self._send("embed", P.EMBED, payloads)
 
-    def evaluate(self, split: str, phase: str) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
-        """Encode up, ``h_G`` down, error sums up: ``(sums [N, H] per key, replies)``."""
+    def evaluate(self, split: str, phase: str, report: dict[int, np.ndarray] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
+        """Encode up, ``h_G`` down, error sums up: ``(sums [N, H] per key, replies)``.
+
+        ``report`` (client -> window positions) asks those clients for their forecasts too.
+        """
         clients = sorted(self.client_nodes)
         payloads: dict[int, P.Payload] = {c: {P.SPLIT: split} for c in clients}
         if self.uses_gn:
@@ -275,6 +376,9 @@ class Orchestrator:
             payloads = {c: {P.SPLIT: split, P.H_G: self._slice(h_g, c, self.eval_col)} for c in enc}
         else:
             payloads = {c: self._with_model(c, p) for c, p in payloads.items()}
+        for c, windows in (report or {}).items():
+            if c in payloads:
+                payloads[c][P.REPORT] = np.asarray(windows, np.int64)
         replies = self._send(phase, P.EVALUATE, payloads)
         self._delivered(replies, payloads)
         n = len(self.eval_nodes)
@@ -291,11 +395,18 @@ class Orchestrator:
     def _checkpoint(self, es: dict[str, Any]) -> None:
         if self.writer is None:
             return
+        from cnfgnn.data.graph import graph_fingerprint
+
+        sc = getattr(self, "scaler", None)  # global scaling only (per-node stays on the nodes)
         self.writer.save_checkpoint({
             "round": self.round, "theta": self.theta, "version": self.version,
             "step": self.step, "server": self.server.state_dict(), "early_stopping": es,
             "bytes": {k: dict(v) for k, v in self.bytes.items()},
             "seconds": dict(self.seconds), "failures": self.failures,
+            # for cnfgnn-forecast: the scaler and the network the model was trained on
+            "scaler": None if sc is None else {"mean": np.asarray(sc.mean),
+                                               "std": np.asarray(sc.std)},
+            "graph": graph_fingerprint(self.graph.adjacency, self.graph.sensor_ids),
         })
 
     def run(self) -> dict[str, Any]:
@@ -308,6 +419,10 @@ class Orchestrator:
         start_round = 1
         ckpt = self.writer.load_checkpoint() if (self.writer and self.cfg.resume) else None
         if ckpt is not None:
+            if self.per_node_models:
+                raise FederationError(
+                    f"resume is not supported for federation.method={self.fed.method}: its node "
+                    "models live on the nodes, not in the server checkpoint. Fix: start a new run")
             start_round = self._restore(ckpt)
             es = ckpt["early_stopping"]
         for self.round in range(start_round, int(self.fed.rounds) + 1):
@@ -323,6 +438,7 @@ class Orchestrator:
             if rec["val_loss"] < es["best_loss"]:
                 es.update(best_loss=rec["val_loss"], best_round=self.round, bad_rounds=0,
                           best_theta=copy.deepcopy(self.theta), best_server=self.server.state_dict())
+                self._keep(P.KEEP_BEST)
             else:
                 es["bad_rounds"] += 1
             rec.update(self._totals())
@@ -338,6 +454,13 @@ class Orchestrator:
     def train_round(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"round": self.round}
+        if not bool(self.fed.alternating):
+            if not self.uses_gn:
+                raise FederationError("split learning needs the graph network: use model=cnfgnn")
+            rec.update(self.sl_epoch())
+            rec["step"] = self.step
+            rec["seconds_round"] = time.perf_counter() - t0
+            return rec
         rec.update(self.local_phase())
         if self.uses_gn:
             enc = self.encode_phase(P.TRAIN, self.train_clients, "encode")
@@ -366,23 +489,64 @@ class Orchestrator:
         self.progress(f"resumed after round {self.round}")
         return self.round + 1
 
+    def _report_request(self) -> dict[int, np.ndarray]:
+        """Clients asked for test forecasts: ``predictions.sensors`` sensors spread over the
+        network, the first ``predictions.hours`` of the test split (for plots)."""
+        pos, windows = report_selection(self.cfg, len(self.eval_nodes), self.num_windows[P.TEST])
+        chosen = set(self.eval_nodes[pos].tolist())
+        self.report_nodes = sorted(chosen)
+        return {c: windows for c, nodes in self.client_nodes.items()
+                if chosen.intersection(nodes.tolist())}
+
+    def _predictions(self, report: dict[int, np.ndarray], replies: dict[int, P.Payload]
+                     ) -> dict[str, Any] | None:
+        """Forecasts of the chosen sensors: written to ``predictions.npz`` by the writer."""
+        if not report:
+            return None
+        cols: list[np.ndarray] = []
+        ids: list[str] = []
+        for c in sorted(report):
+            if c not in replies or P.FORECAST not in replies[c]:
+                continue
+            for k, g in enumerate(self.client_nodes[c]):
+                if int(g) in self.report_nodes:
+                    cols.append(replies[c][P.FORECAST][:, :, k])
+                    ids.append(self.graph.sensor_ids[int(g)])
+        if not cols:
+            return None
+        windows = next(iter(report.values()))
+        first = int(self.first_start[P.TEST])
+        t_index = first + windows + int(self.cfg.dataset.in_steps) if first >= 0 else windows
+        if self.writer:
+            self.writer.write_predictions(np.asarray(ids), t_index.astype(np.int64),
+                                          np.stack(cols, axis=-1))
+        return {"sensors": ids, "windows": int(len(windows)), "file": "predictions.npz"}
+
     def test(self, es: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Evaluate the best round's parameters on the test split."""
-        self.theta = es["best_theta"]
-        self.version += 1
+        if self.per_node_models:
+            self._keep(P.RESTORE_BEST)
+        else:
+            self.theta = es["best_theta"]
+            self.version += 1
         self.server.load_state_dict(es["best_server"])
-        sums, _ = self.evaluate(P.TEST, "test")
+        report = self._report_request()
+        sums, replies = self.evaluate(P.TEST, "test", report)
         final: dict[str, Any] = {"test": metrics_from_sums(sums),
                                  "best_round": es["best_round"], "rounds_run": self.round,
                                  "best_val_loss": es["best_loss"],
                                  "test_per_horizon": per_horizon(sums)}
         per_node = np.sqrt(sums["sq"].sum(1) / np.maximum(sums["count"].sum(1), 1))
+        per_node[sums["count"].sum(1) == 0] = np.nan  # did not answer (null in final.json)
         final["test_rmse_per_node"] = dict(zip([self.graph.sensor_ids[i] for i in self.eval_nodes],
                                                per_node.tolist()))
         if self.fed.inductive_ratio is not None:
             seen = np.isin(self.eval_nodes, self.train_nodes)
             final["test_seen"] = metrics_from_sums({k: v[seen] for k, v in sums.items()})
             final["test_unseen"] = metrics_from_sums({k: v[~seen] for k, v in sums.items()})
+        final["predictions"] = self._predictions(report, replies)
+        final["parameters"] = {"node": int(sum(np.asarray(v).size for v in self.theta.values())),
+                               "server": self.server.num_parameters() if self.uses_gn else 0}
         final.update(self._totals())
         final["bytes_total"] = int(sum(sum(v.values()) for v in self.bytes.values()))
         final["seconds_total"] = seconds

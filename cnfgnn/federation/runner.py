@@ -74,6 +74,15 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
     data = load_dataset(cfg.dataset)
     graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
     name = str(cfg.engine.name)
+    if str(cfg.federation.method) == "central":  # pooled data: no federation, no engine
+        from cnfgnn.baselines.centralized import CentralTrainer
+
+        writer = RunWriter(cfg, run_dir)
+        progress(f"central ({'GRU + GN' if cfg.model.graph_embedding else 'GRU'}) on {data.name}: "
+                 f"{data.num_nodes} nodes, {data.num_steps} steps, device={device}, "
+                 f"output={writer.dir}")
+        final = CentralTrainer(cfg, data, writer, progress, device).run()
+        return _finish(final, writer, data, "central")
     if name == "inprocess":
         engine: Any = InProcessEngine(build_workers(cfg, data, device))
     elif name == "simulation":  # Flower simulation: the ServerApp runs the Orchestrator
@@ -90,8 +99,13 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
     progress(f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
              f"{data.num_steps} steps, engine={name}, device={device}, output={writer.dir}")
     final = Orchestrator(cfg, engine, graph, writer, progress, device).run()
-    final["method"] = str(cfg.federation.method)
-    final["engine"] = name
+    return _finish(final, writer, data, name, str(cfg.federation.method))
+
+
+def _finish(final: dict, writer: RunWriter, data: SensorData, engine: str,
+            method: str = "central") -> tuple[dict, RunWriter]:
+    final["method"] = method
+    final["engine"] = engine
     final["plots"] = [str(p) for p in plot_run(writer.dir, data.locations)]
     writer.write_final(final)
     return final, writer

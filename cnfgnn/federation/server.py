@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cnfgnn.models.graph_network import GraphNetwork
+from cnfgnn.optim import make_adam
 
 
 def fedavg(
@@ -37,15 +38,23 @@ def fedavg(
     if w.sum() <= 0:
         raise ValueError("FedAvg over zero examples")
     w = w / w.sum()
+    ends = np.cumsum([len(e) for e in examples])
     out = {}
-    for name in stacks[0]:
-        stacked = np.concatenate([s[name] for s in stacks]).astype(np.float64)  # [N, ...]
-        out[name] = np.tensordot(w, stacked, axes=1).astype(np.float32)
+    for name in stacks[0]:  # client by client: float64 copies of one client's rows at a time
+        acc = np.zeros(np.shape(stacks[0][name])[1:], np.float64)
+        for s, hi, e in zip(stacks, ends, examples):
+            acc += np.tensordot(w[hi - len(e) : hi], np.asarray(s[name], np.float64), axes=1)
+        out[name] = acc.astype(np.float32)
     return out
 
 
 class GraphServer:
     """The server GN with its persistent optimizer, on a fixed graph.
+
+    ``model.gn.grad_chunk`` (windows, null = off) bounds the memory of a split-learning step:
+    :meth:`forward` then computes ``h_G`` without a graph, and :meth:`step` recomputes the
+    GN chunk by chunk and accumulates the exact full-batch gradient (one extra forward). It
+    is what lets the GN train at thousands of nodes (``cnfgnn-bench bench.mode=scale``).
 
     Args:
         model_cfg: ``model`` config (``hidden_size``, ``gn``...).
@@ -55,13 +64,20 @@ class GraphServer:
 
     def __init__(self, model_cfg: Any, lr: float, device: torch.device | str = "cpu"):
         gn = model_cfg.gn
+        chunk = gn.get("grad_chunk")
+        self.grad_chunk = None if chunk is None else int(chunk)
+        if self.grad_chunk is not None and (self.grad_chunk < 1 or float(gn.dropout) > 0):
+            raise ValueError(f"model.gn.grad_chunk={chunk} needs a positive chunk and "
+                             f"model.gn.dropout=0 (got {gn.dropout}): a recomputed forward "
+                             "must equal the first. Fix: set grad_chunk=null or dropout=0")
+        self._pending: tuple[Tensor, tuple[Tensor, Tensor], Tensor] | None = None
         self.device = torch.device(device)
         self.gn = GraphNetwork(
             node_size=model_cfg.hidden_size, edge_size=1, global_size=model_cfg.hidden_size,
             mlp_hidden=gn.mlp_hidden, latent_size=gn.latent_size, num_blocks=gn.num_blocks,
             output_size=model_cfg.hidden_size, dropout=gn.dropout,
         ).to(self.device)
-        self.optimizer = torch.optim.Adam(self.gn.parameters(), lr=lr)
+        self.optimizer = make_adam(self.gn.parameters(), lr=lr)
         self.output_size = int(model_cfg.hidden_size)
 
     def graph(self, adjacency: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -71,16 +87,57 @@ class GraphServer:
         ew = torch.as_tensor(adjacency[src, dst], dtype=torch.float32, device=self.device)
         return ei, ew
 
-    def forward(self, h_c: np.ndarray, graph: tuple[Tensor, Tensor]) -> Tensor:
-        """``h_G`` with autograd for a batch: h_c ``[B, N, L, H]`` -> ``[B, N, L, H]``."""
+    def forward(self, h_c: np.ndarray | Tensor, graph: tuple[Tensor, Tensor]) -> Tensor:
+        """``h_G`` with autograd for a batch: h_c ``[B, N, L, H]`` -> ``[B, N, L, H]``.
+
+        With ``grad_chunk`` set and a batch larger than it (and ``h_c`` not itself needing a
+        gradient), ``h_G`` comes without a graph; :meth:`step` recomputes it in chunks.
+        """
         self.gn.train()
-        return self.gn(torch.as_tensor(h_c, device=self.device), *graph)
+        x = torch.as_tensor(h_c, device=self.device)
+        c = self.grad_chunk
+        self._pending = None
+        if c is None or x.shape[0] <= c or x.requires_grad:
+            return self.gn(x, *graph)
+        with torch.no_grad():
+            h_g = torch.cat([self.gn(x[i : i + c], *graph) for i in range(0, x.shape[0], c)])
+        self._pending = (x, graph, h_g)
+        return h_g
 
     def step(self, h_g: Tensor, grad: np.ndarray) -> None:
         """Backpropagate the assembled ``dL/dh_G`` through the GN and take one Adam step."""
         self.optimizer.zero_grad(set_to_none=True)
-        h_g.backward(torch.as_tensor(grad, dtype=h_g.dtype, device=self.device))
+        g = torch.as_tensor(grad, dtype=h_g.dtype, device=self.device)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[2] is h_g:  # chunked: recompute, accumulate
+            x, graph, _ = pending
+            c = int(self.grad_chunk)  # type: ignore[arg-type]
+            for i in range(0, x.shape[0], c):
+                self.gn(x[i : i + c], *graph).backward(g[i : i + c])
+        else:
+            h_g.backward(g)
         self.optimizer.step()
+
+    def step_through(self, h_c: Tensor, h_g: Tensor, grad_sum: np.ndarray, answered: int
+                     ) -> np.ndarray:
+        """Split learning without alternation: one GN step and the gradient for the nodes.
+
+        Args:
+            h_c: ``[B, N, L, H]`` leaf that ``h_g`` was computed from (``requires_grad``).
+            h_g: ``[B, N, L, H]`` output of :meth:`forward` on ``h_c``.
+            grad_sum: ``[B, N, L, H]`` d(sum of node losses)/dh_G as the nodes returned it.
+            answered: nodes that answered; the GN steps on the node mean.
+
+        Returns:
+            ``[B, N, L, H]`` d(sum of node losses)/dh_c through the GN, for the node encoders.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        h_g.backward(torch.as_tensor(grad_sum, dtype=h_g.dtype, device=self.device))
+        for p in self.gn.parameters():
+            if p.grad is not None:
+                p.grad /= answered
+        self.optimizer.step()
+        return h_c.grad.cpu().numpy()
 
     @torch.no_grad()
     def embed_all(
@@ -93,6 +150,10 @@ class GraphServer:
             chunk = torch.as_tensor(h_c[b : b + batch_size], device=self.device)
             out[b : b + batch_size] = self.gn(chunk, *graph).cpu().numpy()
         return out
+
+    def num_parameters(self) -> int:
+        """Trainable GN parameters (1,237,312 at the paper's sizes)."""
+        return sum(p.numel() for p in self.gn.parameters())
 
     def state_dict(self) -> dict[str, Any]:
         return {"gn": self.gn.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -121,4 +121,9 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
 def main(grid: Grid, context: Context) -> None:
     """Flower entry: ``flwr run .`` or ``run_simulation`` start it."""
     cfg = compose_cfg(overrides_from_run_config(context.run_config))
+    if cfg.get("forecast") is not None:  # inference with a trained run (cnfgnn-forecast)
+        from cnfgnn.federation.flower_forecast import run_forecast_server
+
+        run_forecast_server(grid, cfg, run_id=context.run_id, progress=_progress)
+        return
     run_server(grid, cfg, run_id=context.run_id)

@@ -1,9 +1,12 @@
 """Server-side Graph Network of CNFGNN: Battaglia-style GN blocks batched over windows.
 
-Node features stay ``[M, N, F]`` (``M = B * L`` windows times GRU layers) with ONE shared
-``edge_index`` for the fixed sensor graph: edges gather with ``index_select`` along dim 1 and
-messages are summed at their targets with :func:`torch_geometric.utils.scatter` along dim 1,
-so no batched (disjoint-union) index tensors are ever built (paper notes §3.2).
+Node features are node-major ``[N, M, F]`` (``M = B * L`` windows times GRU layers) with
+ONE shared ``edge_index`` for the fixed sensor graph: edges gather whole ``[M, F]`` slabs
+with ``index_select`` along dim 0 and messages are summed at their targets with
+``index_add`` along dim 0, so no batched (disjoint-union) index tensors are ever built
+(paper notes §3.2) and every gather or scatter moves contiguous memory. Edge features
+of the dense skip connections are kept as a list of parts (the first edge Linear is applied
+part by part), so the ``[E, M, *]`` concatenations are never materialised.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
 
 
 class MLP(nn.Sequential):
@@ -29,8 +31,8 @@ class MLP(nn.Sequential):
 
     def __init__(self, in_size: int, hidden_size: int, out_size: int, dropout: float = 0.0):
         super().__init__(
-            nn.Linear(in_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(in_size, hidden_size), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(hidden_size, out_size),
         )
         self.reset_parameters()
@@ -69,9 +71,10 @@ class GNBlock(nn.Module):
         dropout (float, optional): MLP dropout. (default: ``0.0``)
 
     Shapes:
-        - **input:** x ``[M, N, node_in]``, e ``[M or 1, E, edge_in]``, u ``[M, global_in]``,
-          src / dst ``[E]``
-        - **output:** x' ``[M, N, latent]``, e' ``[M, E, latent]``, u' ``[M, latent]`` or
+        - **input:** x ``[N, M, node_in]``, e: one tensor or a list of parts, each
+          ``[E, M or 1, f_i]`` with ``sum(f_i) = edge_in`` (their concatenation along the
+          last dim is the edge input), u ``[M, global_in]``, src / dst ``[E]``
+        - **output:** x' ``[N, M, latent]``, e' ``[E, M, latent]``, u' ``[M, latent]`` or
           ``None`` when ``update_global=False``
     """
 
@@ -88,22 +91,30 @@ class GNBlock(nn.Module):
         for mlp in (self.edge_mlp, self.node_mlp, self.global_mlp):
             mlp.reset_parameters()
 
-    def forward(self, x: Tensor, e: Tensor, u: Tensor, src: Tensor, dst: Tensor,
+    def forward(self, x: Tensor, e: Tensor | list[Tensor], u: Tensor, src: Tensor, dst: Tensor,
                 update_global: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        m, n, _ = x.shape
+        n, m, _ = x.shape
+        parts = [e] if isinstance(e, Tensor) else list(e)
+        if sum(p.shape[-1] for p in parts) != self.sizes[2]:
+            raise ValueError(f"edge features have {sum(p.shape[-1] for p in parts)} columns, "
+                             f"this block takes {self.sizes[2]}")
         first = self.edge_mlp[0]
         w_src, w_dst, w_e, w_u = first.weight.split(self.sizes, dim=1)
-        p_src, p_dst = F.linear(x, torch.cat([w_src, w_dst])).chunk(2, dim=-1)  # [M, N, hidden] x2
-        pre = (p_src.index_select(1, src) + p_dst.index_select(1, dst)  # [M, E, hidden]
-               + F.linear(e, w_e) + F.linear(u, w_u, first.bias).unsqueeze(1))
-        e_new = self.edge_mlp.tail(pre)  # [M, E, latent]
+        pre = F.linear(x, w_src).index_select(0, src)  # [E, M, hidden]
+        pre.add_(F.linear(x, w_dst).index_select(0, dst))  # index_select keeps no output
+        off = 0
+        for part in parts:  # [E, M or 1, f]: the edge columns of the first Linear, by parts
+            pre.add_(F.linear(part, w_e[:, off : off + part.shape[-1]]))
+            off += part.shape[-1]
+        pre.add_(F.linear(u, w_u, first.bias))  # [M, hidden] broadcast over edges
+        e_new = self.edge_mlp.tail(pre)  # [E, M, latent]
 
-        agg = scatter(e_new, dst, dim=1, dim_size=n, reduce="sum")  # [M, N, latent]
-        x_new = self.node_mlp(torch.cat([x, agg, u.unsqueeze(1).expand(m, n, -1)], dim=-1))
+        agg = e_new.new_zeros(n, m, e_new.shape[-1]).index_add(0, dst, e_new)  # [N, M, latent]
+        x_new = self.node_mlp(torch.cat([x, agg, u.unsqueeze(0).expand(n, m, -1)], dim=-1))
 
         u_new = None
         if update_global:
-            u_new = self.global_mlp(torch.cat([x_new.sum(1), e_new.sum(1), u], dim=-1))
+            u_new = self.global_mlp(torch.cat([x_new.sum(0), e_new.sum(0), u], dim=-1))
         return x_new, e_new, u_new
 
 
@@ -163,17 +174,17 @@ class GraphNetwork(nn.Module):
 
     def forward(self, h: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         b, n, layers, _ = h.shape
-        x = h.transpose(1, 2).reshape(b * layers, n, -1)  # [B, N, L, F] -> [B*L, N, F]
-        m = x.shape[0]
+        x = h.permute(1, 0, 2, 3).reshape(n, b * layers, -1)  # [B, N, L, F] -> [N, B*L, F]
+        m = x.shape[1]
         src, dst = edge_index[0], edge_index[1]
-        e = edge_weight.to(x.dtype).reshape(1, edge_index.shape[1], -1)  # [1, E, edge_size]
+        e: list[Tensor] = [edge_weight.to(x.dtype).reshape(edge_index.shape[1], 1, -1)]  # [E, 1, f]
         u = x.new_zeros(m, self.global_size)
         for i, block in enumerate(self.blocks):
             last = i + 1 == self.num_blocks
             x_new, e_new, u_new = block(x, e, u, src, dst, update_global=not last)
             x = torch.cat([x_new, x], dim=-1)
             if not last:
-                e = torch.cat([e_new, e.expand(m, -1, -1)], dim=-1)
+                e = [e_new, *e]  # dense skip [e', e] without concatenating
                 u = torch.cat([u_new, u], dim=-1)
-        out = self.output(x)  # [B*L, N, out]
-        return out.view(b, layers, n, -1).transpose(1, 2)  # [B, N, L, out]
+        out = self.output(x)  # [N, B*L, out]
+        return out.view(n, b, layers, -1).permute(1, 0, 2, 3)  # [B, N, L, out]

@@ -136,8 +136,9 @@ class RecordingEngine:
         return replies
 
 
-ALLOWED_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.STAT_SUM, P.STAT_SUMSQ, P.STAT_COUNT,
-              P.NUM_EXAMPLES, P.LOSS_SUM, P.LOSS_COUNT, P.STEP, P.H_C, P.GRAD}
+ALLOWED_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.FIRST_START, P.STAT_SUM, P.STAT_SUMSQ,
+              P.STAT_COUNT, P.NUM_EXAMPLES, P.LOSS_SUM, P.LOSS_COUNT, P.STEP, P.H_C, P.GRAD,
+              P.FORECAST}  # forecasts: only of the few sensors asked for (predictions.npz)
 
 
 def _windows(series: np.ndarray, length: int = 12) -> set[bytes]:
@@ -171,7 +172,8 @@ def test_server_never_receives_series_or_targets(tiny_cfg):
             if arr.dtype.kind != "f" or arr.size < 12:
                 continue
             assert t_len not in arr.shape, (mtype, key, arr.shape)  # no whole series
-            assert 12 not in arr.shape[:2] or key.startswith(P.ERR_PREFIX) or arr.ndim != 3, key
+            assert (12 not in arr.shape[:2] or key.startswith(P.ERR_PREFIX) or arr.ndim != 3
+                    or key == P.FORECAST), key  # forecasts [W, H, K]: asked-for sensors only
             flat32 = arr.astype(np.float32)
             for axis in range(arr.ndim):
                 rows = np.moveaxis(flat32, axis, -1).reshape(-1, arr.shape[axis])
