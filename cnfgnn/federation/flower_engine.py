@@ -80,6 +80,7 @@ class FlowerEngine:
         self.seconds: dict[str, float] = defaultdict(float)
         self._seen: set[int] = set()  # node ids already asked who they are
         self._tries: dict[int, int] = defaultdict(int)  # failed identifications per node id
+        self._left: set[int] = set()  # clients whose node left the federation
 
     # ------------------------------------------------------------------ Engine protocol
     def client_ids(self) -> list[int]:
@@ -187,6 +188,7 @@ class FlowerEngine:
             if node not in live:
                 self.progress(f"  client {cid} (node {node}) left the federation")
                 del self.node_of[cid]
+                self._left.add(cid)
         new = sorted(n for n in live - self._seen if self._tries[n] < self.MAX_IDENTIFY_TRIES)
         if not new:
             return
@@ -213,6 +215,8 @@ class FlowerEngine:
             old = self.node_of.get(cid)
             if old is not None and old != node:  # a restarted SuperNode: the newest wins
                 self.progress(f"  client {cid} is now node {node} (was {old})")
+            elif old is None and cid in self._left:  # it came back after it was dropped
+                self.progress(f"  client {cid} rejoined as node {node}")
             self.node_of[cid] = node
         if (self.expected_clients is not None and self.num_partitions is not None
                 and self.num_partitions != self.expected_clients):

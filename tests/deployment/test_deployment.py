@@ -1,0 +1,170 @@
+"""A real Flower deployment on loopback (launch/deploy.py): SuperLink + SuperNodes + ``flwr run``.
+
+Marked ``deployment`` (``make test-deployment``): each test starts real processes and takes
+a minute or two on 2 cores. Every deployment runs inside ``Deployment``'s context manager,
+which stops exactly the process groups it started, also when the test fails; the
+``no_leftovers`` fixture then checks that no process still refers to the test's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from cnfgnn.federation.runner import run_experiment
+from launch import deploy
+from launch.procs import cmdline_of
+from tests.conftest import TINY, make_cfg
+
+pytestmark = pytest.mark.deployment
+
+METRICS = ("rmse", "mae", "masked_mae", "masked_rmse", "masked_mae_h3", "masked_rmse_h12")
+# TINY as 3 SuperNodes of 2 sensors, 2 server steps per round (few round trips)
+DEPLOY = (*TINY, "dataset.days=2", "federation.nodes_per_client=2",
+          "federation.server_batch_size=196")
+RUN_TIMEOUT_S = 900.0
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):
+    yield
+    import os
+
+    left = [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and str(tmp_path) in cmdline_of(int(p))]
+    assert left == [], f"processes of this test still running: {left}"
+
+
+def _deploy(overrides, run_dir: Path, on_tick=None) -> deploy.RunResult:
+    result = deploy.deploy_experiment(list(overrides), run_dir=run_dir, progress=print,
+                                      on_tick=on_tick, timeout_s=RUN_TIMEOUT_S)
+    assert result.info["leftover_pids"] == []
+    return result
+
+
+_INPROCESS: dict[tuple[str, ...], dict] = {}  # the same reference run is reused
+
+
+def _inprocess(overrides, tmp_path: Path) -> dict:
+    key = tuple(overrides)
+    if key not in _INPROCESS:
+        cfg = make_cfg(*overrides, "engine=inprocess", f"output_root={tmp_path}")
+        final, _ = run_experiment(cfg, run_dir=tmp_path / "inprocess", progress=lambda s: None)
+        _INPROCESS[key] = final
+    return _INPROCESS[key]
+
+
+def _rounds_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _assert_same_test_metrics(final: dict, ref: dict) -> None:
+    for key in METRICS:
+        assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_demo_completes_and_equals_an_inprocess_run(tmp_path):
+    overrides = [f"experiment={deploy.DEMO_EXPERIMENT}"]
+    result = _deploy(overrides, tmp_path / "deploy")
+    final = result.final
+    assert result.attempts == 1 and final["failures"] == []
+    assert final["rounds_run"] == 2 and final["engine"] == "deployment"
+    assert final["nodes"] == {"total": 12, "train": 12, "clients": 3}
+    log = (tmp_path / "deploy" / "logs" / "flwr_run.log").read_text()
+    assert "round   2" in log  # the ServerApp's progress streamed into the run directory
+    for i in range(3):  # each SuperNode read its own shard and answered
+        assert "completed" in (tmp_path / "deploy" / "logs" / f"supernode_{i}.log").read_text()
+    assert result.info["startup_s"] > 0 and len(result.info["memory_peak_mb"]) >= 4
+    assert "SuperNodes" in deploy.report(result)
+    _assert_same_test_metrics(final, _inprocess(overrides, tmp_path))
+
+
+def test_a_killed_supernode_does_not_stop_the_run(tmp_path):
+    run_dir = tmp_path / "deploy"
+    killed: dict[str, float] = {}
+
+    def kill_after_round_1(dep: deploy.Deployment) -> None:
+        if not killed and _rounds_logged(run_dir) >= 1:
+            dep.kill_supernode(2)
+            killed["at"] = time.monotonic()
+
+    result = _deploy([*DEPLOY, "federation.rounds=3"], run_dir, kill_after_round_1)
+    final = result.final
+    assert killed and final["rounds_run"] == 3 and result.attempts == 1
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    lost_ids = manifest["clients"][2]["sensor_ids"]
+    assert final["failures"], "the dead SuperNode's client was never reported"
+    assert {f["client"] for f in final["failures"]} == {2}
+    assert all(f["round"] >= 2 and f["sensors"] == lost_ids for f in final["failures"])
+    assert result.info["lost"]["2"]["sensors"] == lost_ids
+    assert all(math.isfinite(final["test"][k]) for k in METRICS)
+    per_node = json.loads((run_dir / "final.json").read_text())["test_rmse_per_node"]
+    assert {s for s, v in per_node.items() if v is None} == set(lost_ids)  # no answer: null
+    report = deploy.report(result)
+    assert "client 2 lost from round 2" in report and lost_ids[0] in report
+
+
+def test_a_restarted_supernode_rejoins_under_its_partition(tmp_path):
+    run_dir = tmp_path / "deploy"
+    done: dict[str, float] = {}
+
+    def restart_after_round_1(dep: deploy.Deployment) -> None:
+        if not done and _rounds_logged(run_dir) >= 1:
+            dep.kill_supernode(1)
+            done["restart_s"] = dep.restart_supernode(1)
+
+    result = _deploy([*DEPLOY, "federation.rounds=3"], run_dir, restart_after_round_1)
+    final = result.final
+    assert done and final["rounds_run"] == 3 and result.attempts == 1
+    # at most the phases of round 2 before it came back were lost; round 3 and test had it
+    assert all(f["client"] == 1 and f["round"] == 2 for f in final["failures"])
+    assert all(math.isfinite(v) for v in final["test_rmse_per_node"].values())
+    log = (run_dir / "logs" / "flwr_run.log").read_text()
+    # the identify handshake re-mapped partition 1 to the new SuperNode's node id
+    assert "client 1 rejoined as node" in log or "client 1 is now node" in log
+    node_log = (run_dir / "logs" / "supernode_1.log").read_text()
+    after_restart = node_log.rsplit("start supernode_1", 1)[1]
+    assert "completed" in after_restart  # the new process answered messages
+
+
+def test_a_killed_superlink_resumes_from_the_checkpoint_to_the_same_result(tmp_path):
+    run_dir = tmp_path / "deploy"
+    killed: dict[str, bool] = {}
+
+    def kill_after_checkpoint(dep: deploy.Deployment) -> None:
+        if not killed and _rounds_logged(run_dir) >= 1 and (run_dir / "checkpoint.pt").exists():
+            dep.kill_superlink()
+            killed["yes"] = True
+
+    overrides = [*DEPLOY, "federation.rounds=2"]
+    result = _deploy(overrides, run_dir, kill_after_checkpoint)
+    assert killed and result.attempts == 2
+    assert result.info["restarts"] == [{"superlink": True, "supernodes": [0, 1, 2]}]
+    rounds = [json.loads(line)["round"]
+              for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]
+    assert "resumed after round 1" in (run_dir / "logs" / "flwr_run.log").read_text()
+    _assert_same_test_metrics(result.final, _inprocess(overrides, tmp_path))
+
+
+def test_a_killed_serverapp_resumes_on_the_same_superlink(tmp_path):
+    """Only the ServerApp process dies: Flower marks the run failed, the launcher submits it
+    again (same SuperLink and SuperNodes) and it continues after round 1."""
+    run_dir = tmp_path / "deploy"
+    killed: dict[str, list[int]] = {}
+
+    def kill_after_checkpoint(dep: deploy.Deployment) -> None:
+        if not killed and _rounds_logged(run_dir) >= 1 and (run_dir / "checkpoint.pt").exists():
+            killed["pids"] = dep.kill_server()
+
+    overrides = [*DEPLOY, "federation.rounds=2"]
+    result = _deploy(overrides, run_dir, kill_after_checkpoint)
+    assert killed["pids"] and result.attempts == 2
+    assert result.info["restarts"] == [{"superlink": False, "supernodes": []}]
+    assert "resumed after round 1" in (run_dir / "logs" / "flwr_run.log").read_text()
+    _assert_same_test_metrics(result.final, _inprocess(overrides, tmp_path))
