@@ -10,8 +10,9 @@ export FLWR_HOME=$(CURDIR)/.flwr
 export TMPDIR=$(CURDIR)/.tmp
 export RAY_TMPDIR=$(CURDIR)/.tmp
 export MPLBACKEND=Agg
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test test-slow install clean
+.PHONY: run test test-slow install clean bench deploy-demo test-deployment
 
 $(STAMP): pyproject.toml
 	@mkdir -p .tmp .flwr
@@ -34,6 +35,22 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/python -m pytest -q -m slow
+
+# every engine side by side on the same data (cnfgnn/bench.py); BENCH_ARGS: Hydra overrides
+bench: $(STAMP)
+	@mkdir -p .tmp .flwr
+	$(BIN)/cnfgnn-bench $(BENCH_ARGS)
+
+# a real Flower deployment on loopback (launch/deploy.py): SuperLink + 3 SuperNodes, 2 rounds;
+# DEPLOY_ARGS: more Hydra overrides
+deploy-demo: $(STAMP)
+	@mkdir -p .tmp .flwr
+	$(BIN)/python -m launch.deploy demo $(DEPLOY_ARGS)
+
+# tests that start SuperLink/SuperNode processes (tests/deployment, marker `deployment`)
+test-deployment: $(STAMP)
+	@mkdir -p .tmp .flwr
+	$(BIN)/python -m pytest -q -m deployment tests/deployment
 
 clean:
 	rm -rf $(VENV) .tmp .flwr outputs
