@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# CNFGNN, GRU local, GRU + FedAvg and GRU centralized on the synthetic network, one budget
+# (cnfgnn/compare.py); RUN_ARGS: more settings, e.g. RUN_ARGS="compare.run=all"
 run: $(STAMP)
 	@mkdir -p .tmp .flwr
-	$(BIN)/cnfgnn experiment=synthetic_cnfgnn
+	$(BIN)/cnfgnn-compare $(RUN_ARGS)
 
 test: $(STAMP)
 	@mkdir -p .tmp .flwr

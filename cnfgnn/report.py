@@ -1,0 +1,391 @@
+"""``cnfgnn-report``: one table and the comparison plots from finished runs.
+
+Usage::
+
+    cnfgnn-report outputs/compare/synthetic_20261129-031500      # a cnfgnn-compare directory
+    cnfgnn-report outputs/a/<run> outputs/b/<run> out=report_dir   # any runs
+    cnfgnn-report outputs/multirun/20261129-040000                 # a Hydra sweep
+
+Each argument is a run directory (it has ``final.json``) or a directory searched two levels
+deep for runs. Writes into ``out`` (default: the single directory given, else ``./report``):
+``comparison.csv`` and ``comparison.md`` (a row per run: both metric protocols, parameters on
+node and server, bytes, seconds, and the paper's reported RMSE where one exists) and, under
+``plots/``: forecasts against truth over a day (``forecasts.png``), error per horizon
+(``horizons.png``), error per sensor on a map (``sensor_maps.png``), validation RMSE against
+local epochs (``validation.png``) and bytes by phase (``bytes.png``). Everything is read from
+the runs' output files; truth for the forecast plot is read from each run's dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+# Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
+# method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
+# (paper notes §8.1; model sizes of the baseline rows not stated there). Los-loop: the
+# authors' code after 5 rounds, seed 42 (DESIGN.md §8). Keys: (dataset name, family).
+REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
+    ("metr_la", "central_gru"): (11.787, "paper Table 2 (secondary source)"),
+    ("metr_la", "local"): (12.224, "paper Table 2 (secondary source)"),
+    ("metr_la", "fedavg"): (12.058, "paper Table 2 (secondary source)"),
+    ("metr_la", "cnfgnn"): (11.487, "paper Table 2"),
+    ("pems_bay", "central_gru"): (4.172, "paper Table 2 (secondary source)"),
+    ("pems_bay", "local"): (4.152, "paper Table 2 (secondary source)"),
+    ("pems_bay", "fedavg"): (4.432, "paper Table 2 (secondary source)"),
+    ("pems_bay", "cnfgnn"): (3.822, "paper Table 2"),
+    ("los_loop", "central_gru"): (8.26, "authors' code, 5 rounds"),
+    ("los_loop", "local"): (7.72, "authors' code, 5 rounds"),
+    ("los_loop", "fedavg"): (8.78, "authors' code, 5 rounds"),
+    ("los_loop", "cnfgnn"): (7.99, "authors' code, 5 rounds"),
+}
+
+COLUMNS = ["method", "label", "dataset", "rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae",
+           "rmse_h3", "rmse_h6", "rmse_h12", "masked_rmse", "mape_h3", "mape_h6", "mape_h12",
+           "masked_mape", "params_node", "params_server", "bytes", "seconds", "peak_rss_mb",
+           "local_epochs", "rounds_run", "best_round", "reference_rmse", "reference", "run_dir"]
+
+
+@dataclass
+class Run:
+    """One finished run, read from its directory."""
+
+    path: Path
+    final: dict[str, Any]
+    cfg: DictConfig
+    key: str  # short method key (the compare method name, or derived from the config)
+    label: str
+    record: dict[str, Any] = field(default_factory=dict)  # cnfgnn-compare's record (peak memory)
+
+    @property
+    def family(self) -> str:
+        method = str(self.cfg.federation.method)
+        if method == "central":
+            return "central_gn" if self.cfg.model.graph_embedding else "central_gru"
+        return method
+
+    @property
+    def epochs_per_round(self) -> int:
+        return max(1, int(self.cfg.federation.local_epochs))
+
+
+def describe(cfg: DictConfig, params_node: int) -> str:
+    """A paper-style label for a run's method, from its config."""
+    size = f"{round(params_node / 1000)}K"
+    method = str(cfg.federation.method)
+    if method == "central":
+        return "GRU + GN (centralized)" if cfg.model.graph_embedding else f"GRU (centralized, {size})"
+    return {"cnfgnn": "CNFGNN", "local": f"GRU (local, {size})", "fedavg": f"GRU ({size}) + FedAvg",
+            "fmtl": f"GRU ({size}) + FMTL", "split_learning": "Split learning",
+            "at_no_fedavg": "AT w/o FedAvg"}.get(method, method)
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories (with ``final.json``) in ``paths``, searched two levels deep."""
+    runs: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise SystemExit(f"cnfgnn-report: {p} does not exist")
+        if (p / "final.json").exists():
+            runs.append(p)
+            continue
+        found = sorted({f.parent for pat in ("*/final.json", "*/*/final.json") for f in p.glob(pat)})
+        if not found:
+            raise SystemExit(f"cnfgnn-report: no finished run (final.json) in {p} or two levels below")
+        runs.extend(found)
+    return runs
+
+
+def load_run(path: Path) -> Run:
+    final = json.loads((path / "final.json").read_text())
+    cfg = OmegaConf.load(path / "config.yaml")
+    manifest_path = path.parent / "compare.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    record = manifest.get("methods", {}).get(path.name, {})
+    label = manifest.get("labels", {}).get(path.name) if record else None
+    params = int(final.get("parameters", {}).get("node", 0))
+    key = path.name if record else f"{final.get('method', cfg.federation.method)}"
+    return Run(path, final, cfg, key, label or describe(cfg, params), record)
+
+
+def row(run: Run) -> dict[str, Any]:
+    """The table row of one run (metrics in original units; MAPE in percent)."""
+    t, f = run.final["test"], run.final
+    ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name), run.family))
+    r: dict[str, Any] = {"method": run.key, "label": run.label, "dataset": str(run.cfg.dataset.name),
+                         "rmse": t["rmse"], "mae": t["mae"], "masked_mae": t["masked_mae"],
+                         "masked_rmse": t["masked_rmse"], "masked_mape": 100 * t["masked_mape"]}
+    for h in (3, 6, 12):
+        r[f"mae_h{h}"] = t.get(f"masked_mae_h{h}")
+        r[f"rmse_h{h}"] = t.get(f"masked_rmse_h{h}")
+        mape = t.get(f"masked_mape_h{h}")
+        r[f"mape_h{h}"] = None if mape is None else 100 * mape
+    params = f.get("parameters", {})
+    r.update(params_node=params.get("node"), params_server=params.get("server"),
+             bytes=f.get("bytes_total"), seconds=f.get("seconds_total"),
+             peak_rss_mb=run.record.get("peak_rss_mb"),
+             local_epochs=f.get("rounds_run", 0) * run.epochs_per_round,
+             rounds_run=f.get("rounds_run"), best_round=f.get("best_round"),
+             reference_rmse=ref[0] if ref else None, reference=ref[1] if ref else None,
+             run_dir=str(run.path))
+    return r
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _size(n: float | None, unit: str = "B") -> str:
+    if n is None:
+        return "–"
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a markdown table (sorted as given)."""
+    head = ("| method | RMSE (paper) | MAE | MAE 15 / 30 / 60 min | RMSE 15 / 30 / 60 min | MAPE % 15 / 30 / 60 min "
+            "| params node + server | bytes | seconds | epochs | reported RMSE |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ref = f"{r['reference_rmse']:.3f} ({r['reference']})" if r["reference_rmse"] else "–"
+        lines.append(
+            f"| {r['label']} | {_fmt(r['rmse'])} | {_fmt(r['mae'])} "
+            f"| {_fmt(r['mae_h3'])} / {_fmt(r['mae_h6'])} / {_fmt(r['mae_h12'])} "
+            f"| {_fmt(r['rmse_h3'])} / {_fmt(r['rmse_h6'])} / {_fmt(r['rmse_h12'])} "
+            f"| {_fmt(r['mape_h3'], 2)} / {_fmt(r['mape_h6'], 2)} / {_fmt(r['mape_h12'], 2)} "
+            f"| {_size(r['params_node'], '')} + {_size(r['params_server'], '')} | {_size(r['bytes'])} "
+            f"| {_fmt(r['seconds'], 1)} | {r['local_epochs']} | {ref} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- plots
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_forecasts(runs: list[Run], out: Path, horizons: tuple[int, ...] = (3, 12)) -> Path | None:
+    """Forecasts ``horizons`` steps ahead against the truth, a row per sensor, over the
+    kept test period (``predictions.hours``), one line per method."""
+    from cnfgnn.data.loaders import load_dataset
+
+    kept = [(r, np.load(r.path / "predictions.npz")) for r in runs if (r.path / "predictions.npz").exists()]
+    if not kept:
+        return None
+    data = load_dataset(kept[0][0].cfg.dataset)
+    col = {s: i for i, s in enumerate(data.sensor_ids)}
+    sensors = [str(s) for s in kept[0][1]["sensor_ids"]]
+    fig, axes = plt.subplots(len(sensors), len(horizons), figsize=(6.5 * len(horizons), 2.6 * len(sensors)),
+                             squeeze=False, sharex=True)
+    for j, h in enumerate(horizons):
+        for i, sensor in enumerate(sensors):
+            ax = axes[i, j]
+            first = True
+            for run, npz in kept:
+                ids = [str(s) for s in npz["sensor_ids"]]
+                if sensor not in ids or h > npz["forecast"].shape[1]:
+                    continue
+                t = npz["t_index"] + h - 1  # time index the h-step forecast is for
+                if first:
+                    obs = data.mask[t, col[sensor]]
+                    truth = np.where(obs, data.speed[t, col[sensor]], np.nan)
+                    ax.plot(data.timestamps[t], truth, color="k", lw=1.6, label="observed")
+                    first = False
+                ax.plot(data.timestamps[t], npz["forecast"][:, h - 1, ids.index(sensor)], lw=1.0,
+                        label=run.label)
+            ax.set_title(f"sensor {sensor}: {h * int(data.interval_minutes)} min ahead", fontsize=9)
+            ax.set_ylabel("speed")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    for ax in axes[-1]:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    return _save(fig, out / "forecasts.png")
+
+
+def plot_horizons(runs: list[Run], out: Path) -> Path | None:
+    """Masked MAE and unmasked RMSE for each horizon step, a line per method."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        ph = run.final.get("test_per_horizon")
+        if not ph:
+            continue
+        minutes = np.arange(1, len(ph["rmse"]) + 1) * int(run.cfg.dataset.interval_minutes)
+        ax[0].plot(minutes, ph["masked_mae"], marker="o", ms=3, label=run.label)
+        ax[1].plot(minutes, ph["rmse"], marker="o", ms=3, label=run.label)
+    ax[0].set(xlabel="horizon (minutes)", ylabel="masked MAE", title="Test error per horizon (field's protocol)")
+    ax[1].set(xlabel="horizon (minutes)", ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)")
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
+    return _save(fig, out / "horizons.png")
+
+
+def plot_sensor_maps(runs: list[Run], out: Path) -> Path | None:
+    """Test RMSE per sensor, a panel per method on one colour scale (longitude/latitude,
+    or a grid by sensor order when the dataset has no locations)."""
+    from cnfgnn.data.loaders import load_dataset
+
+    per = [(r, r.final.get("test_rmse_per_node") or {}) for r in runs]
+    per = [(r, p) for r, p in per if p]
+    if not per:
+        return None
+    data = load_dataset(per[0][0].cfg.dataset)
+    values = np.array([[np.nan if p.get(s) is None else p[s] for s in data.sensor_ids] for _, p in per])
+    if data.locations is not None:
+        xy, labels = data.locations[:, ::-1], ("longitude", "latitude")
+    else:
+        side = int(np.ceil(np.sqrt(len(data.sensor_ids))))
+        idx = np.arange(len(data.sensor_ids))
+        xy, labels = np.stack([idx % side, idx // side], 1), ("sensor (column)", "sensor (row)")
+    lo, hi = np.nanpercentile(values, 2), np.nanpercentile(values, 98)
+    cols = min(4, len(per))
+    rows_ = int(np.ceil(len(per) / cols))
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.8 * rows_), squeeze=False)
+    for k, (run, _) in enumerate(per):
+        ax = axes[k // cols, k % cols]
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=values[k], cmap="viridis", vmin=lo, vmax=hi, s=22,
+                        edgecolors="k", linewidths=0.2)
+        ax.set_title(f"{run.label}\nmean {np.nanmean(values[k]):.2f}", fontsize=9)
+        ax.set(xlabel=labels[0], ylabel=labels[1])
+        ax.ticklabel_format(useOffset=False, style="plain")
+        ax.locator_params(nbins=4)
+        ax.tick_params(labelsize=7)
+    for k in range(len(per), rows_ * cols):
+        axes[k // cols, k % cols].axis("off")
+    fig.colorbar(sc, ax=axes, label="test RMSE per sensor (unmasked)", shrink=0.8)
+    fig.savefig(out / "sensor_maps.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out / "sensor_maps.png"
+
+
+def _metrics(run: Run) -> list[dict[str, Any]]:
+    path = run.path / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def plot_validation(runs: list[Run], out: Path) -> Path | None:
+    """Validation RMSE against local epochs per node (so different round lengths compare)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = False
+    for run in runs:
+        recs = _metrics(run)
+        if recs:
+            ax.plot([x["round"] * run.epochs_per_round for x in recs], [x["val_rmse"] for x in recs],
+                    marker="o", ms=3, label=run.label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="local epochs per node", ylabel="validation RMSE (unmasked)",
+           title="Validation error per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "validation.png")
+
+
+ONE_OFF_PHASES = ("setup", "upload_raw", "test")  # once per run, not per round
+
+
+def plot_bytes(runs: list[Run], out: Path) -> Path | None:
+    """Bytes by phase (both directions): per training round (left; phases that recur every
+    round) and once per run (right: set-up, raw-data upload of the centralised baselines,
+    test), a stacked bar per method."""
+    phases = sorted({p for r in runs for p in (r.final.get("bytes") or {})})
+    if not phases:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(runs) + 2.2), sharey=True,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    y = np.arange(len(runs))
+    for ax, once in zip(axes, (False, True)):
+        left = np.zeros(len(runs))
+        for k, phase in enumerate(phases):
+            if (phase in ONE_OFF_PHASES) != once:
+                continue
+            total = np.array([sum((r.final.get("bytes") or {}).get(phase, {}).values()) for r in runs], float)
+            rounds = np.array([max(1, int(r.final.get("rounds_run") or 1)) for r in runs], float)
+            value = total if once else total / rounds
+            if value.sum() == 0:
+                continue
+            ax.barh(y, value / 1e6, left=left, label=phase, color=f"C{k % 10}")
+            left += value / 1e6
+        for i, total in enumerate(left):
+            ax.text(total, i, f" {_size(total * 1e6)}", va="center", fontsize=8)
+        ax.set_xlim(0, max(left.max(), 1e-6) * 1.3)
+        ax.set(xlabel="MB (upload + download)",
+               title="once per run" if once else "per training round")
+        ax.grid(alpha=0.3, axis="x")
+        if left.sum() > 0:
+            ax.legend(fontsize=7, loc="best")
+    axes[0].set_yticks(y, [r.label for r in runs], fontsize=8)
+    fig.suptitle("Communication by phase")
+    return _save(fig, out / "bytes.png")
+
+
+def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
+    """Write the table and plots of ``run_dirs`` into ``out``; returns (markdown, files)."""
+    runs = [load_run(Path(p)) for p in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row(r) for r in runs]
+    with open(out / "comparison.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown(rows)
+    datasets = sorted({r["dataset"] for r in rows})
+    (out / "comparison.md").write_text(
+        f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "
+        "horizons, original units; 15/30/60 min: masked (zeros left out) at horizons 3/6/12. "
+        "Epochs: local epochs per node actually trained (early stopping may end a run early).\n\n"
+        f"{table}\n")
+    files = [out / "comparison.csv", out / "comparison.md"]
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    for make in (plot_forecasts, plot_horizons, plot_sensor_maps, plot_validation, plot_bytes):
+        path = make(runs, plots)
+        if path is not None:
+            files.append(path)
+    return table, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0 if args else 2
+    outs = [a[len("out="):] for a in args if a.startswith("out=")]
+    paths = [Path(a) for a in args if not a.startswith("out=")]
+    runs = find_runs(paths)
+    out = Path(outs[-1]) if outs else (paths[0] if len(paths) == 1 and not (paths[0] / "final.json").exists()
+                                       else Path("report"))
+    table, files = write_report(runs, out)
+    print(table)
+    print()
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
