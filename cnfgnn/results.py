@@ -20,22 +20,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe values: NaN/inf become None, numpy scalars become Python numbers."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()
     if hasattr(value, "tolist"):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> Path:
+    """Write ``path`` through a temporary file in its directory and one rename, so a crash
+    never leaves a half-written file; ``write(tmp_path)`` does the writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -43,6 +46,7 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
 
 
 class RunWriter:
@@ -67,7 +71,7 @@ class RunWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "plots").mkdir(exist_ok=True)
         text = OmegaConf.to_yaml(cfg, resolve=True)
-        _atomic_write(self.dir / "config.yaml", lambda p: p.write_text(text))
+        atomic_write(self.dir / "config.yaml", lambda p: p.write_text(text))
 
     @property
     def checkpoint_path(self) -> Path:
@@ -76,7 +80,7 @@ class RunWriter:
     def log_round(self, record: dict[str, Any]) -> None:
         """Append one round's record to ``metrics.jsonl``."""
         with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
             f.flush()
 
     def truncate_rounds(self, last_round: int) -> None:
@@ -86,7 +90,7 @@ class RunWriter:
             return
         keep = [ln for ln in path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("round", 0) <= last_round]
-        _atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))
+        atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))
 
     def rounds(self) -> list[dict[str, Any]]:
         path = self.dir / "metrics.jsonl"
@@ -96,8 +100,8 @@ class RunWriter:
 
     def write_final(self, final: dict[str, Any]) -> Path:
         path = self.dir / "final.json"
-        text = json.dumps(_clean(final), indent=2)
-        _atomic_write(path, lambda p: p.write_text(text))
+        text = json.dumps(json_safe(final), indent=2)
+        atomic_write(path, lambda p: p.write_text(text))
         return path
 
     def write_predictions(self, sensor_ids: np.ndarray, t_index: np.ndarray,
@@ -113,11 +117,11 @@ class RunWriter:
                 np.savez(f, sensor_ids=np.asarray(sensor_ids, dtype=str), t_index=t_index,
                          forecast=forecast)
 
-        _atomic_write(path, write)
+        atomic_write(path, write)
         return path
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        _atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
+        atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.exists():

@@ -82,6 +82,17 @@ class FlowerEngine:
         self._tries: dict[int, int] = defaultdict(int)  # failed identifications per node id
         self._left: set[int] = set()  # clients whose node left the federation
 
+    @classmethod
+    def from_config(cls, grid: Any, eng: Any, expected_clients: int | None,
+                    progress: Callable[[str], None] = print) -> "FlowerEngine":
+        """An engine with the settings of ``cfg.engine`` (``eng``)."""
+        return cls(grid, timeout_s=float(eng.get("timeout_s", 600)),
+                   poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
+                   expected_clients=expected_clients,
+                   wait_for_nodes_s=float(eng.get("wait_for_nodes_s", 120)),
+                   measure_wire_bytes=bool(eng.get("measure_wire_bytes", True)),
+                   progress=progress)
+
     # ------------------------------------------------------------------ Engine protocol
     def client_ids(self) -> list[int]:
         if not self.node_of:

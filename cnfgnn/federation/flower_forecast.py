@@ -13,7 +13,6 @@ simulation and reads the result back (``cnfgnn-forecast ... engine=simulation``)
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf, open_dict
 
-from cnfgnn.federation.flower_config import ENV_OVERRIDES, flower_environment, overrides_for
+from cnfgnn.federation.flower_config import overrides_for
 from cnfgnn.federation.flower_config import state_root
 from cnfgnn.federation.inference import ForecastResult, Forecaster, load_trained
 
@@ -38,12 +37,7 @@ def run_forecast_server(grid: Any, cfg: Any, run_id: int | None = None,
     req = cfg[FORECAST_KEY]
     graph, expected = server_app.load_server_graph(cfg)
     eng = cfg.engine
-    engine = FlowerEngine(grid, timeout_s=float(eng.get("timeout_s", 600)),
-                          poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
-                          expected_clients=expected,
-                          wait_for_nodes_s=float(eng.get("wait_for_nodes_s", 120)),
-                          measure_wire_bytes=bool(eng.get("measure_wire_bytes", True)),
-                          progress=progress)
+    engine = FlowerEngine.from_config(grid, eng, expected, progress)
     transport = (server_app.ENGINE_WRAPPER(engine) if server_app.ENGINE_WRAPPER is not None
                  else engine)
     try:
@@ -81,35 +75,15 @@ def run_forecast_simulation(cfg: Any, num_clients: int, checkpoint: str | Path,
 
     Returns ``(result, seconds)``: the seconds from starting the simulation to its end.
     """
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    import ray
-    from flwr.simulation import run_simulation
+    from cnfgnn.federation.flower_sim import simulate
 
-    from cnfgnn.federation import client_app, server_app
-    from cnfgnn.federation.flower_sim import _environ, backend_config
-
-    if ray.is_initialized():
-        raise RuntimeError("Ray is already initialised in this process; the simulation's "
-                           "actors would not see its configuration")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f".forecast_{time.strftime('%Y%m%d-%H%M%S')}_{id(cfg)}.npz"
     request = with_request(cfg, checkpoint, ends, out)
-    env = flower_environment()
-    env[ENV_OVERRIDES] = overrides_for(request, out_dir.resolve())
-    for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
-        Path(env[key]).mkdir(parents=True, exist_ok=True)
-    server_app.ENGINE_WRAPPER, server_app.PROGRESS = engine_wrapper, progress
-    flwr_log = logging.getLogger("flwr")
-    propagate, flwr_log.propagate = flwr_log.propagate, False
     t0 = time.perf_counter()
-    try:
-        with _environ(env):
-            run_simulation(server_app=server_app.app, client_app=client_app.app,
-                           num_supernodes=num_clients, backend_config=backend_config(cfg))
-    finally:
-        server_app.ENGINE_WRAPPER = server_app.PROGRESS = None
-        flwr_log.propagate = propagate
+    simulate(request, num_clients, overrides_for(request, out_dir.resolve()), progress,
+             engine_wrapper)
     seconds = time.perf_counter() - t0
     if not out.exists():
         raise RuntimeError(f"the Flower simulation ended without its forecasts ({out}); "

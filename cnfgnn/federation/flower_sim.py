@@ -65,14 +65,11 @@ def backend_config(cfg: Any) -> dict[str, Any]:
     return backend
 
 
-def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,
-                              progress: Callable[[str], None] = print,
-                              engine_wrapper: Callable[[Any], Any] | None = None
-                              ) -> tuple[dict, RunWriter]:
-    """Run ``cfg`` as a Flower simulation with one SuperNode per client.
-
-    Returns ``(final metrics, writer)`` like the in-process path (``final`` as written to
-    ``final.json``).
+def simulate(cfg: Any, num_clients: int, overrides: str,
+             progress: Callable[[str], None] = print,
+             engine_wrapper: Callable[[Any], Any] | None = None) -> None:
+    """Run the cnfgnn ServerApp and ClientApp as a Flower simulation of ``num_clients``
+    SuperNodes; ``overrides`` (the Hydra overrides both apps compose) go in the environment.
     """
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's link state, at import
     import ray
@@ -83,18 +80,13 @@ def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; the simulation's "
                            "actors would not see its configuration")
-    writer = RunWriter(cfg, run_dir)
-    overrides = overrides_for(cfg, writer.dir.resolve(), _cli_overrides())
     env = flower_environment()
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    progress(f"Flower simulation: {num_clients} SuperNodes, "
-             f"{cfg.federation.nodes_per_client} sensor(s) each; output={writer.dir}")
     server_app.ENGINE_WRAPPER, server_app.PROGRESS = engine_wrapper, progress
     flwr_log = logging.getLogger("flwr")
     propagate, flwr_log.propagate = flwr_log.propagate, False  # Flower prints its own log
-    started = time.time()
     try:
         with _environ(env):
             run_simulation(server_app=server_app.app, client_app=client_app.app,
@@ -102,6 +94,23 @@ def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | 
     finally:
         server_app.ENGINE_WRAPPER = server_app.PROGRESS = None
         flwr_log.propagate = propagate
+
+
+def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,
+                              progress: Callable[[str], None] = print,
+                              engine_wrapper: Callable[[Any], Any] | None = None
+                              ) -> tuple[dict, RunWriter]:
+    """Run ``cfg`` as a Flower simulation with one SuperNode per client.
+
+    Returns ``(final metrics, writer)`` like the in-process path (``final`` as written to
+    ``final.json``).
+    """
+    writer = RunWriter(cfg, run_dir)
+    progress(f"Flower simulation: {num_clients} SuperNodes, "
+             f"{cfg.federation.nodes_per_client} sensor(s) each; output={writer.dir}")
+    started = time.time()
+    simulate(cfg, num_clients, overrides_for(cfg, writer.dir.resolve(), _cli_overrides()),
+             progress, engine_wrapper)
     final_path = writer.dir / "final.json"
     if not final_path.exists() or final_path.stat().st_mtime < started:
         raise RuntimeError(f"the Flower simulation ended without {final_path}; see its log above")

@@ -93,12 +93,7 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
     device = resolve_device(str(cfg.device))
     graph, expected = load_server_graph(cfg)
     eng = cfg.engine
-    engine = FlowerEngine(grid, timeout_s=float(eng.get("timeout_s", 600)),
-                          poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
-                          expected_clients=expected,
-                          wait_for_nodes_s=float(eng.get("wait_for_nodes_s", 120)),
-                          measure_wire_bytes=bool(eng.get("measure_wire_bytes", True)),
-                          progress=progress)
+    engine = FlowerEngine.from_config(grid, eng, expected, progress)
     LAST_ENGINE = engine
     transport = ENGINE_WRAPPER(engine) if ENGINE_WRAPPER is not None else engine
     writer = FlowerRunWriter(cfg, cfg.run_dir, engine)

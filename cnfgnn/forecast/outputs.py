@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,37 +25,14 @@ import torch  # noqa: E402
 from cnfgnn.data.dataset import SensorData  # noqa: E402
 from cnfgnn.evaluation.metrics import error_sums, metrics_from_sums, per_horizon  # noqa: E402
 from cnfgnn.federation.inference import ForecastResult  # noqa: E402
+from cnfgnn.results import atomic_write, json_safe  # noqa: E402
 
 COLUMNS = ("sensor_id", "timestamp", "horizon", "forecast", "observed")
 
 
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_json(path: Path, content: dict[str, Any]) -> Path:
-    text = json.dumps(_json_safe(content), indent=2)
-    return _atomic(path, lambda p: p.write_text(text))
+    text = json.dumps(json_safe(content), indent=2)
+    return atomic_write(path, lambda p: p.write_text(text))
 
 
 def truth(data: SensorData, ends: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +67,7 @@ def tidy(result: ForecastResult, data: SensorData, window: int = 0,
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> Path:
-    return _atomic(path, lambda p: frame.to_csv(p, index=False, float_format="%.4f",
+    return atomic_write(path, lambda p: frame.to_csv(p, index=False, float_format="%.4f",
                                                 date_format="%Y-%m-%d %H:%M:%S"))
 
 
@@ -236,6 +212,6 @@ def plot_rolling(path: Path, result: ForecastResult, data: SensorData, table: pd
 
 
 def _save(fig: Any, path: Path) -> Path:
-    _atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return path
