@@ -267,7 +267,7 @@ def plot_sensor_maps(runs: list[Run], out: Path) -> Path | None:
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=values[k], cmap="viridis", vmin=lo, vmax=hi, s=22,
                         edgecolors="k", linewidths=0.2)
         ax.set_title(f"{run.label}\nmean {np.nanmean(values[k]):.2f}", fontsize=9)
-        ax.set(xlabel=labels[0], ylabel=labels[1])
+        ax.set(xlabel=labels[0], ylabel=labels[1] if k % cols == 0 else None)
         ax.ticklabel_format(useOffset=False, style="plain")
         ax.locator_params(nbins=4)
         ax.tick_params(labelsize=7)
