@@ -5,4 +5,6 @@
 * :mod:`launch.supernode`: a SuperNode (optionally with Flower's fixed waits shortened).
 * :mod:`launch.clientworker`: one long-lived ClientApp process per SuperNode.
 * :mod:`launch.fastwaits`: the run-time patches of Flower's fixed waits (version-checked).
+* :mod:`launch.certs`: CA, SuperLink certificate and SuperNode keys for
+  ``engine.launch.secure=true`` (TLS + SuperNode authentication).
 """

@@ -12,10 +12,14 @@ What ``run`` does (every process gets the Flower environment of DESIGN.md §6):
 1. composes ``conf/`` with ``engine=deployment`` and the overrides (``engine.launch.*``
    configures the processes), and writes per-client shards with ``cnfgnn-data shard``
    (``federation.nodes_per_client`` sensors each) unless ``--shards`` names existing ones;
-2. starts ``flower-superlink`` (insecure, 127.0.0.1, a free port) and one SuperNode per shard
+2. starts ``flower-superlink`` (127.0.0.1, a free port; insecure, or with
+   ``engine.launch.secure=true`` TLS and SuperNode authentication: certificates and keys from
+   :mod:`launch.certs` in ``<run>/certs``, the SuperNodes' public keys registered with
+   ``flwr supernode register``) and one SuperNode per shard
    (:mod:`launch.supernode`), each with ``--node-config "partition-id=<i> num-partitions=<n>
    data-dir=<its shard> state-dir=<run>/node_state"`` and its own Runtime API port;
-3. adds a SuperLink connection for that port to ``$FLWR_HOME/config.toml`` and runs
+3. adds a SuperLink connection for that port (with ``root-certificates`` when secure) to
+   ``$FLWR_HOME/config.toml`` and runs
    ``flwr run . <connection> --stream`` with the run-config key ``hydra-overrides``;
 4. if the server or the SuperLink dies, restarts what died and submits again with
    ``resume=true`` (the run continues after its last checkpointed round), at most
@@ -23,9 +27,9 @@ What ``run`` does (every process gets the Flower environment of DESIGN.md §6):
 5. stops exactly the process groups it started (also on Ctrl-C, SIGTERM or an error).
 
 Outputs, in the run directory: the run's own files (config.yaml, metrics.jsonl, final.json,
-checkpoint.pt, plots/), ``shards/``, ``node_state/`` and ``logs/`` (superlink.log,
-supernode_<i>.log, flwr_run.log, deployment.json: start-up seconds, memory per SuperNode,
-restarts, lost sensors).
+checkpoint.pt, plots/), ``shards/``, ``node_state/``, ``certs/`` (secure only) and ``logs/``
+(superlink.log, supernode_<i>.log, flwr_run.log, deployment.json: start-up seconds, memory per
+SuperNode, restarts, lost sensors).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import json
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import time
 import tomllib
@@ -43,12 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.procs import ROOT, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
+from launch.procs import (ROOT, Interrupted, ProcessSet, cpu_seconds_of, memory_of,
+                          raise_on_signals)
 
 BIN = Path(sys.executable).parent
 DEMO_EXPERIMENT = "synthetic_deploy_demo"
 REGISTERED = "SuperNode ID:"  # the SuperNode's log line once the SuperLink accepted it
 WORKER_READY = "clientworker ready"
+ACTIVATION_REFUSED = "[code: 2004]"  # the SuperLink refused a SuperNode's key (auth on)
 
 
 class DeployError(RuntimeError):
@@ -90,13 +97,21 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def ensure_connection(flwr_home: Path, address: str) -> str:
-    """Add ``[superlink.<name>]`` (insecure, ``address``) to ``$FLWR_HOME/config.toml``.
+def ensure_connection(flwr_home: Path, address: str,
+                      root_certificates: Path | None = None) -> str:
+    """Add ``[superlink.<name>]`` for ``address`` to ``$FLWR_HOME/config.toml``.
 
-    Flower 1.42 keeps SuperLink connections there (``flwr run . <name>``); the entry is named
-    after the address, so it is written once and never changes. Returns the name.
+    Flower 1.42 keeps SuperLink connections there (``flwr run . <name>``). Without
+    ``root_certificates`` the entry is insecure and named after the address, so it is written
+    once and never changes. With them (a TLS SuperLink) it is named ``<name>-tls``, holds
+    ``root-certificates = <path>`` (the CA the SuperLink's certificate is checked against)
+    and replaces an older entry of that name. Returns the name.
     """
     name = "cnfgnn-" + address.replace(".", "-").replace(":", "-")
+    entry = {"address": address, "insecure": True}
+    if root_certificates is not None:
+        name += "-tls"
+        entry = {"address": address, "root-certificates": str(Path(root_certificates))}
     path = flwr_home / "config.toml"
     flwr_home.mkdir(parents=True, exist_ok=True)
     with open(flwr_home / ".config.toml.lock", "w") as lock:
@@ -105,10 +120,33 @@ def ensure_connection(flwr_home: Path, address: str) -> str:
             path.write_text('[superlink]\ndefault = "local"\n\n'
                             '[superlink.local]\naddress = ":local:"\n')
         conf = tomllib.loads(path.read_text())
-        if name not in conf.get("superlink", {}):
+        old = conf.get("superlink", {}).get(name)
+        if old != entry:
+            if old is not None:
+                _write_config(path, _without_section(path.read_text(), name))
+            lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in entry.items())
             with open(path, "a") as f:
-                f.write(f'\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+                f.write(f"\n[superlink.{name}]\n{lines}")
     return name
+
+
+def _without_section(text: str, name: str) -> str:
+    """``text`` (a config.toml) without its ``[superlink.<name>]`` table."""
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        header = line.strip()
+        if header.startswith("["):
+            skipping = header == f"[superlink.{name}]"
+        if not skipping:
+            kept.append(line)
+    return "".join(kept).rstrip("\n") + "\n"
+
+
+def _write_config(path: Path, text: str) -> None:
+    tomllib.loads(text)  # never leave a broken file behind
+    tmp = path.with_name(f".config.toml.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def remove_connection(flwr_home: Path, name: str) -> None:
@@ -118,18 +156,7 @@ def remove_connection(flwr_home: Path, name: str) -> None:
         return
     with open(flwr_home / ".config.toml.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kept, skipping = [], False
-        for line in path.read_text().splitlines(keepends=True):
-            header = line.strip()
-            if header.startswith("["):
-                skipping = header == f"[superlink.{name}]"
-            if not skipping:
-                kept.append(line)
-        text = "".join(kept).rstrip("\n") + "\n"
-        tomllib.loads(text)  # never leave a broken file behind
-        tmp = path.with_name(f".config.toml.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        _write_config(path, _without_section(path.read_text(), name))
 
 
 def compose(overrides: list[str]) -> Any:
@@ -193,11 +220,23 @@ class Deployment:
         first = self.launch.supernode_port
         self.node_ports = ([int(first) + i for i in range(self.num_nodes)] if first
                            else ports[1:])
-        self.connection = ensure_connection(Path(self.env["FLWR_HOME"]),
-                                            f"{self.host}:{self.link_port}")
+        self.secure = bool(self.launch.get("secure", False))
+        self.certs = None  # launch.certs.LoopbackCerts when secure
+        # secure: created once the SuperNodes' keys are registered; SuperNodes wait for it
+        self.gate = self.run_dir / "certs" / "keys_registered"
+        if self.secure:
+            from launch.certs import generate
+
+            self.certs = generate(self.run_dir / "certs", self.num_nodes, self.host,
+                                  float(self.launch.cert_days))
+            self.gate.unlink(missing_ok=True)
+        self.connection = ensure_connection(
+            Path(self.env["FLWR_HOME"]), f"{self.host}:{self.link_port}",
+            self.certs.ca_cert if self.certs else None)
         self.info: dict[str, Any] = {"supernodes": self.num_nodes,
                                      "worker": str(self.launch.worker),
                                      "fast_waits": bool(self.launch.fast_waits),
+                                     "secure": self.secure,
                                      "restarts": [], "memory_peak_mb": {}, "load": {}}
         self._log_marks: dict[str, int] = {}
         self._cpu: dict[tuple[str, int], float] = {}  # (group name, pid) -> CPU seconds seen
@@ -240,28 +279,118 @@ class Deployment:
             f.seek(self._log_marks.get(name, 0))
             return f.read().decode(errors="replace")
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, register: bool = True) -> None:
         """The SuperLink (``--isolation process``) and the ``flower-superexec`` that starts
         its ServerApps, each in a process group of ours (the SuperLink's own SuperExec would
-        be detached into a session of its own, out of reach of a group stop)."""
+        be detached into a session of its own, out of reach of a group stop). When secure
+        and ``register``: waits for it and registers the SuperNodes' keys."""
         self._mark("superlink")
         self.procs.stop("superexec", grace_s=5.0)  # an old one would serve a dead SuperLink
         link = self.procs.start("superlink", [
-            BIN / "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            BIN / "flower-superlink", *self.superlink_security_args(),
+            "--disable-runtime-dependency-installation",
             "--isolation", "process", "--host", self.host, "--port", str(self.link_port)])
         self.procs.start("superexec", [
-            BIN / "flower-superexec", "--insecure", "--runtime-api-address",
+            BIN / "flower-superexec", *self.client_tls_args(), "--runtime-api-address",
             f"{self.host}:{self.link_port}", "--parent-pid", str(link.pid)],
             log_name="superlink")
+        if self.secure and register:  # it knows no keys yet: register them before any SuperNode
+            self.open_gate()
+
+    def open_gate(self) -> None:
+        """Wait for the SuperLink, register every SuperNode's key, then create the gate file
+        that SuperNodes started with ``--start-after`` wait for (secure only)."""
+        self.wait_superlink()
+        self.register_supernodes()
+        self.gate.touch()
+
+    # ------------------------------------------------------------------ security
+    def superlink_security_args(self) -> list[str]:
+        """``--insecure``, or TLS with the generated certificate plus SuperNode auth."""
+        if self.certs is None:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", str(self.certs.ca_cert),
+                "--ssl-certfile", str(self.certs.server_cert),
+                "--ssl-keyfile", str(self.certs.server_key), "--enable-supernode-auth"]
+
+    def client_tls_args(self) -> list[str]:
+        """How a client of the SuperLink (SuperNode, SuperExec) connects: ``--insecure`` or
+        ``--root-certificates <CA>`` (verifies the SuperLink's certificate)."""
+        return ["--insecure"] if self.certs is None else [
+            "--root-certificates", str(self.certs.ca_cert)]
+
+    def wait_superlink(self) -> None:
+        """Block until the SuperLink accepts connections (``startup_timeout_s``)."""
+        deadline = time.monotonic() + float(self.launch.startup_timeout_s)
+        link = self.procs.procs["superlink"]
+        while not port_open(self.host, self.link_port):
+            if not link.alive():
+                raise DeployError(f"superlink exited with {link.popen.returncode}; "
+                                  f"see {link.log_path}")
+            if time.monotonic() > deadline:
+                raise DeployError(f"the SuperLink did not listen within "
+                                  f"{self.launch.startup_timeout_s} s; see {link.log_path}")
+            time.sleep(0.1)
+
+    def _start_cli(self, name: str, args: list[Any]) -> None:
+        """Start ``flwr <args>`` as the process group ``name`` (log: ``logs/<name>.log``)."""
+        self._mark(name)
+        self.procs.start(name, [BIN / "flwr", *args])
+
+    def _cli_output(self, name: str, timeout_s: float) -> str:
+        """Wait for the command ``name`` (``flwr ...``); its output, or DeployError."""
+        proc = self.procs.procs[name]
+        try:
+            code = proc.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.procs.stop(name, grace_s=2.0)
+            raise DeployError(f"{name} did not finish in {timeout_s} s; "
+                              f"see {proc.log_path}") from None
+        if code != 0:
+            tail = self._log_since_mark(name).strip().splitlines()[-1:]
+            raise DeployError(f"{name} failed (exit {code}): {' '.join(tail)}; "
+                              f"see {proc.log_path}")
+        return self._log_since_mark(name)
+
+    def register_supernodes(self) -> list[int]:
+        """Register every SuperNode's public key with the SuperLink: Flower's ``flwr
+        supernode register <supernode_i.pub> <connection>``, run by :mod:`launch.register`
+        (one process for all keys); returns the node ids the SuperLink gave them."""
+        assert self.certs is not None
+        t0 = time.monotonic()
+        name = "flwr_register"
+        self._mark(name)
+        self.procs.start(name, [sys.executable, "-m", "launch.register", self.connection,
+                                *(f"partition-{i}={self.certs.node_public_key(i)}"
+                                  for i in range(self.num_nodes))])
+        text = self._cli_output(name, float(self.launch.startup_timeout_s))
+        ids = [int(json.loads(line.split(" ", 1)[1])["node-id"])
+               for line in text.splitlines() if line.startswith("registered {")]
+        if len(ids) != self.num_nodes:
+            raise DeployError(f"registered {len(ids)} of {self.num_nodes} SuperNode keys; "
+                              f"see {self.procs.log_dir / (name + '.log')}")
+        self.info.setdefault("register_s", []).append(time.monotonic() - t0)
+        self.progress(f"[deploy] registered {len(ids)} SuperNode key(s) with the SuperLink "
+                      f"in {time.monotonic() - t0:.1f} s")
+        return ids
+
+    def list_supernodes(self) -> list[dict]:
+        """``flwr supernode list`` of this SuperLink: one dict per node (``node-id``,
+        ``status``, ...), as Flower's JSON output gives them."""
+        self._start_cli("flwr_list", ["supernode", "list", self.connection, "--format", "json"])
+        text = self._cli_output("flwr_list", float(self.launch.startup_timeout_s))
+        return _json_in(text)["nodes"]
 
     def supernode_argv(self, i: int) -> list[str]:
         la = self.launch
         shard = self.shards_dir / self.manifest["clients"][i]["dir"]
         node_config = (f'partition-id={i} num-partitions={self.num_nodes} '
                        f'data-dir="{shard}" state-dir="{self.run_dir / "node_state"}"')
-        flower = ["--insecure", "--superlink", f"{self.host}:{self.link_port}",
+        flower = [*self.client_tls_args(), "--superlink", f"{self.host}:{self.link_port}",
                   "--host", self.host, "--port", str(self.node_ports[i]),
                   "--node-config", node_config]
+        if self.certs is not None:
+            flower += ["--auth-supernode-private-key", str(self.certs.node_keys[i])]
         ours: list[str] = []
         if str(la.worker) == "warm":
             ours += ["--warm-worker", "--worker-idle-poll-s", str(la.worker_idle_poll_s),
@@ -278,6 +407,8 @@ class Deployment:
             ours += ["--heartbeat-s", str(la.heartbeat_s)]
         if not ours:  # Flower's own entry point, untouched
             return [str(BIN / "flower-supernode"), *flower]
+        if self.secure:  # import and preload now, connect once the keys are registered
+            ours += ["--start-after", str(self.gate)]
         return [sys.executable, "-m", "launch.supernode", *ours, "--", *flower]
 
     def start_supernode(self, i: int) -> None:
@@ -295,7 +426,7 @@ class Deployment:
         t0 = time.monotonic()
         self.start_supernode(i)
         if wait:
-            self.wait_ready([i])
+            self.wait_ready([i], rejoin=True)
         self.progress(f"[deploy] restarted SuperNode {i}")
         return time.monotonic() - t0
 
@@ -322,9 +453,14 @@ class Deployment:
         self.procs.kill("superexec")
         self.progress("[deploy] killed the SuperLink (and its ServerApp)")
 
-    def wait_ready(self, nodes: list[int] | None = None, superlink: bool = False) -> None:
+    def wait_ready(self, nodes: list[int] | None = None, superlink: bool = False,
+                   rejoin: bool = False) -> None:
         """Block until the SuperLink listens and the SuperNodes registered (and their workers
-        imported their libraries), or ``engine.launch.startup_timeout_s`` passed."""
+        imported their libraries), or ``engine.launch.startup_timeout_s`` passed.
+
+        ``rejoin``: the SuperNodes are restarts. With SuperNode authentication the SuperLink
+        refuses a key whose previous process it still counts online (a crash is noticed
+        after two missed heartbeats); such a SuperNode exits and is started again here."""
         nodes = list(range(self.num_nodes)) if nodes is None else nodes
         deadline = time.monotonic() + float(self.launch.startup_timeout_s)
         pending = set(nodes)
@@ -333,6 +469,12 @@ class Deployment:
             for name in ["superlink"] + [f"supernode_{i}" for i in sorted(pending)]:
                 proc = self.procs.procs.get(name)
                 if proc is not None and not proc.alive():
+                    if (rejoin and self.secure and name != "superlink"
+                            and ACTIVATION_REFUSED in self._log_since_mark(name)
+                            and time.monotonic() < deadline):
+                        time.sleep(1.0)  # still online at the SuperLink: try again
+                        self.start_supernode(int(name.rsplit("_", 1)[1]))
+                        continue
                     raise DeployError(f"{name} exited with {proc.popen.returncode}; "
                                       f"see {proc.log_path}")
             if superlink and port_open(self.host, self.link_port):
@@ -353,15 +495,22 @@ class Deployment:
         """Start the SuperLink and all SuperNodes; returns seconds until all are ready."""
         t0 = time.monotonic()
         self.info["load"]["start"] = os.getloadavg()
-        self.start_superlink()
+        # secure: SuperNodes that can wait (launch.supernode) start with the SuperLink and
+        # connect once their keys are registered; Flower's own entry point only after that
+        gated = self.secure and "--start-after" in self.supernode_argv(0)
+        self.start_superlink(register=not gated)
         for i in range(self.num_nodes):
             self.start_supernode(i)
+        if gated:
+            self.open_gate()
         self.wait_ready(superlink=True)
         startup = time.monotonic() - t0
         self.info["startup_s"] = startup
         self.progress(f"[deploy] SuperLink {self.host}:{self.link_port} and {self.num_nodes} "
                       f"SuperNodes ready in {startup:.1f} s (worker={self.launch.worker}, "
-                      f"fast_waits={self.launch.fast_waits}); logs: {self.procs.log_dir}")
+                      f"fast_waits={self.launch.fast_waits}"
+                      f"{', TLS + SuperNode auth' if self.secure else ''}); "
+                      f"logs: {self.procs.log_dir}")
         return startup
 
     # ------------------------------------------------------------------ runs
@@ -443,7 +592,7 @@ class Deployment:
                  if restart_all or not self.procs.procs[f"supernode_{i}"].alive()]
         for i in nodes:
             self.start_supernode(i)
-        self.wait_ready(nodes, superlink=restart_all)
+        self.wait_ready(nodes, superlink=restart_all, rejoin=not restart_all)
         self.info["restarts"].append({"superlink": restart_all, "supernodes": nodes})
 
     def run(self, overrides: list[str], resume: bool = False,
@@ -480,6 +629,15 @@ class Deployment:
         path = self.run_dir / "logs" / "deployment.json"
         if path.parent.exists():
             path.write_text(json.dumps(self.info, indent=1, default=str))
+
+
+def _json_in(text: str) -> dict:
+    """The JSON object a ``flwr ... --format json`` command printed (its log may hold other
+    lines before it)."""
+    start = text.find("\n{")
+    if start < 0:
+        raise DeployError(f"no JSON output from the flwr CLI in: {text[-500:]!r}")
+    return json.JSONDecoder().raw_decode(text[start + 1:])[0]
 
 
 # ---------------------------------------------------------------------- reporting
@@ -598,12 +756,21 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(a.overrides)
     if a.command == "demo":
         overrides = [f"experiment={DEMO_EXPERIMENT}", *overrides]
+    restore = raise_on_signals()  # SIGTERM/SIGHUP unwind like Ctrl-C (shard writing too)
     try:
         result = deploy_experiment(overrides, a.run_dir, a.shards, a.resume,
                                    timeout_s=a.timeout_s)
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        # deploy_experiment already stopped every process group it had started
+        why = str(e) or "Ctrl-C"
+        print(f"[deploy] interrupted ({why}); stopped the processes it started",
+              file=sys.stderr)
+        return 130
+    finally:
+        restore()
     print(report(result))
     return 0
 

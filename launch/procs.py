@@ -147,6 +147,10 @@ class ProcessSet:
             proc.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        # a SIGKILLed member can stay listed for a moment on a loaded machine: wait for it
+        deadline = time.monotonic() + 10.0
+        while proc.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def kill(self, name: str) -> None:
         """SIGKILL the process group of ``name`` at once (a crash, for failure tests)."""

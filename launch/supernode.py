@@ -10,6 +10,9 @@ Usage::
   that stays up instead of one new process per message.
 * the wait options: :mod:`launch.fastwaits` (Flower's fixed 3 s / 0.5 s / 1 s waits, and the
   heartbeat interval the SuperLink uses to declare this node dead).
+* ``--start-after PATH``: import Flower (and start the worker) at once, but connect to the
+  SuperLink only once ``PATH`` exists (the launcher creates it after registering the
+  SuperNodes' keys, ``engine.launch.secure=true``).
 
 Then it runs Flower's own ``flower-supernode`` entry point in this process.
 """
@@ -20,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 
 from launch.fastwaits import Waits, patch_supernode
 
@@ -41,6 +45,16 @@ def _runtime_address(flower_args: list[str]) -> str:
     return f"{host}:{port}"
 
 
+def _wait_for_file(path: str, timeout_s: float) -> None:
+    """Block until ``path`` exists; exit with an error after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            sys.exit(f"launch.supernode: {path} did not appear within {timeout_s} s "
+                     "(the launcher registers the SuperNode keys, then creates it)")
+        time.sleep(0.05)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     ours, flower_args = (args[:args.index("--")], args[args.index("--") + 1:]) \
@@ -55,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                  "heartbeat-s"):
         p.add_argument(f"--{name}", type=float, default=None)
     p.add_argument("--hot-s", type=float, default=3.0)
+    p.add_argument("--start-after", default=None, help="connect once this file exists")
+    p.add_argument("--start-after-timeout-s", type=float, default=600.0)
     a = p.parse_args(ours)
     if a.heartbeat_s is not None and a.heartbeat_s < 10:
         p.error("--heartbeat-s must be >= 10 (Flower subtracts a 5 s call timeout from it)")
@@ -80,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supernode.cli import flower_supernode
 
     update_console_handler(timestamps=True, colored=False)  # log files: when, not colour
+    if a.start_after is not None:
+        _wait_for_file(a.start_after, a.start_after_timeout_s)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
     return 0

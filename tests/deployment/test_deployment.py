@@ -168,3 +168,85 @@ def test_a_killed_serverapp_resumes_on_the_same_superlink(tmp_path):
     assert result.info["restarts"] == [{"superlink": False, "supernodes": []}]
     assert "resumed after round 1" in (run_dir / "logs" / "flwr_run.log").read_text()
     _assert_same_test_metrics(result.final, _inprocess(overrides, tmp_path))
+
+
+def _descendants_and_groups(root: int) -> dict[int, int]:
+    """``{pid: start time}`` of ``root``'s descendants and every member of their process
+    groups (the launcher starts each Flower process as a group of its own)."""
+    import os
+
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry)] = (int(f[1]), int(f[2]), int(f[19]))  # ppid, pgrp, start
+    tree, grown = {root}, True
+    while grown:
+        kids = {p for p, (ppid, _, _) in table.items() if ppid in tree} - tree
+        tree |= kids
+        grown = bool(kids)
+    groups = {table[p][1] for p in tree if p in table} - {os.getpgrp()}
+    pids = tree | {p for p, v in table.items() if v[1] in groups}
+    return {p: table[p][2] for p in pids if p in table}
+
+
+def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
+    """Ctrl-C (SIGINT) to ``python -m launch.deploy`` in the middle of a run: it exits
+    with 130 after stopping the SuperLink, the SuperNodes, their workers, the ServerApp and
+    ``flwr run``: none of the processes it had started is alive afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "deploy"
+    out = tmp_path / "launcher.out"
+    with open(out, "wb") as f:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "launch.deploy", "run", "--run-dir", str(run_dir),
+             *DEPLOY, "federation.rounds=3"], stdout=f, stderr=subprocess.STDOUT,
+            env=deploy.flower_env(), start_new_session=True)
+    seen: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        # mid-run: the ServerApp is up and has begun the experiment
+        while "engine=deployment" not in _text(run_dir / "logs" / "flwr_run.log"):
+            assert launcher.poll() is None, out.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the run never started"
+            seen.update(_descendants_and_groups(launcher.pid))
+            time.sleep(0.5)
+        time.sleep(5.0)
+        seen.update(_descendants_and_groups(launcher.pid))
+        names = " ".join(cmdline_of(p) for p in seen)
+        assert "flower-superlink" in names and "launch.supernode" in names
+        assert "launch.clientworker" in names and "flwr run" in names
+        launcher.send_signal(signal.SIGINT)
+        code = launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:  # the launcher hung: stop what it started, then fail
+            for pid, start in seen.items():
+                if _start_time(pid) == start:
+                    os.kill(pid, signal.SIGKILL)
+    assert code == 130, out.read_text()[-2000:]
+    assert "interrupted" in out.read_text()
+    time.sleep(1.0)
+    alive = [p for p, start in seen.items() if p != launcher.pid and _start_time(p) == start]
+    assert alive == [], [cmdline_of(p) for p in alive]
+    info = json.loads((run_dir / "logs" / "deployment.json").read_text())
+    assert info["leftover_pids"] == []
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time (clock ticks) of a live, non-zombie ``pid``; None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
