@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 _PHASES = {"local": 1, "split": 2, "server": 3, "init": 4, "eval": 5, "select": 6, "sl": 7,
-           "central": 8}
+           "central": 8, "noise": 9, "dp": 10}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -63,3 +63,13 @@ def permutations(
 ) -> np.ndarray:
     """One random permutation of ``range(size)`` per node: ``[K, size]`` int64."""
     return np.argsort(uniforms(seed, nodes, round_, phase, size, extra), axis=1, kind="stable")
+
+
+def normals(
+    seed: int, nodes: np.ndarray, round_: int, phase: str, count: int, extra: int = 0
+) -> np.ndarray:
+    """Standard normal draws ``[K, count]`` (Box-Muller on two :func:`uniforms` streams);
+    row k depends only on (seed, nodes[k], round_, phase, extra), as for :func:`uniforms`."""
+    u1 = uniforms(seed, nodes, round_, phase, count, extra=2 * extra)
+    u2 = uniforms(seed, nodes, round_, phase, count, extra=2 * extra + 1)
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)  # 1 - u1 in (0, 1]

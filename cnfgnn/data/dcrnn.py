@@ -47,9 +47,14 @@ def load_adj_pkl(path: str | Path) -> tuple[list[str], dict[str, int], np.ndarra
     if not (isinstance(obj, (list, tuple)) and len(obj) == 3):
         raise bad_input(p, f"expected [sensor_ids, sensor_id_to_ind, adj_mx], got "
                         f"{type(obj).__name__}", "use DCRNN's adj_mx.pkl format")
-    ids = [str(s) for s in obj[0]]
-    id_to_index = {str(k): int(v) for k, v in dict(obj[1]).items()}
-    adj = check_adjacency(np.asarray(obj[2]), p, len(ids))
+    try:  # e.g. [0, 0, 0], or an adjacency of strings
+        ids = [str(s) for s in obj[0]]
+        id_to_index = {str(k): int(v) for k, v in dict(obj[1]).items()}
+        adj_raw = np.asarray(obj[2])
+    except (TypeError, ValueError) as e:
+        raise bad_input(p, f"expected [sensor_ids, sensor_id_to_ind, adj_mx] "
+                        f"({type(e).__name__}: {e})", "use DCRNN's adj_mx.pkl format") from None
+    adj = check_adjacency(adj_raw, p, len(ids))
     if any(id_to_index.get(s) != i for i, s in enumerate(ids)):
         raise bad_input(p, "sensor_id_to_ind disagrees with the order of sensor_ids",
                         "rebuild the pickle with DCRNN gen_adj_mx.py")
@@ -123,6 +128,9 @@ def _npz_array(path: Path, key: str) -> np.ndarray:
     except Exception as e:  # zipfile.BadZipFile, OSError, ValueError, pickle refusals
         raise bad_input(p, f"not a readable npz ({type(e).__name__}: {e})",
                         "re-download the archive") from None
+    if a.dtype.kind not in "fiu":
+        raise bad_input(p, f"{key} holds {a.dtype} values, not numbers",
+                        "use the CNFGNN/DCRNN npz files (float windows)")
     if a.ndim != 4 or a.shape[0] == 0 or a.shape[3] < 2:
         raise bad_input(p, f"{key} has shape {a.shape}, not [S, steps, N, >=2] windows",
                         "use the CNFGNN/DCRNN npz files")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cnfgnn.data.dataset import NS_PER_DAY, SensorData
-from cnfgnn.data.errors import bad_input, require_file
+from cnfgnn.data.errors import DataError, bad_input, require_file
 from cnfgnn.data.nodes import partition
 
 MANIFEST = "manifest.json"
@@ -128,13 +128,44 @@ def load_manifest(out_dir: str | Path) -> dict:
 def load_shard(client_dir: str | Path) -> NodeShard:
     """Read one client's shard (only this directory is opened)."""
     p = require_file(Path(client_dir) / SERIES_FILE, "client shard")
-    with np.load(p) as z:
-        return NodeShard(
-            speed=z["speed"].astype(np.float32), mask=z["mask"].astype(bool),
-            node_indices=z["node_indices"].astype(np.int64),
-            sensor_ids=[str(s) for s in z["sensor_ids"]],
-            timestamps=pd.DatetimeIndex(z["timestamps"].astype("datetime64[ns]")),
-            interval_minutes=float(z["interval_minutes"]))
+    fix = "write the shards again with cnfgnn-data shard (or write_shards)"
+    keys = ("speed", "mask", "node_indices", "sensor_ids", "timestamps", "interval_minutes")
+    try:
+        with np.load(p) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise bad_input(p, f"keys {missing} are missing (has {sorted(z.files)})", fix)
+            arr = {k: z[k] for k in keys}
+    except DataError:
+        raise
+    except Exception as e:  # not a zip, truncated, object arrays (pickles are refused)
+        raise bad_input(p, f"not a readable npz ({type(e).__name__}: {e})", fix) from None
+    speed, mask, nodes = arr["speed"], arr["mask"], arr["node_indices"]
+    if speed.ndim != 2 or speed.dtype.kind not in "fiu" or speed.shape[1] == 0:
+        raise bad_input(p, f"speed is {speed.dtype} {speed.shape}, not numbers [T, K]", fix)
+    t, k = speed.shape
+    if not np.isfinite(speed).all():
+        raise bad_input(p, "speed holds NaN or infinite values (missing readings are 0 with "
+                        "mask False)", fix)
+    if mask.shape != (t, k) or mask.dtype.kind not in "biu":
+        raise bad_input(p, f"mask is {mask.dtype} {mask.shape}, not bool {(t, k)}", fix)
+    if nodes.shape != (k,) or nodes.dtype.kind not in "iu" or (nodes < 0).any() \
+            or len(np.unique(nodes)) != k:
+        raise bad_input(p, f"node_indices is {nodes.dtype} {nodes.shape}, not {k} distinct "
+                        "node indices >= 0", fix)
+    if arr["sensor_ids"].shape != (k,):
+        raise bad_input(p, f"sensor_ids has shape {arr['sensor_ids'].shape}, not ({k},)", fix)
+    ts, interval = arr["timestamps"], arr["interval_minutes"]
+    if ts.shape != (t,) or ts.dtype.kind not in "iuM":
+        raise bad_input(p, f"timestamps is {ts.dtype} {ts.shape}, not {t} int64 ns", fix)
+    if interval.shape != () or interval.dtype.kind not in "fiu" or \
+            not (np.isfinite(interval) and interval > 0):
+        raise bad_input(p, f"interval_minutes is {interval!r}, not a positive number", fix)
+    return NodeShard(
+        speed=speed.astype(np.float32), mask=mask.astype(bool),
+        node_indices=nodes.astype(np.int64), sensor_ids=[str(s) for s in arr["sensor_ids"]],
+        timestamps=pd.DatetimeIndex(ts.astype("datetime64[ns]")),
+        interval_minutes=float(interval))
 
 
 def load_server_graph(out_dir: str | Path) -> dict[str, np.ndarray | list[str] | None]:

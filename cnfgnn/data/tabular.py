@@ -131,20 +131,34 @@ def load_metrla_json(path: PathLike, locations_path: PathLike | None = None,
         raise bad_input(p, f"not valid JSON ({e})", "use STGraph's METRLA.json") from None
     need = {"edges", "weights", "time_periods"}
     if not isinstance(obj, dict) or not need <= set(obj):
-        raise bad_input(p, f"missing keys {sorted(need - set(obj or {}))}",
+        absent_keys = sorted(need - set(obj) if isinstance(obj, dict) else need)
+        raise bad_input(p, f"missing keys {absent_keys}",
                         "use STGraph's METRLA.json (edges, weights, time_periods, '0'..)")
-    t = int(obj["time_periods"])
-    absent = [str(k) for k in range(t) if str(k) not in obj]
-    if absent:
-        raise bad_input(p, f"time_periods={t} but steps {absent[:5]} are absent",
+    fix = "use STGraph's METRLA.json: integer time_periods, steps '0'.. of [speed, time of " \
+          "day] per sensor, edges as [from, to] pairs, numeric weights"
+    tp = obj["time_periods"]
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise bad_input(p, f"time_periods is {tp!r}, not a positive integer", fix)
+    t = tp
+    absent = [str(k) for k in range(min(t, len(obj) + 5)) if str(k) not in obj]
+    if absent or t > len(obj):
+        raise bad_input(p, f"time_periods={t} but steps {absent[:5] or [str(len(obj))]} are absent",
                         "use a complete file")
-    frames = np.asarray([obj[str(k)] for k in range(t)], dtype=np.float64)  # [T, N, 2]
-    if frames.ndim != 3 or frames.shape[2] < 2:
+    try:  # ragged lists, strings where numbers belong, edges that are not pairs
+        frames = np.asarray([obj[str(k)] for k in range(t)], dtype=np.float64)  # [T, N, 2]
+        edges = np.asarray(obj["edges"], dtype=np.int64)
+        weights = np.asarray(obj["weights"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise bad_input(p, f"malformed content ({type(e).__name__}: {e})", fix) from None
+    if frames.ndim != 3 or frames.shape[2] < 2 or frames.shape[1] == 0:
         raise bad_input(p, f"steps have shape {frames.shape[1:]}, expected [N, 2]",
                         "each step must list [speed, time of day] per sensor")
+    if not np.isfinite(frames).all():
+        raise bad_input(p, "steps hold NaN or infinite values", fix)
     n = frames.shape[1]
-    edges = np.asarray(obj["edges"], dtype=np.int64).reshape(-1, 2)
-    weights = np.asarray(obj["weights"], dtype=np.float64).reshape(-1)
+    if edges.size and (edges.ndim != 2 or edges.shape[1] != 2):
+        raise bad_input(p, f"edges have shape {edges.shape}, expected [E, 2] pairs", fix)
+    edges = edges.reshape(-1, 2)
     if len(edges) != len(weights) or (edges.size and (edges.min() < 0 or edges.max() >= n)):
         raise bad_input(p, f"{len(edges)} edges / {len(weights)} weights, node ids must be in "
                         f"[0, {n})", "use a consistent edges/weights pair")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 
@@ -38,6 +38,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.flower_codec import pack, unpack
 from cnfgnn.federation.flower_config import compose_cfg, overrides_from_run_config, state_root
 from cnfgnn.federation.node import LocalSeries, NodeWorker
+from cnfgnn.federation.validate import MALFORMED_CODE, MalformedMessage
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,17 @@ def _handle(msg: Message, context: Context) -> Message:
     worker, version = _worker(cfg, context)
     key = (int(context.run_id), pid)
     try:
-        reply = pack(worker.handle(mtype, unpack(msg.content)))
+        try:
+            payload = unpack(msg.content)
+        except Exception as exc:  # a RecordDict that is not a packed payload
+            raise MalformedMessage(f"{mtype}: cannot unpack the content: {exc!r}") from exc
+        reply = pack(worker.handle(mtype, payload))
         if mtype not in READ_ONLY:
             _save(cfg, context, worker, version + 1)
+    except MalformedMessage as exc:  # refused before dispatch: the worker is unchanged
+        log.warning("client %s refused a malformed %s: %s", pid, mtype, exc)
+        return Message(Error(code=MALFORMED_CODE, reason=f"MalformedMessage: {exc}"),
+                       reply_to=msg)
     except BaseException:
         _WORKERS.pop(key, None)  # the worker may be half-updated: reload next time
         raise

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +29,10 @@ from cnfgnn.data.scaler import Scaler, input_stats, per_node_scaler
 from cnfgnn.data.windows import split_starts
 from cnfgnn.evaluation.metrics import error_sums
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation.validate import NodeLimits, check_request
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
 from cnfgnn.optim import make_adam
+from cnfgnn.privacy import dp
 
 
 @dataclass
@@ -79,10 +83,13 @@ class NodeWorker:
         series: the client's own series.
         cfg: the composed experiment config (``model``, ``federation``, ``dataset``, ``seed``).
         device: torch device for the node models.
+        store: the node's own disk (per-node methods): ``keep_best`` also writes each
+            sensor's best model there, and ``CONFIGURE`` with ``OWN_MODEL`` reads it back.
+            Nothing in it goes to the server.
     """
 
     def __init__(self, series: LocalSeries, cfg: Any, device: torch.device | str = "cpu",
-                 build_model: bool = True):
+                 build_model: bool = True, store: str | Path | None = None):
         self.series = series
         self.cfg = cfg
         self.device = torch.device(device)
@@ -102,6 +109,9 @@ class NodeWorker:
         self.round = 0
         self.best_model: dict[str, Tensor] | None = None  # methods without a global model
         self.sl_pending: dict[str, Any] | None = None  # split learning: batch between messages
+        self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: uploads sent as computed
+        self.store = None if store is None else Path(store)
+        self._noisy: tuple[float, Tensor] | None = None  # (level, noisy inputs), inference only
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, message_type: str, payload: P.Payload) -> P.Payload:
@@ -114,9 +124,23 @@ class NodeWorker:
             P.SL_DECODE: self.sl_decode, P.SL_BACKWARD: self.sl_backward,
             P.PREDICT_ENCODE: self.predict_encode, P.PREDICT: self.predict,
         }
-        if message_type not in handlers:
-            raise ValueError(f"unknown message type {message_type!r}")
+        # types, shapes, finite values, ranges, hosted sensors, order (raises MalformedMessage)
+        payload = check_request(message_type, payload, self.limits())
         return handlers[message_type](payload)
+
+    def limits(self) -> NodeLimits:
+        """What a request is checked against: sizes, window counts, current state."""
+        m = self.cfg.model
+        shapes = None if self.model is None else {
+            n: tuple(p.shape[1:]) for n, p in self.model.named_parameters()}
+        return NodeLimits(
+            nodes=self.series.nodes, windows={s: len(self.series.starts[s]) for s in P.SPLITS},
+            num_steps=int(self.series.speed.shape[0]), in_steps=self.in_steps,
+            layers=int(m.num_layers), hidden=int(m.hidden_size),
+            graph_embedding=bool(m.graph_embedding), weight_shapes=shapes,
+            configured=self.inputs is not None and self.scaler is not None,
+            encoded={s: len(v) for s, v in self.h_c.items()},
+            pending_batch=None if self.sl_pending is None else len(self.sl_pending[P.BATCH]))
 
     @property
     def num_nodes(self) -> int:
@@ -155,8 +179,11 @@ class NodeWorker:
         self.inputs = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(self.device)
         self.raw = torch.from_numpy(np.ascontiguousarray(self.series.speed.T)).to(self.device)
         self.observed = torch.from_numpy(np.ascontiguousarray(self.series.mask.T)).to(self.device)
+        self._noisy = None
         if self.model is None:
             return {}
+        if payload.get(P.OWN_MODEL):
+            self._load_own()
         self._load_global(payload)
         s_train = len(self.series.starts[P.TRAIN])
         m = self.cfg.model
@@ -212,6 +239,10 @@ class NodeWorker:
         self.round = int(payload[P.ROUND])
         step = int(payload[P.STEP])
         self._load_global(payload)
+        clip_update = (self.privacy is not None and self.privacy.fedavg.active
+                       and str(fed.aggregate) == "fedavg")
+        start = ({k: v.detach().clone() for k, v in self.model.stacked_state().items()}
+                 if clip_update else None)  # the global model every node starts from
         if self.optimizer is None or fed.reset_client_optimizer:
             self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
                                        weight_decay=fed.weight_decay)
@@ -246,8 +277,10 @@ class NodeWorker:
             self.optimizer = None
         out: P.Payload = {}
         if str(fed.aggregate) != "none":  # local / AT w/o FedAvg keep their models at home
-            out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy()
-                   for k, v in self.model.stacked_state().items()}
+            state = self.model.stacked_state()
+            if start is not None:  # DP: each node's update w_k - w_global clipped to C
+                state = dp.clip_updates(start, state, float(self.privacy.fedavg.clip))
+            out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in state.items()}
         out[P.NUM_EXAMPLES] = np.full(self.num_nodes, s * int(fed.local_epochs), np.int64)
         out[P.LOSS_SUM] = loss_sum.cpu().numpy()
         out[P.LOSS_COUNT] = count.cpu().numpy()
@@ -273,13 +306,13 @@ class NodeWorker:
                            .flatten(1).double() for name in names], dim=1)  # [M, D]
         a = torch.as_tensor(np.asarray(payload[P.NBR_WEIGHT]), device=self.device).double()  # [K, M]
         lam = float(self.cfg.federation.fmtl_lambda)
-        nbr_sq = w_nbr.square().sum(1)  # [M]
 
         def term() -> Tensor:
             w = torch.cat([p.flatten(1) for p in self.model.parameters()], dim=1).double()  # [K, D]
-            sq = (w.square().sum(1, keepdim=True) + nbr_sq - 2.0 * w @ w_nbr.T).clamp_min(0.0)
-            dist = torch.where(sq > 0, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
-            return (lam * (a * dist).sum(1)).float()  # grad 0 where w_k == w_m (subgradient)
+            # pairwise differences, not the |w|^2 + |w_m|^2 - 2 w.w_m expansion: exactly 0 at
+            # w_k == w_m (round 1, all nodes equal), where cdist's gradient is 0 (a subgradient)
+            dist = torch.cdist(w, w_nbr, compute_mode="donot_use_mm_for_euclid_dist")  # [K, M]
+            return (lam * (a * dist).sum(1)).float()
 
         return term
 
@@ -288,6 +321,11 @@ class NodeWorker:
         action = str(payload[P.ACTION])
         if action == P.KEEP_BEST:
             self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.store is not None:  # the node's own disk, for inference after training
+                self.store.mkdir(parents=True, exist_ok=True)
+                for k, sid in enumerate(self.series.sensor_ids):
+                    torch.save({n: v.cpu() for n, v in self.model.node_state(k).items()},
+                               self._own_file(sid))
         elif action == P.RESTORE_BEST:
             if self.best_model is None:
                 raise RuntimeError("restore_best before any keep_best")
@@ -295,6 +333,46 @@ class NodeWorker:
         else:
             raise ValueError(f"unknown {P.ACTION} {action!r}; expected {P.KEEP_BEST} or {P.RESTORE_BEST}")
         return {}
+
+    def _own_file(self, sensor_id: str) -> Path:
+        assert self.store is not None
+        return self.store / (re.sub(r"[^A-Za-z0-9_.-]", "_", sensor_id) + ".pt")
+
+    @torch.no_grad()
+    def _load_own(self) -> None:
+        """Load every hosted sensor's own best model from the node's store."""
+        files = [self._own_file(s) if self.store is not None else None
+                 for s in self.series.sensor_ids]
+        if any(f is None or not f.is_file() for f in files):
+            raise RuntimeError(f"{P.CONFIGURE} with {P.OWN_MODEL}: no kept model for sensors "
+                               f"{self.series.sensor_ids[:3]} in {self.store}. Fix: train the "
+                               "run with this version (it writes <run>/node_store/) and pass "
+                               "that store to the node")
+        states = [torch.load(f, map_location="cpu") for f in files]
+        self.model.load_stacked_state({n: torch.stack([st[n] for st in states])
+                                       for n in states[0]})
+
+    def _noisy_inputs(self, level: float) -> Tensor:
+        """Inputs ``[K, T, F]`` with Gaussian noise on the observed speeds (inference only).
+
+        The noise on sensor k at step t has std ``level x`` k's training std (original units)
+        and depends only on (seed, sensor, t): every window that holds step t sees the same
+        reading, whatever the grouping of sensors into clients.
+        """
+        if self._noisy is not None and self._noisy[0] == level:
+            return self._noisy[1]
+        st = self._input_stats()
+        count = np.maximum(np.asarray(st["count"], np.float64), 1.0)
+        mean = np.asarray(st["sum"], np.float64) / count
+        std = np.sqrt(np.maximum(np.asarray(st["sumsq"], np.float64) / count - mean**2, 0.0))
+        t_len = self.inputs.shape[1]
+        z = rng.normals(int(self.cfg.seed), self.series.nodes, 0, "noise", t_len)  # [K, T]
+        sigma = level * std / np.broadcast_to(self.scaler.std, std.shape)  # scaled units [K]
+        noise = (z * sigma[:, None] * self.series.mask.T).astype(np.float32)  # observed only
+        noisy = self.inputs.clone()
+        noisy[..., 0] += torch.from_numpy(noise).to(self.device)
+        self._noisy = (level, noisy)
+        return noisy
 
     # ------------------------------------------------------------------ split learning
     def _sl_batch(self, payload: P.Payload) -> tuple[Tensor, ...]:
@@ -305,7 +383,10 @@ class NodeWorker:
     def sl_encode(self, payload: P.Payload) -> P.Payload:
         """Split learning, step 1: h_c of a batch with the node's current model."""
         self.model.eval()
-        return {P.H_C: self.model.encode(self._sl_batch(payload)[0]).cpu().numpy()}
+        h_c = self.model.encode(self._sl_batch(payload)[0])
+        h_c = self._private("sl_h_c", h_c, int(payload.get(P.ROUND, self.round)),
+                            int(payload.get(P.STEP, 0)))
+        return {P.H_C: h_c.cpu().numpy()}
 
     def _sl_forward(self, h_c: Tensor, h_g: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
         x, x_last, y_tod, y, t = self._sl_batch(self.sl_pending)
@@ -324,8 +405,19 @@ class NodeWorker:
         h_g = self.sl_pending[P.H_G].clone().requires_grad_(True)
         per_node, sums, counts = self._sl_forward(h_c, h_g, self.sl_pending[P.STEP])
         (grad,) = torch.autograd.grad(per_node.sum(), h_g)
+        grad = self._private("sl_grad", grad, self.round, self.sl_pending[P.STEP])
         return {P.GRAD: grad.cpu().numpy(), P.LOSS_SUM: sums.double().cpu().numpy(),
                 P.LOSS_COUNT: counts.double().cpu().numpy()}
+
+    def _private(self, kind: str, x: Tensor, round_: int, counter: int) -> Tensor:
+        """``x`` ``[S, K, L, H]`` as it may leave the node: with ``privacy`` on, every
+        window's ``[L, H]`` slice clipped and noised (:mod:`cnfgnn.privacy.dp`; the noise
+        keyed by (seed, node, round, kind, counter)); unchanged otherwise."""
+        if self.privacy is None:
+            return x
+        mech = self.privacy.h_c if kind in ("h_c", "sl_h_c") else self.privacy.grad
+        seeds = dp.release_seeds(int(self.cfg.seed), self.series.nodes, round_, kind, counter)
+        return dp.privatize(x, mech, seeds)
 
     def sl_backward(self, payload: P.Payload) -> P.Payload:
         """Split learning, step 3: backpropagate both paths into the node model and step.
@@ -362,8 +454,11 @@ class NodeWorker:
             idx = torch.arange(b, min(b + bs, s), device=self.device).expand(self.num_nodes, -1)
             x = self._gather(split, idx)[0]
             parts.append(self.model.encode(x))  # [B, K, L, H]
-        self.h_c[split] = torch.cat(parts) if parts else torch.zeros(0)
-        return {P.H_C: self.h_c[split].cpu().numpy().copy()}
+        m = self.cfg.model
+        self.h_c[split] = torch.cat(parts) if parts else torch.zeros(
+            0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
+        up = self._private("h_c", self.h_c[split], self.round, P.SPLITS.index(split))
+        return {P.H_C: up.cpu().numpy().copy()}  # the node decodes from its own clean h_c
 
     def split_step(self, payload: P.Payload) -> P.Payload:
         """Decode a server batch with the received h_G; return dL_k/dh_G (step 3)."""
@@ -379,6 +474,7 @@ class NodeWorker:
         pred = self.model.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
         per_node, sums, counts = self._loss(pred, y, t)
         (grad,) = torch.autograd.grad(per_node.sum(), h_g)  # row k: d(loss_k)/d(h_G,k)
+        grad = self._private("grad", grad, self.round, step)
         return {P.GRAD: grad.cpu().numpy(), P.LOSS_SUM: sums.double().cpu().numpy(),
                 P.LOSS_COUNT: counts.double().cpu().numpy()}
 
@@ -454,7 +550,9 @@ class NodeWorker:
                              f"{t_len - 1}]: a window needs {self.in_steps} steps of history")
         e = torch.as_tensor(ends, device=self.device)
         t_in = e[:, None] + torch.arange(1 - self.in_steps, 1, device=self.device)  # [W, T_in]
-        x = self.inputs[:, t_in].permute(1, 2, 0, 3)  # [K, W, T_in, F] -> [W, T_in, K, F]
+        level = float(payload.get(P.NOISE, 0.0))
+        inputs = self._noisy_inputs(level) if level > 0 else self.inputs
+        x = inputs[:, t_in].permute(1, 2, 0, 3)  # [K, W, T_in, F] -> [W, T_in, K, F]
         tod = self.series.time_of_day  # [T]
         t_out = ends[:, None] + np.arange(1, self.out_steps + 1)  # [W, H]
         day = np.diff(tod.astype(np.float64)) % 1.0  # steps as fractions of a day
@@ -471,7 +569,10 @@ class NodeWorker:
         bs = int(self.cfg.federation.eval_batch_size)
         self.model.eval()
         h_c = [self.model.encode(x[b : b + bs]) for b in range(0, len(x), bs)]
-        return {P.H_C: torch.cat(h_c).cpu().numpy() if h_c else np.zeros(0, np.float32)}
+        if not h_c:  # no windows asked: an empty [0, K, L, H]
+            m = self.cfg.model
+            return {P.H_C: np.zeros((0, self.num_nodes, m.num_layers, m.hidden_size), np.float32)}
+        return {P.H_C: torch.cat(h_c).cpu().numpy()}
 
     @torch.no_grad()
     def predict(self, payload: P.Payload) -> P.Payload:

@@ -6,6 +6,10 @@ them into ``RecordDict`` (arrays into an ``ArrayRecord``, scalars into a ``Confi
 the in-process engine hands them over as they are. Neither side uses string literals for
 message types or keys: they are the constants below.
 
+Strict schemas: :mod:`cnfgnn.federation.validate` declares, per message type, every key a
+request or reply may carry (with dtype and shape); anything else is refused as malformed.
+A new key must be added there too.
+
 What crosses the wire (DESIGN.md §5): node-model weights, temporal encodings ``h_c``,
 graph embeddings ``h_G``, gradients ``dL/dh_G``, and sums/counts. Never inputs or targets.
 """
@@ -45,6 +49,8 @@ PREDICT_ENCODE = "query.predict_encode"  # down: ENDS; up: h_c [W, K, L, H]
 PREDICT = "query.predict"  # down: ENDS (+ h_G [W, K, L, H]); up: FORECAST [W, H, K] only
 MESSAGE_TYPES = MESSAGE_TYPES + (PREDICT_ENCODE, PREDICT)
 ENDS = "ends"  # [W] int64 time index of each window's last input step
+NOISE = "noise"  # float: input-noise level (std = level x the sensor's training std), robustness only
+OWN_MODEL = "own_model"  # CONFIGURE, per-node methods: load the model the node kept at home
 
 # Flower transport only: answered by the ClientApp itself (no NodeWorker), so that the
 # FlowerEngine can map Flower node ids (which change when a SuperNode restarts) to clients.

@@ -22,11 +22,14 @@ import torch
 from cnfgnn import rng
 from cnfgnn.data.nodes import select_nodes
 from cnfgnn.data.scaler import global_scaler
-from cnfgnn.evaluation.metrics import metrics_from_sums, node_mean_loss, per_horizon
+from cnfgnn.evaluation.metrics import SUM_KEYS, metrics_from_sums, node_mean_loss, per_horizon
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
 from cnfgnn.federation.server import GraphServer, fedavg
+from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage, ReplyLimits,
+                                        check_reply)
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+from cnfgnn.privacy import dp
 from cnfgnn.results import RunWriter
 
 
@@ -115,6 +118,9 @@ class Orchestrator:
         if self.aggregate not in ("fedavg", "none", "fmtl"):
             raise ValueError(f"federation.aggregate must be fedavg, none or fmtl, got {self.aggregate!r}")
         self.node_weights: dict[int, dict[str, np.ndarray]] = {}  # FMTL: each node's last upload
+        self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: no DP (conf/privacy/none.yaml)
+        self.releases: dict[str, int] = defaultdict(int)  # per training window, for the accountant
+        self.num_windows: dict[str, int] = {}  # windows per split, from the handshake
 
     # ------------------------------------------------------------------ transport
     def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
@@ -128,8 +134,16 @@ class Orchestrator:
         replies = self.engine.send(mtype, payloads)
         self.seconds[phase] += time.perf_counter() - t0
         ok: dict[int, P.Payload] = {}
+        limits = self._reply_limits()
         for cid in payloads:
             reply = replies.get(cid, P.ClientFailure("no reply"))
+            if not isinstance(reply, P.ClientFailure):  # a bad reply counts as no reply
+                nodes = self.client_nodes.get(cid)
+                try:
+                    reply = check_reply(mtype, payloads[cid], reply,
+                                        None if nodes is None else len(nodes), limits)
+                except MalformedMessage as exc:
+                    reply = P.ClientFailure(f"bad reply: {exc}")
             if isinstance(reply, P.ClientFailure):
                 nodes = self.client_nodes.get(cid, np.zeros(0, int))
                 ids = [self.graph.sensor_ids[i] for i in nodes]
@@ -153,6 +167,18 @@ class Orchestrator:
         elif payloads and not ok:
             raise FederationError(f"no client answered {mtype}")
         return ok
+
+    def _reply_limits(self) -> ReplyLimits:
+        """Sizes and bounds every reply is checked against (:mod:`validate`)."""
+        m = self.cfg.model
+        return ReplyLimits(
+            num_graph_nodes=len(self.graph.sensor_ids), windows=self.num_windows,
+            layers=int(m.num_layers), hidden=int(m.hidden_size),
+            horizon=int(self.cfg.dataset.out_steps),
+            weight_shapes={k: tuple(np.shape(v)) for k, v in self.theta.items()},
+            max_abs=float(self.fed.get("reply_max_abs", DEFAULT_REPLY_MAX_ABS)),
+            weights_up=self.aggregate != "none", local_epochs=int(self.fed.local_epochs),
+            batch_size=int(self.fed.batch_size), sum_keys=tuple(SUM_KEYS))
 
     def _with_model(self, cid: int, payload: P.Payload) -> P.Payload:
         """Attach the global node model when the client does not hold this version yet."""
@@ -215,7 +241,8 @@ class Orchestrator:
             conf = {P.SCALER_MEAN: np.asarray(sc.mean, np.float64),
                     P.SCALER_STD: np.asarray(sc.std, np.float64)}
             self.scaler = sc
-        payloads = {c: self._with_model(c, dict(conf)) for c in self.client_nodes}
+        payloads = {c: self._with_model(c, conf | {P.NODES: nodes})  # the node checks NODES
+                    for c, nodes in self.client_nodes.items()}
         self._delivered(self._send("setup", P.CONFIGURE, payloads), payloads)
 
     # ------------------------------------------------------------------ helpers
@@ -273,8 +300,14 @@ class Orchestrator:
             self.theta = fedavg([P.weights_from_payload(r) for r in replies.values()],
                                 [r[P.NUM_EXAMPLES] for r in replies.values()],
                                 self.fed.fedavg_weighting)
+            if self.privacy is not None and self.privacy.fedavg.active:  # clipped on the nodes
+                self.theta = dp.add_fedavg_noise(self.theta, self.privacy.fedavg,
+                                                 len(self.train_nodes), int(self.cfg.seed),
+                                                 self.round)
+            self.releases["fedavg"] += 1
             self.version += 1
         elif self.aggregate == "fmtl":  # nothing averaged: keep each node's weights
+            self.releases["raw"] += 1
             for c, r in replies.items():
                 w = P.weights_from_payload(r)
                 for k, g in enumerate(self.client_nodes[c]):
@@ -288,6 +321,8 @@ class Orchestrator:
         payloads = {c: self._with_model(c, {P.SPLIT: split}) for c in clients}
         replies = self._send(phase, P.ENCODE, payloads)
         self._delivered(replies, payloads)
+        if split == P.TRAIN:
+            self.releases["h_c"] += 1
         return replies
 
     def split_phase(self, h_c: np.ndarray) -> dict[str, float]:
@@ -296,6 +331,7 @@ class Orchestrator:
         bs = int(self.fed.server_batch_size) * int(self.fed.server_batches_per_trip)
         loss = count = 0.0
         for epoch in range(int(self.fed.server_epochs)):
+            self.releases["grad"] += 1  # every training window lies in one batch per epoch
             order = rng.permutations(int(self.cfg.seed), np.zeros(1, np.int64), self.round,
                                      "server", s, extra=epoch)[0]
             for b in range(math.ceil(s / bs)):
@@ -329,9 +365,14 @@ class Orchestrator:
         bs = int(self.fed.batch_size)
         order = rng.permutations(int(self.cfg.seed), np.zeros(1, np.int64), self.round, "sl", s)[0]
         loss = count = 0.0
+        self.releases["h_c"] += 1  # every training window: h_c and dL/dh_G once per epoch
+        self.releases["grad"] += 1
         for b in range(math.ceil(s / bs)):
             batch = np.sort(order[b * bs:(b + 1) * bs]).astype(np.int64)
-            enc = self._send("split", P.SL_ENCODE, {c: {P.BATCH: batch} for c in self.train_clients})
+            req: P.Payload = {P.BATCH: batch}
+            if self.privacy is not None:  # keys the nodes' noise for this release
+                req = req | {P.ROUND: self.round, P.STEP: self.step}
+            enc = self._send("split", P.SL_ENCODE, {c: dict(req) for c in self.train_clients})
             t0 = time.perf_counter()
             h_c = torch.tensor(self._assemble(enc, P.H_C, self.col), device=self.device,
                                requires_grad=True)  # [B, N, L, H]
@@ -407,6 +448,7 @@ class Orchestrator:
             "scaler": None if sc is None else {"mean": np.asarray(sc.mean),
                                                "std": np.asarray(sc.std)},
             "graph": graph_fingerprint(self.graph.adjacency, self.graph.sensor_ids),
+            "privacy_releases": dict(self.releases),
         })
 
     def run(self) -> dict[str, Any]:
@@ -479,6 +521,7 @@ class Orchestrator:
         """Continue after ``ckpt['round']``: reload server state, rebuild the nodes' h_G."""
         self.theta, self.version = ckpt["theta"], ckpt["version"] + 1
         self.step = ckpt["step"]
+        self.releases.update(ckpt.get("privacy_releases", {}))
         self.server.load_state_dict(ckpt["server"])
         self.round = ckpt["round"]
         if self.uses_gn and self.round > 0:  # the nodes' cached h_G = GN(h_c(theta))
@@ -554,6 +597,11 @@ class Orchestrator:
         final["failures"] = self.failures
         final["nodes"] = {"total": len(self.eval_nodes), "train": len(self.train_nodes),
                           "clients": len(self.client_nodes)}
+        if self.privacy is not None:
+            from cnfgnn.privacy.accounting import describe, privacy_report
+
+            final["privacy"] = privacy_report(self.privacy, dict(self.releases))
+            self.progress(describe(final["privacy"]))
         if self.writer:
             self.writer.write_final(final)
         return final

@@ -21,6 +21,9 @@ from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.plots import plot_run
 from cnfgnn.results import RunWriter
 
+#: Per-node methods: folder of the run directory standing in for the nodes' own disks.
+NODE_STORE = "node_store"
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error, not a fallback."""
@@ -43,15 +46,20 @@ def client_groups(cfg: Any, data: SensorData) -> list[np.ndarray]:
     return partition(seen, k) + (partition(unseen, k) if len(unseen) else [])
 
 
-def build_workers(cfg: Any, data: SensorData, device: torch.device) -> dict[int, NodeWorker]:
-    """One worker per client, each holding only its own nodes' columns."""
+def build_workers(cfg: Any, data: SensorData, device: torch.device,
+                  store: str | Path | None = None) -> dict[int, NodeWorker]:
+    """One worker per client, each holding only its own nodes' columns.
+
+    ``store``: the nodes' own disk for per-node methods (each sensor's kept model, one file
+    per sensor); the server never reads it.
+    """
     tod = data.time_of_day()
     workers = {}
     for cid, nodes in enumerate(client_groups(cfg, data)):
         series = LocalSeries.from_arrays(nodes, [data.sensor_ids[i] for i in nodes],
                                          data.speed[:, nodes], data.mask[:, nodes], tod,
                                          cfg.dataset)
-        workers[cid] = NodeWorker(series, cfg, device)
+        workers[cid] = NodeWorker(series, cfg, device, store=store)
     return workers
 
 
@@ -83,8 +91,14 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
                  f"output={writer.dir}")
         final = CentralTrainer(cfg, data, writer, progress, device).run()
         return _finish(final, writer, data, "central")
+    writer = None
     if name == "inprocess":
-        engine: Any = InProcessEngine(build_workers(cfg, data, device))
+        from cnfgnn.federation.inference import PER_NODE_METHODS
+
+        writer = RunWriter(cfg, run_dir)  # per-node methods: the nodes keep their best models
+        store = (writer.dir / NODE_STORE if str(cfg.federation.method) in PER_NODE_METHODS
+                 else None)  # on their own disk (here <run>/node_store/) for inference
+        engine: Any = InProcessEngine(build_workers(cfg, data, device, store))
     elif name == "simulation":  # Flower simulation: the ServerApp runs the Orchestrator
         from cnfgnn.federation.flower_sim import run_simulation_experiment
 
@@ -95,7 +109,7 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
                          "(deployment: launch/ and `flwr run .`)")
     if engine_wrapper is not None:
         engine = engine_wrapper(engine)
-    writer = RunWriter(cfg, run_dir)
+    writer = writer or RunWriter(cfg, run_dir)
     progress(f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
              f"{data.num_steps} steps, engine={name}, device={device}, output={writer.dir}")
     final = Orchestrator(cfg, engine, graph, writer, progress, device).run()

@@ -22,6 +22,11 @@ Rolling evaluation forecasts at every step from ``rolling.start`` to ``rolling.e
 (issue times; default one day) and writes ``rolling_<start>_<end>.{csv,json,png}``: masked
 MAE/RMSE/MAPE and unmasked RMSE/MAE per horizon over that period (``save_forecasts=true``
 also writes every forecast). Problems print ``source: problem. Fix: ...`` and exit 2.
+
+Robustness (in-process only): ``silent=ID,ID,...`` makes those sensors send nothing (they
+are forecast by the fallback of :mod:`cnfgnn.federation.inference` and listed in the JSON);
+``noise=LEVEL`` adds Gaussian noise of std LEVEL x each sensor's training std to the
+inputs on every node. Curves over many levels: ``cnfgnn-robustness``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 from cnfgnn.data.errors import DataError, bad_input
 
 OWN_KEYS = ("at", "out", "sensors", "plot_sensors", "history", "rolling.start",
-            "rolling.end", "save_forecasts")
+            "rolling.end", "save_forecasts", "silent", "noise")
 DEFAULTS = {"plot_sensors": "4", "history": "36", "save_forecasts": "false"}
 
 
@@ -64,6 +69,13 @@ def parse(argv: Sequence[str]) -> tuple[str, dict[str, str], list[str]]:
     for key in ("plot_sensors", "history"):
         if not own[key].isdigit():
             raise bad_input(f"{key}={own[key]}", "not a whole number", f"e.g. {key}=4")
+    if "noise" in own:
+        try:
+            ok = float(own["noise"]) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise bad_input(f"noise={own['noise']}", "not a non-negative number", "e.g. noise=0.2")
     return argv[0], own, overrides
 
 
@@ -95,11 +107,21 @@ def run(argv: Sequence[str], progress=print, engine_wrapper=None) -> dict:
     out_dir = Path(own.get("out") or run_dir / "forecast")
     progress(f"{cfg.federation.method} run {run_dir} (best round {trained.best_round}): "
              f"{len(ends)} window(s) x {data.num_nodes} sensors, engine={cfg.engine.name}")
+    silent = [x for x in own.get("silent", "").split(",") if x]
+    unknown = [x for x in silent if x not in set(data.sensor_ids)]
+    if unknown:
+        raise bad_input(f"silent={own['silent']}", f"sensors {unknown[:5]} are not in "
+                        f"{data.name}", f"name sensors of the network, e.g. {data.sensor_ids[0]}")
     result, seconds = R.run_forecast(cfg, data, trained, ends, out_dir, progress,
-                                     engine_wrapper)
-    if result.missing_sensors:
-        progress(f"warning: {len(result.missing_sensors)} sensor(s) did not answer and have "
-                 f"no forecast: {result.missing_sensors[:10]}")
+                                     engine_wrapper, silent or None,
+                                     float(own.get("noise", 0.0)))
+    if result.silent_sensors:
+        progress(f"{len(result.silent_sensors)} sensor(s) silenced, forecast by the "
+                 f"fallback ({result.fallback}): {result.silent_sensors[:10]}")
+    missing = [x for x in result.missing_sensors if x not in set(result.silent_sensors)]
+    if missing:
+        progress(f"warning: {len(missing)} sensor(s) did not answer and have "
+                 f"no forecast: {missing[:10]}")
     wanted = [s for s in own.get("sensors", "").split(",") if s]
     shown = O.pick_sensors(result, data, int(own["plot_sensors"]), wanted,
                            int(own["history"]))
@@ -107,7 +129,9 @@ def run(argv: Sequence[str], progress=print, engine_wrapper=None) -> dict:
                "method": str(cfg.federation.method), "engine": str(cfg.engine.name),
                "dataset": data.name, "sensors": data.num_nodes,
                "answered": int(result.answered.sum()),
-               "missing_sensors": result.missing_sensors, "missing": result.missing,
+               "missing_sensors": missing, "missing": result.missing,
+               "silent_sensors": result.silent_sensors, "fallback": result.fallback,
+               "noise": float(own.get("noise", 0.0)),
                "seconds": {"forecast": seconds, **result.seconds}, "bytes": result.bytes}
     first, last = data.timestamps[ends[0]], data.timestamps[ends[-1]]
     if rolling:

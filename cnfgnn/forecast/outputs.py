@@ -47,13 +47,14 @@ def truth(data: SensorData, ends: np.ndarray, horizon: int) -> tuple[np.ndarray,
 
 def tidy(result: ForecastResult, data: SensorData, window: int = 0,
          issued: bool = False) -> pd.DataFrame:
-    """One row per answered sensor and horizon step of one window (``COLUMNS``)."""
+    """One row per forecast sensor (answered or silenced) and horizon step of one window
+    (``COLUMNS``)."""
     end = int(result.ends[window])
     horizon = result.forecast.shape[1]
     obs, _ = truth(data, result.ends[window : window + 1], horizon)
     step = pd.Timedelta(minutes=data.interval_minutes)
     times = data.timestamps[end] + step * np.arange(1, horizon + 1)
-    keep = np.flatnonzero(result.answered)
+    keep = np.flatnonzero(result.forecast_mask)
     frame = pd.DataFrame({
         "sensor_id": np.repeat(np.asarray(result.sensor_ids, dtype=object)[keep], horizon),
         "timestamp": np.tile(times, len(keep)),
@@ -72,12 +73,13 @@ def write_csv(path: Path, frame: pd.DataFrame) -> Path:
 
 
 def rolling_errors(result: ForecastResult, data: SensorData) -> tuple[dict, pd.DataFrame]:
-    """Errors of a rolling period over the answered sensors: (summary metrics, per horizon).
+    """Errors of a rolling period over the forecast sensors (answered, and silenced ones
+    forecast by the fallback): (summary metrics, per horizon).
 
     Both protocols from one set of sums (:mod:`cnfgnn.evaluation.metrics`): masked
     MAE/RMSE/MAPE (missing readings left out) and the paper's unmasked RMSE/MAE.
     """
-    keep = np.flatnonzero(result.answered)
+    keep = np.flatnonzero(result.forecast_mask)
     horizon = result.forecast.shape[1]
     t = result.ends[:, None] + np.arange(1, horizon + 1)
     pred = torch.as_tensor(result.forecast[:, :, keep])

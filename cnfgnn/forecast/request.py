@@ -74,7 +74,8 @@ def _group(name: str, group: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def run_config(run_dir: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
+def run_config(run_dir: Path, overrides: list[str], per_node_ok: bool = False
+               ) -> tuple[DictConfig, bool]:
     """The run's config with the forecast's overrides; and whether the dataset changed.
 
     Keys the current ``conf/`` added since the run was trained get their defaults; the
@@ -107,8 +108,8 @@ def run_config(run_dir: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
         cfg.dataset[k] = run.dataset[k]
     if str(cfg.engine.name) not in ENGINES:
         raise bad_input(f"engine={cfg.engine.name}", "cnfgnn-forecast runs in-process or "
-                        "as a Flower simulation", f"use engine=inprocess or engine=simulation")
-    check_method(cfg, run_dir)
+                        "as a Flower simulation", "use engine=inprocess or engine=simulation")
+    check_method(cfg, run_dir, per_node_ok)  # per_node_ok: robustness evaluation
     return cfg, changed
 
 
@@ -203,9 +204,14 @@ def rolling_ends(data: SensorData, start: str, end: str | None, in_steps: int,
 # ---------------------------------------------------------------------- exchange
 def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.ndarray,
                  out_dir: Path, progress: Callable[[str], None] = print,
-                 engine_wrapper: Callable[[Any], Any] | None = None
+                 engine_wrapper: Callable[[Any], Any] | None = None,
+                 silent: list[str] | None = None, noise: float = 0.0
                  ) -> tuple[ForecastResult, float]:
-    """Run the inference exchange on ``cfg.engine``; returns ``(result, wall seconds)``."""
+    """Run the inference exchange on ``cfg.engine``; returns ``(result, wall seconds)``.
+
+    ``silent`` (sensor ids) and ``noise`` (input-noise level): robustness options of
+    :meth:`Forecaster.forecast`, in-process only.
+    """
     import torch
 
     from cnfgnn.federation.runner import build_workers, client_groups, resolve_device
@@ -213,6 +219,9 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
     torch.set_num_threads(int(cfg.threads))
     name = str(cfg.engine.name)
     if name == "simulation":
+        if silent or noise > 0:
+            raise bad_input("silent / noise", "the Flower simulation path does not take the "
+                            "robustness options", "drop engine=simulation (in-process)")
         from cnfgnn.federation.flower_forecast import run_forecast_simulation
 
         return run_forecast_simulation(cfg, len(client_groups(cfg, data)), trained.path,
@@ -225,5 +234,6 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
     if engine_wrapper is not None:
         engine = engine_wrapper(engine)
     graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
-    result = Forecaster(cfg, engine, graph, trained, device, progress).forecast(ends)
+    result = Forecaster(cfg, engine, graph, trained, device, progress,
+                        clock=data.time_of_day()).forecast(ends, silent, noise)
     return result, time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""Differential privacy for node uploads and its accounting (issue 8)."""
