@@ -320,5 +320,5 @@ def test_bad_times_exit_2(trained, tmp_path, capsys):
                                         f"rolling.end={ts[-5]}", out)
     assert "either at=TIME or rolling.start" in _fails(capsys, run, f"at={ts[100]}",
                                                         f"rolling.start={ts[100]}")
-    assert "engine=inprocess or engine=simulation" in _fails(capsys, run, "engine=deployment")
+    assert "no such engine config" in _fails(capsys, run, "engine=nosuch")
     assert not list(tmp_path.glob("*.csv"))  # nothing written for bad input

@@ -2,7 +2,7 @@
 
 Usage::
 
-    cnfgnn-forecast RUN [at=TIME] [out=DIR] [engine=inprocess|simulation]
+    cnfgnn-forecast RUN [at=TIME] [out=DIR] [engine=inprocess|simulation|deployment]
                     [sensors=ID,ID,...] [plot_sensors=4] [history=36]
                     [dataset=NAME] [dataset.KEY=VALUE ...] [engine.KEY=VALUE ...]
                     [device=cpu] [threads=N] [federation.nodes_per_client=K]
@@ -22,6 +22,10 @@ Rolling evaluation forecasts at every step from ``rolling.start`` to ``rolling.e
 (issue times; default one day) and writes ``rolling_<start>_<end>.{csv,json,png}``: masked
 MAE/RMSE/MAPE and unmasked RMSE/MAE per horizon over that period (``save_forecasts=true``
 also writes every forecast). Problems print ``source: problem. Fix: ...`` and exit 2.
+
+``engine=deployment`` starts a SuperLink and one SuperNode per shard of the data
+(``federation.nodes_per_client`` sensors each) on loopback, submits the request with
+``flwr run`` and stops exactly those processes; logs in ``<out>/deployment/<stamp>/logs``.
 
 Robustness (in-process only): ``silent=ID,ID,...`` makes those sensors send nothing (they
 are forecast by the fallback of :mod:`cnfgnn.federation.inference` and listed in the JSON);
@@ -163,7 +167,8 @@ def run(argv: Sequence[str], progress=print, engine_wrapper=None) -> dict:
 def _report(summary: dict, progress=print) -> None:
     s = summary["seconds"]
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.items()
-                       if k in ("setup", "encode", "server", "decode", "connect"))
+                       if k in ("shards", "startup", "connect", "setup", "encode", "server",
+                                "decode"))
     progress(f"{summary['answered']}/{summary['sensors']} sensors forecast in "
              f"{s['forecast']:.2f} s ({phases}); total {s['total']:.1f} s")
     if "metrics" in summary:

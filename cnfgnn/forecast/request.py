@@ -31,7 +31,7 @@ EDITABLE = ("dataset", "engine", "device", "threads", "federation.nodes_per_clie
             "federation.eval_batch_size", "federation.server_eval_batch_size")
 #: Dataset options fixed by the trained model.
 FIXED_DATASET_KEYS = ("in_steps", "out_steps")
-ENGINES = ("inprocess", "simulation")
+ENGINES = ("inprocess", "simulation", "deployment")
 
 
 def conf_dir() -> Path:
@@ -107,8 +107,9 @@ def run_config(run_dir: Path, overrides: list[str], per_node_ok: bool = False
     for k in FIXED_DATASET_KEYS:
         cfg.dataset[k] = run.dataset[k]
     if str(cfg.engine.name) not in ENGINES:
-        raise bad_input(f"engine={cfg.engine.name}", "cnfgnn-forecast runs in-process or "
-                        "as a Flower simulation", "use engine=inprocess or engine=simulation")
+        raise bad_input(f"engine={cfg.engine.name}", "cnfgnn-forecast runs in-process, as a "
+                        "Flower simulation or as a loopback Flower deployment",
+                        "use engine=inprocess, engine=simulation or engine=deployment")
     check_method(cfg, run_dir, per_node_ok)  # per_node_ok: robustness evaluation
     return cfg, changed
 
@@ -218,10 +219,13 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
 
     torch.set_num_threads(int(cfg.threads))
     name = str(cfg.engine.name)
+    if name in ("simulation", "deployment") and (silent or noise > 0):
+        raise bad_input("silent / noise", f"the Flower {name} path does not take the "
+                        "robustness options", f"drop engine={name} (in-process)")
+    if name == "deployment":
+        return _deployment_forecast(cfg, data, trained, ends, out_dir, progress,
+                                    engine_wrapper)
     if name == "simulation":
-        if silent or noise > 0:
-            raise bad_input("silent / noise", "the Flower simulation path does not take the "
-                            "robustness options", "drop engine=simulation (in-process)")
         from cnfgnn.federation.flower_forecast import run_forecast_simulation
 
         return run_forecast_simulation(cfg, len(client_groups(cfg, data)), trained.path,
@@ -237,3 +241,34 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
     result = Forecaster(cfg, engine, graph, trained, device, progress,
                         clock=data.time_of_day()).forecast(ends, silent, noise)
     return result, time.perf_counter() - t0
+
+
+def _deployment_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.ndarray,
+                         out_dir: Path, progress: Callable[[str], None],
+                         engine_wrapper: Callable[[Any], Any] | None
+                         ) -> tuple[ForecastResult, float]:
+    """``engine=deployment``: SuperLink + one SuperNode per shard on loopback
+    (:func:`launch.forecast.deploy_forecast`, from the project checkout)."""
+    import sys
+
+    from cnfgnn.federation.flower_config import PROJECT_ROOT
+
+    if engine_wrapper is not None:
+        raise bad_input("engine=deployment", "the ServerApp runs in its own process, so its "
+                        "engine cannot be wrapped", "use engine=simulation or inprocess")
+    if not (PROJECT_ROOT / "launch" / "forecast.py").is_file():
+        raise bad_input("engine=deployment", f"needs the project checkout's launch/ "
+                        f"(not found under {PROJECT_ROOT})",
+                        "run it from a source checkout (pip install -e .)")
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    from launch.deploy import DeployError
+    from launch.forecast import deploy_forecast
+
+    try:
+        return deploy_forecast(cfg, data, trained.path, ends.tolist(), out_dir, progress)
+    except DeployError as exc:
+        fix = "" if "Fix:" in str(exc) else (" Fix: read the logs named above; "
+                                             "engine.launch.* in conf/engine/deployment.yaml "
+                                             "sets the processes")
+        raise DataError(f"engine=deployment: {exc}.{fix}") from exc
