@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,20 +186,27 @@ def _report(summary: dict, progress=print) -> None:
         progress(f"wrote {f}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry; exit status 2 on bad input."""
+def console(name: str, doc: str | None, work: Callable[[list[str]], None],
+            argv: Sequence[str] | None = None) -> int:
+    """A console command's shell: ``--help`` prints ``doc``; bad input (a ``DataError`` or
+    ``FederationError``, whose messages name the problem and the fix) exits with status 2."""
     from cnfgnn.federation.rounds import FederationError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(doc)
         return 0
     try:
-        _report(run(argv))
+        work(args)
     except (DataError, FederationError) as exc:
-        print(f"cnfgnn-forecast: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry; exit status 2 on bad input."""
+    return console("cnfgnn-forecast", __doc__, lambda args: _report(run(args)), argv)
 
 
 if __name__ == "__main__":

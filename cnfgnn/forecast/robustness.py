@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from cnfgnn.data.errors import DataError, bad_input
+from cnfgnn.data.errors import bad_input
 
 OWN_KEYS = ("out", "silence", "noise", "repeats", "seed", "split", "stride")
 SUBSETS = ("all", "silent", "answering")
@@ -289,18 +289,9 @@ def report(summary: dict[str, Any], progress=print) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry; exit status 2 on bad input."""
-    from cnfgnn.federation.rounds import FederationError
+    from cnfgnn.forecast.cli import console
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        report(run(argv))
-    except (DataError, FederationError) as exc:
-        print(f"cnfgnn-robustness: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return console("cnfgnn-robustness", __doc__, lambda args: report(run(args)), argv)
 
 
 if __name__ == "__main__":
