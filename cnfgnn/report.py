@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
 # (paper notes §8.1; model sizes of the baseline rows not stated there). Los-loop: the
-# authors' code after 5 rounds, seed 42 (DESIGN.md §8). Keys: (dataset name, family).
+# authors' code after 5 rounds, seed 42 (DESIGN.md §8). Keys: (dataset name, '-' read as '_'; family).
 REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
     ("metr_la", "central_gru"): (11.787, "paper Table 2 (secondary source)"),
     ("metr_la", "local"): (12.224, "paper Table 2 (secondary source)"),
@@ -122,7 +122,7 @@ def load_run(path: Path) -> Run:
 def row(run: Run) -> dict[str, Any]:
     """The table row of one run (metrics in original units; MAPE in percent)."""
     t, f = run.final["test"], run.final
-    ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name), run.family))
+    ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name).replace("-", "_"), run.family))
     r: dict[str, Any] = {"method": run.key, "label": run.label, "dataset": str(run.cfg.dataset.name),
                          "rmse": t["rmse"], "mae": t["mae"], "masked_mae": t["masked_mae"],
                          "masked_rmse": t["masked_rmse"], "masked_mape": 100 * t["masked_mape"]}

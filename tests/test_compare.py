@@ -108,7 +108,7 @@ def test_report_over_any_runs_and_the_reference_numbers(compared, tmp_path):
     assert labels[0] == "CNFGNN" and labels[1].startswith("GRU (centralized, ")
     run = report.load_run(sweep / "0" / "cnfgnn")
     assert report.row(run)["reference_rmse"] is None  # no reported number for synthetic data
-    run.cfg.dataset.name = "los_loop"
+    run.cfg.dataset.name = "los-loop"  # as conf/dataset/los_loop.yaml names it
     assert report.row(run)["reference_rmse"] == 7.99
     with pytest.raises(SystemExit, match="no finished run"):
         report.find_runs([tmp_path / "rep" / "plots"])
