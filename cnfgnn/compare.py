@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(plans)}] {name}: done before ({run_dir / 'final.json'}), kept")
             continue
         print(f"[{i}/{len(plans)}] {name}: {' '.join(overrides)}", flush=True)
-        record = run_method(name, overrides, run_dir)
+        try:
+            record = run_method(name, overrides, run_dir)
+        except KeyboardInterrupt:
+            print(f"\ncnfgnn-compare: interrupted during {name} (its process was stopped); "
+                  f"finished methods are kept in {out}: run the same command to continue")
+            return 130
         manifest["methods"][name] = record
         manifest_path.write_text(json.dumps(manifest, indent=2))
         if record["returncode"] != 0 or not (run_dir / "final.json").exists():
