@@ -267,12 +267,14 @@ def plot_sensor_maps(runs: list[Run], out: Path) -> Path | None:
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=values[k], cmap="viridis", vmin=lo, vmax=hi, s=22,
                         edgecolors="k", linewidths=0.2)
         ax.set_title(f"{run.label}\nmean {np.nanmean(values[k]):.2f}", fontsize=9)
-        ax.set(xlabel=labels[0], ylabel=labels[1] if k % cols == 0 else None)
+        ax.set(xlabel=labels[0] if k + cols >= len(per) else None,  # bottom panel of a column
+               ylabel=labels[1] if k % cols == 0 else None)
         ax.ticklabel_format(useOffset=False, style="plain")
         ax.locator_params(nbins=4)
         ax.tick_params(labelsize=7)
     for k in range(len(per), rows_ * cols):
         axes[k // cols, k % cols].axis("off")
+    fig.subplots_adjust(hspace=0.3)
     fig.colorbar(sc, ax=axes, label="test RMSE per sensor (unmasked)", shrink=0.8)
     fig.savefig(out / "sensor_maps.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
