@@ -185,15 +185,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_forecasts(runs: list[Run], out: Path, horizons: tuple[int, ...] = (3, 12)) -> Path | None:
+def plot_forecasts(runs: list[Run], out: Path, data: Any,
+                   horizons: tuple[int, ...] = (3, 12)) -> Path | None:
     """Forecasts ``horizons`` steps ahead against the truth, a row per sensor, over the
     kept test period (``predictions.hours``), one line per method."""
-    from cnfgnn.data.loaders import load_dataset
-
     kept = [(r, np.load(r.path / "predictions.npz")) for r in runs if (r.path / "predictions.npz").exists()]
     if not kept:
         return None
-    data = load_dataset(kept[0][0].cfg.dataset)
     col = {s: i for i, s in enumerate(data.sensor_ids)}
     sensors = [str(s) for s in kept[0][1]["sensor_ids"]]
     fig, axes = plt.subplots(len(sensors), len(horizons), figsize=(6.5 * len(horizons), 2.6 * len(sensors)),
@@ -241,16 +239,13 @@ def plot_horizons(runs: list[Run], out: Path) -> Path | None:
     return _save(fig, out / "horizons.png")
 
 
-def plot_sensor_maps(runs: list[Run], out: Path) -> Path | None:
+def plot_sensor_maps(runs: list[Run], out: Path, data: Any) -> Path | None:
     """Test RMSE per sensor, a panel per method on one colour scale (longitude/latitude,
     or a grid by sensor order when the dataset has no locations)."""
-    from cnfgnn.data.loaders import load_dataset
-
     per = [(r, r.final.get("test_rmse_per_node") or {}) for r in runs]
     per = [(r, p) for r, p in per if p]
     if not per:
         return None
-    data = load_dataset(per[0][0].cfg.dataset)
     values = np.array([[np.nan if p.get(s) is None else p[s] for s in data.sensor_ids] for _, p in per])
     if data.locations is not None:
         xy, labels = data.locations[:, ::-1], ("longitude", "latitude")
@@ -363,8 +358,12 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
     files = [out / "comparison.csv", out / "comparison.md"]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    for make in (plot_forecasts, plot_horizons, plot_sensor_maps, plot_validation, plot_bytes):
-        path = make(runs, plots)
+    from cnfgnn.data.loaders import load_dataset
+
+    data = load_dataset(runs[0].cfg.dataset)  # truth and locations, read once (runs share it)
+    for path in (plot_forecasts(runs, plots, data), plot_horizons(runs, plots),
+                 plot_sensor_maps(runs, plots, data), plot_validation(runs, plots),
+                 plot_bytes(runs, plots)):
         if path is not None:
             files.append(path)
     return table, files

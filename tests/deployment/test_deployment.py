@@ -3,7 +3,7 @@
 Marked ``deployment`` (``make test-deployment``): each test starts real processes and takes
 a minute or two on 2 cores. Every deployment runs inside ``Deployment``'s context manager,
 which stops exactly the process groups it started, also when the test fails; the
-``no_leftovers`` fixture then checks that no process still refers to the test's directory.
+``no_leftovers`` fixture (conftest.py) then checks that no process still refers to the test's directory.
 """
 
 from __future__ import annotations
@@ -27,16 +27,6 @@ METRICS = ("rmse", "mae", "masked_mae", "masked_rmse", "masked_mae_h3", "masked_
 DEPLOY = (*TINY, "dataset.days=2", "federation.nodes_per_client=2",
           "federation.server_batch_size=196")
 RUN_TIMEOUT_S = 900.0
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers(tmp_path):
-    yield
-    import os
-
-    left = [int(p) for p in os.listdir("/proc") if p.isdigit()
-            and str(tmp_path) in cmdline_of(int(p))]
-    assert left == [], f"processes of this test still running: {left}"
 
 
 def _deploy(overrides, run_dir: Path, on_tick=None) -> deploy.RunResult:

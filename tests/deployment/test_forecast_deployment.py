@@ -7,7 +7,6 @@ Marked ``deployment``; about two minutes on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.windows import split_starts
 from cnfgnn.federation.runner import run_experiment
 from cnfgnn.forecast import cli
-from launch.procs import cmdline_of
+from tests.deployment.conftest import processes_of
 from tests.conftest import TINY, make_cfg
 
 pytestmark = pytest.mark.deployment
@@ -33,11 +32,6 @@ def trained(tmp_path_factory):
     cfg = make_cfg(*ARGS, f"output_root={root}")
     _, writer = run_experiment(cfg, run_dir=root / "run", progress=lambda s: None)
     return cfg, writer.dir
-
-
-def _leftovers(tmp_path) -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()
-            and str(tmp_path) in cmdline_of(int(p))]
 
 
 def test_deployment_forecast_equals_inprocess(trained, tmp_path):
@@ -80,7 +74,7 @@ def test_deployment_forecast_equals_inprocess(trained, tmp_path):
           f"flwr run {sec['forecast']:.1f} s (connect {sec.get('connect', 0):.1f}, setup "
           f"{sec['setup']:.2f}, encode {sec['encode']:.2f}, server {sec['server']:.2f}, "
           f"decode {sec['decode']:.2f}), total {sec['total']:.1f} s")
-    assert _leftovers(tmp_path) == [], "processes of this test still running"
+    assert processes_of(tmp_path) == [], "processes of this test still running"
 
 
 def test_a_failed_start_exits_2_and_stops_its_processes(trained, tmp_path, capsys):
@@ -94,4 +88,4 @@ def test_a_failed_start_exits_2_and_stops_its_processes(trained, tmp_path, capsy
     assert json.loads((logs / "deployment.json").read_text())["leftover_pids"] == []
     assert "supernode_0.log" in {p.name for p in logs.iterdir()}  # it did start them
     assert not list(tmp_path.glob("forecast_*"))  # no outputs without forecasts
-    assert _leftovers(tmp_path) == [], "processes of this test still running"
+    assert processes_of(tmp_path) == [], "processes of this test still running"

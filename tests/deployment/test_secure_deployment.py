@@ -6,7 +6,6 @@ listed by the SuperLink. Marked ``deployment`` (``make test-deployment``)."""
 from __future__ import annotations
 
 import http.client
-import os
 import socket
 import ssl
 import time
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from launch import certs, deploy
-from launch.procs import ProcessSet, cmdline_of
+from launch.procs import ProcessSet
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.deployment
@@ -24,14 +23,6 @@ SECURE = (*TINY, "dataset.days=2", "federation.nodes_per_client=3",
           "federation.server_batch_size=196", "federation.rounds=1", "engine.launch.secure=true")
 REFUSAL_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 600.0
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers(tmp_path):
-    yield
-    left = [int(p) for p in os.listdir("/proc") if p.isdigit()
-            and str(tmp_path) in cmdline_of(int(p))]
-    assert left == [], f"processes of this test still running: {left}"
 
 
 def _wait_exited(dep: deploy.Deployment, names: list[str], timeout_s: float) -> dict[str, int]:
