@@ -35,6 +35,38 @@ from cnfgnn.optim import make_adam
 from cnfgnn.privacy import dp
 
 
+NODE_INIT = ("shared", "per_node")  # federation.node_init
+
+
+def node_init(cfg: Any) -> str:
+    """``federation.node_init``: ``shared`` (every node starts from the server's global
+    model) or ``per_node`` (each node draws its own, :func:`own_initial_state`)."""
+    value = str(cfg.federation.get("node_init", "shared"))
+    if value not in NODE_INIT:
+        raise ValueError(f"federation.node_init must be one of {NODE_INIT}, got {value!r}")
+    return value
+
+
+def own_initial_state(cfg: Any, nodes: np.ndarray) -> dict[str, Tensor]:
+    """Independent initial weights for each node: name -> ``[K, ...]``.
+
+    Node ``g``'s weights are PyTorch's default initialisation of a one-node model drawn
+    from a seed that depends only on (``cfg.seed``, g) (:mod:`cnfgnn.rng`, phase
+    ``init``), never on the other nodes, the grouping or the global random stream.
+    """
+    m = cfg.model
+    u = rng.uniforms(int(cfg.seed), np.asarray(nodes, np.int64), 0, "init", 1)[:, 0]  # [K]
+    states = []
+    for seed in (u * float(1 << 53)).astype(np.int64):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            one = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
+                              hidden_size=m.hidden_size, num_layers=m.num_layers,
+                              graph_embedding=m.graph_embedding, horizon=m.horizon)
+        states.append(one.node_state(0))
+    return {n: torch.stack([st[n] for st in states]) for n in states[0]}
+
+
 @dataclass
 class LocalSeries:
     """The series a client holds: only its own K sensors.
@@ -184,6 +216,8 @@ class NodeWorker:
             return {}
         if payload.get(P.OWN_MODEL):
             self._load_own()
+        elif node_init(self.cfg) == "per_node":  # split learning: each node its own init
+            self.model.load_stacked_state(own_initial_state(self.cfg, self.series.nodes))
         self._load_global(payload)
         s_train = len(self.series.starts[P.TRAIN])
         m = self.cfg.model
