@@ -31,7 +31,7 @@ from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage,
                                         check_reply)
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 from cnfgnn.privacy import dp
-from cnfgnn.results import RunWriter
+from cnfgnn.results import NODE_FORECASTS, NODE_STORE, RunWriter, forecasts_released
 
 
 class FederationError(RuntimeError):
@@ -411,11 +411,12 @@ class Orchestrator:
         payloads = {c: {P.H_G: self._slice(h_g, c, self.col)} for c in self.train_clients}
         self._send(phase, P.EMBED, payloads)
 
-    def evaluate(self, split: str, phase: str, report: dict[int, np.ndarray] | None = None
+    def evaluate(self, split: str, phase: str, report: dict[int, P.Payload] | None = None
                  ) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
         """Encode up, ``h_G`` down, error sums up: ``(sums [N, H] per key, replies)``.
 
-        ``report`` (client -> window positions) asks those clients for their forecasts too.
+        ``report`` (client -> ``REPORT``/``REPORT_NODES``/``RELEASE`` entries, from
+        :meth:`_report_request`) asks those clients to keep forecasts too.
         """
         clients = sorted(self.client_nodes)
         payloads: dict[int, P.Payload] = {c: {P.SPLIT: split} for c in clients}
@@ -428,9 +429,9 @@ class Orchestrator:
             payloads = {c: {P.SPLIT: split, P.H_G: self._slice(h_g, c, self.eval_col)} for c in enc}
         else:
             payloads = {c: self._with_model(c, p) for c, p in payloads.items()}
-        for c, windows in (report or {}).items():
+        for c, ask in (report or {}).items():
             if c in payloads:
-                payloads[c][P.REPORT] = np.asarray(windows, np.int64)
+                payloads[c].update(ask)
         replies = self._send(phase, P.EVALUATE, payloads)
         self._delivered(replies, payloads)
         n = len(self.eval_nodes)
@@ -574,38 +575,54 @@ class Orchestrator:
         self.progress(f"resumed after round {self.round}")
         return self.round + 1
 
-    def _report_request(self) -> dict[int, np.ndarray]:
-        """Clients asked for test forecasts: ``predictions.sensors`` sensors spread over the
-        network, the first ``predictions.hours`` of the test split (for plots)."""
+    def _report_request(self) -> dict[int, P.Payload]:
+        """What each client is asked to keep of its test forecasts (for plots):
+        ``predictions.sensors`` sensors spread over the network, the first
+        ``predictions.hours`` of the test split. The nodes write them to their own disks;
+        they come to the server only with ``predictions.release=true`` (``RELEASE``)."""
         pos, windows = report_selection(self.cfg, len(self.eval_nodes), self.num_windows[P.TEST])
         chosen = set(self.eval_nodes[pos].tolist())
         self.report_nodes = sorted(chosen)
-        return {c: windows for c, nodes in self.client_nodes.items()
-                if chosen.intersection(nodes.tolist())}
+        if not len(windows):
+            return {}
+        release: P.Payload = {P.RELEASE: True} if forecasts_released(self.cfg) else {}
+        out: dict[int, P.Payload] = {}
+        for c, nodes in sorted(self.client_nodes.items()):
+            mine = [int(g) for g in nodes.tolist() if int(g) in chosen]
+            if mine:
+                out[c] = {P.REPORT: windows, P.REPORT_NODES: np.asarray(mine, np.int64)} | release
+        return out
 
-    def _predictions(self, report: dict[int, np.ndarray], replies: dict[int, P.Payload]
+    def _predictions(self, report: dict[int, P.Payload], replies: dict[int, P.Payload]
                      ) -> dict[str, Any] | None:
-        """Forecasts of the chosen sensors: written to ``predictions.npz`` by the writer."""
+        """Which sensors' test forecasts were kept, and where (``final.json``'s
+        ``predictions``). By default they stay on the nodes (``node_store/forecasts/`` of
+        each node's disk); with ``predictions.release=true`` they came up and are written
+        to ``predictions.npz``, and ``released_to_server`` marks the release."""
         if not report:
             return None
-        cols: list[np.ndarray] = []
-        ids: list[str] = []
-        for c in sorted(report):
-            if c not in replies or P.FORECAST not in replies[c]:
-                continue
-            for k, g in enumerate(self.client_nodes[c]):
-                if int(g) in self.report_nodes:
-                    cols.append(replies[c][P.FORECAST][:, :, k])
-                    ids.append(self.graph.sensor_ids[int(g)])
+        answered = [c for c in sorted(report) if c in replies]
+        ids = [self.graph.sensor_ids[int(g)] for c in answered for g in report[c][P.REPORT_NODES]]
+        windows = next(iter(report.values()))[P.REPORT]
+        released = any(P.RELEASE in r for r in report.values())
+        out: dict[str, Any] = {"sensors": ids, "windows": int(len(windows)),
+                               "released_to_server": released}
+        if not released:
+            out["kept_on_nodes"] = f"{NODE_STORE}/{NODE_FORECASTS}/<sensor>.npz on each node's disk"
+            return out
+        cols = [replies[c][P.FORECAST][:, :, j] for c in answered
+                for j in range(len(report[c][P.REPORT_NODES]))]
         if not cols:
-            return None
-        windows = next(iter(report.values()))
+            return out
         first = int(self.first_start[P.TEST])
         t_index = first + windows + int(self.cfg.dataset.in_steps) if first >= 0 else windows
         if self.writer:
             self.writer.write_predictions(np.asarray(ids), t_index.astype(np.int64),
                                           np.stack(cols, axis=-1))
-        return {"sensors": ids, "windows": int(len(windows)), "file": "predictions.npz"}
+        self.progress(f"predictions.release=true: test forecasts of {len(ids)} sensors were "
+                      "sent to the server (predictions.npz; marked in final.json)")
+        out["file"] = "predictions.npz"
+        return out
 
     def test(self, es: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Evaluate the best round's parameters on the test split."""
