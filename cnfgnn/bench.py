@@ -259,7 +259,7 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
 
             log = wrap(InProcessEngine(build_workers(cfg, data, device)))
             writer = RunWriter(cfg, run_dir)
-            graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
+            graph = ServerGraph.from_data(data)
             final = Orchestrator(cfg, log, graph, writer, lambda s: print(s, flush=True),
                                  device).run()
         elif case["engine"] == "simulation":

@@ -21,12 +21,15 @@ CONF_DIR = os.environ.get("CNFGNN_CONF", str(Path(__file__).resolve().parents[1]
 
 
 def format_table(final: dict) -> str:
-    """Per-horizon test metrics as a small text table."""
+    """Per-horizon test metrics as a small text table (horizons in minutes when ``final``
+    records the data's step length, ``interval_minutes``; else in steps)."""
     t = final["test"]
+    step = final.get("interval_minutes")
     rows = [f"{'horizon':>8} {'MAE':>8} {'RMSE':>8} {'MAPE%':>8}   (masked)"]
     for h in (3, 6, 12):
         if f"masked_mae_h{h}" in t:
-            rows.append(f"{h * 5:>6}min {t[f'masked_mae_h{h}']:8.3f} {t[f'masked_rmse_h{h}']:8.3f}"
+            when = f"{h * step:g}min" if step else f"{h} steps"
+            rows.append(f"{when:>9} {t[f'masked_mae_h{h}']:8.3f} {t[f'masked_rmse_h{h}']:8.3f}"
                         f" {100 * t[f'masked_mape_h{h}']:8.2f}")
     rows.append(f"{'average':>8} {t['masked_mae']:8.3f} {t['masked_rmse']:8.3f} "
                 f"{100 * t['masked_mape']:8.2f}")

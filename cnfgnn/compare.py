@@ -1,20 +1,24 @@
-"""``cnfgnn-compare``: CNFGNN and the paper's baselines on one dataset, one budget, one seed.
+"""``cnfgnn-compare``: CNFGNN and the paper's baselines on one dataset, one budget, one or
+more seeds.
 
 Usage::
 
     cnfgnn-compare                                       # conf/compare/default.yaml on synthetic
     cnfgnn-compare dataset=los_loop federation.nodes_per_client=207 compare.budget_epochs=5
-    cnfgnn-compare dataset=csv dataset.path=my.csv dataset.graph=my_graph.npz compare.run=all
+    cnfgnn-compare dataset=csv dataset.series=my.csv dataset.adjacency=my_adjacency.csv compare.run=all
+    cnfgnn-compare compare.seeds=[42,43,44]              # every method once per seed
 
 Arguments starting with ``compare.`` set keys of ``conf/compare/default.yaml``; every other
 argument is a Hydra override given to every run. Each method is its config preset (the
 ``methods`` map) plus ``federation.rounds = ceil(budget_epochs / R_c)``, so all methods train
-the same number of local epochs per node. Each runs as its own ``cnfgnn`` process (its
-memory is measured alone and a failing method does not stop the others) into
-``<out>/<method>/``, its log in ``<out>/<method>/compare.log``. A method whose
-``final.json`` is already in ``out`` is not rerun (``compare.force=true`` reruns it), so
-an interrupted comparison continues where it stopped. At the end :mod:`cnfgnn.report`
-writes ``comparison.{csv,md}`` and the plots into ``out``.
+the same number of local epochs per node. Each (method, seed) runs as its own ``cnfgnn``
+process (its memory is measured alone and a failing run does not stop the others) into
+``<out>/<method>/seed<k>/``, its log in ``compare.log`` there. ``compare.seeds`` (default: the
+runs' own ``seed``, 42 unless set) lists the seeds. A (method, seed) whose ``final.json`` is
+already in ``out`` is not rerun (``compare.force=true`` reruns it), so an interrupted
+comparison continues where it stopped. At the end :mod:`cnfgnn.report` writes
+``comparison.{csv,md}`` (with several seeds: a mean ± std row per method as well) and the
+plots into ``out``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     ours = [a[len("compare."):] for a in args if a.startswith("compare.")]
     runs = [a for a in args if not a.startswith("compare.")]
     conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(ours))
-    unknown = set(conf.keys()) - {"run", "budget_epochs", "patience", "out", "force", "methods"}
+    unknown = set(conf.keys()) - {"run", "budget_epochs", "patience", "out", "force", "methods",
+                                  "seeds"}
     if unknown:
         raise SystemExit(f"cnfgnn-compare: unknown setting(s) {sorted(unknown)}; "
                          "see conf/compare/default.yaml")
@@ -50,7 +55,26 @@ def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     conf.run = names
     if int(conf.budget_epochs) < 1:
         raise SystemExit("cnfgnn-compare: compare.budget_epochs must be at least 1")
+    if conf.seeds is not None:
+        seeds = list(conf.seeds) if OmegaConf.is_list(conf.seeds) else [conf.seeds]
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise SystemExit(f"cnfgnn-compare: compare.seeds={conf.seeds} must be distinct whole "
+                             "numbers, e.g. compare.seeds=[42,43,44]")
+        conf.seeds = seeds
     return conf, runs
+
+
+def seeds_of(conf: DictConfig, runs: list[str]) -> list[int]:
+    """``compare.seeds``, or the one seed the runs would use (``seed=...``, else the config's)."""
+    if conf.seeds is not None:
+        return [int(s) for s in conf.seeds]
+    return [int(compose_run(runs).seed)]
+
+
+def run_dir_of(out: Path, method: str, seed: int) -> Path:
+    """Where the run of ``method`` with ``seed`` goes."""
+    return out / method / f"seed{seed}"
 
 
 def compose_run(overrides: list[str]) -> DictConfig:
@@ -123,52 +147,63 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry; returns the exit status (1 when a method failed)."""
+    """Console-script entry; returns the exit status (1 when a run failed)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
     conf, runs = compare_config(args)
     plans = plan(conf, runs)
+    seeds = seeds_of(conf, runs)
     out = _out_dir(conf, runs)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "compare.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"methods": {}}
-    manifest.update({"budget_epochs": int(conf.budget_epochs), "overrides": runs,
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.setdefault("runs", {})
+    manifest.update({"budget_epochs": int(conf.budget_epochs), "overrides": runs, "seeds": seeds,
                      "labels": {k: str(v.label) for k, v in conf.methods.items()}})
-    print(f"cnfgnn-compare: {len(plans)} methods, {conf.budget_epochs} local epochs per node "
-          f"each, output {out}")
+    jobs = [(name, seed) for name in plans for seed in seeds]
+    print(f"cnfgnn-compare: {len(plans)} methods x {len(seeds)} seed(s) {seeds}, "
+          f"{conf.budget_epochs} local epochs per node each, output {out}")
     failed = []
-    for i, (name, overrides) in enumerate(plans.items(), 1):
-        run_dir = out / name
+    for i, (name, seed) in enumerate(jobs, 1):
+        run_dir = run_dir_of(out, name, seed)
+        tag = f"[{i}/{len(jobs)}] {name} seed {seed}"
         if (run_dir / "final.json").exists() and not conf.force:
-            print(f"[{i}/{len(plans)}] {name}: done before ({run_dir / 'final.json'}), kept")
+            print(f"{tag}: done before ({run_dir / 'final.json'}), kept")
             continue
-        print(f"[{i}/{len(plans)}] {name}: {' '.join(overrides)}", flush=True)
+        overrides = [*plans[name], f"seed={seed}"]
+        print(f"{tag}: {' '.join(overrides)}", flush=True)
         try:
             record = run_method(name, overrides, run_dir)
         except KeyboardInterrupt:
-            print(f"\ncnfgnn-compare: interrupted during {name} (its process was stopped); "
-                  f"finished methods are kept in {out}: run the same command to continue")
+            print(f"\ncnfgnn-compare: interrupted during {name} seed {seed} (its process was "
+                  f"stopped); finished runs are kept in {out}: run the same command to continue")
             return 130
-        manifest["methods"][name] = record
+        record["seed"] = seed
+        manifest["runs"][run_dir.relative_to(out).as_posix()] = record
         manifest_path.write_text(json.dumps(manifest, indent=2))
         if record["returncode"] != 0 or not (run_dir / "final.json").exists():
-            failed.append(name)
-            print(f"[{i}/{len(plans)}] {name} FAILED (exit {record['returncode']}); "
+            failed.append(f"{name} seed {seed}")
+            print(f"{tag} FAILED (exit {record['returncode']}); "
                   f"log: {run_dir / 'compare.log'}", flush=True)
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     from cnfgnn.report import write_report
 
-    table, files = write_report([out / n for n in plans if (out / n / "final.json").exists()], out)
+    done = [run_dir_of(out, n, s) for n, s in jobs if (run_dir_of(out, n, s) / "final.json").exists()]
+    if not done:
+        print(f"cnfgnn-compare: every run failed ({', '.join(failed)}); no table. "
+              f"Their logs: {out}/<method>/seed<k>/compare.log", file=sys.stderr)
+        return 1
+    table, files = write_report(done, out)
     print()
     print(table)
     print()
     for f in files:
         print(f"  {f}")
     if failed:
-        print(f"cnfgnn-compare: {len(failed)} method(s) failed: {failed} (see their compare.log)")
+        print(f"cnfgnn-compare: {len(failed)} run(s) failed: {failed} (see their compare.log)")
     return 1 if failed else 0
 
 

@@ -68,8 +68,19 @@ def plot_bytes(run: Path) -> Path | None:
     return _save(fig, run / "plots" / "bytes_per_round.png")
 
 
-def plot_horizons(runs: list[Path], out: Path) -> Path | None:
-    """Masked MAE and unmasked RMSE per horizon step, one line per run (method)."""
+def horizon_axis(steps: int, interval_minutes: float | None) -> tuple[np.ndarray, str]:
+    """x values and label of a per-horizon plot: minutes ahead when the data's step length
+    is known, else steps ahead."""
+    h = np.arange(1, steps + 1)
+    if interval_minutes is None:
+        return h, "horizon (steps)"
+    return h * float(interval_minutes), "horizon (minutes)"
+
+
+def plot_horizons(runs: list[Path], out: Path, interval_minutes: float | None = None
+                  ) -> Path | None:
+    """Masked MAE and unmasked RMSE per horizon step, one line per run (method); the step
+    length is the run's own (``final.json``), else ``interval_minutes``."""
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     drawn = False
     for run in runs:
@@ -81,15 +92,16 @@ def plot_horizons(runs: list[Path], out: Path) -> Path | None:
         if not ph:
             continue
         label = data.get("method", run.parent.name)
-        steps = np.arange(1, len(ph["masked_mae"]) + 1) * 5
+        steps, xlabel = horizon_axis(len(ph["masked_mae"]),
+                                     data.get("interval_minutes", interval_minutes))
         ax[0].plot(steps, ph["masked_mae"], marker="o", label=label)
         ax[1].plot(steps, ph["rmse"], marker="o", label=label)
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax[0].set(xlabel="horizon (minutes)", ylabel="masked MAE", title="Test error per horizon")
-    ax[1].set(xlabel="horizon (minutes)", ylabel="RMSE (unmasked)", title="Paper protocol")
+    ax[0].set(xlabel=xlabel, ylabel="masked MAE", title="Test error per horizon")
+    ax[1].set(xlabel=xlabel, ylabel="RMSE (unmasked)", title="Paper protocol")
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -119,11 +131,14 @@ def plot_sensor_map(run: Path, locations: np.ndarray | None = None) -> Path | No
     return _save(fig, run / "plots" / "sensor_rmse_map.png")
 
 
-def plot_run(run: str | Path, locations: np.ndarray | None = None) -> list[Path]:
-    """Every single-run plot; returns the files written."""
+def plot_run(run: str | Path, locations: np.ndarray | None = None,
+             interval_minutes: float | None = None) -> list[Path]:
+    """Every single-run plot; returns the files written. ``interval_minutes``: the data's
+    step length (horizons in minutes)."""
     run = Path(run)
     (run / "plots").mkdir(exist_ok=True)
-    out = [plot_validation(run), plot_bytes(run), plot_horizons([run], run / "plots" / "horizons.png"),
+    out = [plot_validation(run), plot_bytes(run),
+           plot_horizons([run], run / "plots" / "horizons.png", interval_minutes),
            plot_sensor_map(run, locations)]
     return [p for p in out if p is not None]
 

@@ -7,16 +7,26 @@ Usage::
     cnfgnn-report outputs/multirun/20261129-040000                 # a Hydra sweep
 
 Each argument is a run directory (it has ``final.json``) or a directory searched two levels
-deep for runs. Writes into ``out`` (default: the single directory given, else ``./report``):
-``comparison.csv`` and ``comparison.md`` (a row per run: both metric protocols, parameters on
-node and server, bytes, seconds, and the paper's reported RMSE where one exists) and, under
-``plots/``: forecasts against truth over a day (``forecasts.png``; read from the nodes'
-own files under ``<run>/node_store/`` when the nodes ran on this machine, or from
-``predictions.npz`` where they were released to the server; a run whose forecasts stayed on
-remote sites gets a note instead), error per horizon
-(``horizons.png``), error per sensor on a map (``sensor_maps.png``), validation RMSE against
-local epochs (``validation.png``) and bytes by phase (``bytes.png``). Everything is read from
-the runs' output files; truth for the forecast plot is read from each run's dataset.
+deep for runs (``cnfgnn-compare`` writes ``<out>/<method>/seed<k>/``). Writes into ``out``
+(default: the single directory given, else ``./report``):
+
+* ``comparison.csv``: a row per run (both metric protocols, seen/unseen nodes of inductive
+  runs, parameters on node and server, bytes, seconds, the paper's reported RMSE where one
+  exists, and the run's ``seed``). When a method ran with several seeds (the same settings
+  otherwise), every method also gets a mean row: ``seed`` empty, ``runs`` = how many seeds,
+  each metric column the mean over seeds and ``<column>_std`` its sample standard deviation.
+* ``comparison.md``: the same as a table, ``mean ± std`` per method when there are seeds.
+* ``plots/``: forecasts against truth over a day (``forecasts.png``; read from the nodes' own
+  files under ``<run>/node_store/`` when the nodes ran on this machine, or from
+  ``predictions.npz`` where they were released to the server; a run whose forecasts stayed on
+  remote sites gets a note instead), error per horizon
+  (``horizons.png``), error per sensor on a map (``sensor_maps.png``), validation RMSE against
+  local epochs (``validation.png``) and bytes by phase (``bytes.png``); with several seeds
+  they show each method's run with its first seed.
+
+Everything is read from the runs' output files; truth for the forecast plot is read from the
+runs' dataset. Horizons are in minutes of the data's own step length (``final.json``).
+A directory whose runs all failed is reported as such (exit status 1).
 """
 
 from __future__ import annotations
@@ -54,10 +64,23 @@ REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
     ("los_loop", "cnfgnn"): (7.99, "authors' code, 5 rounds"),
 }
 
-COLUMNS = ["method", "label", "dataset", "rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae",
-           "rmse_h3", "rmse_h6", "rmse_h12", "masked_rmse", "mape_h3", "mape_h6", "mape_h12",
-           "masked_mape", "params_node", "params_server", "bytes", "seconds", "peak_rss_mb",
-           "local_epochs", "rounds_run", "best_round", "reference_rmse", "reference", "run_dir"]
+#: Columns averaged over seeds (each gets a ``<column>_std`` column in the mean rows).
+METRICS = ["rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae", "rmse_h3", "rmse_h6",
+           "rmse_h12", "masked_rmse", "mape_h3", "mape_h6", "mape_h12", "masked_mape",
+           "rmse_seen", "rmse_unseen", "masked_mae_seen", "masked_mae_unseen", "bytes", "seconds",
+           "peak_rss_mb", "local_epochs", "rounds_run", "best_round"]
+COLUMNS = ["method", "label", "dataset", "seed", "runs", "rmse", "mae", "mae_h3", "mae_h6",
+           "mae_h12", "masked_mae", "rmse_h3", "rmse_h6", "rmse_h12", "masked_rmse", "mape_h3",
+           "mape_h6", "mape_h12", "masked_mape", "rmse_seen", "rmse_unseen", "masked_mae_seen",
+           "masked_mae_unseen", "params_node", "params_server", "bytes", "seconds",
+           "peak_rss_mb", "local_epochs", "rounds_run", "best_round", "interval_minutes",
+           "reference_rmse", "reference", "run_dir"] + [f"{m}_std" for m in METRICS]
+#: Config keys that differ between the seeds of one setting (left out when grouping runs).
+PER_RUN_KEYS = ("seed", "run_dir", "output_root", "name", "resume", "hydra")
+
+
+class ReportError(RuntimeError):
+    """Nothing to report (no finished run); the message says why and what to look at."""
 
 
 @dataclass
@@ -82,6 +105,19 @@ class Run:
     def epochs_per_round(self) -> int:
         return max(1, int(self.cfg.federation.local_epochs))
 
+    @property
+    def seed(self) -> int | None:
+        return None if self.cfg.get("seed") is None else int(self.cfg.seed)
+
+    @property
+    def setting(self) -> str:
+        """The run's settings without what differs between seeds (groups seeds together)."""
+        plain = OmegaConf.to_container(self.cfg, resolve=False)
+        assert isinstance(plain, dict)
+        for k in PER_RUN_KEYS:
+            plain.pop(k, None)
+        return json.dumps([self.key, self.label, plain], sort_keys=True, default=str)
+
 
 def describe(cfg: DictConfig, params_node: int) -> str:
     """A paper-style label for a run's method, from its config."""
@@ -94,8 +130,22 @@ def describe(cfg: DictConfig, params_node: int) -> str:
             "at_no_fedavg": "AT w/o FedAvg"}.get(method, method)
 
 
+def _failed_runs(p: Path) -> str:
+    """What a ``cnfgnn-compare`` directory says about its runs that did not finish."""
+    manifest = p / "compare.json"
+    if not manifest.exists():
+        return ""
+    records = json.loads(manifest.read_text()).get("runs", {})
+    if not records:
+        return ""
+    failed = [f"{k} (exit {r.get('returncode')})" for k, r in records.items()]
+    return (f": every one of its {len(records)} runs failed ({', '.join(failed[:8])}); "
+            f"their logs: {p}/<method>/seed<k>/compare.log")
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories (with ``final.json``) in ``paths``, searched two levels deep."""
+    """Run directories (with ``final.json``) in ``paths``, searched two levels deep; runs a
+    comparison kept aside (``*.prev-*``, an earlier try) are left out."""
     runs: list[Path] = []
     for p in paths:
         if not p.exists():
@@ -103,22 +153,34 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if (p / "final.json").exists():
             runs.append(p)
             continue
-        found = sorted({f.parent for pat in ("*/final.json", "*/*/final.json") for f in p.glob(pat)})
+        found = sorted({f.parent for pat in ("*/final.json", "*/*/final.json") for f in p.glob(pat)
+                        if ".prev-" not in f.parent.relative_to(p).as_posix()})
         if not found:
-            raise SystemExit(f"cnfgnn-report: no finished run (final.json) in {p} or two levels below")
+            raise SystemExit(f"cnfgnn-report: no finished run (final.json) in {p} or two levels "
+                             f"below{_failed_runs(p)}")
         runs.extend(found)
     return runs
 
 
+def _manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """The ``compare.json`` of the comparison ``path`` belongs to, and the run's key in it."""
+    for up in (path.parent, path.parent.parent):
+        m = up / "compare.json"
+        if m.exists():
+            return json.loads(m.read_text()), path.relative_to(up).as_posix()
+    return {}, ""
+
+
 def load_run(path: Path) -> Run:
+    """Read a finished run (``final.json``, ``config.yaml``, its comparison's record)."""
     final = json.loads((path / "final.json").read_text())
     cfg = OmegaConf.load(path / "config.yaml")
-    manifest_path = path.parent / "compare.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    record = manifest.get("methods", {}).get(path.name, {})
-    label = manifest.get("labels", {}).get(path.name) if record else None
+    manifest, rel = _manifest(path)
+    record = manifest.get("runs", {}).get(rel) or manifest.get("methods", {}).get(rel) or {}
+    key = str(record.get("method", rel)) if record else ""
+    label = manifest.get("labels", {}).get(key) if record else None
     params = int(final.get("parameters", {}).get("node", 0))
-    key = path.name if record else f"{final.get('method', cfg.federation.method)}"
+    key = key or f"{final.get('method', cfg.federation.method)}"
     return Run(path, final, cfg, key, label or describe(cfg, params), record)
 
 
@@ -127,8 +189,12 @@ def row(run: Run) -> dict[str, Any]:
     t, f = run.final["test"], run.final
     ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name).replace("-", "_"), run.family))
     r: dict[str, Any] = {"method": run.key, "label": run.label, "dataset": str(run.cfg.dataset.name),
+                         "seed": run.seed, "runs": None,
                          "rmse": t["rmse"], "mae": t["mae"], "masked_mae": t["masked_mae"],
                          "masked_rmse": t["masked_rmse"], "masked_mape": 100 * t["masked_mape"]}
+    for part in ("seen", "unseen"):  # inductive runs: nodes trained on / held out
+        m = f.get(f"test_{part}") or {}
+        r[f"rmse_{part}"], r[f"masked_mae_{part}"] = m.get("rmse"), m.get("masked_mae")
     for h in (3, 6, 12):
         r[f"mae_h{h}"] = t.get(f"masked_mae_h{h}")
         r[f"rmse_h{h}"] = t.get(f"masked_rmse_h{h}")
@@ -140,7 +206,7 @@ def row(run: Run) -> dict[str, Any]:
              peak_rss_mb=run.record.get("peak_rss_mb"),
              local_epochs=f.get("rounds_run", 0) * run.epochs_per_round,
              rounds_run=f.get("rounds_run"), best_round=f.get("best_round"),
-             reference_rmse=ref[0] if ref else None, reference=ref[1] if ref else None,
+             interval_minutes=f.get("interval_minutes"), reference_rmse=ref[0] if ref else None, reference=ref[1] if ref else None,
              run_dir=str(run.path))
     return r
 
@@ -162,20 +228,90 @@ def _size(n: float | None, unit: str = "B") -> str:
     return f"{n:.0f} {unit}".rstrip()
 
 
+def _group(runs: list[Run]) -> list[list[Run]]:
+    """Runs of one method and setting (they differ only in seed), in first-seen order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.setting, []).append(run)
+    return list(groups.values())
+
+
+def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of the values given; std None for one."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if not x.size:
+        return None, None
+    return float(x.mean()), (float(x.std(ddof=1)) if x.size > 1 else None)
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for the seeds of a method: every metric column's mean and ``<column>_std``;
+    ``seed`` left empty, ``runs`` = the number of seeds."""
+    first = rows[0]
+    r: dict[str, Any] = {k: first.get(k) for k in ("method", "label", "dataset", "params_node",
+                                                   "params_server", "interval_minutes",
+                                                   "reference_rmse", "reference")}
+    r.update(seed=None, runs=len(rows),
+             run_dir=str(Path(first["run_dir"]).parent) if len(rows) > 1 else first["run_dir"])
+    for m in METRICS:
+        r[m], r[f"{m}_std"] = _mean_std([x.get(m) for x in rows])
+    return r
+
+
+def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """The CSV rows: each method's per-seed rows, then (when any method has several seeds)
+    its mean row."""
+    groups = _group(runs)
+    seeds = any(len(g) > 1 for g in groups)
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        per = [row(r) for r in g]
+        out.extend(per)
+        if seeds:
+            out.append(mean_row(per))
+    return out
+
+
+def _cell(r: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``mean ± std`` in a mean row with a spread, else the value."""
+    std = r.get(f"{key}_std")
+    if std is None:
+        return _fmt(r.get(key), digits)
+    return f"{_fmt(r.get(key), digits)} ± {_fmt(std, digits)}"
+
+
+def _horizon_head(rows: list[dict[str, Any]]) -> str:
+    """Horizons 3 / 6 / 12 in minutes when all rows share one step length, else in steps."""
+    steps = {r.get("interval_minutes") for r in rows}
+    if len(steps) == 1 and None not in steps:
+        step = float(steps.pop())
+        return " / ".join(f"{h * step:g}" for h in (3, 6, 12)) + " min"
+    return "h3 / h6 / h12"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a markdown table (sorted as given)."""
-    head = ("| method | RMSE (paper) | MAE | MAE 15 / 30 / 60 min | RMSE 15 / 30 / 60 min | MAPE % 15 / 30 / 60 min "
-            "| params node + server | bytes | seconds | epochs | reported RMSE |")
+    """The comparison as a markdown table (sorted as given). Mean rows (``runs`` set) show
+    ``mean ± std`` over seeds; an inductive run adds RMSE on its seen / unseen nodes."""
+    when = _horizon_head(rows)
+    seeds = any(r.get("runs") for r in rows)
+    inductive = any(r.get("rmse_seen") is not None for r in rows)
+    head = (f"| method | {'seeds | ' if seeds else ''}RMSE (paper) | MAE | MAE {when} "
+            f"| RMSE {when} | MAPE % {when} "
+            f"| {'RMSE seen / unseen | ' if inductive else ''}"
+            "params node + server | bytes | seconds | epochs | reported RMSE |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ref = f"{r['reference_rmse']:.3f} ({r['reference']})" if r["reference_rmse"] else "–"
+        seed = (f"{r['runs']} seeds" if r.get("runs") else f"seed {_fmt(r.get('seed'))}")
         lines.append(
-            f"| {r['label']} | {_fmt(r['rmse'])} | {_fmt(r['mae'])} "
-            f"| {_fmt(r['mae_h3'])} / {_fmt(r['mae_h6'])} / {_fmt(r['mae_h12'])} "
-            f"| {_fmt(r['rmse_h3'])} / {_fmt(r['rmse_h6'])} / {_fmt(r['rmse_h12'])} "
-            f"| {_fmt(r['mape_h3'], 2)} / {_fmt(r['mape_h6'], 2)} / {_fmt(r['mape_h12'], 2)} "
-            f"| {_size(r['params_node'], '')} + {_size(r['params_server'], '')} | {_size(r['bytes'])} "
-            f"| {_fmt(r['seconds'], 1)} | {r['local_epochs']} | {ref} |")
+            f"| {r['label']} | {seed + ' | ' if seeds else ''}{_cell(r, 'rmse')} | {_cell(r, 'mae')} "
+            f"| {_cell(r, 'mae_h3')} / {_cell(r, 'mae_h6')} / {_cell(r, 'mae_h12')} "
+            f"| {_cell(r, 'rmse_h3')} / {_cell(r, 'rmse_h6')} / {_cell(r, 'rmse_h12')} "
+            f"| {_cell(r, 'mape_h3', 2)} / {_cell(r, 'mape_h6', 2)} / {_cell(r, 'mape_h12', 2)} "
+            + (f"| {_cell(r, 'rmse_seen')} / {_cell(r, 'rmse_unseen')} " if inductive else "")
+            + f"| {_size(r['params_node'], '')} + {_size(r['params_server'], '')} "
+            f"| {_size(r['bytes'])} | {_fmt(r['seconds'], 1)} | {_fmt(r['local_epochs'], 1)} "
+            f"| {ref} |")
     return "\n".join(lines)
 
 
@@ -218,7 +354,7 @@ def plot_forecasts(runs: list[Run], out: Path, data: Any,
                     first = False
                 ax.plot(data.timestamps[t], npz["forecast"][:, h - 1, ids.index(sensor)], lw=1.0,
                         label=run.label)
-            ax.set_title(f"sensor {sensor}: {h * int(data.interval_minutes)} min ahead", fontsize=9)
+            ax.set_title(f"sensor {sensor}: {h * data.interval_minutes:g} min ahead", fontsize=9)
             ax.set_ylabel("speed")
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=2)
@@ -227,18 +363,22 @@ def plot_forecasts(runs: list[Run], out: Path, data: Any,
     return _save(fig, out / "forecasts.png")
 
 
-def plot_horizons(runs: list[Run], out: Path) -> Path | None:
-    """Masked MAE and unmasked RMSE for each horizon step, a line per method."""
+def plot_horizons(runs: list[Run], out: Path, interval_minutes: float | None = None) -> Path | None:
+    """Masked MAE and unmasked RMSE for each horizon step, a line per method; minutes of the
+    run's own step length (``final.json``), else ``interval_minutes``, else steps."""
+    from cnfgnn.plots import horizon_axis
+
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    xlabel = "horizon"
     for run in runs:
         ph = run.final.get("test_per_horizon")
         if not ph:
             continue
-        minutes = np.arange(1, len(ph["rmse"]) + 1) * int(run.cfg.dataset.interval_minutes)
-        ax[0].plot(minutes, ph["masked_mae"], marker="o", ms=3, label=run.label)
-        ax[1].plot(minutes, ph["rmse"], marker="o", ms=3, label=run.label)
-    ax[0].set(xlabel="horizon (minutes)", ylabel="masked MAE", title="Test error per horizon (field's protocol)")
-    ax[1].set(xlabel="horizon (minutes)", ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)")
+        x, xlabel = horizon_axis(len(ph["rmse"]), run.final.get("interval_minutes", interval_minutes))
+        ax[0].plot(x, ph["masked_mae"], marker="o", ms=3, label=run.label)
+        ax[1].plot(x, ph["rmse"], marker="o", ms=3, label=run.label)
+    ax[0].set(xlabel=xlabel, ylabel="masked MAE", title="Test error per horizon (field's protocol)")
+    ax[1].set(xlabel=xlabel, ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)")
     for a in ax:
         a.grid(alpha=0.3)
     ax[0].legend(fontsize=8)
@@ -365,40 +505,71 @@ def forecast_notes(runs: list[Run]) -> list[str]:
     return notes
 
 
+def _dataset(run: Run) -> Any:
+    """The run's dataset (truth and locations for the plots), or None when it cannot be
+    read here (moved files): the plots that need it are left out, with a note."""
+    from cnfgnn.data.errors import DataError
+    from cnfgnn.data.loaders import load_dataset
+
+    try:
+        return load_dataset(run.cfg.dataset, windows=False)
+    except (DataError, OSError) as exc:
+        print(f"cnfgnn-report: no forecast or sensor-map plot, the dataset of {run.path} "
+              f"cannot be read ({exc})", file=sys.stderr)
+        return None
+
+
 def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
-    """Write the table and plots of ``run_dirs`` into ``out``; returns (markdown, files)."""
+    """Write the table and plots of ``run_dirs`` into ``out``; returns (markdown, files).
+
+    Raises:
+        ReportError: when ``run_dirs`` is empty.
+    """
+    if not run_dirs:
+        raise ReportError(f"no finished run to report in {out}")
     runs = [load_run(Path(p)) for p in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row(r) for r in runs]
+    rows = table_rows(runs)
     with open(out / "comparison.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    table = markdown(rows)
-    notes = forecast_notes(runs)
-    table = table + "".join(f"\n\n{n}" for n in notes)
+    groups = _group(runs)
+    firsts = [g[0] for g in groups]  # the plots: each method's run with its first seed
+    seeds = any(len(g) > 1 for g in groups)
+    if seeds:
+        means = [r for r in rows if r.get("runs")]
+        table = (markdown(means) + "\n\nPer seed:\n\n"
+                 + markdown([r for r in rows if not r.get("runs")]))
+        note = ("Mean ± sample standard deviation over the seeds of each method (per-seed rows "
+                "below and in comparison.csv). Plots: each method's run with its first seed "
+                f"({', '.join(f'{r.label} {r.seed}' for r in firsts)}). ")
+    else:
+        table, note = markdown(rows), ""
+    table = table + "".join(f"\n\n{n}" for n in forecast_notes(runs))
     datasets = sorted({r["dataset"] for r in rows})
     (out / "comparison.md").write_text(
         f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "
-        "horizons, original units; 15/30/60 min: masked (zeros left out) at horizons 3/6/12. "
-        "Epochs: local epochs per node actually trained (early stopping may end a run early).\n\n"
-        f"{table}\n")
+        "horizons, original units; per-horizon columns: masked (zeros left out) at horizons "
+        "3/6/12. Epochs: local epochs per node actually trained (early stopping may end a run "
+        f"early). {note}\n\n{table}\n")
     files = [out / "comparison.csv", out / "comparison.md"]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    from cnfgnn.data.loaders import load_dataset
-
-    data = load_dataset(runs[0].cfg.dataset)  # truth and locations, read once (runs share it)
-    for path in (plot_forecasts(runs, plots, data), plot_horizons(runs, plots),
-                 plot_sensor_maps(runs, plots, data), plot_validation(runs, plots),
-                 plot_bytes(runs, plots)):
+    data = _dataset(firsts[0])  # truth and locations, read once (runs share it)
+    same = [r for r in firsts if r.cfg.dataset == firsts[0].cfg.dataset]
+    step = None if data is None else data.interval_minutes
+    for path in (None if data is None else plot_forecasts(same, plots, data),
+                 plot_horizons(firsts, plots, step),
+                 None if data is None else plot_sensor_maps(same, plots, data),
+                 plot_validation(firsts, plots), plot_bytes(firsts, plots)):
         if path is not None:
             files.append(path)
     return table, files
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry."""
+    """Console-script entry; exit status 1 when there is no finished run to report."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or any(a in ("-h", "--help") for a in args):
         print(__doc__)

@@ -249,7 +249,7 @@ class CentralTrainer:
         self.model.load_state_dict(es["best"])
         n = len(self.eval_nodes)
         s_test = len(self.eval.series.starts[P.TEST])
-        chosen, windows = report_selection(self.cfg, n, s_test)
+        chosen, windows = report_selection(self.cfg, n, s_test, self.data.interval_minutes)
         sums, forecast = self.evaluate(P.TEST, windows if len(chosen) else None)
         ids = list(self.data.sensor_ids)
         final: dict[str, Any] = {"test": metrics_from_sums(sums), "best_round": es["best_round"],

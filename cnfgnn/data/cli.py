@@ -49,7 +49,7 @@ def summary(data: SensorData, dataset_cfg: Any) -> dict[str, Any]:
     split = dataset_cfg.split
     starts = split_starts(data.num_steps, int(dataset_cfg.in_steps), int(dataset_cfg.out_steps),
                           float(split.train), float(split.val), float(split.test),
-                          source=data.name)
+                          source=data.where)
     return {
         "name": data.name, "kind": str(dataset_cfg.kind), "nodes": data.num_nodes,
         "steps": data.num_steps, "interval_minutes": data.interval_minutes,

@@ -32,6 +32,8 @@ class SensorData:
             ``i -> j`` (DCRNN convention: kernel of the road distance from i to j);
             self-loops kept.
         locations: ``[N, 2]`` (latitude, longitude) in degrees, or None.
+        source: the file (or folder) the series was read from; error messages name it
+            (:attr:`where`). Empty for generated data.
     """
 
     name: str
@@ -42,6 +44,7 @@ class SensorData:
     sensor_ids: list[str]
     adjacency: np.ndarray
     locations: np.ndarray | None = None
+    source: str = ""
 
     def __post_init__(self) -> None:
         self.speed = np.asarray(self.speed, dtype=np.float32)
@@ -67,8 +70,13 @@ class SensorData:
         if self.locations is not None and n is not None and self.locations.shape != (n, 2):
             problems.append(f"locations shape {self.locations.shape}, expected ({n}, 2)")
         if problems:
-            raise bad_input(self.name, "inconsistent dataset: " + "; ".join(problems),
+            raise bad_input(self.where, "inconsistent dataset: " + "; ".join(problems),
                             "build SensorData from arrays of matching shapes")
+
+    @property
+    def where(self) -> str:
+        """What error messages name: the user's file when there is one, else the name."""
+        return self.source or self.name
 
     @property
     def num_nodes(self) -> int:
@@ -111,7 +119,7 @@ class SensorData:
         """
         idx = np.asarray(nodes, dtype=np.int64)
         if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= self.num_nodes)):
-            raise bad_input(self.name, f"subset indices must be a 1-D array in "
+            raise bad_input(self.where, f"subset indices must be a 1-D array in "
                             f"[0, {self.num_nodes}), got {idx.tolist()[:10]}",
                             "pass node indices of this dataset")
         return SensorData(
@@ -123,6 +131,7 @@ class SensorData:
             sensor_ids=[self.sensor_ids[i] for i in idx],
             adjacency=self.adjacency[np.ix_(idx, idx)],
             locations=None if self.locations is None else self.locations[idx],
+            source=self.source,
         )
 
     def missing_fraction(self) -> float:

@@ -111,7 +111,7 @@ def load_dcrnn_h5(h5_path: str | Path, adj_pkl_path: str | Path,
     speed, mask = series_from_values(df.to_numpy(np.float64)[:, idx], h5, missing_value,
                                      columns=ids)
     return SensorData(name, speed, mask, df.index, interval, ids, adj,
-                      _locations(locations_path, ids))
+                      _locations(locations_path, ids), str(h5))
 
 
 def _npz_array(path: Path, key: str) -> np.ndarray:
@@ -216,4 +216,4 @@ def load_dcrnn_npz(dir: str | Path, adj_pkl_path: str | Path,
     ts, interval = timestamps_from_tod(tod, start, d, interval_minutes)
     speed, mask = series_from_values(series[:, :, 0], d, missing_value, columns=ids)
     return SensorData(name, speed, mask, ts, interval, ids, adj,
-                      _locations(locations_path, ids))
+                      _locations(locations_path, ids), str(d))

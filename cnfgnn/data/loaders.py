@@ -10,8 +10,11 @@
     metrla_json  -> load_metrla_json(path, locations, start)
 
 ``name`` is passed to every loader; ``in_steps``, ``out_steps`` and ``split`` are window
-settings (``split`` is also checked against the npz files). Relative paths are resolved against
-the current working directory.
+settings (``split`` is also checked against the npz files), checked right after loading so that
+a series too short for them is reported with the user's file, before any training. The step
+length is read from the data (``SensorData.interval_minutes``); only the loaders of files
+without a time axis (Los-loop, synthetic) take it as an option. Relative paths are resolved
+against the current working directory.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from cnfgnn.data.dcrnn import load_adj_pkl, load_dcrnn_h5, load_dcrnn_npz
 from cnfgnn.data.errors import bad_input
 from cnfgnn.data.synthetic import generate_synthetic
 from cnfgnn.data.tabular import load_csv, load_los_loop, load_metrla_json
+from cnfgnn.data.windows import split_starts
 
-__all__ = ["load_dataset", "load_adj_pkl", "load_dcrnn_h5", "load_dcrnn_npz", "load_los_loop",
+__all__ = ["load_dataset", "check_windows", "load_adj_pkl", "load_dcrnn_h5", "load_dcrnn_npz", "load_los_loop",
            "load_csv", "load_metrla_json", "generate_synthetic", "LOADERS"]
 
 # kind -> (loader, {config key: loader argument})
@@ -95,14 +99,30 @@ def loader_kwargs(cfg: Any) -> tuple[Callable[..., SensorData], dict[str, Any]]:
     return fn, kwargs
 
 
-def load_dataset(cfg: Any) -> SensorData:
+def check_windows(data: SensorData, cfg: Any) -> None:
+    """Raise a :class:`DataError` naming ``data``'s file unless ``cfg``'s window settings
+    (``in_steps``, ``out_steps``, ``split``) give every split at least one window."""
+    c = _plain(cfg)
+    if not all(k in c for k in WINDOW_KEYS):
+        return
+    s = c["split"]
+    split_starts(data.num_steps, int(c["in_steps"]), int(c["out_steps"]), float(s["train"]),
+                 float(s["val"]), float(s["test"]), source=data.where)
+
+
+def load_dataset(cfg: Any, windows: bool = True) -> SensorData:
     """Load (or generate) the dataset described by a ``dataset`` config group.
 
     Args:
         cfg: DictConfig or dict with ``kind`` and the loader's options (see module docstring).
+        windows: check that the series holds the config's train/val/test windows
+            (:func:`check_windows`); False for data that only feed a forecast.
 
     Returns:
         The dataset.
     """
     fn, kwargs = loader_kwargs(cfg)
-    return fn(**kwargs)
+    data = fn(**kwargs)
+    if windows:
+        check_windows(data, cfg)
+    return data

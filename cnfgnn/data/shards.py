@@ -82,7 +82,7 @@ def write_shards(data: SensorData, out_dir: str | Path, nodes_per_client: int,
     sel = np.arange(data.num_nodes) if nodes is None else np.asarray(nodes, dtype=np.int64)
     if sel.size == 0 or sel.min() < 0 or sel.max() >= data.num_nodes \
             or len(np.unique(sel)) != len(sel):
-        raise bad_input(data.name, f"node indices must be unique and in [0, {data.num_nodes})",
+        raise bad_input(data.where, f"node indices must be unique and in [0, {data.num_nodes})",
                         "pass valid node indices")
     groups = partition(sel, nodes_per_client)
     out.parent.mkdir(parents=True, exist_ok=True)

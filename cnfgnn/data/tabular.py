@@ -63,7 +63,7 @@ def load_los_loop(speed_csv: PathLike, adj_csv: PathLike, start: str = "2012-03-
     ts = regular_timestamps(start, speed.shape[0], interval_minutes)
     loc = None if locations_path is None else load_locations(
         require_file(locations_path, "sensor locations", "dataset.locations"), ids)
-    return SensorData(name, speed, mask, ts, interval_minutes, ids, adj, loc)
+    return SensorData(name, speed, mask, ts, interval_minutes, ids, adj, loc, str(sp))
 
 
 def load_csv(series_csv: PathLike, adjacency: PathLike | None = None,
@@ -105,7 +105,7 @@ def load_csv(series_csv: PathLike, adjacency: PathLike | None = None,
         loc = load_locations(require_file(locations, "sensor locations", "dataset.locations"),
                              ids)
         adj = gaussian_kernel_adjacency(haversine_km(loc[:, 0], loc[:, 1]), threshold)
-    return SensorData(name, speed, mask, ts, interval, ids, adj, loc)
+    return SensorData(name, speed, mask, ts, interval, ids, adj, loc, str(sp))
 
 
 def _json_ids(path: Path, n: int) -> list[str]:
@@ -170,4 +170,4 @@ def load_metrla_json(path: PathLike, locations_path: PathLike | None = None,
     speed, mask = series_from_values(frames[:, :, 0], p, missing_value, columns=ids)
     loc = None if locations_path is None else load_locations(
         require_file(locations_path, "sensor locations", "dataset.locations"), ids)
-    return SensorData(name, speed, mask, ts, interval, ids, adj, loc)
+    return SensorData(name, speed, mask, ts, interval, ids, adj, loc, str(p))

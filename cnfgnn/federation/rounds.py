@@ -46,11 +46,20 @@ class ServerGraph:
         adjacency: ``[N, N]`` weights of directed edges i -> j (self-loops kept).
         sensor_ids: N sensor ids.
         locations: ``[N, 2]`` (lat, lon) or None.
+        interval_minutes: the series' step length, read from the data
+            (``SensorData.interval_minutes``); None when the server was not told it.
     """
 
     adjacency: np.ndarray
     sensor_ids: list[str]
     locations: np.ndarray | None = None
+    interval_minutes: float | None = None
+
+    @classmethod
+    def from_data(cls, data: Any) -> "ServerGraph":
+        """The server's view of a loaded :class:`~cnfgnn.data.dataset.SensorData`."""
+        return cls(np.asarray(data.adjacency), list(data.sensor_ids), data.locations,
+                   float(data.interval_minutes))
 
 
 @contextmanager
@@ -71,19 +80,27 @@ def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.node_state(0).items()}
 
 
-def report_selection(cfg: Any, num_nodes: int, num_test: int) -> tuple[np.ndarray, np.ndarray]:
+def report_selection(cfg: Any, num_nodes: int, num_test: int, interval_minutes: float | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Test forecasts kept for plots: ``(node positions [S], window positions [W])``.
 
     ``predictions.sensors`` positions spread evenly over the ``num_nodes`` evaluated nodes,
-    and the first ``predictions.hours`` of the test windows.
+    and the test windows of the first ``predictions.hours``. The step length comes from the
+    data (``interval_minutes``, any length, e.g. 10 or 0.5 minutes), never from the dataset
+    config; when it is unknown (None) every test window is kept.
     """
     pc = cfg.predictions
     k = min(int(pc.sensors), num_nodes)
     if k <= 0 or num_test == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    per_hour = 60 // int(cfg.dataset.interval_minutes)
+    if interval_minutes is None:
+        count = num_test
+    else:
+        if not interval_minutes > 0:
+            raise ValueError(f"interval_minutes must be positive, got {interval_minutes}")
+        count = max(1, int(math.floor(float(pc.hours) * 60.0 / float(interval_minutes) + 1e-9)))
     return (np.unique(np.linspace(0, num_nodes - 1, k).round().astype(np.int64)),
-            np.arange(min(num_test, int(pc.hours) * per_hour), dtype=np.int64))
+            np.arange(min(num_test, count), dtype=np.int64))
 
 
 class Orchestrator:
@@ -580,7 +597,8 @@ class Orchestrator:
         ``predictions.sensors`` sensors spread over the network, the first
         ``predictions.hours`` of the test split. The nodes write them to their own disks;
         they come to the server only with ``predictions.release=true`` (``RELEASE``)."""
-        pos, windows = report_selection(self.cfg, len(self.eval_nodes), self.num_windows[P.TEST])
+        pos, windows = report_selection(self.cfg, len(self.eval_nodes), self.num_windows[P.TEST],
+                                        self.graph.interval_minutes)
         chosen = set(self.eval_nodes[pos].tolist())
         self.report_nodes = sorted(chosen)
         if not len(windows):

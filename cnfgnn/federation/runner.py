@@ -77,7 +77,7 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(str(cfg.device))
     data = load_dataset(cfg.dataset)
-    graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
+    graph = ServerGraph.from_data(data)
     name = str(cfg.engine.name)
     if str(cfg.federation.method) == "central":  # pooled data: no federation, no engine
         from cnfgnn.baselines.centralized import CentralTrainer
@@ -113,6 +113,8 @@ def _finish(final: dict, writer: RunWriter, data: SensorData, engine: str,
             method: str = "central") -> tuple[dict, RunWriter]:
     final["method"] = method
     final["engine"] = engine
-    final["plots"] = [str(p) for p in plot_run(writer.dir, data.locations)]
+    final["interval_minutes"] = data.interval_minutes  # the data's step length
+    final["plots"] = [str(p) for p in plot_run(writer.dir, data.locations,
+                                               data.interval_minutes)]
     writer.write_final(final)
     return final, writer

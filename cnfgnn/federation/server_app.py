@@ -67,15 +67,18 @@ def load_server_graph(cfg: Any) -> tuple[ServerGraph, int | None]:
         from cnfgnn.data.shards import load_server_graph as read_graph
 
         g = read_graph(str(shards_dir))
-        graph = ServerGraph(np.asarray(g["adjacency"]), list(g["sensor_ids"]), g["locations"])
+        manifest = load_manifest(str(shards_dir))
+        interval = manifest.get("interval_minutes")  # the shards' step length
+        graph = ServerGraph(np.asarray(g["adjacency"]), list(g["sensor_ids"]), g["locations"],
+                            None if interval is None else float(interval))
         if expected is None:
-            expected = load_manifest(str(shards_dir))["num_clients"]
+            expected = manifest["num_clients"]
         return graph, int(expected)
     from cnfgnn.data.loaders import load_dataset
     from cnfgnn.federation.runner import client_groups
 
     data = load_dataset(cfg.dataset)
-    graph = ServerGraph(np.asarray(data.adjacency), list(data.sensor_ids), data.locations)
+    graph = ServerGraph.from_data(data)
     if expected is None:
         expected = len(client_groups(cfg, data))
     del data
@@ -103,7 +106,9 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
         final = Orchestrator(cfg, transport, graph, writer, progress, device).run()
         final["method"] = str(cfg.federation.method)
         final["engine"] = str(eng.name)
-        final["plots"] = [str(p) for p in plot_run(writer.dir, graph.locations)]
+        final["interval_minutes"] = graph.interval_minutes  # the data's step length
+        final["plots"] = [str(p) for p in plot_run(writer.dir, graph.locations,
+                                                   graph.interval_minutes)]
         final.update(engine.stats())
         writer.write_final(final)
     finally:

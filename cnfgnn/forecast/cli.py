@@ -99,7 +99,7 @@ def run(argv: Sequence[str], progress=print, engine_wrapper=None) -> dict:
     run_dir, ckpt = R.locate_run(path)
     cfg, changed = R.run_config(run_dir, overrides)
     trained = load_trained(ckpt, cfg)
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset, windows=False)  # new data may hold just the latest steps
     R.check_network(data, trained, cfg, changed, run_dir)
     in_steps, out_steps = int(cfg.dataset.in_steps), int(cfg.dataset.out_steps)
     rolling = "rolling.start" in own
@@ -115,7 +115,7 @@ def run(argv: Sequence[str], progress=print, engine_wrapper=None) -> dict:
     unknown = [x for x in silent if x not in set(data.sensor_ids)]
     if unknown:
         raise bad_input(f"silent={own['silent']}", f"sensors {unknown[:5]} are not in "
-                        f"{data.name}", f"name sensors of the network, e.g. {data.sensor_ids[0]}")
+                        f"{data.where}", f"name sensors of the network, e.g. {data.sensor_ids[0]}")
     result, seconds = R.run_forecast(cfg, data, trained, ends, out_dir, progress,
                                      engine_wrapper, silent or None,
                                      float(own.get("noise", 0.0)))

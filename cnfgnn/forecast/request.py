@@ -124,7 +124,7 @@ def check_network(data: SensorData, trained: TrainedModel, run_cfg: Any,
         from cnfgnn.data.loaders import load_dataset
 
         try:
-            train = load_dataset(OmegaConf.load(source / CONFIG_FILE).dataset)
+            train = load_dataset(OmegaConf.load(source / CONFIG_FILE).dataset, windows=False)
         except DataError as exc:
             raise bad_input(source, "the checkpoint does not record the training network "
                             f"and the training data cannot be loaded to compare ({exc})",
@@ -139,9 +139,9 @@ def check_network(data: SensorData, trained: TrainedModel, run_cfg: Any,
         new = [s for s in got_ids if s not in set(want_ids)]
         what = (f"{len(lost)} training sensors missing {lost[:5]}, {len(new)} unknown "
                 f"sensors {new[:5]}" if lost or new else "the same sensors in another order")
-        raise bad_input(data.name, f"its sensors differ from the training run's ({what})", fix)
+        raise bad_input(data.where, f"its sensors differ from the training run's ({what})", fix)
     if got["adjacency_sha256"] != ref["adjacency_sha256"]:
-        raise bad_input(data.name, "its graph differs from the training run's "
+        raise bad_input(data.where, "its graph differs from the training run's "
                         f"({got['num_edges']} edges, training: {ref['num_edges']}, or other "
                         "weights)", fix)
 
@@ -160,7 +160,7 @@ def step_index(data: SensorData, at: str | None, in_steps: int, what: str = "at"
             raise bad_input(f"{what}={at}", f"not a time stamp of this data ({exc})",
                             f"write it like {ts_all[-1]:%Y-%m-%d %H:%M}") from None
         if not inside:
-            raise bad_input(f"{what}={at}", f"outside the data of {data.name} "
+            raise bad_input(f"{what}={at}", f"outside the data of {data.where} "
                             f"({ts_all[0]} .. {ts_all[-1]})",
                             "pick a time in that range, or pass dataset options that point at "
                             "data covering it")
@@ -237,7 +237,7 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
     engine: Any = InProcessEngine(build_workers(cfg, data, device))
     if engine_wrapper is not None:
         engine = engine_wrapper(engine)
-    graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
+    graph = ServerGraph.from_data(data)
     result = Forecaster(cfg, engine, graph, trained, device, progress,
                         clock=data.time_of_day()).forecast(ends, silent, noise)
     return result, time.perf_counter() - t0

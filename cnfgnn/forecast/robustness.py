@@ -151,7 +151,7 @@ def evaluate_run(path: str, opts: dict[str, Any], progress=print) -> tuple[list[
     device = resolve_device(str(cfg.device))
     store = run_dir / NODE_STORE if trained.per_node else None  # the nodes' own disks
     workers = build_workers(cfg, data, device, store)
-    graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
+    graph = ServerGraph.from_data(data)
     fc = Forecaster(cfg, InProcessEngine(workers), graph, trained, device,
                     progress=lambda s: None, clock=data.time_of_day())
     ends = split_ends(cfg, data.num_steps, opts["split"])[:: opts["stride"]]
