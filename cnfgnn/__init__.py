@@ -8,3 +8,11 @@ import os as _os
 # steal the cores the computing thread needs: `cnfgnn-bench` measured a one-client-per-
 # sensor round 10x faster with it. Set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:  # the installed distribution's version (pyproject.toml [project].version)
+    __version__: str = _version("cnfgnn")
+except _PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+    __version__ = "0.2.0"
