@@ -316,10 +316,16 @@ class NodeWorker:
             state = self.model.stacked_state()
             if start is not None:  # DP: each node's update w_k - w_global clipped to C
                 state = dp.clip_updates(start, state, float(self.privacy.fedavg.clip))
+                if self.privacy.fedavg_noise_at == "node":  # and noised here (docs/privacy.md)
+                    if P.DP_NODES not in payload:
+                        raise ValueError(f"{P.LOCAL_TRAIN} with privacy.fedavg.noise_at=node needs "
+                                         f"{P.DP_NODES!r} (the nodes asked this round): the "
+                                         "server runs another privacy config")
+                    std = dp.node_update_noise_std(self.privacy.fedavg, int(payload[P.DP_NODES]))
+                    state = dp.noise_updates(state, std, self._replay_seeds("fedavg_node", 0))
             out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in state.items()}
         out[P.NUM_EXAMPLES] = np.full(self.num_nodes, s * int(fed.local_epochs), np.int64)
-        out[P.LOSS_SUM] = loss_sum.cpu().numpy()
-        out[P.LOSS_COUNT] = count.cpu().numpy()
+        out |= self._loss_reply(loss_sum, count)
         out[P.STEP] = step
         return out
 
@@ -442,8 +448,7 @@ class NodeWorker:
         per_node, sums, counts = self._sl_forward(h_c, h_g, self.sl_pending[P.STEP])
         (grad,) = torch.autograd.grad(per_node.sum(), h_g)
         grad = self._private("sl_grad", grad, self.round, self.sl_pending[P.STEP])
-        return {P.GRAD: grad.cpu().numpy(), P.LOSS_SUM: sums.double().cpu().numpy(),
-                P.LOSS_COUNT: counts.double().cpu().numpy()}
+        return {P.GRAD: grad.cpu().numpy()} | self._loss_reply(sums, counts)
 
     def _private(self, kind: str, x: Tensor, round_: int, counter: int) -> Tensor:
         """``x`` ``[S, K, L, H]`` as it may leave the node: with ``privacy`` on, every
@@ -452,8 +457,23 @@ class NodeWorker:
         if self.privacy is None:
             return x
         mech = self.privacy.h_c if kind in ("h_c", "sl_h_c") else self.privacy.grad
-        seeds = dp.release_seeds(int(self.cfg.seed), self.series.nodes, round_, kind, counter)
-        return dp.privatize(x, mech, seeds)
+        return dp.privatize(x, mech, self._replay_seeds(kind, counter, round_))
+
+    def _replay_seeds(self, kind: str, counter: int, round_: int | None = None
+                      ) -> list[int] | None:
+        """None (OS-random noise), or with ``privacy.insecure_replayable_noise`` the config-keyed
+        seeds of this release, one per node (anyone with the config can replay them)."""
+        if self.privacy is None or not self.privacy.insecure_replayable_noise:
+            return None
+        r = self.round if round_ is None else round_
+        return dp.release_seeds(int(self.cfg.seed), self.series.nodes, r, kind, counter)
+
+    def _loss_reply(self, sums: Tensor, counts: Tensor) -> P.Payload:
+        """Training-loss sums and counts ``[K]`` for the reply; none under ``privacy=dp``
+        unless ``privacy.report_train_loss`` (they are released without noise)."""
+        if self.privacy is not None and not self.privacy.report_train_loss:
+            return {}
+        return {P.LOSS_SUM: sums.double().cpu().numpy(), P.LOSS_COUNT: counts.double().cpu().numpy()}
 
     def sl_backward(self, payload: P.Payload) -> P.Payload:
         """Split learning, step 3: backpropagate both paths into the node model and step.
@@ -511,8 +531,7 @@ class NodeWorker:
         per_node, sums, counts = self._loss(pred, y, t)
         (grad,) = torch.autograd.grad(per_node.sum(), h_g)  # row k: d(loss_k)/d(h_G,k)
         grad = self._private("grad", grad, self.round, step)
-        return {P.GRAD: grad.cpu().numpy(), P.LOSS_SUM: sums.double().cpu().numpy(),
-                P.LOSS_COUNT: counts.double().cpu().numpy()}
+        return {P.GRAD: grad.cpu().numpy()} | self._loss_reply(sums, counts)
 
     def embed(self, payload: P.Payload) -> P.Payload:
         """Store h_G for every training window: next round's fixed input (step 4)."""

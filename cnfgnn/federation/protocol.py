@@ -68,6 +68,7 @@ ROUND = "round"
 STEP = "step"  # scheduled-sampling step counter (local + server batches)
 WEIGHTS_PREFIX = "w."  # node-model tensors: "w.<name>" -> [K, ...] (up) or [...] (down)
 NUM_EXAMPLES = "num_examples"  # [K] windows each node trained on
+DP_NODES = "dp_nodes"  # int: nodes asked to train this round (node-side FedAvg noise)
 ACTIVE = "active"  # [K] bool: which hosted nodes take part in training
 SCALER_MEAN = "scaler_mean"  # [] or [K]
 SCALER_STD = "scaler_std"

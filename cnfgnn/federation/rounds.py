@@ -143,6 +143,11 @@ class Orchestrator:
         self.node_weights: dict[int, dict[str, np.ndarray]] = {}  # FMTL: each node's last upload
         self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: no DP (conf/privacy/none.yaml)
         self.releases: dict[str, int] = defaultdict(int)  # per training window, for the accountant
+        self.fedavg_rounds: list[tuple[int, int]] = []  # (nodes answered, asked) per FedAvg round
+        if self.privacy is not None and self.privacy.secagg and not getattr(
+                engine, "secure_aggregation", False):  # docs/privacy.md: not wired yet
+            raise ValueError("privacy.secagg=true needs an engine that runs the FedAvg phase "
+                             "through SecAgg+; this one does not. Fix: privacy.secagg=false")
         self.num_windows: dict[str, int] = {}  # windows per split, from the handshake
 
     # ------------------------------------------------------------------ transport
@@ -318,6 +323,11 @@ class Orchestrator:
     def local_phase(self) -> dict[str, float]:
         payloads = {c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
                     for c in self.train_clients}
+        dp_fedavg = (self.privacy is not None and self.privacy.fedavg.active
+                     and self.aggregate == "fedavg")
+        asked = sum(len(self.client_nodes[c]) for c in self.train_clients)
+        if dp_fedavg:  # each node's share of the noise is sigma C / sqrt(asked)
+            payloads = {c: p | {P.DP_NODES: asked} for c, p in payloads.items()}
         if self.aggregate == "fmtl":
             if not self.node_weights:  # round 1: every node starts from theta
                 self.node_weights = {int(g): self.theta for g in self.train_nodes}
@@ -326,12 +336,15 @@ class Orchestrator:
         self._delivered(replies, payloads)
         if self.aggregate == "fedavg":
             self.theta = fedavg([P.weights_from_payload(r) for r in replies.values()],
-                                [r[P.NUM_EXAMPLES] for r in replies.values()],
-                                self.fed.fedavg_weighting)
-            if self.privacy is not None and self.privacy.fedavg.active:  # clipped on the nodes
-                self.theta = dp.add_fedavg_noise(self.theta, self.privacy.fedavg,
-                                                 len(self.train_nodes), int(self.cfg.seed),
-                                                 self.round)
+                                [r[P.NUM_EXAMPLES] for r in replies.values()],  # DP: uniform
+                                "uniform" if dp_fedavg else self.fed.fedavg_weighting)
+            if dp_fedavg:  # clipped (and with noise_at=node, noised) on the nodes
+                self.fedavg_rounds.append((sum(len(self.client_nodes[c]) for c in replies), asked))
+            if dp_fedavg and self.privacy.fedavg_noise_at == "server":  # central DP
+                self.theta = dp.add_fedavg_noise(
+                    self.theta, self.privacy.fedavg, asked,
+                    int(self.cfg.seed) if self.privacy.insecure_replayable_noise else None,
+                    self.round)
             self.releases["fedavg"] += 1
             self.version += 1
         elif self.aggregate == "fmtl":  # nothing averaged: keep each node's weights
@@ -341,8 +354,8 @@ class Orchestrator:
                 for k, g in enumerate(self.client_nodes[c]):
                     self.node_weights[int(g)] = {name: v[k] for name, v in w.items()}
         self.step = max(int(r[P.STEP]) for r in replies.values())
-        loss = sum(r[P.LOSS_SUM].sum() for r in replies.values())
-        count = sum(r[P.LOSS_COUNT].sum() for r in replies.values())
+        loss = sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in replies.values())  # DP: NaN
+        count = sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in replies.values())
         return {"train_loss": float(loss / max(count, 1))}
 
     def encode_phase(self, split: str, clients: list[int], phase: str) -> dict[int, P.Payload]:
@@ -377,8 +390,8 @@ class Orchestrator:
                 answered = sum(len(self.client_nodes[c]) for c in replies)
                 self.server.step(h_g, grad / answered)  # d(mean over nodes of MSE_k)/dh_G
                 self.seconds["split_server"] += time.perf_counter() - t0
-                loss += sum(r[P.LOSS_SUM].sum() for r in replies.values())
-                count += sum(r[P.LOSS_COUNT].sum() for r in replies.values())
+                loss += sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in replies.values())
+                count += sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in replies.values())
                 self.step += 1
         return {"split_loss": float(loss / max(count, 1.0))}
 
@@ -416,8 +429,8 @@ class Orchestrator:
             self.seconds["split_server"] += time.perf_counter() - t0
             self._send("split", P.SL_BACKWARD,
                        {c: {P.GRAD_H_C: self._slice(g_hc, c, self.col)} for c in dec})
-            loss += sum(r[P.LOSS_SUM].sum() for r in dec.values())
-            count += sum(r[P.LOSS_COUNT].sum() for r in dec.values())
+            loss += sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in dec.values())
+            count += sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in dec.values())
             self.step += 1
         return {"train_loss": float(loss / max(count, 1.0))}
 
@@ -478,7 +491,7 @@ class Orchestrator:
             "scaler": None if sc is None else {"mean": np.asarray(sc.mean),
                                                "std": np.asarray(sc.std)},
             "graph": graph_fingerprint(self.graph.adjacency, self.graph.sensor_ids),
-            "privacy_releases": dict(self.releases),
+            "privacy_releases": dict(self.releases), "privacy_fedavg_rounds": self.fedavg_rounds,
         })
 
     def _elapsed(self) -> float:
@@ -493,6 +506,9 @@ class Orchestrator:
         that round's GN, never with a later round's.
         """
         self.t_start, self.seconds_before = time.perf_counter(), 0.0
+        if self.privacy is not None and self.privacy.insecure_replayable_noise:
+            self.progress("privacy: INSECURE: privacy.insecure_replayable_noise=true, the noise "
+                          "is keyed by the run config and anyone holding it can remove it")
         self.round = 0
         self.setup()
         es = {"best_loss": math.inf, "best_round": 0, "bad_rounds": 0,
@@ -582,6 +598,7 @@ class Orchestrator:
         self.theta, self.version = ckpt["theta"], ckpt["version"] + 1
         self.step = ckpt["step"]
         self.releases.update(ckpt.get("privacy_releases", {}))
+        self.fedavg_rounds = [tuple(r) for r in ckpt.get("privacy_fedavg_rounds", [])]
         self.server.load_state_dict(ckpt["server"])
         self.round = ckpt["round"]
         if self.uses_gn and self.round > 0:  # the nodes' cached h_G = GN(h_c(theta))
@@ -677,7 +694,10 @@ class Orchestrator:
         if self.privacy is not None:
             from cnfgnn.privacy.accounting import describe, privacy_report
 
-            final["privacy"] = privacy_report(self.privacy, dict(self.releases))
+            final["privacy"] = privacy_report(
+                self.privacy, dict(self.releases), fedavg_rounds=self.fedavg_rounds,
+                per_node_models=self.per_node_models,
+                global_scaling=str(self.fed.scaling) == "global")
             self.progress(describe(final["privacy"]))
         if self.writer:
             self.writer.write_final(final)

@@ -345,6 +345,7 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
     elif mtype == P.LOCAL_TRAIN:
         req = {P.ROUND: Int(), P.STEP: Int()}
         opt |= weights
+        opt[P.DP_NODES] = Int(lo=1)  # privacy=dp: N, the nodes asked (node-side FedAvg noise)
         nbr = _weights(lim.weight_shapes, P.NBR_PREFIX)
         if _all_or_none(mtype, payload, list(nbr) + [P.NBR_WEIGHT], "FMTL neighbour set"):
             w = payload[P.NBR_WEIGHT]  # [K, M]: M >= 1 neighbours
@@ -473,9 +474,11 @@ def check_reply(mtype: str, request: Mapping[str, Any], reply: Any, k: int | Non
             req |= _weights(lim.weight_shapes, P.WEIGHTS_PREFIX, lead=(kk,), max_abs=big)
         step0 = int(request.get(P.STEP, 0))
         req |= {P.NUM_EXAMPLES: Ints((kk,), lo=0, hi=s * epochs),
-                P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),
-                P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=s * epochs * hz),
                 P.STEP: Int(step0, step0 + epochs * math.ceil(s / max(lim.batch_size, 1)))}
+        if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
+            req |= {P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
+                    P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0,
+                                         max_value=s * epochs * hz)}
     elif mtype in (P.ENCODE, P.SL_ENCODE, P.PREDICT_ENCODE):
         if mtype == P.ENCODE:
             s = lim.windows[str(request[P.SPLIT])]
@@ -484,9 +487,10 @@ def check_reply(mtype: str, request: Mapping[str, Any], reply: Any, k: int | Non
         req = {P.H_C: Floats((s, kk, lay, hid), max_abs=big)}
     elif mtype in (P.SPLIT_STEP, P.SL_DECODE):
         b = len(request[P.BATCH])
-        req = {P.GRAD: Floats((b, kk, lay, hid), max_abs=big),
-               P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),
-               P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=b * hz)}
+        req = {P.GRAD: Floats((b, kk, lay, hid), max_abs=big)}
+        if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
+            req |= {P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
+                    P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=b * hz)}
     elif mtype == P.EVALUATE:
         s = lim.windows[str(request[P.SPLIT])]
         for name in lim.sum_keys:

@@ -8,7 +8,9 @@ Usage::
 ``none`` is the run without DP (``privacy=none``); a number ``s`` is ``privacy=dp`` with the
 noise multiplier of all three mechanisms (``h_c``, ``dL/dh_G``, FedAvg) set to ``s`` and
 the clip norms of ``conf/privacy/dp.yaml`` (override them after ``--``). ``0`` clips
-without noise (epsilon unbounded). Each run is a child process (``python -m cnfgnn.cli``),
+without noise (epsilon unbounded). Epsilon is finite only with ``federation.scaling=per_node``
+after ``--`` (the global scaler's statistics go up without noise; docs/privacy.md), and the
+noise is OS-random, so two sweeps give different numbers (run several seeds). Each run is a child process (``python -m cnfgnn.cli``),
 started and stopped by its PID; its ``final.json`` gives test RMSE/MAE and epsilon.
 Writes ``privacy_sweep.csv``, ``privacy_sweep.md`` and ``privacy_sweep.png`` (test RMSE
 and epsilon against the noise multiplier) under ``--out``.
