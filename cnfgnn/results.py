@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-
 #: Folder of a run directory standing in for the nodes' own disks (one machine).
 NODE_STORE = "node_store"
 #: Folder of a node's store holding its test forecasts, one file per sensor.

@@ -640,7 +640,7 @@ class Orchestrator:
         ids = [self.graph.sensor_ids[int(g)] for c in answered for g in report[c][P.REPORT_NODES]]
         windows = next(iter(report.values()))[P.REPORT]
         released = any(P.RELEASE in r for r in report.values())
-        out: dict[str, Any] = {"sensors": ids, "windows": int(len(windows)),
+        out: dict[str, Any] = {"sensors": ids, "windows": len(windows),
                                "released_to_server": released}
         if not released:
             out["kept_on_nodes"] = f"{NODE_STORE}/{NODE_FORECASTS}/<sensor>.npz on each node's disk"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cnfgnn.federation.runner import run_experiment
+from cnfgnn.results import read_predictions
 from launch import deploy
 from launch.procs import cmdline_of
 from tests.conftest import TINY, make_cfg
@@ -71,6 +72,11 @@ def test_demo_completes_and_equals_an_inprocess_run(tmp_path):
         assert "completed" in (tmp_path / "deploy" / "logs" / f"supernode_{i}.log").read_text()
     assert result.info["startup_s"] > 0 and len(result.info["memory_peak_mb"]) >= 4
     assert "SuperNodes" in deploy.report(result)
+    # the test forecasts stayed on the sites' own disks (their state dirs), none reached the server
+    kept = sorted(p.stem for p in (tmp_path / "deploy" / "node_state").glob("*/node_store/forecasts/*.npz"))
+    assert kept == sorted(final["predictions"]["sensors"]) and kept
+    assert final["predictions"]["released_to_server"] is False
+    assert read_predictions(tmp_path / "deploy") is None
     _assert_same_test_metrics(final, _inprocess(overrides, tmp_path))
 
 

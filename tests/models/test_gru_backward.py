@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from cnfgnn.models.node_seq2seq import GroupGRU, NodeSeq2Seq, _GRUCell
-
 from tests.models.test_node_seq2seq import HORIZON, RefSeq2Seq, make_data
 
 
@@ -75,7 +74,7 @@ def test_group_gru_gradients_equal_torch_gru(layers):
         for name, p in ref.named_parameters():
             assert p.grad.abs().max() > 0, name
             torch.testing.assert_close(getattr(group, name).grad[node], p.grad,
-                                       atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+                                       atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("graph_embedding,layers", [(True, 1), (True, 2), (False, 2)])
@@ -108,4 +107,4 @@ def test_seq2seq_gradients_equal_torch_gru(graph_embedding, layers):
         for name, p in ref.named_parameters():
             assert p.grad.abs().max() > 0, name
             torch.testing.assert_close(params[name].grad[node], p.grad, atol=1e-11, rtol=1e-9,
-                                       msg=lambda m: f"{name}: {m}")
+                                       msg=lambda m, name=name: f"{name}: {m}")
