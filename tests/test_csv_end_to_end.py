@@ -124,6 +124,16 @@ def test_forecast_from_a_csv_run(trained, user_csv, tmp_path):
     assert np.isfinite(table["forecast"]).all()
 
 
+def test_a_forecast_on_another_network_names_its_file(trained, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    series, adjacency = write_csv(other, steps=60)
+    pd.DataFrame(np.eye(len(SENSORS)), columns=SENSORS).to_csv(adjacency, index=False)
+    assert forecast_cli.main([str(trained["cnfgnn"]), f"dataset.series={series}",
+                              f"dataset.adjacency={adjacency}", f"out={tmp_path / 'fc'}"]) == 2
+    assert f"{series}: its graph differs from the training run's" in capsys.readouterr().err
+
+
 def test_compare_on_the_csv(user_csv, tmp_path):
     out = tmp_path / "cmp"
     code = compare.main([*csv_args(user_csv), *SMALL, "compare.run=[cnfgnn]",
