@@ -165,3 +165,27 @@ def test_the_help_examples_of_compare_compose():
             key, _, value = arg.partition("=")
             if "." in key:
                 assert str(OmegaConf.select(cfg, key)) == value, (args, key)
+
+
+def test_the_server_knows_the_step_length_from_the_data_or_the_shards(user_csv, tmp_path):
+    from cnfgnn.data.loaders import load_dataset
+    from cnfgnn.data.shards import write_shards
+    from cnfgnn.federation.server_app import load_server_graph
+
+    cfg = make_cfg(*csv_args(user_csv), *SMALL, "engine=deployment")
+    graph, _ = load_server_graph(cfg)  # from the dataset
+    assert graph.interval_minutes == STEP_MINUTES
+    write_shards(load_dataset(cfg.dataset), tmp_path / "shards", nodes_per_client=2)
+    cfg.engine.shards_dir = str(tmp_path / "shards")
+    graph, clients = load_server_graph(cfg)  # a deployment's server: the shard manifest
+    assert graph.interval_minutes == STEP_MINUTES and clients == 2
+
+
+def test_kept_forecasts_cover_the_configured_hours_at_any_step_length():
+    from cnfgnn.federation.rounds import report_selection
+
+    cfg = make_cfg("predictions.sensors=2", "predictions.hours=24")
+    for minutes, windows in ((5, 288), (10, 144), (60, 24), (0.5, 2880)):
+        nodes, kept = report_selection(cfg, num_nodes=6, num_test=5000, interval_minutes=minutes)
+        assert len(kept) == windows and list(nodes) == [0, 5], minutes
+    assert len(report_selection(cfg, 6, 100, None)[1]) == 100  # step unknown: every window
