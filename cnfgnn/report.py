@@ -16,7 +16,10 @@ deep for runs (``cnfgnn-compare`` writes ``<out>/<method>/seed<k>/``). Writes in
   otherwise), every method also gets a mean row: ``seed`` empty, ``runs`` = how many seeds,
   each metric column the mean over seeds and ``<column>_std`` its sample standard deviation.
 * ``comparison.md``: the same as a table, ``mean ± std`` per method when there are seeds.
-* ``plots/``: forecasts against truth over a day (``forecasts.png``), error per horizon
+* ``plots/``: forecasts against truth over a day (``forecasts.png``; read from the nodes' own
+  files under ``<run>/node_store/`` when the nodes ran on this machine, or from
+  ``predictions.npz`` where they were released to the server; a run whose forecasts stayed on
+  remote sites gets a note instead), error per horizon
   (``horizons.png``), error per sensor on a map (``sensor_maps.png``), validation RMSE against
   local epochs (``validation.png``) and bytes by phase (``bytes.png``); with several seeds
   they show each method's run with its first seed.
@@ -324,8 +327,11 @@ def _save(fig: Any, path: Path) -> Path:
 def plot_forecasts(runs: list[Run], out: Path, data: Any,
                    horizons: tuple[int, ...] = (3, 12)) -> Path | None:
     """Forecasts ``horizons`` steps ahead against the truth, a row per sensor, over the
-    kept test period (``predictions.hours``), one line per method."""
-    kept = [(r, np.load(r.path / "predictions.npz")) for r in runs if (r.path / "predictions.npz").exists()]
+    kept test period (``predictions.hours``), one line per method whose forecasts are
+    reachable (:func:`cnfgnn.results.read_predictions`)."""
+    from cnfgnn.results import read_predictions
+
+    kept = [(r, p) for r in runs if (p := read_predictions(r.path)) is not None]
     if not kept:
         return None
     col = {s: i for i, s in enumerate(data.sensor_ids)}
@@ -479,6 +485,26 @@ def plot_bytes(runs: list[Run], out: Path) -> Path | None:
     return _save(fig, out / "bytes.png")
 
 
+def forecast_notes(runs: list[Run]) -> list[str]:
+    """Where each run's test forecasts are: released to the server (said so), or kept on
+    nodes this machine cannot reach (no forecast plot for that run, said so)."""
+    from cnfgnn.results import NODE_STORE, read_predictions
+
+    notes = []
+    for r in runs:
+        pred = r.final.get("predictions") or {}
+        if pred.get("released_to_server"):
+            notes.append(f"Note: {r.label} ran with predictions.release=true: its nodes sent "
+                         f"their test forecasts of {len(pred.get('sensors', []))} sensors to the "
+                         "server (predictions.npz).")
+        elif pred and read_predictions(r.path) is None:
+            notes.append(f"Note: forecast plot unavailable for {r.label}: its test forecasts "
+                         f"stayed on its nodes' own disks, not reachable here (no "
+                         f"{r.path / NODE_STORE}). Plot them on the sites, or rerun with "
+                         "predictions.release=true to send them to the server.")
+    return notes
+
+
 def _dataset(run: Run) -> Any:
     """The run's dataset (truth and locations for the plots), or None when it cannot be
     read here (moved files): the plots that need it are left out, with a note."""
@@ -520,6 +546,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
                 f"({', '.join(f'{r.label} {r.seed}' for r in firsts)}). ")
     else:
         table, note = markdown(rows), ""
+    table = table + "".join(f"\n\n{n}" for n in forecast_notes(runs))
     datasets = sorted({r["dataset"] for r in rows})
     (out / "comparison.md").write_text(
         f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "

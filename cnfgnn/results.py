@@ -4,6 +4,12 @@
 (one line per round), ``final.json`` (test metrics and totals), ``checkpoint.pt`` (all
 that is needed to resume) and ``plots/``. Files are written atomically (temp file +
 rename), so a crash never leaves a half-written checkpoint or summary behind.
+
+The nodes' own outputs (per-node models, the test forecasts kept for plots) go to each
+node's own disk, its *store*; when every node runs on this machine (in-process engine,
+Flower simulation) that is ``<run>/node_store/``. ``predictions.npz`` in the run directory
+exists only where forecasts reached the server: the centralised baselines and runs with
+``predictions.release=true``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+
+#: Folder of a run directory standing in for the nodes' own disks (one machine).
+NODE_STORE = "node_store"
+#: Folder of a node's store holding its test forecasts, one file per sensor.
+NODE_FORECASTS = "forecasts"
 
 
 def json_safe(value: Any) -> Any:
@@ -127,3 +140,78 @@ class RunWriter:
         if not self.checkpoint_path.exists():
             return None
         return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------- forecasts kept for plots
+def forecasts_released(cfg: Any) -> bool:
+    """Whether the nodes send their test forecasts to the server (``predictions.release``;
+    False by default and for configs written before the key existed)."""
+    pred = cfg.get("predictions") if hasattr(cfg, "get") else None
+    return bool(pred is not None and pred.get("release", False))
+
+
+def safe_name(sensor_id: str) -> str:
+    """A sensor id as a file name (anything but letters, digits, ``_.-`` becomes ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(sensor_id))
+
+
+def node_forecast_path(store: str | Path, sensor_id: str) -> Path:
+    """``<store>/forecasts/<sensor>.npz``: one sensor's test forecasts on its node's disk."""
+    return Path(store) / NODE_FORECASTS / f"{safe_name(sensor_id)}.npz"
+
+
+def write_node_forecast(store: str | Path, sensor_id: str, split: str, t_index: np.ndarray,
+                        forecast: np.ndarray) -> Path:
+    """Written by a node, on its own disk: one sensor's forecasts of some windows of a split.
+
+    Keys: ``sensor_id``, ``split``, ``t_index`` ``[W]`` time index of each window's first
+    forecast step, ``forecast`` ``[W, H]`` in original units.
+    """
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, sensor_id=np.asarray(str(sensor_id)), split=np.asarray(split),
+                     t_index=np.asarray(t_index, np.int64),
+                     forecast=np.asarray(forecast, np.float32))
+
+    return atomic_write(node_forecast_path(store, sensor_id), write)
+
+
+def read_predictions(run_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """A run's test forecasts for plots, wherever they were kept; None when unreachable.
+
+    ``predictions.npz`` when the forecasts reached the server; otherwise the nodes' own
+    files under ``<run>/node_store/forecasts/`` (reachable when the nodes ran on this
+    machine) for the sensors ``final.json`` lists. Returns ``sensor_ids`` ``[S]``,
+    ``t_index`` ``[W]`` and ``forecast`` ``[W, H, S]`` (original units), as ``predictions.npz``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "predictions.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in ("sensor_ids", "t_index", "forecast")}
+    final_path = run_dir / "final.json"
+    final = json.loads(final_path.read_text()) if final_path.exists() else {}
+    asked = (final.get("predictions") or {}).get("sensors")
+    store = run_dir / NODE_STORE
+    if asked is None:  # no final.json (yet): every sensor the nodes kept
+        asked = []
+        for f in sorted((store / NODE_FORECASTS).glob("*.npz")):
+            with np.load(f) as z:
+                asked.append(str(z["sensor_id"]))
+    ids, t_index, cols = [], None, []
+    for sid in asked:
+        f = node_forecast_path(store, sid)
+        if not f.exists():
+            continue
+        with np.load(f) as z:
+            if t_index is None:
+                t_index = z["t_index"]
+            elif not np.array_equal(z["t_index"], t_index):
+                raise ValueError(f"{f}: forecast windows differ from the other sensors' "
+                                 f"in {store / NODE_FORECASTS}; rerun the test phase")
+            ids.append(str(sid))
+            cols.append(z["forecast"])
+    if not cols:
+        return None
+    return {"sensor_ids": np.asarray(ids, dtype=str), "t_index": t_index,
+            "forecast": np.stack(cols, axis=-1)}

@@ -167,10 +167,16 @@ class CentralTrainer:
         return copy.deepcopy(self.model.state_dict())
 
     def run(self) -> dict[str, Any]:
+        """Epochs with early stopping (continuing from ``checkpoint.pt`` with ``resume=true``),
+        then test with the best epoch's weights; returns ``final.json``'s content."""
         t_start = time.perf_counter()
         es = {"best_loss": math.inf, "best_round": 0, "bad_rounds": 0, "best": self._state()}
-        epoch = 0
-        for epoch in range(1, int(self.fed.rounds) + 1):
+        ckpt = self.writer.load_checkpoint() if (self.writer and self.cfg.resume) else None
+        last, seconds_before = 0, 0.0  # last epoch run; wall time of earlier processes
+        if ckpt is not None:
+            last, seconds_before, es = self._restore(ckpt)
+        epoch = last
+        for epoch in range(last + 1, int(self.fed.rounds) + 1):
             if es["bad_rounds"] >= int(self.fed.early_stopping_patience):
                 epoch -= 1
                 break
@@ -192,15 +198,39 @@ class CentralTrainer:
                 es["bad_rounds"] += 1
             if self.writer:
                 self.writer.log_round(rec)
-                self.writer.save_checkpoint(self._checkpoint(es, epoch))
+                self.writer.save_checkpoint(
+                    self._checkpoint(es, epoch, seconds_before + time.perf_counter() - t_start))
             if epoch % int(self.cfg.log_every) == 0:
                 self.progress(f"epoch {epoch:3d}  train {train_loss:.4f}  val loss "
                               f"{rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}  "
                               f"({rec['seconds_round']:.1f}s)")
-        return self.test(es, epoch, time.perf_counter() - t_start)
+        return self.test(es, epoch, seconds_before + time.perf_counter() - t_start)
 
-    def _checkpoint(self, es: dict[str, Any], epoch: int) -> dict[str, Any]:
-        """The same keys as the federated checkpoint where they apply (theta, server)."""
+    def _restore(self, ckpt: dict[str, Any]) -> tuple[int, float, dict[str, Any]]:
+        """Continue after ``ckpt['round']``: ``(last epoch, seconds so far, early stopping)``.
+
+        Restores the model, its optimizer state and the step counter; window shuffles and
+        scheduled-sampling coins are keyed by (seed, epoch, batch) (:mod:`cnfgnn.rng`), so
+        the epochs after the restart are those of an uninterrupted run.
+        """
+        if "model" not in ckpt or "optimizer" not in ckpt:
+            raise ValueError(f"{self.writer.checkpoint_path}: not a checkpoint of a centralised "
+                             "run that can be resumed (another method's, or an older version's). "
+                             "Fix: start a new run (resume=false) or pass that run's run_dir")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        epoch = int(ckpt["round"])
+        kept = ckpt["early_stopping"]
+        es = {"best_loss": kept["best_loss"], "best_round": kept["best_round"],
+              "bad_rounds": kept["bad_rounds"], "best": ckpt["best_model"]}
+        self.writer.truncate_rounds(epoch)
+        self.progress(f"resumed after epoch {epoch}")
+        return epoch, float(ckpt.get("seconds_total", 0.0)), es
+
+    def _checkpoint(self, es: dict[str, Any], epoch: int, seconds: float) -> dict[str, Any]:
+        """The same keys as the federated checkpoint where they apply (theta, server), plus
+        what resuming needs (the whole model, its optimizer, the best epoch's weights)."""
         def split(state: dict[str, Tensor]) -> tuple[dict[str, np.ndarray], dict | None]:
             theta = {k[len("node."):]: v[0].cpu().numpy() for k, v in state.items()
                      if k.startswith("node.")}
@@ -211,7 +241,9 @@ class CentralTrainer:
         best_theta, best_server = split(es["best"])
         return {"round": epoch, "theta": theta, "server": server, "step": self.step,
                 "early_stopping": {k: v for k, v in es.items() if k != "best"}
-                | {"best_theta": best_theta, "best_server": best_server}}
+                | {"best_theta": best_theta, "best_server": best_server},
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "best_model": es["best"], "seconds_total": seconds}
 
     def test(self, es: dict[str, Any], epochs: int, seconds: float) -> dict[str, Any]:
         self.model.load_state_dict(es["best"])

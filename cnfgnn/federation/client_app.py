@@ -11,6 +11,12 @@ Which sensors this client hosts (``context.node_config``):
 * otherwise (simulation) ``partition-id`` / ``num-partitions``: the client's nodes are
   ``client_groups(cfg, data)[partition-id]`` of the dataset in ``cfg.dataset``.
 
+The node's own disk (its *store*: per-node methods' kept models, the test forecasts kept for
+plots; see :class:`~cnfgnn.federation.node.NodeWorker`): node_config ``store-dir`` when
+given; else, on a deployment node (``data-dir``), ``<state-root>/<run_id>/node_store``, which
+stays on the site; else (simulation, all nodes on this machine) ``<run_dir>/node_store``, as
+in-process.
+
 State between messages. Flower keeps ``context.state`` per (run, node), but in simulation a
 node's messages land on any Ray actor, and in deployment every message starts a fresh
 process. So the worker's mutable state (``NodeWorker.state_dict``: model, optimizer,
@@ -47,6 +53,7 @@ app = ClientApp()
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_DIR = "data-dir"
+STORE_DIR = "store-dir"  # optional: the node's own disk for what it keeps (models, forecasts)
 STATE_RECORD = "cnfgnn"  # ConfigRecord in context.state: {"version": int}
 VERSION = "version"
 
@@ -106,6 +113,17 @@ def state_path(cfg: Any, context: Context) -> Path:
     return root / str(context.run_id) / f"client_{_partition(context)}" / "state.pt"
 
 
+def node_store(cfg: Any, context: Context) -> Path:
+    """This node's own disk for what it keeps (see the module docstring)."""
+    from cnfgnn.results import NODE_STORE
+
+    if STORE_DIR in context.node_config:
+        return Path(str(context.node_config[STORE_DIR]))
+    if DATA_DIR in context.node_config or not cfg.get("run_dir"):  # a site's own state dir
+        return state_root(cfg, context.node_config) / str(context.run_id) / NODE_STORE
+    return Path(str(cfg.run_dir)) / NODE_STORE  # simulation: every node on this machine
+
+
 def _context_version(context: Context) -> int | None:
     if STATE_RECORD in context.state:
         return int(context.state[STATE_RECORD][VERSION])
@@ -122,7 +140,8 @@ def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
         return cached[1], version
     from cnfgnn.federation.runner import resolve_device
 
-    worker = NodeWorker(_series(cfg, context.node_config), cfg, resolve_device(str(cfg.device)))
+    worker = NodeWorker(_series(cfg, context.node_config), cfg, resolve_device(str(cfg.device)),
+                        store=node_store(cfg, context))
     path = state_path(cfg, context)
     if path.exists():  # also after a SuperNode restart (fresh context, state on disk)
         saved = torch.load(path, map_location=worker.device, weights_only=False)

@@ -9,13 +9,13 @@ answers one message type per method and keeps what must survive between messages
 * ``h_G`` for every training window (fixed input of the next round's local training).
 
 Nothing a worker returns holds inputs or targets: weights, ``h_c``, ``dL/dh_G``, sums.
+Test forecasts for plots stay on the node's own disk unless ``predictions.release=true``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,39 @@ from cnfgnn.federation.validate import NodeLimits, check_request
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
 from cnfgnn.optim import make_adam
 from cnfgnn.privacy import dp
+from cnfgnn.results import forecasts_released, safe_name, write_node_forecast
+
+
+NODE_INIT = ("shared", "per_node")  # federation.node_init
+
+
+def node_init(cfg: Any) -> str:
+    """``federation.node_init``: ``shared`` (every node starts from the server's global
+    model) or ``per_node`` (each node draws its own, :func:`own_initial_state`)."""
+    value = str(cfg.federation.get("node_init", "shared"))
+    if value not in NODE_INIT:
+        raise ValueError(f"federation.node_init must be one of {NODE_INIT}, got {value!r}")
+    return value
+
+
+def own_initial_state(cfg: Any, nodes: np.ndarray) -> dict[str, Tensor]:
+    """Independent initial weights for each node: name -> ``[K, ...]``.
+
+    Node ``g``'s weights are PyTorch's default initialisation of a one-node model drawn
+    from a seed that depends only on (``cfg.seed``, g) (:mod:`cnfgnn.rng`, phase
+    ``init``), never on the other nodes, the grouping or the global random stream.
+    """
+    m = cfg.model
+    u = rng.uniforms(int(cfg.seed), np.asarray(nodes, np.int64), 0, "init", 1)[:, 0]  # [K]
+    states = []
+    for seed in (u * float(1 << 53)).astype(np.int64):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            one = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
+                              hidden_size=m.hidden_size, num_layers=m.num_layers,
+                              graph_embedding=m.graph_embedding, horizon=m.horizon)
+        states.append(one.node_state(0))
+    return {n: torch.stack([st[n] for st in states]) for n in states[0]}
 
 
 @dataclass
@@ -83,9 +116,10 @@ class NodeWorker:
         series: the client's own series.
         cfg: the composed experiment config (``model``, ``federation``, ``dataset``, ``seed``).
         device: torch device for the node models.
-        store: the node's own disk (per-node methods): ``keep_best`` also writes each
+        store: the node's own disk. Per-node methods: ``keep_best`` also writes each
             sensor's best model there, and ``CONFIGURE`` with ``OWN_MODEL`` reads it back.
-            Nothing in it goes to the server.
+            Every method: the test forecasts the server names with ``REPORT`` are kept
+            there (``forecasts/<sensor>.npz``). Nothing in it goes to the server.
     """
 
     def __init__(self, series: LocalSeries, cfg: Any, device: torch.device | str = "cpu",
@@ -184,6 +218,8 @@ class NodeWorker:
             return {}
         if payload.get(P.OWN_MODEL):
             self._load_own()
+        elif node_init(self.cfg) == "per_node":  # split learning: each node its own init
+            self.model.load_stacked_state(own_initial_state(self.cfg, self.series.nodes))
         self._load_global(payload)
         s_train = len(self.series.starts[P.TRAIN])
         m = self.cfg.model
@@ -336,7 +372,7 @@ class NodeWorker:
 
     def _own_file(self, sensor_id: str) -> Path:
         assert self.store is not None
-        return self.store / (re.sub(r"[^A-Za-z0-9_.-]", "_", sensor_id) + ".pt")
+        return self.store / (safe_name(sensor_id) + ".pt")
 
     @torch.no_grad()
     def _load_own(self) -> None:
@@ -485,10 +521,20 @@ class NodeWorker:
 
     @torch.no_grad()
     def evaluate(self, payload: P.Payload) -> P.Payload:
-        """Error sums per node and horizon for a split, decoding with the received h_G."""
+        """Error sums per node and horizon for a split, decoding with the received h_G.
+
+        ``REPORT`` (+ ``REPORT_NODES``): forecasts of those windows and sensors are written
+        to the node's store; they go up (``FORECAST`` ``[W, H, R]``) only with ``RELEASE``
+        and this node's own ``predictions.release=true``.
+        """
         split = str(payload[P.SPLIT])
         if self.scaler is None:
             raise RuntimeError("evaluate before configure")
+        if payload.get(P.RELEASE) and not forecasts_released(self.cfg):
+            raise PermissionError(
+                f"{P.EVALUATE}: the server asked for this node's forecasts, but this node's "
+                "config keeps them (predictions.release=false). Fix: run with "
+                "predictions.release=true on the server and the nodes, or not at all")
         self._load_global(payload)
         if P.H_G in payload:  # CNFGNN: decode from the h_c this node sent up for this split
             h_g_all = torch.as_tensor(np.asarray(payload[P.H_G]), device=self.device)
@@ -505,21 +551,42 @@ class NodeWorker:
         self.model.eval()
         total: dict[str, Tensor] = {}
         report = np.asarray(payload.get(P.REPORT, np.zeros(0, np.int64)), np.int64)  # [W]
-        forecast = np.zeros((len(report), self.out_steps, self.num_nodes), np.float32)
+        keep = self._report_columns(payload)  # [R] hosted positions whose forecasts are kept
+        forecast = np.zeros((len(report), self.out_steps, len(keep)), np.float32)
         for b in range(0, s, bs):
             batch = torch.arange(b, min(b + bs, s), device=self.device)
             _, x_last, y_tod, y, t = self._gather(split, batch.expand(self.num_nodes, -1))
             h_g = h_g_all[batch] if h_g_all is not None else None
             pred = self.model.decode(x_last, y_tod, self.h_c[split][batch], h_g)[..., 0]
             wanted = (report >= b) & (report < b + len(batch))
-            if wanted.any():  # forecasts leave the node only when the server asks for them
-                forecast[wanted] = (pred[report[wanted] - b] * std + mean).cpu().numpy()
+            if wanted.any():  # kept on this node (sent up only with predictions.release)
+                forecast[wanted] = (pred[report[wanted] - b] * std + mean)[..., keep].cpu().numpy()
             for key, v in self.batch_errors(pred, y, t).items():
                 total[key] = total[key] + v if key in total else v
         out: P.Payload = {P.ERR_PREFIX + k: v.cpu().numpy() for k, v in total.items()}
         if len(report):
-            out[P.FORECAST] = forecast
+            self._keep_forecasts(split, report, keep, forecast)
+            if payload.get(P.RELEASE):
+                out[P.FORECAST] = forecast
         return out
+
+    def _report_columns(self, payload: P.Payload) -> np.ndarray:
+        """Positions ``[R]`` among the hosted sensors of ``REPORT_NODES`` (default: all)."""
+        if P.REPORT_NODES not in payload:
+            return np.arange(self.num_nodes)
+        pos = {int(g): k for k, g in enumerate(self.series.nodes)}
+        return np.asarray([pos[int(g)] for g in np.asarray(payload[P.REPORT_NODES])], np.int64)
+
+    def _keep_forecasts(self, split: str, report: np.ndarray, keep: np.ndarray,
+                        forecast: np.ndarray) -> None:
+        """Write the kept forecasts ``[W, H, R]`` to this node's own disk, a file per sensor
+        (:func:`cnfgnn.results.write_node_forecast`); without a store they are not kept."""
+        if self.store is None:
+            return
+        t_index = np.asarray(self.series.starts[split])[report] + self.in_steps  # first forecast step
+        for j, k in enumerate(keep.tolist()):
+            write_node_forecast(self.store, self.series.sensor_ids[k], split, t_index,
+                                forecast[:, :, j])
 
     def batch_errors(self, pred: Tensor, y: Tensor, t: Tensor) -> dict[str, Tensor]:
         """Error sums ``[K, H]`` (both metric protocols) of scaled predictions ``[B, H, K]``

@@ -86,8 +86,11 @@ NBR_WEIGHT = "nbr_weight"  # FMTL: [K, M] float64 adjacency weights A_ij of host
 ACTION = "action"  # str, KEEP_MODEL: keep_best | restore_best
 KEEP_BEST, RESTORE_BEST = "keep_best", "restore_best"
 GRAD_H_C = "grad_h_c"  # [B, K, L, H] d(sum of node losses)/dh_c through the GN (split learning)
-REPORT = "report"  # [W] int64 window positions whose forecasts the node should return
-FORECAST = "forecast"  # [W, H, K] float32 forecasts in original units (only when asked)
+# Test forecasts for plots stay on the node: REPORT asks it to keep them on its own disk.
+REPORT = "report"  # [W] int64 window positions whose forecasts the node should keep
+REPORT_NODES = "report_nodes"  # [R] int64 hosted sensors (global indices) to keep them for
+RELEASE = "release"  # bool: also send them up (only under predictions.release=true)
+FORECAST = "forecast"  # [W, H, R] float32, original units: EVALUATE with RELEASE; PREDICT (R = K)
 
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)

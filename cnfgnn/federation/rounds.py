@@ -25,12 +25,13 @@ from cnfgnn.data.scaler import global_scaler
 from cnfgnn.evaluation.metrics import SUM_KEYS, metrics_from_sums, node_mean_loss, per_horizon
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
+from cnfgnn.federation.node import node_init
 from cnfgnn.federation.server import GraphServer, fedavg
 from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage, ReplyLimits,
                                         check_reply)
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 from cnfgnn.privacy import dp
-from cnfgnn.results import RunWriter
+from cnfgnn.results import NODE_FORECASTS, NODE_STORE, RunWriter, forecasts_released
 
 
 class FederationError(RuntimeError):
@@ -134,6 +135,11 @@ class Orchestrator:
         self.aggregate = str(self.fed.aggregate)  # fedavg | none | fmtl
         if self.aggregate not in ("fedavg", "none", "fmtl"):
             raise ValueError(f"federation.aggregate must be fedavg, none or fmtl, got {self.aggregate!r}")
+        self.own_init = node_init(cfg) == "per_node"  # split learning: each node inits its own
+        if self.own_init and self.aggregate != "none":
+            raise ValueError(f"federation.node_init=per_node needs federation.aggregate=none "
+                             f"(got {self.aggregate}): FedAvg and FMTL start every node from the "
+                             "global model. Fix: federation.node_init=shared")
         self.node_weights: dict[int, dict[str, np.ndarray]] = {}  # FMTL: each node's last upload
         self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: no DP (conf/privacy/none.yaml)
         self.releases: dict[str, int] = defaultdict(int)  # per training window, for the accountant
@@ -258,6 +264,11 @@ class Orchestrator:
             conf = {P.SCALER_MEAN: np.asarray(sc.mean, np.float64),
                     P.SCALER_STD: np.asarray(sc.std, np.float64)}
             self.scaler = sc
+        if self.own_init:  # every node draws its own initial model: theta is not sent
+            payloads = {c: conf | {P.NODES: nodes} for c, nodes in self.client_nodes.items()}
+            self.client_version.update({c: self.version for c in
+                                        self._send("setup", P.CONFIGURE, payloads)})
+            return
         payloads = {c: self._with_model(c, conf | {P.NODES: nodes})  # the node checks NODES
                     for c, nodes in self.client_nodes.items()}
         self._delivered(self._send("setup", P.CONFIGURE, payloads), payloads)
@@ -410,18 +421,19 @@ class Orchestrator:
             self.step += 1
         return {"train_loss": float(loss / max(count, 1.0))}
 
-    def embed_phase(self, h_c: np.ndarray) -> None:
+    def embed_phase(self, h_c: np.ndarray, phase: str = "embed") -> None:
         t0 = time.perf_counter()
         h_g = self.server.embed_all(h_c, self.train_graph, int(self.fed.server_eval_batch_size))
-        self.seconds["embed_server"] += time.perf_counter() - t0
+        self.seconds[phase + "_server"] += time.perf_counter() - t0
         payloads = {c: {P.H_G: self._slice(h_g, c, self.col)} for c in self.train_clients}
-        self._send("embed", P.EMBED, payloads)
+        self._send(phase, P.EMBED, payloads)
 
-    def evaluate(self, split: str, phase: str, report: dict[int, np.ndarray] | None = None
+    def evaluate(self, split: str, phase: str, report: dict[int, P.Payload] | None = None
                  ) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
         """Encode up, ``h_G`` down, error sums up: ``(sums [N, H] per key, replies)``.
 
-        ``report`` (client -> window positions) asks those clients for their forecasts too.
+        ``report`` (client -> ``REPORT``/``REPORT_NODES``/``RELEASE`` entries, from
+        :meth:`_report_request`) asks those clients to keep forecasts too.
         """
         clients = sorted(self.client_nodes)
         payloads: dict[int, P.Payload] = {c: {P.SPLIT: split} for c in clients}
@@ -434,9 +446,9 @@ class Orchestrator:
             payloads = {c: {P.SPLIT: split, P.H_G: self._slice(h_g, c, self.eval_col)} for c in enc}
         else:
             payloads = {c: self._with_model(c, p) for c, p in payloads.items()}
-        for c, windows in (report or {}).items():
+        for c, ask in (report or {}).items():
             if c in payloads:
-                payloads[c][P.REPORT] = np.asarray(windows, np.int64)
+                payloads[c].update(ask)
         replies = self._send(phase, P.EVALUATE, payloads)
         self._delivered(replies, payloads)
         n = len(self.eval_nodes)
@@ -461,6 +473,7 @@ class Orchestrator:
             "step": self.step, "server": self.server.state_dict(), "early_stopping": es,
             "bytes": {k: dict(v) for k, v in self.bytes.items()},
             "seconds": dict(self.seconds), "failures": self.failures,
+            "seconds_total": self._elapsed(),  # wall time of every process so far
             # for cnfgnn-forecast: the scaler and the network the model was trained on
             "scaler": None if sc is None else {"mean": np.asarray(sc.mean),
                                                "std": np.asarray(sc.std)},
@@ -468,9 +481,18 @@ class Orchestrator:
             "privacy_releases": dict(self.releases),
         })
 
+    def _elapsed(self) -> float:
+        """Seconds of this run: earlier processes' (from the checkpoint) plus this one's."""
+        return self.seconds_before + time.perf_counter() - self.t_start
+
     def run(self) -> dict[str, Any]:
-        """Train with early stopping, test the best round; returns ``final.json``'s content."""
-        t_start = time.perf_counter()
+        """Train with early stopping, test the best round; returns ``final.json``'s content.
+
+        The best round's parameters are kept by value (``copy.deepcopy`` of theta, and
+        :meth:`GraphServer.state_dict` copies), so test pairs that round's node model with
+        that round's GN, never with a later round's.
+        """
+        self.t_start, self.seconds_before = time.perf_counter(), 0.0
         self.round = 0
         self.setup()
         es = {"best_loss": math.inf, "best_round": 0, "bad_rounds": 0,
@@ -484,9 +506,11 @@ class Orchestrator:
                     "models live on the nodes, not in the server checkpoint. Fix: start a new run")
             start_round = self._restore(ckpt)
             es = ckpt["early_stopping"]
-        for self.round in range(start_round, int(self.fed.rounds) + 1):
+        self.round = start_round - 1  # after the loop: the last round actually run
+        for r in range(start_round, int(self.fed.rounds) + 1):
             if es["bad_rounds"] >= int(self.fed.early_stopping_patience):
                 break
+            self.round = r
             before = dict(self.seconds)
             rec = self.train_round()
             sums, _ = self.evaluate(P.VAL, "val")
@@ -508,7 +532,7 @@ class Orchestrator:
                 self.progress(f"round {self.round:3d}  train {rec.get('train_loss', math.nan):.4f}"
                               f"  val loss {rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}"
                               f"  ({rec['seconds_round']:.1f}s)")
-        return self.test(es, time.perf_counter() - t_start)
+        return self.test(es, self._elapsed())
 
     def train_round(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -535,7 +559,26 @@ class Orchestrator:
                 "failures": len(self.failures)}
 
     def _restore(self, ckpt: dict[str, Any]) -> int:
-        """Continue after ``ckpt['round']``: reload server state, rebuild the nodes' h_G."""
+        """Continue after ``ckpt['round']``: reload server state, rebuild the nodes' h_G.
+
+        The totals go on from the checkpoint's (bytes, seconds and failures per phase, wall
+        time): ``final.json`` then counts the whole run, not only the rounds after the
+        restart. What the restart itself costs (this process's handshake and the re-encoding
+        that rebuilds the nodes' ``h_G``) is counted under the phase ``resume``. The part of
+        the interrupted round that ran before the stop is not in the checkpoint and is lost.
+        """
+        restart_bytes, restart_seconds, restart_failures = self.bytes, self.seconds, self.failures
+        self.bytes = defaultdict(lambda: defaultdict(int))
+        for phase, counts in ckpt.get("bytes", {}).items():
+            self.bytes[phase].update(counts)
+        for counts in restart_bytes.values():  # the handshake again: a cost of the restart
+            for k, v in counts.items():
+                self.bytes["resume"][k] += v
+        self.seconds = defaultdict(float, ckpt.get("seconds", {}))
+        self.seconds["resume"] += sum(restart_seconds.values())
+        self.failures = list(ckpt.get("failures", [])) + [f | {"phase": "resume"}
+                                                          for f in restart_failures]
+        self.seconds_before = float(ckpt.get("seconds_total", 0.0))
         self.theta, self.version = ckpt["theta"], ckpt["version"] + 1
         self.step = ckpt["step"]
         self.releases.update(ckpt.get("privacy_releases", {}))
@@ -543,45 +586,61 @@ class Orchestrator:
         self.round = ckpt["round"]
         if self.uses_gn and self.round > 0:  # the nodes' cached h_G = GN(h_c(theta))
             enc = self.encode_phase(P.TRAIN, self.train_clients, "resume")
-            self.embed_phase(self._assemble(enc, P.H_C, self.col))
+            self.embed_phase(self._assemble(enc, P.H_C, self.col), "resume")
         if self.writer:
             self.writer.truncate_rounds(self.round)
         self.progress(f"resumed after round {self.round}")
         return self.round + 1
 
-    def _report_request(self) -> dict[int, np.ndarray]:
-        """Clients asked for test forecasts: ``predictions.sensors`` sensors spread over the
-        network, the first ``predictions.hours`` of the test split (for plots)."""
+    def _report_request(self) -> dict[int, P.Payload]:
+        """What each client is asked to keep of its test forecasts (for plots):
+        ``predictions.sensors`` sensors spread over the network, the first
+        ``predictions.hours`` of the test split. The nodes write them to their own disks;
+        they come to the server only with ``predictions.release=true`` (``RELEASE``)."""
         pos, windows = report_selection(self.cfg, len(self.eval_nodes), self.num_windows[P.TEST],
                                         self.graph.interval_minutes)
         chosen = set(self.eval_nodes[pos].tolist())
         self.report_nodes = sorted(chosen)
-        return {c: windows for c, nodes in self.client_nodes.items()
-                if chosen.intersection(nodes.tolist())}
+        if not len(windows):
+            return {}
+        release: P.Payload = {P.RELEASE: True} if forecasts_released(self.cfg) else {}
+        out: dict[int, P.Payload] = {}
+        for c, nodes in sorted(self.client_nodes.items()):
+            mine = [int(g) for g in nodes.tolist() if int(g) in chosen]
+            if mine:
+                out[c] = {P.REPORT: windows, P.REPORT_NODES: np.asarray(mine, np.int64)} | release
+        return out
 
-    def _predictions(self, report: dict[int, np.ndarray], replies: dict[int, P.Payload]
+    def _predictions(self, report: dict[int, P.Payload], replies: dict[int, P.Payload]
                      ) -> dict[str, Any] | None:
-        """Forecasts of the chosen sensors: written to ``predictions.npz`` by the writer."""
+        """Which sensors' test forecasts were kept, and where (``final.json``'s
+        ``predictions``). By default they stay on the nodes (``node_store/forecasts/`` of
+        each node's disk); with ``predictions.release=true`` they came up and are written
+        to ``predictions.npz``, and ``released_to_server`` marks the release."""
         if not report:
             return None
-        cols: list[np.ndarray] = []
-        ids: list[str] = []
-        for c in sorted(report):
-            if c not in replies or P.FORECAST not in replies[c]:
-                continue
-            for k, g in enumerate(self.client_nodes[c]):
-                if int(g) in self.report_nodes:
-                    cols.append(replies[c][P.FORECAST][:, :, k])
-                    ids.append(self.graph.sensor_ids[int(g)])
+        answered = [c for c in sorted(report) if c in replies]
+        ids = [self.graph.sensor_ids[int(g)] for c in answered for g in report[c][P.REPORT_NODES]]
+        windows = next(iter(report.values()))[P.REPORT]
+        released = any(P.RELEASE in r for r in report.values())
+        out: dict[str, Any] = {"sensors": ids, "windows": int(len(windows)),
+                               "released_to_server": released}
+        if not released:
+            out["kept_on_nodes"] = f"{NODE_STORE}/{NODE_FORECASTS}/<sensor>.npz on each node's disk"
+            return out
+        cols = [replies[c][P.FORECAST][:, :, j] for c in answered
+                for j in range(len(report[c][P.REPORT_NODES]))]
         if not cols:
-            return None
-        windows = next(iter(report.values()))
+            return out
         first = int(self.first_start[P.TEST])
         t_index = first + windows + int(self.cfg.dataset.in_steps) if first >= 0 else windows
         if self.writer:
             self.writer.write_predictions(np.asarray(ids), t_index.astype(np.int64),
                                           np.stack(cols, axis=-1))
-        return {"sensors": ids, "windows": int(len(windows)), "file": "predictions.npz"}
+        self.progress(f"predictions.release=true: test forecasts of {len(ids)} sensors were "
+                      "sent to the server (predictions.npz; marked in final.json)")
+        out["file"] = "predictions.npz"
+        return out
 
     def test(self, es: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Evaluate the best round's parameters on the test split."""

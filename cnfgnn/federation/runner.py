@@ -19,10 +19,7 @@ from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.plots import plot_run
-from cnfgnn.results import RunWriter
-
-#: Per-node methods: folder of the run directory standing in for the nodes' own disks.
-NODE_STORE = "node_store"
+from cnfgnn.results import NODE_STORE, RunWriter  # NODE_STORE: the nodes' disks, one machine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,8 +47,8 @@ def build_workers(cfg: Any, data: SensorData, device: torch.device,
                   store: str | Path | None = None) -> dict[int, NodeWorker]:
     """One worker per client, each holding only its own nodes' columns.
 
-    ``store``: the nodes' own disk for per-node methods (each sensor's kept model, one file
-    per sensor); the server never reads it.
+    ``store``: the nodes' own disk (each sensor's kept model for per-node methods, its test
+    forecasts for plots; one file per sensor); the server never reads it.
     """
     tod = data.time_of_day()
     workers = {}
@@ -92,13 +89,9 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
         final = CentralTrainer(cfg, data, writer, progress, device).run()
         return _finish(final, writer, data, "central")
     writer = None
-    if name == "inprocess":
-        from cnfgnn.federation.inference import PER_NODE_METHODS
-
-        writer = RunWriter(cfg, run_dir)  # per-node methods: the nodes keep their best models
-        store = (writer.dir / NODE_STORE if str(cfg.federation.method) in PER_NODE_METHODS
-                 else None)  # on their own disk (here <run>/node_store/) for inference
-        engine: Any = InProcessEngine(build_workers(cfg, data, device, store))
+    if name == "inprocess":  # the nodes keep their best models (per-node methods) and test
+        writer = RunWriter(cfg, run_dir)  # forecasts on their own disk, here <run>/node_store/
+        engine: Any = InProcessEngine(build_workers(cfg, data, device, writer.dir / NODE_STORE))
     elif name == "simulation":  # Flower simulation: the ServerApp runs the Orchestrator
         from cnfgnn.federation.flower_sim import run_simulation_experiment
 

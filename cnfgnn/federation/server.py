@@ -7,6 +7,7 @@ sums/counts (DESIGN.md §5). It never sees a series or a target.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -156,7 +157,10 @@ class GraphServer:
         return sum(p.numel() for p in self.gn.parameters())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gn": self.gn.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """The GN's weights and optimizer state, copied by value: a snapshot that later
+        steps do not change (``nn.Module.state_dict`` alone returns views of the live
+        tensors, so a kept "best" state would follow the training)."""
+        return copy.deepcopy({"gn": self.gn.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gn.load_state_dict(state["gn"])

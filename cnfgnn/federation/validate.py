@@ -11,7 +11,7 @@ One schema per message type of :mod:`cnfgnn.federation.protocol`, checked in one
   (``configure`` before anything that reads the series, ``encode`` before a split step).
 * :func:`check_reply` (server side, on every reply the engine hands back): the same for
   what came back, against what was asked (``K`` of that client, the batch, the split,
-  the report windows), plus a magnitude bound ``federation.reply_max_abs`` on model
+  the report windows and sensors), plus a magnitude bound ``federation.reply_max_abs`` on model
   weights, temporal encodings, gradients and forecasts, non-negative sums and counts no
   larger than the windows they count. A client whose reply fails is treated exactly like
   a client that did not answer: it is left out of that phase (see ``Orchestrator._send``).
@@ -371,6 +371,8 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
         s = lim.windows.get(split, -1) if isinstance(split, str) else -1
         opt |= weights
         opt[P.REPORT] = Ints((None,), lo=0, hi=s - 1, hint=f" (positions among the {s} windows)")
+        opt[P.REPORT_NODES] = Ints((None,), lo=0, min_len=1, max_len=k)  # hosted: checked below
+        opt[P.RELEASE] = Flag()
         if lim.graph_embedding:  # decode from the h_c this node sent up for the split
             _need(mtype, s < 0 or lim.encoded.get(split) == s,
                   f"h_G for the {split} split, but this node has not encoded it; "
@@ -397,6 +399,11 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
     if P.NODES in out and not np.array_equal(out[P.NODES], lim.nodes):
         raise _bad(mtype, P.NODES, f"the sensors this client hosts {lim.nodes[:8].tolist()}",
                    f"{out[P.NODES][:8].tolist()} (sensors it does not host)")
+    if P.REPORT_NODES in out:
+        rep = out[P.REPORT_NODES]
+        if len(np.unique(rep)) != len(rep) or not np.isin(rep, lim.nodes).all():
+            raise _bad(mtype, P.REPORT_NODES, f"distinct sensors this client hosts "
+                       f"{lim.nodes[:8].tolist()}", f"{rep[:8].tolist()}")
     return out
 
 
@@ -486,8 +493,9 @@ def check_reply(mtype: str, request: Mapping[str, Any], reply: Any, k: int | Non
             cap = float(s) if name.endswith(_COUNT_SUFFIX) else None
             req[P.ERR_PREFIX + name] = Floats((kk, hz), np.float64, min_value=0.0, max_value=cap)
         w = len(request.get(P.REPORT, ()))
-        if w:
-            req[P.FORECAST] = Floats((w, hz, kk), max_abs=big)
+        if w and request.get(P.RELEASE):  # otherwise the forecasts stay on the node
+            r = len(request[P.REPORT_NODES]) if P.REPORT_NODES in request else kk
+            req[P.FORECAST] = Floats((w, hz, r), max_abs=big)
     elif mtype == P.PREDICT:
         req = {P.FORECAST: Floats((len(request[P.ENDS]), hz, kk), max_abs=big)}
     # CONFIGURE, EMBED, KEEP_MODEL, SL_BACKWARD: an empty reply

@@ -23,6 +23,7 @@ from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
 from cnfgnn.federation.runner import build_workers, run_experiment
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+from cnfgnn.results import read_predictions
 from tests.conftest import ROOT, TINY, make_cfg
 from tests.federation.test_engine import RecordingEngine
 from tests.federation.test_flower import task_identity  # noqa: F401 (fixture)
@@ -240,7 +241,9 @@ def test_federated_metrics_equal_pooled_computation(tmp_path, method, model):
                          "federation.nodes_per_client=2")
     cfg = make_cfg(*TINY)
     data = load_dataset(cfg.dataset)
-    pred_file = np.load(writer.dir / "predictions.npz")
+    # federated: each node's own file under node_store/ (nothing sent up); central: on the server
+    assert (writer.dir / "predictions.npz").exists() == (method == "central")
+    pred_file = read_predictions(writer.dir)
     assert list(pred_file["sensor_ids"]) == list(data.sensor_ids)
     fc = pred_file["forecast"].astype(np.float64)  # [W, H, N]
     sp = cfg.dataset.split

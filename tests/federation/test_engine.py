@@ -137,8 +137,8 @@ class RecordingEngine:
 
 
 ALLOWED_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.FIRST_START, P.STAT_SUM, P.STAT_SUMSQ,
-              P.STAT_COUNT, P.NUM_EXAMPLES, P.LOSS_SUM, P.LOSS_COUNT, P.STEP, P.H_C, P.GRAD,
-              P.FORECAST}  # forecasts: only of the few sensors asked for (predictions.npz)
+              P.STAT_COUNT, P.NUM_EXAMPLES, P.LOSS_SUM, P.LOSS_COUNT, P.STEP, P.H_C, P.GRAD}
+# No exemption: by default a node's forecasts stay on its own disk (predictions.release=false).
 
 
 def _windows(series: np.ndarray, length: int = 12) -> set[bytes]:
@@ -172,8 +172,8 @@ def test_server_never_receives_series_or_targets(tiny_cfg):
             if arr.dtype.kind != "f" or arr.size < 12:
                 continue
             assert t_len not in arr.shape, (mtype, key, arr.shape)  # no whole series
-            assert (12 not in arr.shape[:2] or key.startswith(P.ERR_PREFIX) or arr.ndim != 3
-                    or key == P.FORECAST), key  # forecasts [W, H, K]: asked-for sensors only
+            assert (12 not in arr.shape[:2] or key.startswith(P.ERR_PREFIX)
+                    or arr.ndim != 3), key  # nothing shaped like forecasts [W, H, K]
             flat32 = arr.astype(np.float32)
             for axis in range(arr.ndim):
                 rows = np.moveaxis(flat32, axis, -1).reshape(-1, arr.shape[axis])

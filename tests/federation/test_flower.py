@@ -28,6 +28,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.flower_codec import pack, unpack, wire_nbytes
 from cnfgnn.federation.flower_config import RUN_CONFIG_KEY, compose_cfg, overrides_for
 from cnfgnn.federation.runner import build_workers, run_experiment
+from cnfgnn.results import read_predictions
 from tests.conftest import ROOT, TINY, make_cfg
 from tests.federation.test_engine import ALLOWED_UP, RecordingEngine, _windows
 
@@ -286,7 +287,11 @@ def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
     assert not (tmp / "state").exists() or not any((tmp / "state").iterdir())  # cleaned up
     data = load_dataset(make_cfg(*args).dataset)
     scaler = next(iter(rec["workers"].values())).scaler
-    _check_private(rec["engine"].received, data, scaler)
+    _check_private(rec["engine"].received, data, scaler)  # no forecast either (default config)
+    assert final["predictions"]["released_to_server"] is False
+    kept = read_predictions(writer.dir)  # the simulated nodes kept them in <run>/node_store
+    assert list(kept["sensor_ids"]) == final["predictions"]["sensors"]
+    assert not (writer.dir / "predictions.npz").exists()
 
 
 def test_simulation_leaves_out_failing_and_silent_clients(flower_env):

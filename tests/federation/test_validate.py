@@ -311,6 +311,24 @@ def test_valid_replies_pass(replies):
     assert set(out[P.EVALUATE][1]) >= {P.ERR_PREFIX + s for s in SUM_KEYS}
 
 
+def test_forecasts_come_up_only_when_released_and_only_of_hosted_sensors(fed, replies):
+    out, lim, k = replies
+    req, rep = out[P.EVALUATE]
+    assert P.FORECAST not in rep  # the default: kept on the node
+    fc = np.zeros((len(req[P.REPORT]), lim.horizon, 1), np.float32)
+    with pytest.raises(MalformedMessage, match=P.FORECAST):  # not asked for: refused
+        check_reply(P.EVALUATE, req, rep | {P.FORECAST: fc}, k, lim)
+    asked = req | {P.REPORT_NODES: fed["worker"].series.nodes[:1], P.RELEASE: True}
+    assert P.FORECAST in check_reply(P.EVALUATE, asked, rep | {P.FORECAST: fc}, k, lim)
+    with pytest.raises(MalformedMessage, match=P.FORECAST):  # asked, one sensor: [W, H, 1]
+        check_reply(P.EVALUATE, asked, rep | {P.FORECAST: np.concatenate([fc, fc], 2)}, k, lim)
+    lim_node = fed["worker"].limits()
+    base = fed["valid"][P.EVALUATE]
+    for bad in (np.array([10**3]), np.repeat(fed["worker"].series.nodes[:1], 2)):
+        with pytest.raises(MalformedMessage, match=P.REPORT_NODES):  # not hosted / twice
+            check_request(P.EVALUATE, base | {P.REPORT_NODES: bad}, lim_node)
+
+
 @st.composite
 def _bad_reply(draw, out):
     mtype = draw(st.sampled_from(sorted(out)))
