@@ -85,11 +85,10 @@ def test_every_method_trains_and_tests_on_the_csv(trained):
         assert math.isfinite(final["test"]["rmse"]) and final["test"]["rmse"] > 0, name
         assert final["interval_minutes"] == STEP_MINUTES, name  # read from the timestamps
         assert final["rounds_run"] >= 1 and final["best_round"] >= 1, name
-        if final.get("predictions"):  # the kept forecasts start on the test split, 10 min apart
-            kept = read_predictions(run)  # the nodes' own files (nothing released by default)
-            assert kept is not None, name
-            t_index = kept["t_index"]
-            assert np.all(np.diff(t_index) == 1), name
+        kept = read_predictions(run)  # test forecasts kept for plots (on the nodes' disks)
+        if final.get("predictions"):
+            assert kept is not None and np.all(np.diff(kept["t_index"]) == 1), name
+            assert np.isfinite(kept["forecast"]).all(), name
 
 
 def test_the_run_prints_horizons_in_the_datas_minutes(trained):
@@ -110,7 +109,7 @@ def test_report_on_the_csv_runs(trained, tmp_path):
         assert float(r["interval_minutes"]) == STEP_MINUTES
     md = (out / "comparison.md").read_text()
     assert "30 / 60 / 120 min" in md  # horizons 3 / 6 / 12 of 10-minute steps
-    for name in ("horizons", "validation", "bytes", "sensor_maps"):
+    for name in ("forecasts", "horizons", "validation", "bytes", "sensor_maps"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 5_000, name
 
 
@@ -125,6 +124,16 @@ def test_forecast_from_a_csv_run(trained, user_csv, tmp_path):
     assert list(steps) == [pd.Timedelta(minutes=STEP_MINUTES)]
     assert one["timestamp"].iloc[0] == pd.Timestamp(at) + pd.Timedelta(minutes=STEP_MINUTES)
     assert np.isfinite(table["forecast"]).all()
+
+
+def test_a_forecast_on_another_network_names_its_file(trained, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    series, adjacency = write_csv(other, steps=60)
+    pd.DataFrame(np.eye(len(SENSORS)), columns=SENSORS).to_csv(adjacency, index=False)
+    assert forecast_cli.main([str(trained["cnfgnn"]), f"dataset.series={series}",
+                              f"dataset.adjacency={adjacency}", f"out={tmp_path / 'fc'}"]) == 2
+    assert f"{series}: its graph differs from the training run's" in capsys.readouterr().err
 
 
 def test_compare_on_the_csv(user_csv, tmp_path):
@@ -158,3 +167,27 @@ def test_the_help_examples_of_compare_compose():
             key, _, value = arg.partition("=")
             if "." in key:
                 assert str(OmegaConf.select(cfg, key)) == value, (args, key)
+
+
+def test_the_server_knows_the_step_length_from_the_data_or_the_shards(user_csv, tmp_path):
+    from cnfgnn.data.loaders import load_dataset
+    from cnfgnn.data.shards import write_shards
+    from cnfgnn.federation.server_app import load_server_graph
+
+    cfg = make_cfg(*csv_args(user_csv), *SMALL, "engine=deployment")
+    graph, _ = load_server_graph(cfg)  # from the dataset
+    assert graph.interval_minutes == STEP_MINUTES
+    write_shards(load_dataset(cfg.dataset), tmp_path / "shards", nodes_per_client=2)
+    cfg.engine.shards_dir = str(tmp_path / "shards")
+    graph, clients = load_server_graph(cfg)  # a deployment's server: the shard manifest
+    assert graph.interval_minutes == STEP_MINUTES and clients == 2
+
+
+def test_kept_forecasts_cover_the_configured_hours_at_any_step_length():
+    from cnfgnn.federation.rounds import report_selection
+
+    cfg = make_cfg("predictions.sensors=2", "predictions.hours=24")
+    for minutes, windows in ((5, 288), (10, 144), (60, 24), (0.5, 2880)):
+        nodes, kept = report_selection(cfg, num_nodes=6, num_test=5000, interval_minutes=minutes)
+        assert len(kept) == windows and list(nodes) == [0, 5], minutes
+    assert len(report_selection(cfg, 6, 100, None)[1]) == 100  # step unknown: every window
