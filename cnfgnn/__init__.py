@@ -8,3 +8,8 @@ import os as _os
 # steal the cores the computing thread needs: `cnfgnn-bench` measured a one-client-per-
 # sensor round 10x faster with it. Set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# `${cnfgnn_data:REL}` in conf/ names a file bundled with the package (cnfgnn/paths.py).
+from cnfgnn.paths import register_resolver as _register_resolver  # noqa: E402
+
+_register_resolver()

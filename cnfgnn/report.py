@@ -32,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from cnfgnn.data.loaders import graph_label  # noqa: E402
+
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
 # (paper notes §8.1; model sizes of the baseline rows not stated there). Los-loop: the
@@ -51,7 +53,7 @@ REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
     ("los_loop", "cnfgnn"): (7.99, "authors' code, 5 rounds"),
 }
 
-COLUMNS = ["method", "label", "dataset", "rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae",
+COLUMNS = ["method", "label", "dataset", "graph", "rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae",
            "rmse_h3", "rmse_h6", "rmse_h12", "masked_rmse", "mape_h3", "mape_h6", "mape_h12",
            "masked_mape", "params_node", "params_server", "bytes", "seconds", "peak_rss_mb",
            "local_epochs", "rounds_run", "best_round", "reference_rmse", "reference", "run_dir"]
@@ -124,6 +126,7 @@ def row(run: Run) -> dict[str, Any]:
     t, f = run.final["test"], run.final
     ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name).replace("-", "_"), run.family))
     r: dict[str, Any] = {"method": run.key, "label": run.label, "dataset": str(run.cfg.dataset.name),
+                         "graph": f.get("graph") or graph_label(run.cfg.dataset),
                          "rmse": t["rmse"], "mae": t["mae"], "masked_mae": t["masked_mae"],
                          "masked_rmse": t["masked_rmse"], "masked_mape": 100 * t["masked_mape"]}
     for h in (3, 6, 12):
@@ -349,7 +352,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
         w.writeheader()
         w.writerows(rows)
     table = markdown(rows)
-    datasets = sorted({r["dataset"] for r in rows})
+    datasets = sorted({f"{r['dataset']} (graph {r['graph']})" for r in rows})
     (out / "comparison.md").write_text(
         f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "
         "horizons, original units; 15/30/60 min: masked (zeros left out) at horizons 3/6/12. "
