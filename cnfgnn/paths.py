@@ -55,13 +55,16 @@ def data_dir() -> Path:
 def data_file(rel: str) -> str:
     """Absolute path of a bundled data file, ``rel`` relative to :func:`data_dir`.
 
-    Raises FileNotFoundError naming the file when it is not there.
+    The file need not exist: a config is resolved whole (e.g. dumped to a run's
+    ``config.yaml``) also where only part of the data is present, such as a Flower app
+    bundle, which carries ``data/README.md`` but no data. The loader that opens the path
+    names it when it is missing.
     """
-    p = data_dir() / rel
-    if not p.is_file():
-        raise FileNotFoundError(f"${{{RESOLVER}:{rel}}}: no bundled file {p}. Fix: use a name "
-                                f"listed in {data_dir() / 'README.md'}")
-    return str(p)
+    try:
+        base = data_dir()
+    except FileNotFoundError:
+        base = _package_dir() / _INSTALLED["data"]
+    return str(base / rel)
 
 
 def work_dir() -> Path:

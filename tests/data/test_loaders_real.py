@@ -37,8 +37,9 @@ def test_bundled_files_match_the_sha256_in_data_readme():
 def test_package_finds_the_bundled_files():
     assert data_dir().resolve() == D.resolve()
     assert data_file("los_loop/los_speed.csv.gz") == str(data_dir() / "los_loop/los_speed.csv.gz")
-    with pytest.raises(FileNotFoundError, match="no bundled file"):
-        data_file("los_loop/nope.csv")
+    missing = data_file("los_loop/nope.csv")  # resolvable; opening it names the file
+    with pytest.raises(DataError, match="nope.csv: Los-loop speed CSV not found"):
+        load_los_loop(missing, graph="los_adj")
 
 
 def test_metr_la_adj_pkl():
