@@ -16,3 +16,8 @@ try:  # the installed distribution's version (pyproject.toml [project].version)
     __version__: str = _version("cnfgnn")
 except _PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
     __version__ = "0.2.0"
+
+# `${cnfgnn_data:REL}` in conf/ names a file bundled with the package (cnfgnn/paths.py).
+from cnfgnn.paths import register_resolver as _register_resolver  # noqa: E402
+
+_register_resolver()

@@ -10,14 +10,13 @@ Examples::
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-CONF_DIR = os.environ.get("CNFGNN_CONF", str(Path(__file__).resolve().parents[1] / "conf"))
+from cnfgnn.paths import conf_dir
+
+CONF_DIR = str(conf_dir())
 
 
 def format_table(final: dict) -> str:

@@ -45,6 +45,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from cnfgnn.data.loaders import graph_label  # noqa: E402
+
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
 # (paper notes §8.1; model sizes of the baseline rows not stated there). Los-loop: the
@@ -69,7 +71,7 @@ METRICS = ["rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae", "rmse_h3"
            "rmse_h12", "masked_rmse", "mape_h3", "mape_h6", "mape_h12", "masked_mape",
            "rmse_seen", "rmse_unseen", "masked_mae_seen", "masked_mae_unseen", "bytes", "seconds",
            "peak_rss_mb", "local_epochs", "rounds_run", "best_round"]
-COLUMNS = ["method", "label", "dataset", "seed", "runs", "rmse", "mae", "mae_h3", "mae_h6",
+COLUMNS = ["method", "label", "dataset", "graph", "seed", "runs", "rmse", "mae", "mae_h3", "mae_h6",
            "mae_h12", "masked_mae", "rmse_h3", "rmse_h6", "rmse_h12", "masked_rmse", "mape_h3",
            "mape_h6", "mape_h12", "masked_mape", "rmse_seen", "rmse_unseen", "masked_mae_seen",
            "masked_mae_unseen", "params_node", "params_server", "bytes", "seconds",
@@ -190,6 +192,7 @@ def row(run: Run) -> dict[str, Any]:
     ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name).replace("-", "_"), run.family))
     r: dict[str, Any] = {"method": run.key, "label": run.label, "dataset": str(run.cfg.dataset.name),
                          "seed": run.seed, "runs": None,
+                         "graph": f.get("graph") or graph_label(run.cfg.dataset),
                          "rmse": t["rmse"], "mae": t["mae"], "masked_mae": t["masked_mae"],
                          "masked_rmse": t["masked_rmse"], "masked_mape": 100 * t["masked_mape"]}
     for part in ("seen", "unseen"):  # inductive runs: nodes trained on / held out
@@ -547,7 +550,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
     else:
         table, note = markdown(rows), ""
     table = table + "".join(f"\n\n{n}" for n in forecast_notes(runs))
-    datasets = sorted({r["dataset"] for r in rows})
+    datasets = sorted({f"{r['dataset']} (graph {r['graph']})" for r in rows})
     (out / "comparison.md").write_text(
         f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "
         "horizons, original units; per-horizon columns: masked (zeros left out) at horizons "

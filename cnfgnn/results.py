@@ -84,6 +84,9 @@ class RunWriter:
         (self.dir / "plots").mkdir(exist_ok=True)
         text = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(self.dir / "config.yaml", lambda p: p.write_text(text))
+        from cnfgnn.data.loaders import graph_label
+
+        self.graph = graph_label(cfg.dataset) if "dataset" in cfg else None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -112,6 +115,8 @@ class RunWriter:
 
     def write_final(self, final: dict[str, Any]) -> Path:
         path = self.dir / "final.json"
+        if self.graph is not None:  # which road graph the numbers come from (tables say it)
+            final.setdefault("graph", self.graph)
         text = json.dumps(json_safe(final), indent=2)
         atomic_write(path, lambda p: p.write_text(text))
         return path

@@ -21,6 +21,11 @@ while pushing it) waits at most ``pull_timeout_s`` and never blocks the next run
 as separate ``flwr-clientapp`` processes would not. It exits when the SuperNode
 (``--parent-pid``) exits.
 
+It drives Flower internals (the Runtime API's task calls, ``flwr-clientapp``'s steps), checked
+against Flower ``FLOWER_VERSION`` only. On another version it switches itself off: it warns
+and replaces itself with Flower's own ``flower-superexec`` on the same Runtime API, so the
+SuperNode still gets its executor (one process per message, as without this worker).
+
 Usage: ``python -m launch.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID``
 """
 
@@ -29,14 +34,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import shutil
 import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger("cnfgnn.clientworker")
+
+FLOWER_VERSION = "1.42.0"  # the Flower whose internals run_task / serve use
 
 APP_LOCK = threading.Lock()  # one ClientApp call at a time (module caches, torch threads)
 PRELOAD = ("numpy", "torch", "pandas", "omegaconf", "hydra", "flwr.clientapp",
@@ -220,6 +230,35 @@ def serve(address: str, idle_poll_s: float, busy_poll_s: float, object_backoff_s
         client.close()
 
 
+def flower_version() -> str | None:
+    """The installed Flower's version string."""
+    import flwr
+
+    return getattr(flwr, "__version__", None)
+
+
+def superexec_command(address: str, parent_pid: int | None) -> list[str]:
+    """Flower's own executor for this SuperNode's Runtime API (``--isolation process``)."""
+    exe = Path(sys.executable).parent / "flower-superexec"
+    cmd = [str(exe) if exe.is_file() else (shutil.which("flower-superexec") or str(exe)),
+           "--runtime-api-address", address, "--insecure"]
+    return cmd + (["--parent-pid", str(parent_pid)] if parent_pid is not None else [])
+
+
+def fall_back_to_superexec(address: str, parent_pid: int | None, version: str | None
+                           ) -> NoReturn:
+    """Warn, then replace this process with ``flower-superexec`` (never returns)."""
+    msg = (f"flwr {version} installed; launch/clientworker.py was checked against "
+           f"{FLOWER_VERSION} only, so it switches itself off and runs Flower's own "
+           "flower-superexec instead (a new ClientApp process per message)")
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    log.info("ready: %s", msg)  # the launcher waits for "clientworker ready"
+    logging.shutdown()
+    cmd = superexec_command(address, parent_pid)
+    os.execv(cmd[0], cmd)
+    raise SystemExit(1)  # only reached when os.execv is replaced (tests)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.clientworker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s clientworker %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    version = flower_version()
+    if version != FLOWER_VERSION:
+        fall_back_to_superexec(a.runtime_api_address, a.parent_pid, version)
     from flwr.supercore.app_utils import start_parent_process_monitor
 
     if a.parent_pid is not None:

@@ -19,7 +19,9 @@ It also lets a SuperNode announce a shorter heartbeat interval (the SuperLink de
 node dead after 2 missed intervals; Flower's is 30 s).
 
 These are Flower internals: :func:`check_targets` verifies the exact version and the source
-lines the patch relies on, and raises when they changed (tests call it).
+lines the patch relies on, and raises when they changed (tests call it). On a Flower version
+other than ``FLOWER_VERSION``, :func:`patch_supernode` changes nothing and warns: the
+SuperNode runs with Flower's own waits (slower rounds, same results).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time as _time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +80,13 @@ class _ScaledTime:
         return getattr(_time, name)
 
 
+def flower_version() -> str | None:
+    """The installed Flower's version string."""
+    import flwr
+
+    return getattr(flwr, "__version__", None)
+
+
 def check_targets() -> None:
     """Raise :class:`PatchError` unless Flower is the version whose internals are patched."""
     import flwr
@@ -109,7 +119,18 @@ def check_targets() -> None:
 
 
 def patch_supernode(waits: Waits) -> dict[str, float]:
-    """Apply ``waits`` to this process's SuperNode modules; returns what was changed."""
+    """Apply ``waits`` to this process's SuperNode modules; returns what was changed.
+
+    On a Flower version the patch was not checked against, nothing is changed: a
+    ``RuntimeWarning`` says so and ``{}`` is returned.
+    """
+    version = flower_version()
+    if version != FLOWER_VERSION:
+        warnings.warn(f"flwr {version} installed; launch/fastwaits.py was checked against "
+                      f"{FLOWER_VERSION} only, so Flower's fixed waits are left as they are "
+                      "(rounds take longer; results are the same)", RuntimeWarning,
+                      stacklevel=2)
+        return {}
     check_targets()
     import flwr.supercore.heartbeat as hb
     import flwr.supernode.fleet_http_connection as fhc

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+BUNDLED_DATA = ROOT / "data"  # the real datasets shipped in the package (data/README.md)
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -42,7 +42,6 @@ def tiny_cfg(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data not present")
-    return SHARED_DATA
+def bundled_data() -> Path:
+    """The repository's data/ folder (Los-loop, METR-LA and PEMS-BAY graphs, gzip)."""
+    return BUNDLED_DATA

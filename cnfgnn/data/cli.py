@@ -5,7 +5,12 @@ Usage::
     cnfgnn-data info [HYDRA_OVERRIDES...]                  # JSON summary of dataset=...
     cnfgnn-data info dataset=csv dataset.series=my.csv dataset.adjacency=adj.csv
     cnfgnn-data shard [HYDRA_OVERRIDES...] out=DIR nodes_per_client=K
-    cnfgnn-data fetch metr-la|pems-bay [--url URL] [--dest data/] [--sha256 HEX]
+    cnfgnn-data fetch metr-la|pems-bay --sha256 HEX [--url URL] [--dest data/]
+
+``fetch`` needs the archive's SHA-256: none is pinned (the authors publish none; see
+cnfgnn/data/fetch.py). Without ``--sha256`` it downloads the archive, keeps it, and prints
+its SHA-256 and MD5; compare the MD5 with the Zenodo record page, then run again with
+``--sha256``.
 
 Overrides compose ``conf/config.yaml`` (group ``dataset``) exactly as ``cnfgnn`` does.
 Errors in the data are printed as one line (file, problem, fix) with exit status 2.
@@ -15,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.windows import split_starts
 
-CONF_DIR = os.environ.get("CNFGNN_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 SHARD_KEYS = ("out", "nodes_per_client")
 
 
@@ -35,23 +37,29 @@ def compose_dataset(overrides: Sequence[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from cnfgnn.paths import conf_dir
+
+    config_dir = str(conf_dir())
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
             cfg = compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise DataError(f"config {CONF_DIR}: {e}. Fix: check the overrides "
+        raise DataError(f"config {config_dir}: {e}. Fix: check the overrides "
                         "(e.g. dataset=csv dataset.series=FILE)") from None
     return cfg.dataset
 
 
 def summary(data: SensorData, dataset_cfg: Any) -> dict[str, Any]:
-    """JSON-able facts about a dataset: sizes, time span, missing share, edges, windows."""
+    """JSON-able facts about a dataset: sizes, time span, missing share, graph, edges, windows."""
+    from cnfgnn.data.loaders import graph_label
+
     split = dataset_cfg.split
     starts = split_starts(data.num_steps, int(dataset_cfg.in_steps), int(dataset_cfg.out_steps),
                           float(split.train), float(split.val), float(split.test),
                           source=data.where)
     return {
-        "name": data.name, "kind": str(dataset_cfg.kind), "nodes": data.num_nodes,
+        "name": data.name, "kind": str(dataset_cfg.kind), "graph": graph_label(dataset_cfg),
+        "nodes": data.num_nodes,
         "steps": data.num_steps, "interval_minutes": data.interval_minutes,
         "start": str(data.timestamps[0]), "end": str(data.timestamps[-1]),
         "missing_fraction": round(data.missing_fraction(), 6),
@@ -111,7 +119,9 @@ def cmd_fetch(args: Sequence[str]) -> int:
     p.add_argument("dataset", choices=sorted(DATASETS))
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--dest", default="data")
-    p.add_argument("--sha256", default=None)
+    p.add_argument("--sha256", default=None,
+                   help="the archive's SHA-256 (required: none is pinned; without it the "
+                        "archive is downloaded and its SHA-256 and MD5 are printed)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(list(args))
     target = fetch(a.dataset, url=a.url, dest=a.dest, sha256=a.sha256,

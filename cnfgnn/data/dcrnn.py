@@ -28,6 +28,7 @@ from cnfgnn.data.checks import (
 from cnfgnn.data.csvio import load_locations
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError, bad_input, require_file
+from cnfgnn.data.gz import open_bytes
 from cnfgnn.data.windows import SPLITS, split_starts
 
 
@@ -39,7 +40,7 @@ def load_adj_pkl(path: str | Path) -> tuple[list[str], dict[str, int], np.ndarra
     """
     p = require_file(path, "adjacency pickle (adj_mx.pkl)", "dataset.adj_pkl")
     try:
-        with p.open("rb") as f:
+        with open_bytes(p) as f:
             obj = pickle.load(f, encoding="latin1")
     except Exception as e:  # any unpickling failure means "not this format"
         raise bad_input(p, f"not a readable pickle ({type(e).__name__}: {e})",

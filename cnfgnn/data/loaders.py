@@ -5,7 +5,8 @@
     synthetic    -> generate_synthetic(num_nodes, days, interval_minutes, seed, ...)
     dcrnn_h5     -> load_dcrnn_h5(h5, adj_pkl, locations, key, missing_value)
     dcrnn_npz    -> load_dcrnn_npz(dir, adj_pkl, locations, start, interval_minutes, split)
-    los_loop     -> load_los_loop(speed, adjacency, start, interval_minutes, locations)
+    los_loop     -> load_los_loop(speed, adjacency | adj_pkl (per graph), start, interval_minutes,
+                                  locations, graph)
     csv          -> load_csv(series, adjacency | distances | locations, missing_value, threshold)
     metrla_json  -> load_metrla_json(path, locations, start)
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from pathlib import PurePath
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +35,7 @@ from cnfgnn.data.synthetic import generate_synthetic
 from cnfgnn.data.tabular import load_csv, load_los_loop, load_metrla_json
 from cnfgnn.data.windows import split_starts
 
-__all__ = ["load_dataset", "check_windows", "load_adj_pkl", "load_dcrnn_h5", "load_dcrnn_npz", "load_los_loop",
+__all__ = ["load_dataset", "check_windows", "graph_label", "load_adj_pkl", "load_dcrnn_h5", "load_dcrnn_npz", "load_los_loop",
            "load_csv", "load_metrla_json", "generate_synthetic", "LOADERS"]
 
 # kind -> (loader, {config key: loader argument})
@@ -43,7 +45,7 @@ LOADERS: dict[str, tuple[Callable[..., SensorData], dict[str, str]]] = {
                                  "locations": "locations_path"}),
     "dcrnn_npz": (load_dcrnn_npz, {"adj_pkl": "adj_pkl_path", "locations": "locations_path"}),
     "los_loop": (load_los_loop, {"speed": "speed_csv", "adjacency": "adj_csv",
-                                 "locations": "locations_path"}),
+                                 "adj_pkl": "adj_pkl_path", "locations": "locations_path"}),
     "csv": (load_csv, {"series": "series_csv"}),
     "metrla_json": (load_metrla_json, {"locations": "locations_path"}),
 }
@@ -97,6 +99,32 @@ def loader_kwargs(cfg: Any) -> tuple[Callable[..., SensorData], dict[str, Any]]:
         if k in kwargs and isinstance(kwargs[k], list):
             kwargs[k] = tuple(kwargs[k])
     return fn, kwargs
+
+
+def graph_label(cfg: Any) -> str:
+    """Which road graph a ``dataset`` config uses, for ``final.json`` and tables.
+
+    ``dataset.graph`` when the config has that choice (Los-loop: ``metr_la`` | ``los_adj``),
+    else the graph's source: the adjacency pickle's name (``adj_mx.pkl``), ``<key>:<file>``
+    for a user CSV's graph file, ``json`` for METRLA.json's edges, ``synthetic``.
+    """
+    c = cfg if isinstance(cfg, Mapping) else {}
+    if isinstance(cfg, DictConfig):
+        c = {k: cfg.get(k) for k in ("kind", "graph", "adj_pkl", "adjacency", "distances",
+                                     "locations")}
+    kind = str(c.get("kind"))
+    if c.get("graph"):
+        return str(c["graph"])
+
+    def name(value: Any) -> str:
+        return PurePath(str(value)).name.removesuffix(".gz")
+
+    if kind in ("dcrnn_h5", "dcrnn_npz") and c.get("adj_pkl"):
+        return name(c["adj_pkl"])
+    if kind == "csv":
+        key = next((k for k in ("adjacency", "distances", "locations") if c.get(k)), None)
+        return f"{key}:{name(c[key])}" if key else "none"
+    return {"metrla_json": "json", "synthetic": "synthetic"}.get(kind, kind)
 
 
 def check_windows(data: SensorData, cfg: Any) -> None:

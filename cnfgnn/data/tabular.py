@@ -19,6 +19,7 @@ import numpy as np
 from cnfgnn.data.checks import (
     check_adjacency,
     check_timestamps,
+    match_ids,
     regular_timestamps,
     series_from_values,
     timestamps_from_tod,
@@ -31,7 +32,9 @@ from cnfgnn.data.csvio import (
     read_series_csv,
 )
 from cnfgnn.data.dataset import SensorData
+from cnfgnn.data.dcrnn import load_adj_pkl
 from cnfgnn.data.errors import bad_input, require_file
+from cnfgnn.data.gz import read_text
 from cnfgnn.data.graph import distance_matrix, gaussian_kernel_adjacency, haversine_km
 
 PathLike = str | Path
@@ -41,25 +44,53 @@ def _numeric_missing(missing_value: float | str | None) -> float | None:
     return None if missing_value is None or isinstance(missing_value, str) else float(missing_value)
 
 
-def load_los_loop(speed_csv: PathLike, adj_csv: PathLike, start: str = "2012-03-01",
-                  interval_minutes: float = 5.0, locations_path: PathLike | None = None,
-                  name: str = "los-loop", missing_value: float | None = 0.0) -> SensorData:
-    """T-GCN's Los-loop: a speed CSV without timestamps and an N x N adjacency CSV.
+#: ``dataset.graph`` choices for Los-loop: the authors' directed DCRNN graph, or T-GCN's.
+LOS_LOOP_GRAPHS = ("metr_la", "los_adj")
+
+
+def load_los_loop(speed_csv: PathLike, adj_csv: PathLike | None = None,
+                  start: str = "2012-03-01", interval_minutes: float = 5.0,
+                  locations_path: PathLike | None = None, name: str = "los-loop",
+                  missing_value: float | None = 0.0, graph: str = "los_adj",
+                  adj_pkl_path: PathLike | None = None) -> SensorData:
+    """T-GCN's Los-loop: a speed CSV without timestamps, and one of two road graphs.
 
     Args:
         speed_csv: ``[T rows, N columns]`` speeds, header = sensor ids.
-        adj_csv: N x N weights (header optional; reordered to the speed header when present).
+        adj_csv: N x N weights (header optional; reordered to the speed header when present);
+            used when ``graph="los_adj"``.
         start: timestamp of the first row.
         interval_minutes: step length.
         locations_path: optional sensor locations CSV.
         name: dataset name.
         missing_value: marker of missing readings (Los-loop is imputed: none).
+        graph: ``"los_adj"``: T-GCN's ``los_adj.csv`` (symmetric, max(A, A^T));
+            ``"metr_la"``: DCRNN's directed ``adj_mx.pkl`` (``adj_pkl_path``), the graph the
+            CNFGNN authors used, reordered to the speed header.
+        adj_pkl_path: DCRNN ``adj_mx.pkl`` (used when ``graph="metr_la"``).
     """
     sp = require_file(speed_csv, "Los-loop speed CSV", "dataset.speed")
-    ap = require_file(adj_csv, "Los-loop adjacency CSV", "dataset.adjacency")
+    if graph not in LOS_LOOP_GRAPHS:
+        raise bad_input(f"dataset {name!r}", f"unknown graph {graph!r}",
+                        f"set dataset.graph to one of {list(LOS_LOOP_GRAPHS)}")
+    if graph == "los_adj":
+        if adj_csv is None:
+            raise bad_input(f"dataset {name!r}", "graph=los_adj needs the adjacency CSV",
+                            "set dataset.adjacency=PATH (T-GCN's los_adj.csv)")
+        gp = require_file(adj_csv, "Los-loop adjacency CSV", "dataset.adjacency")
+    else:
+        if adj_pkl_path is None:
+            raise bad_input(f"dataset {name!r}", "graph=metr_la needs the adjacency pickle",
+                            "set dataset.adj_pkl=PATH (DCRNN's adj_mx.pkl)")
+        gp = require_file(adj_pkl_path, "adjacency pickle (adj_mx.pkl)", "dataset.adj_pkl")
     ids, _, values, empty = read_series_csv(sp, missing_value, timestamp_column=False)
     speed, mask = series_from_values(values, sp, _numeric_missing(missing_value), empty, ids)
-    adj = read_adjacency_csv(ap, ids)
+    if graph == "los_adj":
+        adj = read_adjacency_csv(gp, ids)
+    else:
+        pkl_ids, _, pkl_adj = load_adj_pkl(gp)
+        idx = match_ids(pkl_ids, ids, gp, "adj_mx.pkl sensor ids", f"the header of {sp.name}")
+        adj = pkl_adj[np.ix_(idx, idx)]
     ts = regular_timestamps(start, speed.shape[0], interval_minutes)
     loc = None if locations_path is None else load_locations(
         require_file(locations_path, "sensor locations", "dataset.locations"), ids)
@@ -109,11 +140,13 @@ def load_csv(series_csv: PathLike, adjacency: PathLike | None = None,
 
 
 def _json_ids(path: Path, n: int) -> list[str]:
-    """Sensor ids from ``graph_sensor_ids.txt`` next to the json, else ``"0".."N-1"``."""
-    ids_file = path.parent / "graph_sensor_ids.txt"
-    if not ids_file.is_file():
+    """Sensor ids from ``graph_sensor_ids.txt`` (or ``.txt.gz``) next to the json, else
+    ``"0".."N-1"``."""
+    ids_file = next((f for f in (path.parent / "graph_sensor_ids.txt",
+                                 path.parent / "graph_sensor_ids.txt.gz") if f.is_file()), None)
+    if ids_file is None:
         return [str(i) for i in range(n)]
-    ids = [s.strip() for s in ids_file.read_text().replace("\n", ",").split(",") if s.strip()]
+    ids = [s.strip() for s in read_text(ids_file).replace("\n", ",").split(",") if s.strip()]
     if len(ids) != n:
         raise bad_input(ids_file, f"{len(ids)} sensor ids for {n} series in {path.name}",
                         "use the graph_sensor_ids.txt of the same dataset, or remove it")
@@ -126,8 +159,8 @@ def load_metrla_json(path: PathLike, locations_path: PathLike | None = None,
     """STGraph-Datasets ``METRLA.json`` (a raw METR-LA subset; zeros become masked)."""
     p = require_file(path, "METRLA.json", "dataset.path")
     try:
-        obj = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = json.loads(read_text(p))
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as e:
         raise bad_input(p, f"not valid JSON ({e})", "use STGraph's METRLA.json") from None
     need = {"edges", "weights", "time_periods"}
     if not isinstance(obj, dict) or not need <= set(obj):

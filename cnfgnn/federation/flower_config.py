@@ -22,14 +22,18 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn import paths
+
 RUN_CONFIG_KEY = "hydra-overrides"
 ENV_OVERRIDES = "CNFGNN_HYDRA_OVERRIDES"
 ENV_STATE_ROOT = "CNFGNN_STATE_ROOT"
 STATE_DIR = "state-dir"  # optional node_config key: where that node keeps its state
+# The source checkout (the top level above cnfgnn/); only code that needs the checkout's
+# launch/ uses it. Nothing is written there: see flower_environment and state_root.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Every Flower process gets these (flower-notes §4): no telemetry, no update check, no
-# runtime dependency installation, Flower and Ray files inside the project.
+# runtime dependency installation, Flower and Ray files under the working directory.
 FLOWER_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -38,12 +42,17 @@ FLOWER_ENV_DEFAULTS = {
 
 
 def conf_dir() -> str:
-    """The Hydra config directory (the CLI's: ``$CNFGNN_CONF`` or the project's ``conf/``)."""
-    return os.environ.get("CNFGNN_CONF", str(PROJECT_ROOT / "conf"))
+    """The Hydra config directory (``$CNFGNN_CONF`` or the package's; cnfgnn/paths.py)."""
+    return str(paths.conf_dir())
 
 
-def flower_environment(root: Path = PROJECT_ROOT) -> dict[str, str]:
-    """Environment entries every Flower process needs (existing values are kept)."""
+def flower_environment(root: Path | None = None) -> dict[str, str]:
+    """Environment entries every Flower process needs (existing values are kept).
+
+    Flower's home, temporary files and node state go under ``root`` (default: the current
+    working directory), never under the installed package.
+    """
+    root = paths.work_dir() if root is None else Path(root)
     env = dict(FLOWER_ENV_DEFAULTS)
     env["FLWR_HOME"] = str(root / ".flwr")
     env["TMPDIR"] = str(root / ".tmp")
@@ -53,13 +62,14 @@ def flower_environment(root: Path = PROJECT_ROOT) -> dict[str, str]:
 
 def state_root(cfg: Any, node_config: Any = None) -> Path:
     """Where clients keep their state between messages: node_config ``state-dir``, else
-    ``$CNFGNN_STATE_ROOT``, else ``engine.state_root``, else the project's ``.tmp/node_state``.
+    ``$CNFGNN_STATE_ROOT``, else ``engine.state_root``, else ``.tmp/node_state`` in the
+    current working directory.
     """
     for value in ((node_config or {}).get(STATE_DIR), os.environ.get(ENV_STATE_ROOT),
                   cfg.engine.get("state_root")):
         if value:
             return Path(str(value))
-    return PROJECT_ROOT / ".tmp" / "node_state"
+    return paths.work_dir() / ".tmp" / "node_state"
 
 
 def overrides_from_run_config(run_config: Any) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 from cnfgnn.data.windows import gather_windows, split_starts
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO / ".." / "shared" / "data"
+BUNDLED_DATA = REPO / "data"  # the real datasets shipped in the package (data/README.md)
 IDS = ["s10", "s20", "s30", "s40"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnfgnn.data.cli import main
-from tests.data._helpers import REPO, SHARED_DATA, adjacency, series, write_pkl, write_wide_csv
+from tests.data._helpers import adjacency, series, write_pkl, write_wide_csv
 
 
 def run(capsys, *argv):
@@ -49,12 +49,13 @@ def test_info_csv_and_h5(capsys, tmp_path):
     assert s["missing_fraction"] == pytest.approx(2 / 400)  # the zeros
 
 
-def test_info_real_files(capsys, monkeypatch):
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data not present")
-    monkeypatch.chdir(REPO)
+def test_info_real_files(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the bundled files are found from any working directory
     s = info(capsys, "dataset=los_loop")
-    assert (s["nodes"], s["steps"], s["edges"], s["missing_fraction"]) == (207, 2016, 2833, 0.0)
+    assert (s["nodes"], s["steps"], s["edges"], s["missing_fraction"]) == (207, 2016, 1722, 0.0)
+    assert s["graph"] == "metr_la"
+    s = info(capsys, "dataset=los_loop", "dataset.graph=los_adj")
+    assert (s["edges"], s["graph"]) == (2833, "los_adj")
     s = info(capsys, "dataset=metr_la_json")
     assert (s["nodes"], s["steps"], s["edges"]) == (207, 100, 1722)
     assert s["missing_fraction"] == pytest.approx(0.0312, abs=1e-4)

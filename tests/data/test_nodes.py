@@ -7,7 +7,7 @@ import pytest
 from cnfgnn.data.dcrnn import load_adj_pkl
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.nodes import partition, select_nodes
-from tests.data._helpers import SHARED_DATA
+from tests.data._helpers import BUNDLED_DATA
 
 METR_LA_SELECTED = {
     0.25: [8, 9, 14, 26, 31, 34, 41, 43, 47, 52, 59, 60, 63, 69, 73, 75, 76, 77, 81, 82, 83,
@@ -35,10 +35,7 @@ METR_LA_SUBGRAPH_NNZ = {0.25: 329, 0.5: 816, 0.75: 1288}
 
 @pytest.fixture(scope="module")
 def metr_la_locations():
-    path = SHARED_DATA / "METR-LA" / "graph_sensor_locations.csv"
-    if not path.exists():
-        pytest.skip("../shared/data not present")
-    df = pd.read_csv(path)
+    df = pd.read_csv(BUNDLED_DATA / "metr_la" / "graph_sensor_locations.csv.gz")
     return df[["latitude", "longitude"]].to_numpy()
 
 
@@ -47,7 +44,7 @@ def test_metr_la_appendix_a(metr_la_locations, ratio):
     sel = select_nodes(207, ratio, metr_la_locations)
     assert len(METR_LA_SELECTED[ratio]) == {0.25: 52, 0.5: 104, 0.75: 155}[ratio]
     assert sel.tolist() == METR_LA_SELECTED[ratio]
-    _, _, adj = load_adj_pkl(SHARED_DATA / "METR-LA" / "adj_mx.pkl")
+    _, _, adj = load_adj_pkl(BUNDLED_DATA / "metr_la" / "adj_mx.pkl.gz")
     assert int((adj[np.ix_(sel, sel)] > 0).sum()) == METR_LA_SUBGRAPH_NNZ[ratio]
 
 
