@@ -251,7 +251,7 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for the seeds of a method: every metric column's mean and ``<column>_std``;
     ``seed`` left empty, ``runs`` = the number of seeds."""
     first = rows[0]
-    r: dict[str, Any] = {k: first.get(k) for k in ("method", "label", "dataset", "params_node",
+    r: dict[str, Any] = {k: first.get(k) for k in ("method", "label", "dataset", "graph", "params_node",
                                                    "params_server", "interval_minutes",
                                                    "reference_rmse", "reference")}
     r.update(seed=None, runs=len(rows),
@@ -450,7 +450,7 @@ def plot_validation(runs: list[Run], out: Path) -> Path | None:
     return _save(fig, out / "validation.png")
 
 
-ONE_OFF_PHASES = ("setup", "upload_raw", "test")  # once per run, not per round
+ONE_OFF_PHASES = ("setup", "upload_raw", "test", "resume")  # once per run, not per round
 
 
 def plot_bytes(runs: list[Run], out: Path) -> Path | None:
