@@ -38,16 +38,16 @@ test-slow: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/python -m pytest -q -m slow
 
-# every engine side by side on the same data (cnfgnn/bench.py); BENCH_ARGS: Hydra overrides
+# every engine side by side on the same data (cnfgnn/bench/engines.py); BENCH_ARGS: Hydra overrides
 bench: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/cnfgnn-bench $(BENCH_ARGS)
 
-# a real Flower deployment on loopback (launch/deploy.py): SuperLink + 3 SuperNodes, 2 rounds;
+# a real Flower deployment on loopback (cnfgnn/deploy/): SuperLink + 3 SuperNodes, 2 rounds;
 # DEPLOY_ARGS: more Hydra overrides
 deploy-demo: $(STAMP)
 	@mkdir -p .tmp .flwr
-	$(BIN)/python -m launch.deploy demo $(DEPLOY_ARGS)
+	$(BIN)/cnfgnn-deploy demo $(DEPLOY_ARGS)
 
 # tests that start SuperLink/SuperNode processes (tests/deployment, marker `deployment`)
 test-deployment: $(STAMP)

@@ -10,14 +10,12 @@ Examples::
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-CONF_DIR = os.environ.get("CNFGNN_CONF", str(Path(__file__).resolve().parents[1] / "conf"))
+from cnfgnn.config import CONF_DIR
+from cnfgnn.experiment import run_experiment
 
 
 def format_table(final: dict) -> str:
@@ -36,8 +34,6 @@ def format_table(final: dict) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> None:
-    from cnfgnn.federation.runner import run_experiment
-
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     final, writer = run_experiment(cfg, run_dir=run_dir)
     print(format_table(final))

@@ -12,7 +12,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from cnfgnn import compare, report
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 REQUIRED = ["method", "rmse", "mae_h3", "mae_h6", "mae_h12", "bytes", "seconds"]
 

@@ -15,31 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from cnfgnn.config import compose, conf_dir
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.windows import split_starts
 
-CONF_DIR = os.environ.get("CNFGNN_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 SHARD_KEYS = ("out", "nodes_per_client")
 
 
 def compose_dataset(overrides: Sequence[str]) -> Any:
     """Compose ``conf/config.yaml`` with ``overrides`` and return its ``dataset`` group."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            cfg = compose("config", overrides=list(overrides))
+        cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise DataError(f"config {CONF_DIR}: {e}. Fix: check the overrides "
+        raise DataError(f"config {conf_dir()}: {e}. Fix: check the overrides "
                         "(e.g. dataset=csv dataset.series=FILE)") from None
     return cfg.dataset
 

@@ -64,7 +64,7 @@ def test_pems_bay_distances_reproduce_adj_mx_bay(shared):
 
 def test_configs_load_the_shared_files(shared, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs name ../shared/data relative to the repo
-    from tests.conftest import make_cfg
+    from tests.helpers import make_cfg
 
     d = load_dataset(make_cfg("dataset=los_loop").dataset)
     assert d.name == "los-loop" and d.locations is not None

@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from cnfgnn.experiment import run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.runner import build_workers, run_experiment
 from cnfgnn.privacy import dp
 from cnfgnn.privacy.accounting import privacy_report, rdp_epsilon
-from tests.conftest import TINY, make_cfg
-from tests.federation.test_engine import RecordingEngine
-from tests.federation.test_flower import task_identity  # noqa: F401 (fixture)
+from tests.helpers import TINY, RecordingEngine, make_cfg
 
 QUIET = {"progress": lambda s: None}
 DP = ("privacy=dp", "privacy.h_c.clip=1.0", "privacy.grad.clip=0.01",
@@ -73,8 +71,11 @@ def test_settings_reject_noise_without_clip():
 
 # ---------------------------------------------------------------------- FedAvg vs Flower
 def test_fedavg_clip_and_noise_equal_flowers_helpers():
-    from flwr.supercore.differential_privacy import (compute_clip_model_update, compute_stdv,
-                                                     get_norm)
+    from flwr.supercore.differential_privacy import (
+        compute_clip_model_update,
+        compute_stdv,
+        get_norm,
+    )
 
     rng = np.random.default_rng(1)
     shapes = {"a": (5, 3), "b": (4,), "c": (2, 2, 2)}
@@ -192,9 +193,9 @@ def test_split_learning_with_dp_counts_one_release_per_epoch(tmp_path):
 
 def test_dp_through_the_flower_client_app(tmp_path, task_identity, monkeypatch):
     """DP run over the real ClientApp (fresh process per message) = in-process."""
-    from cnfgnn.federation import server_app
-    from cnfgnn.federation.flower_config import compose_cfg, overrides_for
-    from tests.federation.test_flower import LoopbackGrid
+    from cnfgnn.config import compose_cfg, overrides_for
+    from cnfgnn.flower import server_app
+    from tests.helpers import LoopbackGrid
 
     monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
     args = (*TINY, *DP, "federation.nodes_per_client=2")

@@ -2,13 +2,13 @@
 
 Usage::
 
-    python -m launch.supernode [--warm-worker] [--idle-poll-s S] [--hot-poll-s S] [--hot-s S]
+    python -m cnfgnn.deploy.supernode [--warm-worker] [--idle-poll-s S] [--hot-poll-s S] [--hot-s S]
         [--reply-poll-s S] [--object-backoff-s S] [--heartbeat-s S] -- <flower-supernode args>
 
-* ``--warm-worker``: adds ``--isolation process`` and starts :mod:`launch.clientworker` as a
+* ``--warm-worker``: adds ``--isolation process`` and starts :mod:`cnfgnn.deploy.clientworker` as a
   child (same process group, exits with this process), so ClientApps run in one process
   that stays up instead of one new process per message.
-* the wait options: :mod:`launch.fastwaits` (Flower's fixed 3 s / 0.5 s / 1 s waits, and the
+* the wait options: :mod:`cnfgnn.deploy.fastwaits` (Flower's fixed 3 s / 0.5 s / 1 s waits, and the
   heartbeat interval the SuperLink uses to declare this node dead).
 * ``--start-after PATH``: import Flower (and start the worker) at once, but connect to the
   SuperLink only once ``PATH`` exists (the launcher creates it after registering the
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from launch.fastwaits import Waits, patch_supernode
+from cnfgnn.deploy.fastwaits import Waits, patch_supernode
 
 
 def _runtime_address(flower_args: list[str]) -> str:
@@ -50,7 +50,7 @@ def _wait_for_file(path: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            sys.exit(f"launch.supernode: {path} did not appear within {timeout_s} s "
+            sys.exit(f"cnfgnn.deploy.supernode: {path} did not appear within {timeout_s} s "
                      "(the launcher registers the SuperNode keys, then creates it)")
         time.sleep(0.05)
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     ours, flower_args = (args[:args.index("--")], args[args.index("--") + 1:]) \
         if "--" in args else (args, [])
-    p = argparse.ArgumentParser(prog="python -m launch.supernode")
+    p = argparse.ArgumentParser(prog="python -m cnfgnn.deploy.supernode")
     p.add_argument("--warm-worker", action="store_true")
     p.add_argument("--worker-idle-poll-s", type=float, default=0.2)
     p.add_argument("--worker-busy-poll-s", type=float, default=0.01)
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     changed = patch_supernode(Waits(a.idle_poll_s, a.reply_poll_s, a.object_backoff_s,
                                     a.heartbeat_s, a.hot_poll_s, a.hot_s))
     if changed:
-        print(f"launch.supernode: Flower waits set to {changed}", flush=True)
+        print(f"cnfgnn.deploy.supernode: Flower waits set to {changed}", flush=True)
     if a.warm_worker:
         if "--isolation" in flower_args:
             p.error("--warm-worker sets --isolation process itself")
         flower_args += ["--isolation", "process"]
         backoff = a.object_backoff_s if a.object_backoff_s is not None else 1.0
         # a child in this process group: stopped with it, and it watches this pid
-        subprocess.Popen([sys.executable, "-m", "launch.clientworker",
+        subprocess.Popen([sys.executable, "-m", "cnfgnn.deploy.clientworker",
                           "--runtime-api-address", _runtime_address(flower_args),
                           "--parent-pid", str(os.getpid()),
                           "--idle-poll-s", str(a.worker_idle_poll_s),

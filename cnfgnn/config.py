@@ -1,11 +1,16 @@
-"""One Hydra config for the ServerApp and every ClientApp.
+"""The one place that composes ``conf/``, and the Flower processes' environment.
 
-Both apps compose ``conf/`` with the overrides in the single run-config key
-``hydra-overrides`` (``flwr run . --run-config 'hydra-overrides="dataset.num_nodes=20"'``),
-so the server and all clients agree on the experiment. The legacy
-``flwr.simulation.run_simulation`` entry has no run config; for it the runner puts the same
-string into the environment variable ``CNFGNN_HYDRA_OVERRIDES`` (Ray actors inherit the
-driver's environment), and the apps read it when the run-config key is absent.
+* :func:`conf_dir` / :data:`CONF_DIR`: the Hydra config directory; :func:`compose`: ``conf/``
+  with a list of overrides (every command and test composes through it).
+* :func:`compose_cfg`: the cached, read-only config of a Flower app. The ServerApp and every
+  ClientApp compose ``conf/`` with the overrides in the single run-config key
+  ``hydra-overrides`` (``flwr run . --run-config 'hydra-overrides="dataset.num_nodes=20"'``),
+  so the server and all clients agree on the experiment. The legacy
+  ``flwr.simulation.run_simulation`` entry has no run config; for it the simulation driver
+  puts the same string into the environment variable ``CNFGNN_HYDRA_OVERRIDES`` (Ray actors
+  inherit the driver's environment), and the apps read it when the run-config key is absent.
+* :func:`overrides_for`: the ``hydra-overrides`` string that reproduces a composed config.
+* :func:`flower_environment`: what every Flower process needs in its environment.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import math
 import os
 import shlex
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,9 +33,9 @@ RUN_CONFIG_KEY = "hydra-overrides"
 ENV_OVERRIDES = "CNFGNN_HYDRA_OVERRIDES"
 ENV_STATE_ROOT = "CNFGNN_STATE_ROOT"
 STATE_DIR = "state-dir"  # optional node_config key: where that node keeps its state
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# Every Flower process gets these (flower-notes §4): no telemetry, no update check, no
+# Every Flower process gets these: no telemetry, no update check, no
 # runtime dependency installation, Flower and Ray files inside the project.
 FLOWER_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -38,8 +45,12 @@ FLOWER_ENV_DEFAULTS = {
 
 
 def conf_dir() -> str:
-    """The Hydra config directory (the CLI's: ``$CNFGNN_CONF`` or the project's ``conf/``)."""
-    return os.environ.get("CNFGNN_CONF", str(PROJECT_ROOT / "conf"))
+    """The Hydra config directory: ``$CNFGNN_CONF``, else the project's ``conf/``."""
+    return str(Path(os.environ.get("CNFGNN_CONF", str(PROJECT_ROOT / "conf"))).resolve())
+
+
+#: The config directory at import time (``@hydra.main`` needs a constant).
+CONF_DIR = conf_dir()
 
 
 def flower_environment(root: Path = PROJECT_ROOT) -> dict[str, str]:
@@ -72,9 +83,8 @@ def overrides_from_run_config(run_config: Any) -> str:
 _COMPOSE_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=8)
-def compose_cfg(overrides: str) -> DictConfig:
-    """``conf/`` composed with a shell-quoted override string (cached: apps call it per message).
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides``, as the ``cnfgnn`` CLI would.
 
     Works inside a ``@hydra.main`` job too (``cnfgnn engine=simulation``): the job's global
     Hydra is set aside while composing and put back afterwards.
@@ -86,11 +96,18 @@ def compose_cfg(overrides: str) -> DictConfig:
             gh.clear()
         try:
             with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-                cfg = compose("config", overrides=shlex.split(overrides))
+                return hydra_compose(config_name, overrides=list(overrides))
         finally:
             if outer is not None:
                 GlobalHydra.instance().clear()
                 GlobalHydra.instance().initialize(outer)
+
+
+@functools.lru_cache(maxsize=8)
+def compose_cfg(overrides: str) -> DictConfig:
+    """``conf/`` composed with a shell-quoted override string, read-only (cached: the Flower
+    apps call it per message)."""
+    cfg = compose(shlex.split(overrides))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -1,7 +1,8 @@
-"""Start a Flower simulation of a composed config (``cnfgnn engine=simulation ...``).
+"""Start a Flower simulation of a composed config (``cnfgnn engine=simulation ...``), for
+training (:func:`run_simulation_experiment`) or forecasting (:func:`run_forecast_simulation`).
 
 The ServerApp and ClientApp are the same as under ``flwr run .``; both compose ``conf/``
-from the ``hydra-overrides`` string built here (``flower_config.overrides_for``: the
+from the ``hydra-overrides`` string built here (:func:`cnfgnn.config.overrides_for`: the
 command-line overrides when they reproduce the config, every leaf otherwise, plus
 ``run_dir``). ``flwr.simulation.run_simulation`` has no run config, so the string travels
 in ``CNFGNN_HYDRA_OVERRIDES`` (set for the duration of the simulation, inherited by Ray).
@@ -15,11 +16,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from cnfgnn.federation.flower_config import ENV_OVERRIDES, flower_environment, overrides_for
+from cnfgnn.config import ENV_OVERRIDES, flower_environment, overrides_for
+from cnfgnn.federation.inference import ForecastResult
+from cnfgnn.flower import client_app, server_app
 from cnfgnn.results import RunWriter
 
 
@@ -38,8 +44,6 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 def _cli_overrides() -> list[str] | None:
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         return list(HydraConfig.get().overrides.task)
     return None
@@ -56,8 +60,6 @@ def backend_config(cfg: Any) -> dict[str, Any]:
     device = str(cfg.device)
     res = backend.setdefault("client_resources", {})
     if (device.startswith("cuda") or device == "auto") and not res.get("num_gpus"):
-        import torch
-
         if torch.cuda.is_available():
             cpus = float(backend.get("init_args", {}).get("num_cpus") or os.cpu_count() or 1)
             actors = max(1, int(cpus // float(res.get("num_cpus") or 1)))
@@ -75,8 +77,6 @@ def simulate(cfg: Any, num_clients: int, overrides: str,
     import ray
     from flwr.simulation import run_simulation
 
-    from cnfgnn.federation import client_app, server_app
-
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; the simulation's "
                            "actors would not see its configuration")
@@ -84,15 +84,14 @@ def simulate(cfg: Any, num_clients: int, overrides: str,
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    server_app.ENGINE_WRAPPER, server_app.PROGRESS = engine_wrapper, progress
+    app = server_app.make_app(progress, engine_wrapper)
     flwr_log = logging.getLogger("flwr")
     propagate, flwr_log.propagate = flwr_log.propagate, False  # Flower prints its own log
     try:
         with _environ(env):
-            run_simulation(server_app=server_app.app, client_app=client_app.app,
+            run_simulation(server_app=app, client_app=client_app.app,
                            num_supernodes=num_clients, backend_config=backend_config(cfg))
     finally:
-        server_app.ENGINE_WRAPPER = server_app.PROGRESS = None
         flwr_log.propagate = propagate
 
 
@@ -115,3 +114,28 @@ def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | 
     if not final_path.exists() or final_path.stat().st_mtime < started:
         raise RuntimeError(f"the Flower simulation ended without {final_path}; see its log above")
     return json.loads(final_path.read_text()), writer
+
+
+def run_forecast_simulation(cfg: Any, num_clients: int, checkpoint: str | Path,
+                            ends: list[int], out_dir: str | Path,
+                            progress: Callable[[str], None] = print,
+                            engine_wrapper: Callable[[Any], Any] | None = None
+                            ) -> tuple[ForecastResult, float]:
+    """Forecast through a Flower simulation (one SuperNode per client).
+
+    Returns ``(result, seconds)``: the seconds from starting the simulation to its end.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f".forecast_{time.strftime('%Y%m%d-%H%M%S')}_{id(cfg)}.npz"
+    request = server_app.with_request(cfg, checkpoint, ends, out)
+    t0 = time.perf_counter()
+    simulate(request, num_clients, overrides_for(request, out_dir.resolve()), progress,
+             engine_wrapper)
+    seconds = time.perf_counter() - t0
+    if not out.exists():
+        raise RuntimeError(f"the Flower simulation ended without its forecasts ({out}); "
+                           "see its log above")
+    result = ForecastResult.load(out)
+    out.unlink()
+    return result, seconds

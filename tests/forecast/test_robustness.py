@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from cnfgnn.data.loaders import load_dataset
+from cnfgnn.experiment import NODE_STORE, build_workers, run_experiment
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.inference import Forecaster, choose_silent, load_trained
 from cnfgnn.federation.rounds import ServerGraph
-from cnfgnn.federation.runner import NODE_STORE, build_workers, run_experiment
 from cnfgnn.forecast import robustness
-from tests.conftest import TINY, make_cfg
+from tests.helpers import TINY, make_cfg
 
 ARGS = (*TINY, "federation.nodes_per_client=2")  # 6 sensors on 3 clients
 LOCAL = ("federation=local", "model=gru_63k", *ARGS, "model.hidden_size=8",

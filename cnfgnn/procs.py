@@ -1,4 +1,5 @@
-"""The processes a deployment starts, each in a process group of its own, stopped by id only.
+"""The one place child processes start and stop: each in a process group of its own,
+stopped by id only (deployments, ``cnfgnn-bench`` cases, privacy sweeps).
 
 Every process is started with ``start_new_session=True``: it leads a new process group (and
 session) whose id is its pid, and the children Flower spawns (``flower-superexec``,
@@ -14,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,13 +108,14 @@ class ProcessSet:
 
     def start(self, name: str, argv: Sequence[str], cwd: Path = ROOT,
               env: dict[str, str] | None = None, log_name: str | None = None,
-              join: str | None = None) -> Proc:
+              join: str | None = None, log_path: Path | None = None) -> Proc:
         """Start ``argv`` as a new process group (or in the group of the running process
-        ``join``, stopped with it); ``name`` must not be running already."""
+        ``join``, stopped with it); ``name`` must not be running already. Its output goes
+        to ``log_path`` (default ``log_dir/<log_name or name>.log``)."""
         if name in self.procs and self.procs[name].alive():
             raise RuntimeError(f"{name} is already running (pid {self.procs[name].pid}); "
                                "stop it first")
-        log_path = self.log_dir / f"{log_name or name}.log"
+        log_path = Path(log_path) if log_path else self.log_dir / f"{log_name or name}.log"
         with open(log_path, "ab") as log:
             log.write(f"\n===== {time.strftime('%H:%M:%S')} start {name}: "
                       f"{' '.join(map(str, argv))}\n".encode())

@@ -2,21 +2,21 @@
 
 Usage::
 
-    python -m launch.deploy demo                      # make deploy-demo
-    python -m launch.deploy run [OPTIONS] [HYDRA_OVERRIDES...]
-    python -m launch.deploy run experiment=synthetic_deploy_demo federation.rounds=5
-    python -m launch.deploy run --run-dir outputs/deploy/X --resume ...   # continue a run
+    cnfgnn-deploy demo                      # make deploy-demo (or python -m cnfgnn.deploy)
+    cnfgnn-deploy run [OPTIONS] [HYDRA_OVERRIDES...]
+    cnfgnn-deploy run experiment=synthetic_deploy_demo federation.rounds=5
+    cnfgnn-deploy run --run-dir outputs/deploy/X --resume ...   # continue a run
 
-What ``run`` does (every process gets the Flower environment of DESIGN.md §6):
+What ``run`` does (every process gets :func:`cnfgnn.config.flower_environment`):
 
 1. composes ``conf/`` with ``engine=deployment`` and the overrides (``engine.launch.*``
    configures the processes), and writes per-client shards with ``cnfgnn-data shard``
    (``federation.nodes_per_client`` sensors each) unless ``--shards`` names existing ones;
 2. starts ``flower-superlink`` (127.0.0.1, a free port; insecure, or with
    ``engine.launch.secure=true`` TLS and SuperNode authentication: certificates and keys from
-   :mod:`launch.certs` in ``<run>/certs``, the SuperNodes' public keys registered with
+   :mod:`cnfgnn.deploy.certs` in ``<run>/certs``, the SuperNodes' public keys registered with
    ``flwr supernode register``) and one SuperNode per shard
-   (:mod:`launch.supernode`), each with ``--node-config "partition-id=<i> num-partitions=<n>
+   (:mod:`cnfgnn.deploy.supernode`), each with ``--node-config "partition-id=<i> num-partitions=<n>
    data-dir=<its shard> state-dir=<run>/node_state"`` and its own Runtime API port;
 3. adds a SuperLink connection for that port (with ``root-certificates`` when secure) to
    ``$FLWR_HOME/config.toml`` and runs
@@ -46,10 +46,14 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
-from launch.procs import (ROOT, Interrupted, ProcessSet, cpu_seconds_of, memory_of,
-                          raise_on_signals)
+from cnfgnn.cli import format_table
+from cnfgnn.config import compose_cfg, flower_environment
+from cnfgnn.data.shards import load_manifest
+from cnfgnn.deploy.certs import generate
+from cnfgnn.procs import ROOT, Interrupted, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
 
 BIN = Path(sys.executable).parent
 DEMO_EXPERIMENT = "synthetic_deploy_demo"
@@ -64,9 +68,7 @@ class DeployError(RuntimeError):
 
 # ---------------------------------------------------------------------- environment
 def flower_env() -> dict[str, str]:
-    """This process's environment plus what every Flower process needs (DESIGN.md §6)."""
-    from cnfgnn.federation.flower_config import flower_environment
-
+    """This process's environment plus what every Flower process needs ."""
     env = dict(os.environ) | flower_environment(ROOT)
     env["MPLBACKEND"] = env.get("MPLBACKEND", "Agg")
     env["PYTHONUNBUFFERED"] = "1"
@@ -161,8 +163,6 @@ def remove_connection(flwr_home: Path, name: str) -> None:
 
 def compose(overrides: list[str]) -> Any:
     """``conf/`` with ``engine=deployment`` then ``overrides`` (read-only)."""
-    from cnfgnn.federation.flower_config import compose_cfg
-
     return compose_cfg(shlex.join(["engine=deployment", *overrides]))
 
 
@@ -176,8 +176,6 @@ def write_shards(overrides: list[str], out: Path, nodes_per_client: int, procs: 
     proc = procs.start("shard", argv)
     if proc.popen.wait() != 0:
         raise DeployError(f"cnfgnn-data shard failed; see {proc.log_path}")
-    from cnfgnn.data.shards import load_manifest
-
     return load_manifest(out)
 
 
@@ -205,8 +203,6 @@ class Deployment:
 
     def __init__(self, cfg: Any, run_dir: Path, shards_dir: Path,
                  progress: Callable[[str], None] = print):
-        from cnfgnn.data.shards import load_manifest
-
         self.cfg, self.launch = cfg, cfg.engine.launch
         self.run_dir, self.shards_dir = Path(run_dir).resolve(), Path(shards_dir).resolve()
         self.manifest = load_manifest(self.shards_dir)
@@ -221,12 +217,10 @@ class Deployment:
         self.node_ports = ([int(first) + i for i in range(self.num_nodes)] if first
                            else ports[1:])
         self.secure = bool(self.launch.get("secure", False))
-        self.certs = None  # launch.certs.LoopbackCerts when secure
+        self.certs = None  # cnfgnn.deploy.certs.LoopbackCerts when secure
         # secure: created once the SuperNodes' keys are registered; SuperNodes wait for it
         self.gate = self.run_dir / "certs" / "keys_registered"
         if self.secure:
-            from launch.certs import generate
-
             self.certs = generate(self.run_dir / "certs", self.num_nodes, self.host,
                                   float(self.launch.cert_days))
             self.gate.unlink(missing_ok=True)
@@ -243,7 +237,7 @@ class Deployment:
         self._restore_signals: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ context
-    def __enter__(self) -> "Deployment":
+    def __enter__(self) -> Deployment:
         try:
             self._restore_signals = raise_on_signals()
         except ValueError:  # not the main thread: Ctrl-C handling stays the caller's
@@ -354,13 +348,13 @@ class Deployment:
 
     def register_supernodes(self) -> list[int]:
         """Register every SuperNode's public key with the SuperLink: Flower's ``flwr
-        supernode register <supernode_i.pub> <connection>``, run by :mod:`launch.register`
+        supernode register <supernode_i.pub> <connection>``, run by :mod:`cnfgnn.deploy.register`
         (one process for all keys); returns the node ids the SuperLink gave them."""
         assert self.certs is not None
         t0 = time.monotonic()
         name = "flwr_register"
         self._mark(name)
-        self.procs.start(name, [sys.executable, "-m", "launch.register", self.connection,
+        self.procs.start(name, [sys.executable, "-m", "cnfgnn.deploy.register", self.connection,
                                 *(f"partition-{i}={self.certs.node_public_key(i)}"
                                   for i in range(self.num_nodes))])
         text = self._cli_output(name, float(self.launch.startup_timeout_s))
@@ -409,49 +403,12 @@ class Deployment:
             return [str(BIN / "flower-supernode"), *flower]
         if self.secure:  # import and preload now, connect once the keys are registered
             ours += ["--start-after", str(self.gate)]
-        return [sys.executable, "-m", "launch.supernode", *ours, "--", *flower]
+        return [sys.executable, "-m", "cnfgnn.deploy.supernode", *ours, "--", *flower]
 
     def start_supernode(self, i: int) -> None:
         name = f"supernode_{i}"
         self._mark(name)
         self.procs.start(name, self.supernode_argv(i))
-
-    def kill_supernode(self, i: int) -> None:
-        """SIGKILL SuperNode ``i`` and its ClientApp processes (a crash)."""
-        self.procs.kill(f"supernode_{i}")
-        self.progress(f"[deploy] killed SuperNode {i} (partition {i})")
-
-    def restart_supernode(self, i: int, wait: bool = True) -> float:
-        """Start SuperNode ``i`` again (same partition, shard and state dir); seconds to ready."""
-        t0 = time.monotonic()
-        self.start_supernode(i)
-        if wait:
-            self.wait_ready([i], rejoin=True)
-        self.progress(f"[deploy] restarted SuperNode {i}")
-        return time.monotonic() - t0
-
-    def server_pids(self) -> list[int]:
-        """The ServerApp process(es) of the current run (in the SuperLink's group)."""
-        from launch.procs import cmdline_of
-
-        pids = [p for name in ("superlink", "superexec") if name in self.procs.procs
-                for p in self.procs.procs[name].group_pids()]
-        return [p for p in pids if "flwr-serverapp" in cmdline_of(p)]
-
-    def kill_server(self) -> list[int]:
-        """SIGKILL the ServerApp process of the running run (the SuperLink stays up)."""
-        import signal
-
-        pids = self.server_pids()
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        self.progress(f"[deploy] killed the ServerApp {pids}")
-        return pids
-
-    def kill_superlink(self) -> None:
-        self.procs.kill("superlink")
-        self.procs.kill("superexec")
-        self.progress("[deploy] killed the SuperLink (and its ServerApp)")
 
     def wait_ready(self, nodes: list[int] | None = None, superlink: bool = False,
                    rejoin: bool = False) -> None:
@@ -495,7 +452,7 @@ class Deployment:
         """Start the SuperLink and all SuperNodes; returns seconds until all are ready."""
         t0 = time.monotonic()
         self.info["load"]["start"] = os.getloadavg()
-        # secure: SuperNodes that can wait (launch.supernode) start with the SuperLink and
+        # secure: SuperNodes that can wait (cnfgnn.deploy.supernode) start with the SuperLink and
         # connect once their keys are registered; Flower's own entry point only after that
         gated = self.secure and "--start-after" in self.supernode_argv(0)
         self.start_superlink(register=not gated)
@@ -518,8 +475,6 @@ class Deployment:
         full = ["engine=deployment", *overrides, f"engine.shards_dir={self.shards_dir}",
                 f"run_dir={self.run_dir}", f"resume={'true' if resume else 'false'}"]
         text = shlex.join(full)
-        from cnfgnn.federation.flower_config import compose_cfg
-
         compose_cfg(text)  # fail here, not inside the ServerApp, when an override is wrong
         path = self.run_dir / "logs" / f"run_config_{attempt}.toml"
         path.write_text(f"hydra-overrides = {json.dumps(text)}\n")
@@ -544,7 +499,7 @@ class Deployment:
                           "processes": max(old["processes"], len(rows))}
 
     def submit_and_wait(self, overrides: list[str], resume: bool, attempt: int,
-                        on_tick: Callable[["Deployment"], None] | None = None,
+                        on_tick: Callable[[Deployment], None] | None = None,
                         timeout_s: float | None = None) -> bool:
         """One ``flwr run``; True when it wrote ``final.json``."""
         final_path = self.run_dir / "final.json"
@@ -596,7 +551,7 @@ class Deployment:
         self.info["restarts"].append({"superlink": restart_all, "supernodes": nodes})
 
     def run(self, overrides: list[str], resume: bool = False,
-            on_tick: Callable[["Deployment"], None] | None = None,
+            on_tick: Callable[[Deployment], None] | None = None,
             timeout_s: float | None = None) -> RunResult:
         """Run the experiment; resume from the checkpoint after a server/SuperLink failure."""
         max_restarts = int(self.launch.max_restarts)
@@ -666,8 +621,6 @@ def summarize(run_dir: Path, final: dict) -> dict[str, Any]:
 
 def report(result: RunResult) -> str:
     """A few lines for the terminal: test metrics, timings, failures."""
-    from cnfgnn.cli import format_table
-
     final, info = result.final, result.info
     lines = [format_table(final)]
     rt = info.get("round_trip_s", {})
@@ -741,7 +694,7 @@ def deploy_experiment(overrides: list[str], run_dir: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.deploy", description=__doc__,
+    p = argparse.ArgumentParser(prog="cnfgnn-deploy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help=f"experiment={DEMO_EXPERIMENT} (make deploy-demo)")

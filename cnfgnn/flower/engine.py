@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from flwr.app import Message
 
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.flower_codec import pack, unpack, wire_nbytes
+from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class FlowerEngine:
 
     @classmethod
     def from_config(cls, grid: Any, eng: Any, expected_clients: int | None,
-                    progress: Callable[[str], None] = print) -> "FlowerEngine":
+                    progress: Callable[[str], None] = print) -> FlowerEngine:
         """An engine with the settings of ``cfg.engine`` (``eng``)."""
         return cls(grid, timeout_s=float(eng.get("timeout_s", 600)),
                    poll_interval_s=float(eng.get("poll_interval_s", 0.02)),

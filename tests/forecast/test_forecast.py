@@ -3,7 +3,6 @@ engines, private, robust to silent sensors, and clear about bad input."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -13,21 +12,17 @@ import torch
 from omegaconf import OmegaConf
 
 from cnfgnn.data.loaders import load_dataset
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.inference import Forecaster, load_trained
 from cnfgnn.federation.rounds import ServerGraph
-from cnfgnn.federation.runner import build_workers, run_experiment
 from cnfgnn.forecast import cli
 from cnfgnn.forecast.outputs import COLUMNS
-from tests.conftest import TINY, make_cfg
-from tests.federation.test_engine import RecordingEngine, _windows
+from tests.helpers import INFERENCE_UP, TINY, RecordingEngine, check_private, make_cfg, same_state
 
 ARGS = (*TINY, "federation.nodes_per_client=2")  # 6 sensors on 3 clients
 QUIET = dict(progress=lambda s: None)
-#: What a client may send up during inference: handshake facts, statistics, h_c, forecasts.
-ALLOWED_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.FIRST_START, P.STAT_SUM, P.STAT_SUMSQ,
-              P.STAT_COUNT, P.H_C, P.FORECAST}
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +123,6 @@ def test_forecasts_equal_the_evaluation_decoding_of_the_same_windows(trained):
 
 
 def test_predict_handlers_leave_the_node_state_unchanged(trained):
-    from tests.federation.test_flower import _same_state
-
     fc, workers = _forecaster(trained)
     fc.setup()
     w = workers[1]
@@ -138,7 +131,7 @@ def test_predict_handlers_leave_the_node_state_unchanged(trained):
     h_c = w.handle(P.PREDICT_ENCODE, {P.ENDS: ends})[P.H_C]
     out = w.handle(P.PREDICT, {P.ENDS: ends, P.H_G: np.zeros_like(h_c)})
     assert set(out) == {P.FORECAST} and out[P.FORECAST].shape == (2, 12, w.num_nodes)
-    _same_state(before, w.state_dict())
+    same_state(before, w.state_dict())
     with pytest.raises(ValueError, match="history"):
         w.handle(P.PREDICT_ENCODE, {P.ENDS: np.array([5])})
 
@@ -206,29 +199,6 @@ def test_silent_sensors_are_reported_and_left_out_of_the_graph_network(trained):
 
 
 # ---------------------------------------------------------------------- privacy
-def _check_private(received, data, scaler):
-    forbidden = _windows(data.speed) | _windows(scaler.transform(data.speed).astype(np.float32))
-    assert received
-    for mtype, payload in received:
-        for key, value in payload.items():
-            assert key in ALLOWED_UP or key.startswith(P.ERR_PREFIX), (mtype, key)
-            arr = np.asarray(value)
-            if arr.dtype.kind != "f" or arr.size < 12:
-                continue
-            assert data.num_steps not in arr.shape, (mtype, key, arr.shape)
-            for axis in range(arr.ndim):
-                for row in np.moveaxis(arr.astype(np.float32), axis, -1).reshape(
-                        -1, arr.shape[axis]):
-                    for i in range(len(row) - 11):
-                        assert row[i:i + 12].tobytes() not in forbidden, (mtype, key)
-
-
-@pytest.fixture
-def flower_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
-    return tmp_path
-
-
 def test_simulation_equals_inprocess_and_the_server_sees_no_series(trained, flower_env):
     """The same rolling forecasts through Flower simulation; every reply scanned."""
     tmp, data = flower_env, trained["data"]
@@ -257,7 +227,7 @@ def test_simulation_equals_inprocess_and_the_server_sees_no_series(trained, flow
     for name in ("inprocess", "simulation"):
         types = {m for m, _ in rec[name].received}
         assert {P.PREDICT_ENCODE, P.PREDICT} <= types, name
-        _check_private(rec[name].received, data, scaler)
+        check_private(rec[name].received, data, scaler, INFERENCE_UP)
     assert not (tmp / "state").exists() or not any((tmp / "state").iterdir())
 
 

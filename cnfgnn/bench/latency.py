@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m launch.latency [--supernodes 3 8] [--modes flower warm fast] [--out FILE]
+    python -m cnfgnn.bench.latency [--supernodes 3 8] [--modes flower warm fast] [--out FILE]
 
 Each (mode, N) runs ``experiment=synthetic_deploy_latency`` (one short CNFGNN round, 2 sensors
-per SuperNode) as a real deployment (:mod:`launch.deploy`) and records what
+per SuperNode) as a real deployment (:mod:`cnfgnn.deploy.launcher`) and records what
 ``logs/deployment.json`` holds: start-up seconds, mean round-trip seconds per message type,
 seconds per round, peak memory and CPU seconds per SuperNode, and the machine's load.
 
@@ -13,8 +13,8 @@ Modes:
 
 * ``flower``: Flower's defaults (``--isolation subprocess``: a new ``flwr-clientapp`` process
   per message; 3 s / 0.5 s / 1 s waits; 30 s heartbeat);
-* ``warm``: one long-lived ClientApp process per SuperNode (:mod:`launch.clientworker`);
-* ``fast``: ``warm`` plus Flower's fixed waits shortened (:mod:`launch.fastwaits`), the
+* ``warm``: one long-lived ClientApp process per SuperNode (:mod:`cnfgnn.deploy.clientworker`);
+* ``fast``: ``warm`` plus Flower's fixed waits shortened (:mod:`cnfgnn.deploy.fastwaits`), the
   default of ``conf/engine/deployment.yaml``;
 * ``flower_fast``: Flower's process per message with the shortened waits.
 """
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from launch.deploy import DeployError, deploy_experiment
-from launch.procs import ROOT
+from cnfgnn.deploy.launcher import DeployError, deploy_experiment
+from cnfgnn.procs import ROOT
 
 EXPERIMENT = "synthetic_deploy_latency"
 SENSORS_PER_NODE = 2
@@ -67,7 +67,7 @@ def measure(mode: str, supernodes: int, out_dir: Path, extra: list[str]) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.latency", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cnfgnn.bench.latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--supernodes", type=int, nargs="+", default=[3, 8])
     p.add_argument("--modes", nargs="+", default=["flower", "warm", "fast"],

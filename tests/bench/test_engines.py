@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cnfgnn import bench
-from tests.conftest import TINY
+from cnfgnn.bench import engines as bench
+from tests.helpers import TINY
 
 CASES = ("bench.engines=[{name:central,engine:central},"
          "{name:inprocess_all,engine:inprocess,nodes_per_client:null},"

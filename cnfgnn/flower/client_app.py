@@ -34,11 +34,15 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 
+from cnfgnn.config import compose_cfg, overrides_from_run_config, state_root
+from cnfgnn.data.loaders import load_dataset
+from cnfgnn.data.nodes import client_groups
+from cnfgnn.data.shards import load_shard
+from cnfgnn.device import resolve_device
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.flower_codec import pack, unpack
-from cnfgnn.federation.flower_config import compose_cfg, overrides_from_run_config, state_root
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.validate import MALFORMED_CODE, MalformedMessage
+from cnfgnn.flower.codec import pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ VERSION = "version"
 # Handlers that leave the worker's state as it was: no save, no new version. (split_step
 # decodes with the cached h_c and returns a gradient; the node model does not change.
 # The predict_* handlers of inference only read the configured model. tests/federation/
-# test_flower.py and test_inference.py check this against NodeWorker.)
+# tests/flower/test_flower.py checks this against NodeWorker.)
 READ_ONLY = frozenset({P.HELLO, P.STATS, P.SPLIT_STEP, P.SL_ENCODE, P.PREDICT_ENCODE, P.PREDICT})
 
 _DATA: dict[str, Any] = {}  # dataset config -> (data, time of day, client groups), per process
@@ -75,17 +79,11 @@ def _partition(context: Context) -> int:
 def _series(cfg: Any, node_config: Any) -> LocalSeries:
     """This client's own series: its shard (deployment) or its columns (simulation)."""
     if DATA_DIR in node_config:
-        from cnfgnn.data.shards import load_shard
-
         shard = load_shard(Path(str(node_config[DATA_DIR])))
         return LocalSeries.from_arrays(shard.node_indices, list(shard.sensor_ids), shard.speed,
                                        shard.mask, shard.time_of_day(), cfg.dataset)
-    from cnfgnn.federation.runner import client_groups
-
     key = str(cfg.dataset)
     if key not in _DATA:
-        from cnfgnn.data.loaders import load_dataset
-
         _DATA.clear()  # one dataset per process at a time
         data = load_dataset(cfg.dataset)
         _DATA[key] = (data, data.time_of_day(), client_groups(cfg, data))
@@ -120,8 +118,6 @@ def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
     if cached is not None and version is not None and cached[0] == version:
         _WORKERS.move_to_end(key)
         return cached[1], version
-    from cnfgnn.federation.runner import resolve_device
-
     worker = NodeWorker(_series(cfg, context.node_config), cfg, resolve_device(str(cfg.device)))
     path = state_path(cfg, context)
     if path.exists():  # also after a SuperNode restart (fresh context, state on disk)

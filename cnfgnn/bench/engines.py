@@ -5,7 +5,7 @@ override works: ``cnfgnn-bench dataset.days=3 bench.rounds=2``) and measures, ea
 its own subprocess so that peak memories are separate:
 
 * ``central``: the same CNFGNN round math in one process with no messaging
-  (:class:`cnfgnn.central_limit.CentralCNFGNN`): the limit on this hardware;
+  (:class:`cnfgnn.bench.central_limit.CentralCNFGNN`): the limit on this hardware;
 * ``inprocess_*``: the :class:`~cnfgnn.federation.rounds.Orchestrator` over the
   :class:`~cnfgnn.federation.engines.InProcessEngine`, all nodes in one client or one
   client per sensor;
@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn.config import compose, flower_environment
 from cnfgnn.federation import protocol as P
+from cnfgnn.procs import ProcessSet
 
 BENCH_GROUP = "bench"
 SETUP_TYPES = (P.HELLO, P.STATS, P.CONFIGURE, P.IDENTIFY)
@@ -50,15 +51,10 @@ ROUND_PHASES_VAL = ("val", "val_server")
 # ---------------------------------------------------------------------- config
 def compose_bench(overrides: list[str]) -> DictConfig:
     """``conf/config.yaml`` + the bench group + ``overrides`` (``bench=<file>`` picks another)."""
-    from hydra import compose, initialize_config_dir
-
-    from cnfgnn.federation.flower_config import conf_dir
-
     group = [o for o in overrides if o.lstrip("+").startswith(f"{BENCH_GROUP}=")]
     rest = [o for o in overrides if o not in group]
     choice = group[-1].lstrip("+").split("=", 1)[1] if group else "default"
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        return compose("config", overrides=[f"+{BENCH_GROUP}={choice}", *rest])
+    return compose([f"+{BENCH_GROUP}={choice}", *rest])
 
 
 def case_config(cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | None = None
@@ -69,13 +65,8 @@ def case_config(cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | N
     ``case['nodes_per_client']`` sets ``federation.nodes_per_client`` (null: all nodes).
     ``extra`` maps dotted keys to values set afterwards.
     """
-    from hydra import compose, initialize_config_dir
-
-    from cnfgnn.federation.flower_config import conf_dir
-
     engine = "inprocess" if case["engine"] == "central" else str(case["engine"])
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        eng = compose("config", overrides=[f"engine={engine}"]).engine
+    eng = compose([f"engine={engine}"]).engine
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop(BENCH_GROUP, None)
     plain.pop("hydra", None)
@@ -184,7 +175,7 @@ def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cnfgnn.central_limit import CentralCNFGNN
+    from cnfgnn.bench.central_limit import CentralCNFGNN
 
     class OpCounter(TorchDispatchMode):
         def __init__(self) -> None:
@@ -209,8 +200,10 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
     import torch
 
     from cnfgnn.data.loaders import load_dataset
+    from cnfgnn.data.nodes import client_groups
     from cnfgnn.data.windows import split_starts
-    from cnfgnn.federation.runner import build_workers, client_groups, resolve_device
+    from cnfgnn.device import resolve_device
+    from cnfgnn.experiment import build_workers
 
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(str(cfg.device))
@@ -228,7 +221,7 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
         split.train, split.val, split.test).items()}
     rounds = int(cfg.federation.rounds)
     if case["engine"] == "central":
-        from cnfgnn.central_limit import CentralCNFGNN
+        from cnfgnn.bench.central_limit import CentralCNFGNN
 
         model = CentralCNFGNN(cfg, data, device)
         per_round = []
@@ -263,7 +256,7 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
             final = Orchestrator(cfg, log, graph, writer, lambda s: print(s, flush=True),
                                  device).run()
         elif case["engine"] == "simulation":
-            from cnfgnn.federation.flower_sim import run_simulation_experiment
+            from cnfgnn.flower.simulation import run_simulation_experiment
 
             final, _ = run_simulation_experiment(cfg, rec["clients"], run_dir,
                                                  lambda s: print(s, flush=True), wrap)
@@ -281,7 +274,7 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
 
 
 def child_main(spec_path: str) -> None:
-    """``python -m cnfgnn.bench --child <spec.json>``: run one case, write its JSON."""
+    """``python -m cnfgnn.bench.engines --child <spec.json>``: run one case, write its JSON."""
     spec = json.loads(Path(spec_path).read_text())
     cfg = OmegaConf.create(spec["cfg"])
     try:
@@ -313,8 +306,6 @@ def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s:
     """
     import psutil
 
-    from cnfgnn.federation.flower_config import flower_environment
-
     name = spec["case"]["name"]
     spec_path, result = work / f"{name}.spec.json", work / f"{name}.result.json"
     spec["result"] = str(result)
@@ -323,9 +314,9 @@ def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s:
     env.setdefault("MPLBACKEND", "Agg")
     load_before = os.getloadavg()
     t0, t_wall0 = time.perf_counter(), time.time()
-    with open(work / f"{name}.log", "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "cnfgnn.bench", "--child", str(spec_path)],
-                                stdout=logf, stderr=subprocess.STDOUT, env=env)
+    procs = ProcessSet(work, env)
+    proc = procs.start(name, [sys.executable, "-m", "cnfgnn.bench.engines", "--child",
+                              str(spec_path)], cwd=Path.cwd()).popen
     ps = psutil.Process(proc.pid)
     seen: dict[int, float] = {}  # pid -> create_time of every process of the case
     cpu: dict[int, float] = {}  # pid -> last observed user + system seconds
@@ -352,11 +343,12 @@ def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s:
             elif time.perf_counter() - t0 > timeout_s:
                 stopped = f"still running after {timeout_s:g} s"
             if stopped:
-                proc.kill()
+                procs.kill(name)
                 break
             time.sleep(sample_s)
         proc.wait()
     finally:
+        procs.stop_all(grace_s=0.0)  # the case's process group
         for pid, created in seen.items():  # leftovers of this case only (e.g. Ray daemons)
             try:
                 p = psutil.Process(pid)

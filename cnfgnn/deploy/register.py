@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m launch.register CONNECTION NAME=KEY.pub [NAME=KEY.pub ...]
+    python -m cnfgnn.deploy.register CONNECTION NAME=KEY.pub [NAME=KEY.pub ...]
 
 Runs Flower's own command ``flwr supernode register KEY.pub CONNECTION --name NAME --format
 json`` once per key, all in this one process: the CLI is imported once (about 1-3 s on 2
@@ -21,9 +21,8 @@ import sys
 
 def register_keys(connection: str, keys: list[tuple[str, str]]) -> list[int]:
     """``flwr supernode register`` for each ``(name, public key path)``; the node ids."""
-    from typer.main import get_command
-
     from flwr.cli.app import app
+    from typer.main import get_command
 
     cmd = get_command(app)
     ids = []
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         register_keys(args[0], keys)  # type: ignore[arg-type]
     except Exception as ex:  # noqa: BLE001 - one line for the launcher's error message
-        print(f"launch.register: {ex}", file=sys.stderr)
+        print(f"cnfgnn.deploy.register: {ex}", file=sys.stderr)
         return 1
     return 0
 

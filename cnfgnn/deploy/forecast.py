@@ -2,7 +2,7 @@
 
 :func:`deploy_forecast` writes one shard per client of the forecast's dataset
 (``federation.nodes_per_client`` sensors each), starts a SuperLink and one SuperNode per shard
-(:class:`launch.deploy.Deployment`, the same processes as a training deployment), and submits
+(:class:`cnfgnn.deploy.launcher.Deployment`, the same processes as a training deployment), and submits
 the forecast request with ``flwr run . <connection> --stream``: the run-config key
 ``hydra-overrides`` carries the config with its ``forecast`` section (checkpoint, window ends
 and result path, all absolute: the ServerApp runs in its own ``flwr-serverapp`` process). The
@@ -22,20 +22,23 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from omegaconf import OmegaConf, open_dict
 
-from launch.deploy import BIN, DeployError, Deployment
-from launch.procs import ROOT
+from cnfgnn.config import overrides_for
+from cnfgnn.data.shards import write_shards
+from cnfgnn.deploy.launcher import BIN, DeployError, Deployment
+from cnfgnn.federation.inference import ForecastResult
+from cnfgnn.flower.server_app import with_request
+from cnfgnn.procs import ROOT
 
 
 def _request_config(cfg: Any, shards_dir: Path, num_clients: int, checkpoint: Path,
                     ends: list[int], out: Path) -> Any:
     """``cfg`` on the deployment engine, reading ``shards_dir``, with the forecast request."""
-    from cnfgnn.federation.flower_forecast import with_request
-
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(base):
         base.engine.shards_dir = str(shards_dir)
@@ -88,10 +91,6 @@ def deploy_forecast(cfg: Any, data: Any, checkpoint: str | Path, ends: list[int]
         ``(ForecastResult, seconds)``: ``seconds`` is the ``flwr run`` (submission to result);
         ``result.seconds`` also holds ``shards`` and ``startup`` (SuperLink + SuperNodes up).
     """
-    from cnfgnn.data.shards import write_shards
-    from cnfgnn.federation.flower_config import overrides_for
-    from cnfgnn.federation.inference import ForecastResult
-
     if str(cfg.engine.name) != "deployment":
         raise DeployError(f"engine={cfg.engine.name}: deploy_forecast needs engine=deployment")
     out_dir = Path(out_dir).resolve()

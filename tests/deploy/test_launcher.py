@@ -1,5 +1,5 @@
-"""launch/ without starting Flower: process groups, the SuperLink connection entry, the
-SuperNode command lines, the run summary, and the Flower internals launch/fastwaits.py patches
+"""cnfgnn/deploy/ without starting Flower: process groups, the SuperLink connection entry, the
+SuperNode command lines, the run summary, and the Flower internals cnfgnn/deploy/fastwaits.py patches
 (these tests fail loudly when a Flower upgrade moves them)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.shards import write_shards
-from launch import deploy
-from launch.fastwaits import _ScaledTime, check_targets
-from launch.procs import ROOT, ProcessSet, group_members
-from tests.conftest import TINY
+from cnfgnn.deploy import launcher as deploy
+from cnfgnn.deploy.fastwaits import _ScaledTime, check_targets
+from cnfgnn.procs import ROOT, ProcessSet, group_members
+from tests.helpers import TINY
 
 
 def test_fastwaits_targets_exist_in_the_installed_flower():
@@ -25,7 +25,7 @@ def test_fastwaits_targets_exist_in_the_installed_flower():
 def test_fastwaits_patch_rebinds_only_the_supernode_waits():
     code = (
         "import time\n"
-        "from launch.fastwaits import Waits, patch_supernode\n"
+        "from cnfgnn.deploy.fastwaits import Waits, patch_supernode\n"
         "changed = patch_supernode(Waits(0.05, 0.01, 0.02, 12))\n"
         "import flwr.supernode.start_client_internal as sci, flwr.supercore.heartbeat as hb\n"
         "import flwr.supernode.fleet_http_connection as fhc\n"
@@ -102,7 +102,7 @@ def test_connection_entry_is_read_by_flower_and_removed(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_shards(tmp_path):
-    from tests.conftest import make_cfg
+    from tests.helpers import make_cfg
 
     cfg = make_cfg(*TINY)
     return write_shards(load_dataset(cfg.dataset), tmp_path / "shards", 2)
@@ -115,7 +115,7 @@ def test_supernode_command_lines(tmp_path, tiny_shards, monkeypatch):
     try:
         assert dep.num_nodes == 3 and len(set(dep.node_ports + [dep.link_port])) == 4
         argv = dep.supernode_argv(2)
-        assert argv[1:3] == ["-m", "launch.supernode"] and "--warm-worker" in argv
+        assert argv[1:3] == ["-m", "cnfgnn.deploy.supernode"] and "--warm-worker" in argv
         flower = argv[argv.index("--") + 1:]
         assert flower[flower.index("--superlink") + 1] == f"127.0.0.1:{dep.link_port}"
         assert flower[flower.index("--port") + 1] == str(dep.node_ports[2])

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m launch.certs OUT_DIR [--nodes N] [--host 127.0.0.1] [--days 7]
+    python -m cnfgnn.deploy.certs OUT_DIR [--nodes N] [--host 127.0.0.1] [--days 7]
 
 writes, with the ``cryptography`` package (a dependency of flwr)::
 
@@ -84,7 +84,7 @@ def _name(common_name: str) -> x509.Name:
 def make_ca(days: float) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA certificate (may sign certificates, not intermediate CAs)."""
     key = ec.generate_private_key(CURVE())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     subject = _name("cnfgnn loopback CA")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (x509.CertificateBuilder()
@@ -108,7 +108,7 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
                      ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A TLS server certificate for ``hosts`` (IP addresses or DNS names), signed by the CA."""
     key = ec.generate_private_key(CURVE())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     names: list[x509.GeneralName] = []
     for h in dict.fromkeys(hosts):  # unique, in order
         try:
@@ -176,7 +176,7 @@ def generate(out: Path, num_nodes: int, host: str = "127.0.0.1", days: float = 7
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.certs", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cnfgnn.deploy.certs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to write")

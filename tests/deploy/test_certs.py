@@ -1,4 +1,4 @@
-"""launch/certs.py and the secure command lines of launch/deploy.py, without starting Flower:
+"""cnfgnn/deploy/certs.py and the secure command lines of cnfgnn/deploy/launcher.py, without starting Flower:
 the SuperLink certificate verifies against the generated CA (also in a real TLS handshake on
 loopback), the SuperNode keys are what Flower's own loaders accept, and
 ``engine.launch.secure=true`` turns ``--insecure`` into TLS + SuperNode authentication."""
@@ -20,8 +20,9 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.shards import write_shards
-from launch import certs, deploy
-from tests.conftest import TINY
+from cnfgnn.deploy import certs
+from cnfgnn.deploy import launcher as deploy
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_generate_rejects_bad_arguments(tmp_path):
 
 @pytest.fixture
 def tiny_shards(tmp_path):
-    from tests.conftest import make_cfg
+    from tests.helpers import make_cfg
 
     return write_shards(load_dataset(make_cfg(*TINY).dataset), tmp_path / "shards", 3)
 
@@ -185,7 +186,7 @@ def test_tls_connection_entry_replaces_a_stale_one(tmp_path):
 
 
 def test_supernode_waits_for_the_gate_file(tmp_path):
-    from launch.supernode import _wait_for_file
+    from cnfgnn.deploy.supernode import _wait_for_file
 
     gate = tmp_path / "keys_registered"
     with pytest.raises(SystemExit, match="did not appear"):
@@ -195,7 +196,7 @@ def test_supernode_waits_for_the_gate_file(tmp_path):
 
 
 def test_register_needs_a_connection_and_named_keys(capsys):
-    from launch.register import main
+    from cnfgnn.deploy.register import main
 
     assert main(["only-a-connection"]) == 2
     assert main(["conn", "no-equals-sign.pub"]) == 2

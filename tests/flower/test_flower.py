@@ -13,23 +13,28 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-import uuid
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
 from omegaconf import OmegaConf, open_dict
 
+from cnfgnn.config import RUN_CONFIG_KEY, compose_cfg, overrides_for
 from cnfgnn.data.loaders import load_dataset
-from cnfgnn.federation import client_app, server_app
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.flower_codec import pack, unpack, wire_nbytes
-from cnfgnn.federation.flower_config import RUN_CONFIG_KEY, compose_cfg, overrides_for
-from cnfgnn.federation.runner import build_workers, run_experiment
-from tests.conftest import ROOT, TINY, make_cfg
-from tests.federation.test_engine import ALLOWED_UP, RecordingEngine, _windows
+from cnfgnn.flower import client_app, server_app
+from cnfgnn.flower.codec import pack, unpack, wire_nbytes
+from tests.helpers import (
+    ROOT,
+    TINY,
+    TRAINING_UP,
+    LoopbackGrid,
+    RecordingEngine,
+    check_private,
+    make_cfg,
+    same_state,
+)
 
 METRICS = ("rmse", "mae", "masked_mae", "masked_rmse", "masked_mae_h3", "masked_rmse_h12")
 
@@ -70,8 +75,8 @@ def test_client_app_has_one_handler_per_message_type():
 
 def test_pyproject_declares_the_flower_app():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert project["components"] == {"serverapp": "cnfgnn.federation.server_app:app",
-                                     "clientapp": "cnfgnn.federation.client_app:app"}
+    assert project["components"] == {"serverapp": "cnfgnn.flower.server_app:app",
+                                     "clientapp": "cnfgnn.flower.client_app:app"}
     assert project["config"] == {RUN_CONFIG_KEY: ""}
 
 
@@ -107,17 +112,6 @@ def _configured_workers(cfg, nodes_per_client=2):
     return data, workers, orch, orch._assemble(enc, P.H_C, orch.col)
 
 
-def _same_state(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            _same_state(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-        elif key != "optimizer":
-            np.testing.assert_equal(a[key], b[key])
-
-
 def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
     """The ClientApp skips saving after READ_ONLY messages; a restored worker answers alike."""
     cfg = tiny_cfg
@@ -131,9 +125,9 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
                P.H_G: orch._slice(h_g, orch.train_clients[0], orch.col)}
     before = worker.state_dict()
     reply = worker.handle(P.SPLIT_STEP, payload)
-    _same_state(before, worker.state_dict())
+    same_state(before, worker.state_dict())
     worker.handle(P.SL_ENCODE, {P.BATCH: batch})
-    _same_state(before, worker.state_dict())
+    same_state(before, worker.state_dict())
     assert {P.SPLIT_STEP, P.HELLO, P.STATS, P.PREDICT_ENCODE, P.PREDICT,
             P.SL_ENCODE} >= client_app.READ_ONLY
 
@@ -146,66 +140,6 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
     b = fresh.handle(P.LOCAL_TRAIN, {P.ROUND: 2, P.STEP: 7})
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
-# ---------------------------------------------------------------------- loopback grid
-class LoopbackGrid(Grid):
-    """Delivers each message to the real ClientApp in this process (one Context per node)."""
-
-    def __init__(self, overrides: str, num_nodes: int, run_id: int, fresh_process: bool):
-        self.fresh_process = fresh_process
-        self.replies: dict[str, Message] = {}
-        self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i,
-                              node_config={"partition-id": i, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={RUN_CONFIG_KEY: overrides})
-            for i in range(num_nodes)}
-
-    def set_run(self, run):  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        return None
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - deprecated API
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            if self.fresh_process:  # deployment: a new ClientApp process per message
-                client_app._WORKERS.clear()
-            try:
-                reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as exc:  # as Flower: an error reply, the context unchanged
-                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=msg)
-            self.replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
-        return self.pull_messages(self.push_messages(messages))
-
-
-@pytest.fixture
-def task_identity():
-    """``Message()`` outside Flower's runtimes needs the (internal) TaskIdentity set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 4242, 1, 1
-    yield 4242
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 def test_client_app_over_loopback_grid_equals_inprocess(tmp_path, task_identity, monkeypatch):
@@ -228,31 +162,6 @@ def test_client_app_over_loopback_grid_equals_inprocess(tmp_path, task_identity,
 
 
 # ---------------------------------------------------------------------- simulation
-@pytest.fixture
-def flower_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
-    return tmp_path
-
-
-def _check_private(received, data, scaler):
-    """The in-process privacy invariant (test_engine) on replies that crossed Flower."""
-    forbidden = _windows(data.speed) | _windows(scaler.transform(data.speed).astype(np.float32))
-    t_len = data.speed.shape[0]
-    assert received
-    for mtype, payload in received:
-        for key, value in payload.items():
-            assert key in ALLOWED_UP or key.startswith((P.WEIGHTS_PREFIX, P.ERR_PREFIX)), key
-            arr = np.asarray(value)
-            if arr.dtype.kind != "f" or arr.size < 12:
-                continue
-            assert t_len not in arr.shape, (mtype, key, arr.shape)
-            flat = arr.astype(np.float32)
-            for axis in range(arr.ndim):
-                for row in np.moveaxis(flat, axis, -1).reshape(-1, arr.shape[axis]):
-                    for i in range(len(row) - 11):
-                        assert row[i:i + 12].tobytes() not in forbidden, (mtype, key)
-
-
 def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
     tmp = flower_env
     args = (*TINY, "federation.nodes_per_client=2")
@@ -286,7 +195,8 @@ def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
     assert not (tmp / "state").exists() or not any((tmp / "state").iterdir())  # cleaned up
     data = load_dataset(make_cfg(*args).dataset)
     scaler = next(iter(rec["workers"].values())).scaler
-    _check_private(rec["engine"].received, data, scaler)
+    check_private(rec["engine"].received, data, scaler, TRAINING_UP,
+                  (P.WEIGHTS_PREFIX, P.ERR_PREFIX))
 
 
 def test_simulation_leaves_out_failing_and_silent_clients(flower_env):

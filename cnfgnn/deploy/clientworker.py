@@ -21,7 +21,7 @@ while pushing it) waits at most ``pull_timeout_s`` and never blocks the next run
 as separate ``flwr-clientapp`` processes would not. It exits when the SuperNode
 (``--parent-pid``) exits.
 
-Usage: ``python -m launch.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID``
+Usage: ``python -m cnfgnn.deploy.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID``
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def serve(address: str, idle_poll_s: float, busy_poll_s: float, object_backoff_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.clientworker", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cnfgnn.deploy.clientworker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's --port")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")

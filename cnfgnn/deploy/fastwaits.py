@@ -87,7 +87,7 @@ def check_targets() -> None:
 
     version = getattr(flwr, "__version__", None)
     if version != FLOWER_VERSION:
-        raise PatchError(f"flwr {version} installed; launch/fastwaits.py patches {FLOWER_VERSION}. "
+        raise PatchError(f"flwr {version} installed; cnfgnn/deploy/fastwaits.py patches {FLOWER_VERSION}. "
                          "Fix: re-check the waits in flwr/supernode/start_client_internal.py "
                          "and update the patch, or set engine.launch.fast_waits=false")
     src = inspect.getsource(sci)
@@ -104,7 +104,7 @@ def check_targets() -> None:
             problems.append(f"{mod.__name__}.HEARTBEAT_DEFAULT_INTERVAL is gone")
     if problems:
         raise PatchError("Flower internals changed: " + "; ".join(problems)
-                         + ". Fix: update launch/fastwaits.py or set "
+                         + ". Fix: update cnfgnn/deploy/fastwaits.py or set "
                            "engine.launch.fast_waits=false")
 
 

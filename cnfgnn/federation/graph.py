@@ -1,0 +1,37 @@
+"""The graph the server holds, and how many clients it expects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cnfgnn.data.loaders import load_dataset
+from cnfgnn.data.nodes import client_groups
+from cnfgnn.data.shards import load_manifest
+from cnfgnn.data.shards import load_server_graph as read_graph
+from cnfgnn.federation.rounds import ServerGraph
+
+
+def load_server_graph(cfg: Any) -> tuple[ServerGraph, int]:
+    """The graph the server holds, and how many clients to expect.
+
+    With ``engine.shards_dir`` (a deployment's shard set, :mod:`cnfgnn.data.shards`): its
+    ``server/graph.npz`` and the manifest's client count. Otherwise the graph of the dataset
+    in ``cfg.dataset`` (its series are dropped right away) and its client partition.
+    ``engine.num_clients`` overrides the count.
+    """
+    shards_dir = cfg.engine.get("shards_dir")
+    expected = cfg.engine.get("num_clients")
+    if shards_dir:
+        g = read_graph(str(shards_dir))
+        graph = ServerGraph(np.asarray(g["adjacency"]), list(g["sensor_ids"]), g["locations"])
+        if expected is None:
+            expected = load_manifest(str(shards_dir))["num_clients"]
+        return graph, int(expected)
+    data = load_dataset(cfg.dataset)
+    graph = ServerGraph(np.asarray(data.adjacency), list(data.sensor_ids), data.locations)
+    if expected is None:
+        expected = len(client_groups(cfg, data))
+    del data
+    return graph, int(expected)
