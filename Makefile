@@ -12,7 +12,7 @@ export RAY_TMPDIR=$(CURDIR)/.tmp
 export MPLBACKEND=Agg
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test test-slow install clean bench deploy-demo test-deployment
+.PHONY: run test test-slow install clean bench deploy-demo test-deployment lint
 
 $(STAMP): pyproject.toml
 	@mkdir -p .tmp .flwr
@@ -33,6 +33,13 @@ run: $(STAMP)
 test: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/python -m pytest -q
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, docstrings) and its
+# formatter, then mypy on the core packages; settings in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check cnfgnn tests
+	$(BIN)/ruff format --check cnfgnn tests
+	$(BIN)/mypy cnfgnn/federation cnfgnn/models cnfgnn/data
 
 test-slow: $(STAMP)
 	@mkdir -p .tmp .flwr

@@ -6,9 +6,9 @@ columns of the series; the server orchestration gets only the graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import torch
 

@@ -91,7 +91,8 @@ class CentralCNFGNN:
 
     # ------------------------------------------------------------------ helpers
     def _gather(self, split: str, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """idx ``[N, B]`` -> x ``[B, T_in, N, F]``, x_last ``[B, N, F]``, y_tod, y ``[B, H, N]``, t."""
+        """idx ``[N, B]`` -> x ``[B, T_in, N, F]``, x_last ``[B, N, F]``, y_tod,
+        y ``[B, H, N]``, t."""
         starts = torch.as_tensor(self.starts[split], device=self.device)
         t = starts[idx][..., None] + self.span  # [N, B, T_in + H]
         win = self.inputs[self.k_ar[:, None, None], t]  # [N, B, T_in + H, F]

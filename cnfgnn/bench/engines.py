@@ -339,7 +339,8 @@ def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s:
                     peak_main = max(peak_main, m)
             peak = max(peak, rss)
             if rss > memory_limit_gb * 2**30:
-                stopped = f"resident memory {rss / 2**30:.1f} GB > bench memory limit {memory_limit_gb} GB"
+                stopped = (f"resident memory {rss / 2**30:.1f} GB > bench memory limit "
+                           f"{memory_limit_gb} GB")
             elif time.perf_counter() - t0 > timeout_s:
                 stopped = f"still running after {timeout_s:g} s"
             if stopped:

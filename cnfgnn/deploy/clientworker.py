@@ -21,7 +21,9 @@ while pushing it) waits at most ``pull_timeout_s`` and never blocks the next run
 as separate ``flwr-clientapp`` processes would not. It exits when the SuperNode
 (``--parent-pid``) exits.
 
-Usage: ``python -m cnfgnn.deploy.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID``
+Usage::
+
+    python -m cnfgnn.deploy.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID
 """
 
 from __future__ import annotations

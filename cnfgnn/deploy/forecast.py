@@ -1,8 +1,10 @@
-"""Federated inference as a real Flower deployment on loopback (``cnfgnn-forecast ... engine=deployment``).
+"""Federated inference as a real Flower deployment on loopback
+(``cnfgnn-forecast ... engine=deployment``).
 
 :func:`deploy_forecast` writes one shard per client of the forecast's dataset
 (``federation.nodes_per_client`` sensors each), starts a SuperLink and one SuperNode per shard
-(:class:`cnfgnn.deploy.launcher.Deployment`, the same processes as a training deployment), and submits
+(:class:`cnfgnn.deploy.launcher.Deployment`, the same processes as a training deployment),
+and submits
 the forecast request with ``flwr run . <connection> --stream``: the run-config key
 ``hydra-overrides`` carries the config with its ``forecast`` section (checkpoint, window ends
 and result path, all absolute: the ServerApp runs in its own ``flwr-serverapp`` process). The
@@ -21,9 +23,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 from omegaconf import OmegaConf, open_dict

@@ -44,10 +44,10 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from cnfgnn.cli import format_table
 from cnfgnn.config import compose_cfg, flower_environment

@@ -25,7 +25,10 @@ def load_server_graph(cfg: Any) -> tuple[ServerGraph, int]:
     expected = cfg.engine.get("num_clients")
     if shards_dir:
         g = read_graph(str(shards_dir))
-        graph = ServerGraph(np.asarray(g["adjacency"]), list(g["sensor_ids"]), g["locations"])
+        ids, locations = g["sensor_ids"], g["locations"]
+        assert ids is not None  # read_graph always returns the sensor ids
+        graph = ServerGraph(np.asarray(g["adjacency"]), [str(s) for s in ids],
+                            None if locations is None else np.asarray(locations))
         if expected is None:
             expected = load_manifest(str(shards_dir))["num_clients"]
         return graph, int(expected)

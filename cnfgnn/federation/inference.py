@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +50,12 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
 from cnfgnn.federation.rounds import FederationError, ServerGraph
 from cnfgnn.federation.server import GraphServer
-from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage, ReplyLimits,
-                                        check_reply)
+from cnfgnn.federation.validate import (
+    DEFAULT_REPLY_MAX_ABS,
+    MalformedMessage,
+    ReplyLimits,
+    check_reply,
+)
 
 #: Methods whose checkpoint holds one global node model (and, for CNFGNN, the GN).
 GLOBAL_MODEL_METHODS = ("cnfgnn", "fedavg", "central")
@@ -203,7 +208,7 @@ class ForecastResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ForecastResult":
+    def load(cls, path: str | Path) -> ForecastResult:
         import json
 
         with np.load(path) as z:
@@ -243,6 +248,7 @@ class Forecaster:
         self.server: GraphServer | None = None
         if self.uses_gn:
             self.server = GraphServer(cfg.model, lr=float(cfg.federation.server_lr), device=device)
+            assert trained.gn is not None, "a model with a graph embedding has GN weights"
             self.server.gn.load_state_dict(trained.gn)
         self.client_nodes: dict[int, np.ndarray] = {}
         self.missing: list[dict[str, Any]] = []

@@ -39,7 +39,7 @@ SL_ENCODE = "train.sl_encode"  # down: BATCH; up: h_c [B, K, L, H] of the batch
 SL_DECODE = "train.sl_decode"  # down: h_G of the batch; up: dL/dh_G, loss sums
 SL_BACKWARD = "train.sl_backward"  # down: dL/dh_c through the GN; the node steps its model
 
-MESSAGE_TYPES = (HELLO, STATS, CONFIGURE, LOCAL_TRAIN, ENCODE, SPLIT_STEP, EMBED, EVALUATE,
+MESSAGE_TYPES: tuple[str, ...] = (HELLO, STATS, CONFIGURE, LOCAL_TRAIN, ENCODE, SPLIT_STEP, EMBED, EVALUATE,
                  KEEP_MODEL, SL_ENCODE, SL_DECODE, SL_BACKWARD)
 
 # Inference after training (DESIGN.md §5 item 6, cnfgnn/federation/inference.py). Both are

@@ -25,8 +25,9 @@ Plain Python and numpy: no Flower, no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -372,7 +373,7 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
         opt |= weights
         opt[P.REPORT] = Ints((None,), lo=0, hi=s - 1, hint=f" (positions among the {s} windows)")
         if lim.graph_embedding:  # decode from the h_c this node sent up for the split
-            _need(mtype, s < 0 or lim.encoded.get(split) == s,
+            _need(mtype, s < 0 or lim.encoded.get(str(split)) == s,
                   f"h_G for the {split} split, but this node has not encoded it; "
                   f"send {P.ENCODE} first")
             req[P.H_G] = Floats((s, k, lay, hid))

@@ -28,7 +28,8 @@ NP_SCALARS = "np_scalars"
 
 
 def pack(payload: P.Payload) -> RecordDict:
-    """A payload as a ``RecordDict``: arrays in an ``ArrayRecord``, scalars in a ``ConfigRecord``."""
+    """A payload as a ``RecordDict``: arrays in an ``ArrayRecord``, scalars in a
+    ``ConfigRecord``."""
     arrays: dict[str, Array] = {}
     config: dict[str, Any] = {}
     np_scalars: list[str] = []

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Message
 
@@ -168,7 +168,7 @@ class FlowerEngine:
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval_s)
-        for mid, cid in pending.items():
+        for cid in pending.values():
             out[cid] = P.ClientFailure(f"no reply within {timeout_s:g} s")
         return out
 

@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig

@@ -11,9 +11,9 @@ Every problem raises :class:`~cnfgnn.data.errors.DataError` (``source: problem. 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd

@@ -7,8 +7,8 @@ Usage::
 
 Each ``RUN`` is a run directory (CNFGNN, FedAvg, central GRU, or GRU local: one line per
 run in the plot). Defaults come from ``conf/robustness/default.yaml``. For every level the
-whole ``split`` (every ``stride``-th window) is forecast by federated inference (:class:`~cnfgnn.federation.inference.
-Forecaster`, in-process):
+whole ``split`` (every ``stride``-th window) is forecast by federated inference
+(:class:`~cnfgnn.federation.inference.Forecaster`, in-process):
 
 * ``silence=f``: ``round(f x N)`` sensors, drawn with a seeded RNG (nested across
   fractions; ``repeats`` draws per fraction), send nothing; the server forecasts them with

@@ -74,7 +74,7 @@ class PrivacySettings:
     delta: float
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> "PrivacySettings | None":
+    def from_cfg(cls, cfg: Any) -> PrivacySettings | None:
         """Settings from a composed config; None when ``privacy.enabled`` is false or absent."""
         p = cfg.get("privacy") if hasattr(cfg, "get") else None
         if p is None or not bool(p.get("enabled", False)):

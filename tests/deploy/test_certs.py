@@ -1,4 +1,5 @@
-"""cnfgnn/deploy/certs.py and the secure command lines of cnfgnn/deploy/launcher.py, without starting Flower:
+"""cnfgnn/deploy/certs.py and the secure command lines of cnfgnn/deploy/launcher.py, without
+starting Flower:
 the SuperLink certificate verifies against the generated CA (also in a real TLS handshake on
 loopback), the SuperNode keys are what Flower's own loaders accept, and
 ``engine.launch.secure=true`` turns ``--insecure`` into TLS + SuperNode authentication."""

@@ -1,5 +1,6 @@
 """cnfgnn/deploy/ without starting Flower: process groups, the SuperLink connection entry, the
-SuperNode command lines, the run summary, and the Flower internals cnfgnn/deploy/fastwaits.py patches
+SuperNode command lines, the run summary, and the Flower internals that
+cnfgnn/deploy/fastwaits.py patches
 (these tests fail loudly when a Flower upgrade moves them)."""
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""A real Flower deployment on loopback (cnfgnn/deploy/launcher.py): SuperLink + SuperNodes + ``flwr run``.
+"""A real Flower deployment on loopback (cnfgnn/deploy/launcher.py): SuperLink + SuperNodes +
+``flwr run``.
 
 Marked ``deployment`` (``make test-deployment``): each test starts real processes and takes
 a minute or two on 2 cores. Every deployment runs inside ``Deployment``'s context manager,
 which stops exactly the process groups it started, also when the test fails; the
-``no_leftovers`` fixture (conftest.py) then checks that no process still refers to the test's directory.
+``no_leftovers`` fixture (conftest.py) then checks that no process still refers to the test's
+directory.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_forecasts_equal_the_evaluation_decoding_of_the_same_windows(trained):
     fc, workers = _forecaster(trained)
     ends = _test_ends(trained)[::17]
     result = fc.forecast(ends)
-    cfg, data = trained["cfg"], trained["data"]
+    data = trained["data"]
     tm = fc.trained
     # reference: the evaluation path (ENCODE of the test split, GN, decode as evaluate does)
     enc = {c: w.handle(P.ENCODE, {P.SPLIT: P.TEST} | P.weights_to_payload(tm.theta))
@@ -111,7 +111,7 @@ def test_forecasts_equal_the_evaluation_decoding_of_the_same_windows(trained):
         h_c[:, w.series.nodes] = enc[c][P.H_C]
     h_g = fc.server.embed_all(h_c, fc.server.graph(data.adjacency), 128)
     pos = torch.as_tensor(np.arange(0, len(h_c), 17))
-    for c, w in workers.items():
+    for w in workers.values():
         _, x_last, y_tod, _, _ = w._gather(P.TEST, pos.expand(w.num_nodes, -1))
         with torch.no_grad():
             pred = w.model.decode(x_last, y_tod, w.h_c[P.TEST][pos],
