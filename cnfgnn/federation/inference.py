@@ -33,6 +33,7 @@ Plain Python + PyTorch, no Flower import: any :class:`~cnfgnn.federation.engines
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from cnfgnn.federation.validate import (
     ReplyLimits,
     check_reply,
 )
+from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 
 #: Methods whose checkpoint holds one global node model (and, for CNFGNN, the GN).
 GLOBAL_MODEL_METHODS = ("cnfgnn", "fedavg", "central")
@@ -194,8 +196,6 @@ class ForecastResult:
 
     def save(self, path: str | Path) -> Path:
         """Write to ``.npz`` (how a Flower ServerApp hands the result to the driver)."""
-        import json
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
@@ -209,8 +209,6 @@ class ForecastResult:
 
     @classmethod
     def load(cls, path: str | Path) -> ForecastResult:
-        import json
-
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             silent = meta.get("silent")
@@ -413,8 +411,6 @@ class Forecaster:
     def _global_model(self, k: int) -> Any:
         """The global node model stacked for ``k`` nodes (server side, no gradients)."""
         if k not in self._models:
-            from cnfgnn.models.node_seq2seq import NodeSeq2Seq
-
             m = self.cfg.model
             model = NodeSeq2Seq(num_nodes=k, input_size=m.input_size, output_size=m.output_size,
                                 hidden_size=m.hidden_size, num_layers=m.num_layers,

@@ -54,12 +54,6 @@ DATA_DIR = "data-dir"
 STATE_RECORD = "cnfgnn"  # ConfigRecord in context.state: {"version": int}
 VERSION = "version"
 
-# Handlers that leave the worker's state as it was: no save, no new version. (split_step
-# decodes with the cached h_c and returns a gradient; the node model does not change.
-# The predict_* handlers of inference only read the configured model. tests/federation/
-# tests/flower/test_flower.py checks this against NodeWorker.)
-READ_ONLY = frozenset({P.HELLO, P.STATS, P.SPLIT_STEP, P.SL_ENCODE, P.PREDICT_ENCODE, P.PREDICT})
-
 _DATA: dict[str, Any] = {}  # dataset config -> (data, time of day, client groups), per process
 _WORKERS: OrderedDict[tuple[int, int], tuple[int, NodeWorker]] = OrderedDict()
 
@@ -186,7 +180,7 @@ def _handle(msg: Message, context: Context) -> Message:
         except Exception as exc:  # a RecordDict that is not a packed payload
             raise MalformedMessage(f"{mtype}: cannot unpack the content: {exc!r}") from exc
         reply = pack(worker.handle(mtype, payload))
-        if mtype not in READ_ONLY:
+        if mtype not in P.READ_ONLY:
             _save(cfg, context, worker, version + 1)
     except MalformedMessage as exc:  # refused before dispatch: the worker is unchanged
         log.warning("client %s refused a malformed %s: %s", pid, mtype, exc)
@@ -207,71 +201,6 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(pack({P.PARTITION_ID: pid, P.NUM_PARTITIONS: n}), reply_to=msg)
 
 
-@app.query(_action(P.HELLO))
-def hello(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.STATS))
-def stats(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.CONFIGURE))
-def configure(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.train(_action(P.LOCAL_TRAIN))
-def local_train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.ENCODE))
-def encode(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.train(_action(P.SPLIT_STEP))
-def split_step(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.EMBED))
-def embed(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.evaluate(_action(P.EVALUATE))
-def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.KEEP_MODEL))
-def keep_model(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.train(_action(P.SL_ENCODE))
-def sl_encode(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.train(_action(P.SL_DECODE))
-def sl_decode(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.train(_action(P.SL_BACKWARD))
-def sl_backward(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.PREDICT_ENCODE))
-def predict_encode(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.query(_action(P.PREDICT))
-def predict(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+# one handler per row of the message table (protocol.MESSAGES), all the same
+for _message in P.MESSAGES:
+    getattr(app, _message.category)(_message.action)(_handle)

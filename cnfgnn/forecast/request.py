@@ -25,6 +25,7 @@ from cnfgnn.config import conf_dir as _conf_dir
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError, bad_input
 from cnfgnn.data.graph import graph_fingerprint
+from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.nodes import client_groups
 from cnfgnn.deploy.forecast import deploy_forecast
 from cnfgnn.deploy.launcher import DeployError
@@ -128,8 +129,6 @@ def check_network(data: SensorData, trained: TrainedModel, run_cfg: Any,
     if ref is None:  # older checkpoints: compare with the training data themselves
         if not dataset_changed:
             return
-        from cnfgnn.data.loaders import load_dataset
-
         try:
             train = load_dataset(OmegaConf.load(source / CONFIG_FILE).dataset)
         except DataError as exc:

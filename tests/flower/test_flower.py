@@ -129,7 +129,7 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
     worker.handle(P.SL_ENCODE, {P.BATCH: batch})
     same_state(before, worker.state_dict())
     assert {P.SPLIT_STEP, P.HELLO, P.STATS, P.PREDICT_ENCODE, P.PREDICT,
-            P.SL_ENCODE} >= client_app.READ_ONLY
+            P.SL_ENCODE} >= P.READ_ONLY
 
     fresh = build_workers(cfg, data, torch.device("cpu"))[orch.train_clients[0]]
     fresh.load_state_dict(worker.state_dict())
