@@ -49,11 +49,11 @@ from cnfgnn.data.nodes import select_nodes
 from cnfgnn.data.scaler import Scaler, global_scaler
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
+from cnfgnn.federation.exchange import exchange
 from cnfgnn.federation.rounds import FederationError, ServerGraph
 from cnfgnn.federation.server import GraphServer
 from cnfgnn.federation.validate import (
     DEFAULT_REPLY_MAX_ABS,
-    MalformedMessage,
     ReplyLimits,
     check_reply,
 )
@@ -258,35 +258,27 @@ class Forecaster:
     def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
               ) -> dict[int, P.Payload]:
         """Send, count bytes and seconds; clients that fail are recorded as missing."""
-        for p in payloads.values():
-            self.bytes[phase]["down"] += sum(P.payload_nbytes(p))
-        t0 = time.perf_counter()
-        replies = self.engine.send(mtype, payloads)
-        self.seconds[phase] += time.perf_counter() - t0
-        ok = {}
         m, fed = self.cfg.model, self.cfg.federation
         limits = ReplyLimits(  # replies checked like training's (cnfgnn.federation.validate)
             num_graph_nodes=len(self.graph.sensor_ids), windows={}, layers=int(m.num_layers),
             hidden=int(m.hidden_size), horizon=int(self.cfg.dataset.out_steps),
             weight_shapes={k: tuple(np.shape(v)) for k, v in self.trained.theta.items()},
             max_abs=float(fed.get("reply_max_abs", DEFAULT_REPLY_MAX_ABS)))
-        for cid in payloads:
-            reply = replies.get(cid, P.ClientFailure("no reply"))
-            if not isinstance(reply, P.ClientFailure):  # a bad reply counts as no reply
-                k = len(self.client_nodes[cid]) if cid in self.client_nodes else None
-                try:
-                    reply = check_reply(mtype, payloads[cid], reply, k, limits)
-                except MalformedMessage as exc:
-                    reply = P.ClientFailure(f"bad reply: {exc}")
-            if isinstance(reply, P.ClientFailure):
-                nodes = self.client_nodes.get(cid, np.zeros(0, np.int64))
-                self.missing.append({"phase": phase, "client": cid, "reason": reply.reason,
-                                     "sensors": [self.graph.sensor_ids[i] for i in nodes]})
-                self.progress(f"  client {cid} left out of {phase}: {reply.reason}")
-                continue
-            self.bytes[phase]["up"] += sum(P.payload_nbytes(reply))
-            ok[cid] = reply
-        return ok
+
+        def check(cid: int, request: P.Payload, reply: P.Payload) -> P.Payload:
+            k = len(self.client_nodes[cid]) if cid in self.client_nodes else None
+            return check_reply(mtype, request, reply, k, limits)
+
+        ex = exchange(self.engine, mtype, payloads, check)
+        self.seconds[phase] += ex.seconds
+        self.bytes[phase]["down"] += sum(ex.down)
+        self.bytes[phase]["up"] += sum(ex.up)
+        for cid, reason in ex.failed.items():
+            nodes = self.client_nodes.get(cid, np.zeros(0, np.int64))
+            self.missing.append({"phase": phase, "client": cid, "reason": reason,
+                                 "sensors": [self.graph.sensor_ids[i] for i in nodes]})
+            self.progress(f"  client {cid} left out of {phase}: {reason}")
+        return ex.replies
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
