@@ -271,8 +271,10 @@ class Forecaster:
 
         ex = exchange(self.engine, mtype, payloads, check)
         self.seconds[phase] += ex.seconds
-        self.bytes[phase]["down"] += sum(ex.down)
-        self.bytes[phase]["up"] += sum(ex.up)
+        if payloads:
+            self.bytes[phase]["down"] += sum(ex.down)
+        if ex.replies:
+            self.bytes[phase]["up"] += sum(ex.up)
         for cid, reason in ex.failed.items():
             nodes = self.client_nodes.get(cid, np.zeros(0, np.int64))
             self.missing.append({"phase": phase, "client": cid, "reason": reason,
