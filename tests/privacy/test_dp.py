@@ -155,7 +155,7 @@ def test_uploads_are_clipped_and_run_reports_epsilon(tmp_path):
                          "privacy.grad.noise_multiplier=0", "privacy.fedavg.noise_multiplier=0",
                          wrap=wrap)
     seen = set()
-    for mtype, reply in rec["engine"].received:
+    for _mtype, reply in rec["engine"].received:
         if P.H_C in reply:
             assert np.linalg.norm(reply[P.H_C].reshape(*reply[P.H_C].shape[:2], -1),
                                   axis=-1).max() <= 1.0 + 1e-5
