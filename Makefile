@@ -12,7 +12,7 @@ export RAY_TMPDIR=$(CURDIR)/.tmp
 export MPLBACKEND=Agg
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test test-slow install clean bench deploy-demo test-deployment
+.PHONY: run test test-slow install clean bench deploy-demo test-deployment lint
 
 $(STAMP): pyproject.toml
 	@mkdir -p .tmp .flwr
@@ -34,20 +34,27 @@ test: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/python -m pytest -q
 
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, docstrings) and its
+# formatter, then mypy on the core packages; settings in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check cnfgnn tests
+	$(BIN)/ruff format --check cnfgnn tests
+	$(BIN)/mypy cnfgnn/federation cnfgnn/models cnfgnn/data
+
 test-slow: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/python -m pytest -q -m slow
 
-# every engine side by side on the same data (cnfgnn/bench.py); BENCH_ARGS: Hydra overrides
+# every engine side by side on the same data (cnfgnn/bench/engines.py); BENCH_ARGS: Hydra overrides
 bench: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/cnfgnn-bench $(BENCH_ARGS)
 
-# a real Flower deployment on loopback (launch/deploy.py): SuperLink + 3 SuperNodes, 2 rounds;
+# a real Flower deployment on loopback (cnfgnn/deploy/): SuperLink + 3 SuperNodes, 2 rounds;
 # DEPLOY_ARGS: more Hydra overrides
 deploy-demo: $(STAMP)
 	@mkdir -p .tmp .flwr
-	$(BIN)/python -m launch.deploy demo $(DEPLOY_ARGS)
+	$(BIN)/cnfgnn-deploy demo $(DEPLOY_ARGS)
 
 # tests that start SuperLink/SuperNode processes (tests/deployment, marker `deployment`)
 test-deployment: $(STAMP)

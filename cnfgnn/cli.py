@@ -14,9 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cnfgnn.paths import conf_dir
-
-CONF_DIR = str(conf_dir())
+from cnfgnn.config import CONF_DIR
+from cnfgnn.experiment import run_experiment
 
 
 def format_table(final: dict) -> str:
@@ -38,8 +37,6 @@ def format_table(final: dict) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> None:
-    from cnfgnn.federation.runner import run_experiment
-
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     final, writer = run_experiment(cfg, run_dir=run_dir)
     print(format_table(final))

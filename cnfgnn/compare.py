@@ -34,7 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnfgnn.cli import CONF_DIR
+from cnfgnn.config import CONF_DIR, compose
 
 
 def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
@@ -79,10 +79,7 @@ def run_dir_of(out: Path, method: str, seed: int) -> Path:
 
 def compose_run(overrides: list[str]) -> DictConfig:
     """The composed config a ``cnfgnn`` run with ``overrides`` would get."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(Path(CONF_DIR).resolve()), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def plan(conf: DictConfig, runs: list[str]) -> dict[str, list[str]]:

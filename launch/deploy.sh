@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
-# Thin wrapper: the Flower environment of DESIGN.md §6, then launch/deploy.py.
+# Thin wrapper around `python -m cnfgnn.deploy` (cnfgnn/deploy/launcher.py), which gives every
+# process it starts the Flower environment (cnfgnn.config.flower_environment).
 #   launch/deploy.sh demo
 #   launch/deploy.sh run experiment=synthetic_deploy_demo federation.rounds=5
 #   launch/deploy.sh run --run-dir outputs/deploy/<name>/<run> --resume experiment=...
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}" TMPDIR="${TMPDIR:-$ROOT/.tmp}"
-export RAY_TMPDIR="${RAY_TMPDIR:-$ROOT/.tmp}" MPLBACKEND=Agg
-mkdir -p "$FLWR_HOME" "$TMPDIR"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m launch.deploy "$@"
+exec "$ROOT/.venv/bin/python" -m cnfgnn.deploy "$@"

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs composed from the real conf/ tree."""
+"""Shared fixtures: tiny configs composed from the real conf/ tree (helpers: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -6,33 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_DATA = ROOT / "data"  # the real datasets shipped in the package (data/README.md)
+from tests.helpers import BUNDLED_DATA, TINY, make_cfg
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-
-def make_cfg(*overrides: str):
-    """Compose ``conf/config.yaml`` with overrides (as the CLI would)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("config", overrides=list(overrides))
-
-
-TINY = (
-    "dataset=synthetic",
-    "dataset.num_nodes=6",
-    "dataset.days=3",
-    "model.hidden_size=8",
-    "model.gn.mlp_hidden=16",
-    "model.gn.latent_size=8",
-    "federation.rounds=2",
-    "federation.batch_size=64",
-    "federation.server_batch_size=48",
-    "federation.eval_batch_size=256",
-    "threads=1",
-)
 
 
 @pytest.fixture
@@ -45,3 +22,21 @@ def tiny_cfg(tmp_path):
 def bundled_data() -> Path:
     """The repository's data/ folder (Los-loop, METR-LA and PEMS-BAY graphs, gzip)."""
     return BUNDLED_DATA
+
+
+@pytest.fixture
+def task_identity():
+    """``Message()`` outside Flower's runtimes needs the (internal) TaskIdentity set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 4242, 1, 1
+    yield 4242
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture
+def flower_env(tmp_path, monkeypatch):
+    """Node state of Flower runs under tmp_path (``$CNFGNN_STATE_ROOT``); returns tmp_path."""
+    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
+    return tmp_path

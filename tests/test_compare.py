@@ -15,8 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnfgnn import compare, report
-from cnfgnn.federation.runner import run_experiment
-from tests.conftest import TINY, make_cfg
+from tests.helpers import TINY
 
 REQUIRED = ["method", "rmse", "mae_h3", "mae_h6", "mae_h12", "bytes", "seconds"]
 

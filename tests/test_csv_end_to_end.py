@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 
 from cnfgnn import compare, report
 from cnfgnn.data.errors import DataError
-from cnfgnn.federation.runner import run_experiment
+from cnfgnn.experiment import run_experiment
 from cnfgnn.forecast import cli as forecast_cli
 from cnfgnn.results import read_predictions
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 STEP_MINUTES = 10  # not the 5 minutes of METR-LA / PEMS-BAY / Los-loop / synthetic
 SENSORS = ["a1", "b2", "c3", "d4"]
@@ -172,7 +172,7 @@ def test_the_help_examples_of_compare_compose():
 def test_the_server_knows_the_step_length_from_the_data_or_the_shards(user_csv, tmp_path):
     from cnfgnn.data.loaders import load_dataset
     from cnfgnn.data.shards import write_shards
-    from cnfgnn.federation.server_app import load_server_graph
+    from cnfgnn.federation.graph import load_server_graph
 
     cfg = make_cfg(*csv_args(user_csv), *SMALL, "engine=deployment")
     graph, _ = load_server_graph(cfg)  # from the dataset

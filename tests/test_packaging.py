@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cnfgnn import paths
-from cnfgnn.federation.flower_config import flower_environment, state_root
-from tests.conftest import ROOT, make_cfg
+from cnfgnn.config import flower_environment, state_root
+from tests.helpers import ROOT, make_cfg
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 

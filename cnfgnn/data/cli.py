@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cnfgnn.config import compose, conf_dir
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.windows import split_starts
@@ -33,7 +34,6 @@ SHARD_KEYS = ("out", "nodes_per_client")
 
 def compose_dataset(overrides: Sequence[str]) -> Any:
     """Compose ``conf/config.yaml`` with ``overrides`` and return its ``dataset`` group."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -41,10 +41,9 @@ def compose_dataset(overrides: Sequence[str]) -> Any:
 
     config_dir = str(conf_dir())
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base=None):
-            cfg = compose("config", overrides=list(overrides))
+        cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise DataError(f"config {config_dir}: {e}. Fix: check the overrides "
+        raise DataError(f"config {conf_dir()}: {e}. Fix: check the overrides "
                         "(e.g. dataset=csv dataset.series=FILE)") from None
     return cfg.dataset
 

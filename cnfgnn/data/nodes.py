@@ -6,8 +6,11 @@ longitude ascending and keep the first ``np.round(N * ratio)`` (round half to ev
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import bad_input
 
 
@@ -59,3 +62,16 @@ def partition(nodes: np.ndarray, nodes_per_client: int) -> list[np.ndarray]:
     nodes = np.asarray(nodes, dtype=np.int64)
     k = int(nodes_per_client)
     return [nodes[i:i + k] for i in range(0, len(nodes), k)]
+
+
+def client_groups(cfg: Any, data: SensorData) -> list[np.ndarray]:
+    """Nodes of each client (``cfg.federation.nodes_per_client`` each): with
+    ``federation.inductive_ratio`` set, training and held-out nodes never share a client."""
+    k = int(cfg.federation.nodes_per_client)
+    n = data.num_nodes
+    ratio = cfg.federation.inductive_ratio
+    if ratio is None:
+        return partition(np.arange(n), k)
+    seen = select_nodes(n, float(ratio), data.locations, seed=int(cfg.seed))
+    unseen = np.setdiff1d(np.arange(n), seen)
+    return partition(seen, k) + (partition(unseen, k) if len(unseen) else [])

@@ -33,11 +33,13 @@ Plain Python + PyTorch, no Flower import: any :class:`~cnfgnn.federation.engines
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,10 +49,15 @@ from cnfgnn.data.nodes import select_nodes
 from cnfgnn.data.scaler import Scaler, global_scaler
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
+from cnfgnn.federation.exchange import exchange
 from cnfgnn.federation.rounds import FederationError, ServerGraph
 from cnfgnn.federation.server import GraphServer
-from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage, ReplyLimits,
-                                        check_reply)
+from cnfgnn.federation.validate import (
+    DEFAULT_REPLY_MAX_ABS,
+    ReplyLimits,
+    check_reply,
+)
+from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 
 #: Methods whose checkpoint holds one global node model (and, for CNFGNN, the GN).
 GLOBAL_MODEL_METHODS = ("cnfgnn", "fedavg", "central")
@@ -189,8 +196,6 @@ class ForecastResult:
 
     def save(self, path: str | Path) -> Path:
         """Write to ``.npz`` (how a Flower ServerApp hands the result to the driver)."""
-        import json
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
@@ -203,9 +208,7 @@ class ForecastResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ForecastResult":
-        import json
-
+    def load(cls, path: str | Path) -> ForecastResult:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             silent = meta.get("silent")
@@ -243,6 +246,7 @@ class Forecaster:
         self.server: GraphServer | None = None
         if self.uses_gn:
             self.server = GraphServer(cfg.model, lr=float(cfg.federation.server_lr), device=device)
+            assert trained.gn is not None, "a model with a graph embedding has GN weights"
             self.server.gn.load_state_dict(trained.gn)
         self.client_nodes: dict[int, np.ndarray] = {}
         self.missing: list[dict[str, Any]] = []
@@ -254,35 +258,29 @@ class Forecaster:
     def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
               ) -> dict[int, P.Payload]:
         """Send, count bytes and seconds; clients that fail are recorded as missing."""
-        for p in payloads.values():
-            self.bytes[phase]["down"] += sum(P.payload_nbytes(p))
-        t0 = time.perf_counter()
-        replies = self.engine.send(mtype, payloads)
-        self.seconds[phase] += time.perf_counter() - t0
-        ok = {}
         m, fed = self.cfg.model, self.cfg.federation
         limits = ReplyLimits(  # replies checked like training's (cnfgnn.federation.validate)
             num_graph_nodes=len(self.graph.sensor_ids), windows={}, layers=int(m.num_layers),
             hidden=int(m.hidden_size), horizon=int(self.cfg.dataset.out_steps),
             weight_shapes={k: tuple(np.shape(v)) for k, v in self.trained.theta.items()},
             max_abs=float(fed.get("reply_max_abs", DEFAULT_REPLY_MAX_ABS)))
-        for cid in payloads:
-            reply = replies.get(cid, P.ClientFailure("no reply"))
-            if not isinstance(reply, P.ClientFailure):  # a bad reply counts as no reply
-                k = len(self.client_nodes[cid]) if cid in self.client_nodes else None
-                try:
-                    reply = check_reply(mtype, payloads[cid], reply, k, limits)
-                except MalformedMessage as exc:
-                    reply = P.ClientFailure(f"bad reply: {exc}")
-            if isinstance(reply, P.ClientFailure):
-                nodes = self.client_nodes.get(cid, np.zeros(0, np.int64))
-                self.missing.append({"phase": phase, "client": cid, "reason": reply.reason,
-                                     "sensors": [self.graph.sensor_ids[i] for i in nodes]})
-                self.progress(f"  client {cid} left out of {phase}: {reply.reason}")
-                continue
-            self.bytes[phase]["up"] += sum(P.payload_nbytes(reply))
-            ok[cid] = reply
-        return ok
+
+        def check(cid: int, request: P.Payload, reply: P.Payload) -> P.Payload:
+            k = len(self.client_nodes[cid]) if cid in self.client_nodes else None
+            return check_reply(mtype, request, reply, k, limits)
+
+        ex = exchange(self.engine, mtype, payloads, check)
+        self.seconds[phase] += ex.seconds
+        if payloads:
+            self.bytes[phase]["down"] += sum(ex.down)
+        if ex.replies:
+            self.bytes[phase]["up"] += sum(ex.up)
+        for cid, reason in ex.failed.items():
+            nodes = self.client_nodes.get(cid, np.zeros(0, np.int64))
+            self.missing.append({"phase": phase, "client": cid, "reason": reason,
+                                 "sensors": [self.graph.sensor_ids[i] for i in nodes]})
+            self.progress(f"  client {cid} left out of {phase}: {reason}")
+        return ex.replies
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -407,8 +405,6 @@ class Forecaster:
     def _global_model(self, k: int) -> Any:
         """The global node model stacked for ``k`` nodes (server side, no gradients)."""
         if k not in self._models:
-            from cnfgnn.models.node_seq2seq import NodeSeq2Seq
-
             m = self.cfg.model
             model = NodeSeq2Seq(num_nodes=k, input_size=m.input_size, output_size=m.output_size,
                                 hidden_size=m.hidden_size, num_layers=m.num_layers,

@@ -6,6 +6,10 @@ them into ``RecordDict`` (arrays into an ``ArrayRecord``, scalars into a ``Confi
 the in-process engine hands them over as they are. Neither side uses string literals for
 message types or keys: they are the constants below.
 
+:data:`MESSAGES` is the table of message types: name, whether answering it leaves the node's
+state unchanged (``read_only``), and what travels down and up. The ClientApp registers one
+handler per row; ``NodeWorker.handle`` dispatches each to its method.
+
 Strict schemas: :mod:`cnfgnn.federation.validate` declares, per message type, every key a
 request or reply may carry (with dtype and shape); anything else is refused as malformed.
 A new key must be added there too.
@@ -39,15 +43,11 @@ SL_ENCODE = "train.sl_encode"  # down: BATCH; up: h_c [B, K, L, H] of the batch
 SL_DECODE = "train.sl_decode"  # down: h_G of the batch; up: dL/dh_G, loss sums
 SL_BACKWARD = "train.sl_backward"  # down: dL/dh_c through the GN; the node steps its model
 
-MESSAGE_TYPES = (HELLO, STATS, CONFIGURE, LOCAL_TRAIN, ENCODE, SPLIT_STEP, EMBED, EVALUATE,
-                 KEEP_MODEL, SL_ENCODE, SL_DECODE, SL_BACKWARD)
-
 # Inference after training (DESIGN.md §5 item 6, cnfgnn/federation/inference.py). Both are
 # read-only on the node: the model and scaler come from CONFIGURE; windows are named by
 # ENDS, the time index of their last input step (any index with a full input history).
 PREDICT_ENCODE = "query.predict_encode"  # down: ENDS; up: h_c [W, K, L, H]
 PREDICT = "query.predict"  # down: ENDS (+ h_G [W, K, L, H]); up: FORECAST [W, H, K] only
-MESSAGE_TYPES = MESSAGE_TYPES + (PREDICT_ENCODE, PREDICT)
 ENDS = "ends"  # [W] int64 time index of each window's last input step
 NOISE = "noise"  # float: input-noise level (std = level x the sensor's training std), robustness only
 OWN_MODEL = "own_model"  # CONFIGURE, per-node methods: load the model the node kept at home
@@ -95,6 +95,59 @@ FORECAST = "forecast"  # [W, H, R] float32, original units: EVALUATE with RELEAS
 
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)
+
+
+@dataclass(frozen=True)
+class MessageType:
+    """One row of the message table.
+
+    Args:
+        name: ``"<train|evaluate|query>.<action>"`` (Flower's message-type naming).
+        read_only: answering leaves the node's state as it was (the ClientApp then neither
+            saves the state nor counts a new version).
+        down: what the server sends.
+        up: what the node answers.
+    """
+
+    name: str
+    read_only: bool
+    down: str
+    up: str
+
+    @property
+    def category(self) -> str:
+        """``train``, ``evaluate`` or ``query``: the ClientApp decorator that registers it."""
+        return self.name.split(".", 1)[0]
+
+    @property
+    def action(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+#: Every message type a node answers (``NodeWorker.handle``), in protocol order.
+MESSAGES: tuple[MessageType, ...] = (
+    MessageType(HELLO, True, "-", "NODES, SENSOR_IDS, NUM_WINDOWS, FIRST_START"),
+    MessageType(STATS, True, "-", "STAT_SUM, STAT_SUMSQ, STAT_COUNT [K]"),
+    MessageType(CONFIGURE, False, "scaler, node model, ACTIVE [K] (OWN_MODEL, FMTL NBR_*)",
+                "-"),
+    MessageType(LOCAL_TRAIN, False, "STEP, ROUND (node model)", "weights [K, ...], NUM_EXAMPLES"),
+    MessageType(ENCODE, False, "SPLIT (node model)", "H_C [S, K, L, H]"),
+    MessageType(SPLIT_STEP, True, "BATCH, H_G [B, K, L, H], ROUND, STEP",
+                "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]"),
+    MessageType(EMBED, False, "H_G [S, K, L, H] of the train split", "-"),
+    MessageType(EVALUATE, False, "SPLIT (H_G, node model, REPORT)",
+                "err.* [K, horizon] (FORECAST [W, H, K])"),
+    MessageType(KEEP_MODEL, False, "ACTION keep_best | restore_best", "-"),
+    MessageType(SL_ENCODE, True, "BATCH", "H_C [B, K, L, H]"),
+    MessageType(SL_DECODE, False, "BATCH, H_G [B, K, L, H]",
+                "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]"),
+    MessageType(SL_BACKWARD, False, "GRAD_H_C [B, K, L, H]", "-"),
+    MessageType(PREDICT_ENCODE, True, "ENDS [W] (NOISE)", "H_C [W, K, L, H]"),
+    MessageType(PREDICT, True, "ENDS [W] (H_G [W, K, L, H])", "FORECAST [W, H, K]"),
+)
+MESSAGE_TYPES: tuple[str, ...] = tuple(m.name for m in MESSAGES)
+#: Types whose answer leaves the node's state unchanged.
+READ_ONLY = frozenset(m.name for m in MESSAGES if m.read_only)
 
 
 @dataclass

@@ -26,8 +26,9 @@ from cnfgnn.evaluation.metrics import SUM_KEYS, metrics_from_sums, node_mean_los
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
 from cnfgnn.federation.node import node_init
+from cnfgnn.federation.exchange import exchange
 from cnfgnn.federation.server import GraphServer, fedavg
-from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage, ReplyLimits,
+from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, ReplyLimits,
                                         check_reply)
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 from cnfgnn.privacy import dp
@@ -154,37 +155,29 @@ class Orchestrator:
     def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
               ) -> dict[int, P.Payload]:
         """Send, measure bytes and time, drop failures, fail when too few answer."""
-        for p in payloads.values():
-            f, o = P.payload_nbytes(p)
-            self.bytes[phase]["down_tensor"] += f
-            self.bytes[phase]["down_other"] += o
-        t0 = time.perf_counter()
-        replies = self.engine.send(mtype, payloads)
-        self.seconds[phase] += time.perf_counter() - t0
-        ok: dict[int, P.Payload] = {}
         limits = self._reply_limits()
-        for cid in payloads:
-            reply = replies.get(cid, P.ClientFailure("no reply"))
-            if not isinstance(reply, P.ClientFailure):  # a bad reply counts as no reply
-                nodes = self.client_nodes.get(cid)
-                try:
-                    reply = check_reply(mtype, payloads[cid], reply,
-                                        None if nodes is None else len(nodes), limits)
-                except MalformedMessage as exc:
-                    reply = P.ClientFailure(f"bad reply: {exc}")
-            if isinstance(reply, P.ClientFailure):
-                nodes = self.client_nodes.get(cid, np.zeros(0, int))
-                ids = [self.graph.sensor_ids[i] for i in nodes]
-                self.failures.append({"round": self.round, "phase": phase,
-                                      "client": cid, "reason": reply.reason, "sensors": ids})
-                shown = ", ".join(ids[:8]) + (f" +{len(ids) - 8}" if len(ids) > 8 else "")
-                self.progress(f"  client {cid} (sensors {shown}) left out of {phase}: "
-                              f"{reply.reason}")
-                continue
-            f, o = P.payload_nbytes(reply)
-            self.bytes[phase]["up_tensor"] += f
-            self.bytes[phase]["up_other"] += o
-            ok[cid] = reply
+
+        def check(cid: int, request: P.Payload, reply: P.Payload) -> P.Payload:
+            nodes = self.client_nodes.get(cid)
+            return check_reply(mtype, request, reply, None if nodes is None else len(nodes),
+                               limits)
+
+        ex = exchange(self.engine, mtype, payloads, check)
+        self.seconds[phase] += ex.seconds
+        if payloads:
+            self.bytes[phase]["down_tensor"] += ex.down[0]
+            self.bytes[phase]["down_other"] += ex.down[1]
+        if ex.replies:
+            self.bytes[phase]["up_tensor"] += ex.up[0]
+            self.bytes[phase]["up_other"] += ex.up[1]
+        for cid, reason in ex.failed.items():
+            nodes = self.client_nodes.get(cid, np.zeros(0, int))
+            ids = [self.graph.sensor_ids[i] for i in nodes]
+            self.failures.append({"round": self.round, "phase": phase,
+                                  "client": cid, "reason": reason, "sensors": ids})
+            shown = ", ".join(ids[:8]) + (f" +{len(ids) - 8}" if len(ids) > 8 else "")
+            self.progress(f"  client {cid} (sensors {shown}) left out of {phase}: {reason}")
+        ok = ex.replies
         if self.client_nodes and payloads:
             asked = sum(len(self.client_nodes[c]) for c in payloads)
             got = sum(len(self.client_nodes[c]) for c in ok)

@@ -138,6 +138,7 @@ class GraphServer:
             if p.grad is not None:
                 p.grad /= answered
         self.optimizer.step()
+        assert h_c.grad is not None  # h_c requires grad (server_forward)
         return h_c.grad.cpu().numpy()
 
     @torch.no_grad()

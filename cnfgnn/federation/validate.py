@@ -25,8 +25,9 @@ Plain Python and numpy: no Flower, no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -375,7 +376,7 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
         opt[P.REPORT_NODES] = Ints((None,), lo=0, min_len=1, max_len=k)  # hosted: checked below
         opt[P.RELEASE] = Flag()
         if lim.graph_embedding:  # decode from the h_c this node sent up for the split
-            _need(mtype, s < 0 or lim.encoded.get(split) == s,
+            _need(mtype, s < 0 or lim.encoded.get(str(split)) == s,
                   f"h_G for the {split} split, but this node has not encoded it; "
                   f"send {P.ENCODE} first")
             req[P.H_G] = Floats((s, k, lay, hid))

@@ -11,18 +11,30 @@ Every problem raises :class:`~cnfgnn.data.errors.DataError` (``source: problem. 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn.config import PROJECT_ROOT, compose_cfg
+from cnfgnn.config import conf_dir as _conf_dir
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError, bad_input
 from cnfgnn.data.graph import graph_fingerprint
-from cnfgnn.federation.inference import ForecastResult, Forecaster, TrainedModel, check_method
+from cnfgnn.data.loaders import load_dataset
+from cnfgnn.data.nodes import client_groups
+from cnfgnn.deploy.forecast import deploy_forecast
+from cnfgnn.deploy.launcher import DeployError
+from cnfgnn.device import resolve_device
+from cnfgnn.experiment import build_workers
+from cnfgnn.federation.engines import InProcessEngine
+from cnfgnn.federation.inference import Forecaster, ForecastResult, TrainedModel, check_method
 from cnfgnn.federation.rounds import ServerGraph
+from cnfgnn.flower.simulation import run_forecast_simulation
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -35,8 +47,6 @@ ENGINES = ("inprocess", "simulation", "deployment")
 
 
 def conf_dir() -> Path:
-    from cnfgnn.federation.flower_config import conf_dir as _conf_dir
-
     return Path(_conf_dir())
 
 
@@ -82,8 +92,6 @@ def run_config(run_dir: Path, overrides: list[str], per_node_ok: bool = False
     ``dataset`` and ``engine`` groups are taken whole (from the run, or from ``conf/`` when
     switched with ``dataset=NAME`` / ``engine=NAME``).
     """
-    from cnfgnn.federation.flower_config import compose_cfg
-
     run = OmegaConf.load(run_dir / CONFIG_FILE)
     base = OmegaConf.create(OmegaConf.to_container(compose_cfg(""), resolve=True))
     cfg = OmegaConf.merge(base, run)
@@ -121,8 +129,6 @@ def check_network(data: SensorData, trained: TrainedModel, run_cfg: Any,
     if ref is None:  # older checkpoints: compare with the training data themselves
         if not dataset_changed:
             return
-        from cnfgnn.data.loaders import load_dataset
-
         try:
             train = load_dataset(OmegaConf.load(source / CONFIG_FILE).dataset, windows=False)
         except DataError as exc:
@@ -213,10 +219,6 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
     ``silent`` (sensor ids) and ``noise`` (input-noise level): robustness options of
     :meth:`Forecaster.forecast`, in-process only.
     """
-    import torch
-
-    from cnfgnn.federation.runner import build_workers, client_groups, resolve_device
-
     torch.set_num_threads(int(cfg.threads))
     name = str(cfg.engine.name)
     if name in ("simulation", "deployment") and (silent or noise > 0):
@@ -226,12 +228,8 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
         return _deployment_forecast(cfg, data, trained, ends, out_dir, progress,
                                     engine_wrapper)
     if name == "simulation":
-        from cnfgnn.federation.flower_forecast import run_forecast_simulation
-
         return run_forecast_simulation(cfg, len(client_groups(cfg, data)), trained.path,
                                        ends.tolist(), out_dir, progress, engine_wrapper)
-    from cnfgnn.federation.engines import InProcessEngine
-
     device = resolve_device(str(cfg.device))
     t0 = time.perf_counter()
     engine: Any = InProcessEngine(build_workers(cfg, data, device))
@@ -248,23 +246,14 @@ def _deployment_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends
                          engine_wrapper: Callable[[Any], Any] | None
                          ) -> tuple[ForecastResult, float]:
     """``engine=deployment``: SuperLink + one SuperNode per shard on loopback
-    (:func:`launch.forecast.deploy_forecast`, from the project checkout)."""
-    import sys
-
-    from cnfgnn.federation.flower_config import PROJECT_ROOT
-
+    (:func:`cnfgnn.deploy.forecast.deploy_forecast`, from the project checkout)."""
     if engine_wrapper is not None:
         raise bad_input("engine=deployment", "the ServerApp runs in its own process, so its "
                         "engine cannot be wrapped", "use engine=simulation or inprocess")
-    if not (PROJECT_ROOT / "launch" / "forecast.py").is_file():
-        raise bad_input("engine=deployment", f"needs the project checkout's launch/ "
-                        f"(not found under {PROJECT_ROOT})",
+    if not (PROJECT_ROOT / "pyproject.toml").is_file():
+        raise bad_input("engine=deployment", "`flwr run` needs the project checkout's "
+                        f"pyproject.toml (not found under {PROJECT_ROOT})",
                         "run it from a source checkout (pip install -e .)")
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
-    from launch.deploy import DeployError
-    from launch.forecast import deploy_forecast
-
     try:
         return deploy_forecast(cfg, data, trained.path, ends.tolist(), out_dir, progress)
     except DeployError as exc:

@@ -7,8 +7,8 @@ Usage::
 
 Each ``RUN`` is a run directory (CNFGNN, FedAvg, central GRU, or GRU local: one line per
 run in the plot). Defaults come from ``conf/robustness/default.yaml``. For every level the
-whole ``split`` (every ``stride``-th window) is forecast by federated inference (:class:`~cnfgnn.federation.inference.
-Forecaster`, in-process):
+whole ``split`` (every ``stride``-th window) is forecast by federated inference
+(:class:`~cnfgnn.federation.inference.Forecaster`, in-process):
 
 * ``silence=f``: ``round(f x N)`` sensors, drawn with a seeded RNG (nested across
   fractions; ``repeats`` draws per fraction), send nothing; the server forecasts them with
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from cnfgnn.config import conf_dir
 from cnfgnn.data.errors import bad_input
 
 OWN_KEYS = ("out", "silence", "noise", "repeats", "seed", "split", "stride")
@@ -45,9 +46,7 @@ REFERENCE = "silent_hist_mean"
 
 
 def defaults() -> dict[str, Any]:
-    from cnfgnn.forecast.request import conf_dir
-
-    return dict(OmegaConf.to_container(OmegaConf.load(conf_dir() / "robustness" /
+    return dict(OmegaConf.to_container(OmegaConf.load(Path(conf_dir()) / "robustness" /
                                                       "default.yaml")))
 
 
@@ -135,10 +134,11 @@ def evaluate_run(path: str, opts: dict[str, Any], progress=print) -> tuple[list[
     import torch
 
     from cnfgnn.data.loaders import load_dataset
+    from cnfgnn.device import resolve_device
+    from cnfgnn.experiment import NODE_STORE, build_workers
     from cnfgnn.federation.engines import InProcessEngine
     from cnfgnn.federation.inference import Forecaster, choose_silent, load_trained
     from cnfgnn.federation.rounds import ServerGraph
-    from cnfgnn.federation.runner import NODE_STORE, build_workers, resolve_device
     from cnfgnn.forecast import request as R
 
     t0 = time.perf_counter()

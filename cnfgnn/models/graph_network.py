@@ -99,6 +99,7 @@ class GNBlock(nn.Module):
             raise ValueError(f"edge features have {sum(p.shape[-1] for p in parts)} columns, "
                              f"this block takes {self.sizes[2]}")
         first = self.edge_mlp[0]
+        assert isinstance(first, nn.Linear)
         w_src, w_dst, w_e, w_u = first.weight.split(self.sizes, dim=1)
         pre = F.linear(x, w_src).index_select(0, src)  # [E, M, hidden]
         pre.add_(F.linear(x, w_dst).index_select(0, dst))  # index_select keeps no output
@@ -169,6 +170,7 @@ class GraphNetwork(nn.Module):
 
     def reset_parameters(self) -> None:
         for block in self.blocks:
+            assert isinstance(block, GNBlock)
             block.reset_parameters()
         self.output.reset_parameters()
 

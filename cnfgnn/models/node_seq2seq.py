@@ -202,7 +202,8 @@ class GroupLinear(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
     def extra_repr(self) -> str:
-        return f"num_nodes={self.num_nodes}, in_features={self.in_features}, out_features={self.out_features}"
+        return (f"num_nodes={self.num_nodes}, in_features={self.in_features}, "
+                f"out_features={self.out_features}")
 
 
 class NodeSeq2Seq(nn.Module):

@@ -119,7 +119,7 @@ class PrivacySettings:
     report_train_loss: bool = False
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> "PrivacySettings | None":
+    def from_cfg(cls, cfg: Any) -> PrivacySettings | None:
         """Settings from a composed config; None when ``privacy.enabled`` is false or absent."""
         p = cfg.get("privacy") if hasattr(cfg, "get") else None
         if p is None or not bool(p.get("enabled", False)):

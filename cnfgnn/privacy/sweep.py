@@ -1,4 +1,4 @@
-"""Accuracy against noise level: one ``cnfgnn`` run per noise multiplier (issue 8).
+r"""Accuracy against noise level: one ``cnfgnn`` run per noise multiplier (issue 8).
 
 Usage::
 
@@ -22,11 +22,13 @@ import argparse
 import csv
 import json
 import math
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from cnfgnn.procs import Proc, ProcessSet
 
 MECHANISMS = ("h_c", "grad", "fedavg")
 
@@ -66,7 +68,8 @@ def run_levels(levels: list[str], overrides: list[str], out: Path, parallel: int
                ) -> list[dict[str, Any]]:
     """Run every level (at most ``parallel`` at once); returns one row per level."""
     pending = list(levels)
-    running: dict[str, tuple[subprocess.Popen, Path, float, Any]] = {}
+    procs = ProcessSet(out, dict(os.environ))
+    running: dict[str, tuple[Proc, Path, float]] = {}
     rows: dict[str, dict[str, Any]] = {}
     try:
         while pending or running:
@@ -77,26 +80,20 @@ def run_levels(levels: list[str], overrides: list[str], out: Path, parallel: int
                 cmd = [sys.executable, "-m", "cnfgnn.cli", *overrides, *level_overrides(level),
                        f"run_dir={run_dir}", f"hydra.run.dir={run_dir}",
                        "hydra.output_subdir=null"]
-                log = open(run_dir / "sweep.log", "w")
-                log.write(" ".join(cmd) + "\n")
-                log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                proc = procs.start(level, cmd, cwd=Path.cwd(), log_path=run_dir / "sweep.log")
                 print(f"[{level}] started pid {proc.pid}: {run_dir}", flush=True)
-                running[level] = (proc, run_dir, time.perf_counter(), log)
+                running[level] = (proc, run_dir, time.perf_counter())
             time.sleep(2.0)
-            for level, (proc, run_dir, t0, log) in list(running.items()):
-                if proc.poll() is None:
+            for level, (proc, run_dir, t0) in list(running.items()):
+                if proc.alive():
                     continue
-                log.close()
-                rows[level] = _row(level, run_dir, proc.returncode, time.perf_counter() - t0)
+                rows[level] = _row(level, run_dir, proc.popen.returncode,
+                                   time.perf_counter() - t0)
                 print(f"[{level}] finished: {rows[level]}", flush=True)
                 del running[level]
-    finally:  # stop exactly the processes this sweep started
-        for proc, _, _, log in running.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
+    finally:  # stop exactly the process groups this sweep started
+        for level in running:
+            procs.kill(level)
     return [rows[level] for level in levels if level in rows]
 
 

@@ -196,7 +196,7 @@ def test_without_sha256_downloads_but_refuses_to_unpack(server, tmp_path, capsys
 
 def test_experiment_files_load_what_fetch_writes(tmp_path, monkeypatch):
     """Every ``metr_la_*`` / ``pems_bay_*`` experiment finds the files ``fetch`` unpacked."""
-    from tests.conftest import ROOT, make_cfg
+    from tests.helpers import ROOT, make_cfg
 
     s = Server(_archive(tmp_path, both=True))
     try:

@@ -15,7 +15,7 @@ from cnfgnn.data.gz import read_text
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.tabular import load_los_loop, load_metrla_json
 from cnfgnn.paths import data_dir, data_file
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 from tests.data._helpers import BUNDLED_DATA as D
 from tests.data._helpers import adjacency, write_pkl
 

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from launch.procs import cmdline_of
-
-
-def processes_of(path: Path) -> list[int]:
-    """Pids whose command line names ``path`` (the processes a test started under it)."""
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and str(path) in cmdline_of(int(p))]
+from tests.helpers import processes_of
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,11 @@
-"""A real Flower deployment on loopback (launch/deploy.py): SuperLink + SuperNodes + ``flwr run``.
+"""A real Flower deployment on loopback (cnfgnn/deploy/launcher.py): SuperLink + SuperNodes +
+``flwr run``.
 
 Marked ``deployment`` (``make test-deployment``): each test starts real processes and takes
 a minute or two on 2 cores. Every deployment runs inside ``Deployment``'s context manager,
 which stops exactly the process groups it started, also when the test fails; the
-``no_leftovers`` fixture (conftest.py) then checks that no process still refers to the test's directory.
+``no_leftovers`` fixture (conftest.py) then checks that no process still refers to the test's
+directory.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from cnfgnn.federation.runner import run_experiment
 from cnfgnn.results import read_predictions
-from launch import deploy
-from launch.procs import cmdline_of
-from tests.conftest import TINY, make_cfg
+from cnfgnn.deploy import launcher as deploy
+from cnfgnn.experiment import run_experiment
+from cnfgnn.procs import cmdline_of
+from tests.helpers import (
+    TINY,
+    kill_server,
+    kill_superlink,
+    kill_supernode,
+    make_cfg,
+    restart_supernode,
+)
 
 pytestmark = pytest.mark.deployment
 
@@ -86,7 +95,7 @@ def test_a_killed_supernode_does_not_stop_the_run(tmp_path):
 
     def kill_after_round_1(dep: deploy.Deployment) -> None:
         if not killed and _rounds_logged(run_dir) >= 1:
-            dep.kill_supernode(2)
+            kill_supernode(dep, 2)
             killed["at"] = time.monotonic()
 
     result = _deploy([*DEPLOY, "federation.rounds=3"], run_dir, kill_after_round_1)
@@ -111,8 +120,8 @@ def test_a_restarted_supernode_rejoins_under_its_partition(tmp_path):
 
     def restart_after_round_1(dep: deploy.Deployment) -> None:
         if not done and _rounds_logged(run_dir) >= 1:
-            dep.kill_supernode(1)
-            done["restart_s"] = dep.restart_supernode(1)
+            kill_supernode(dep, 1)
+            done["restart_s"] = restart_supernode(dep, 1)
 
     result = _deploy([*DEPLOY, "federation.rounds=3"], run_dir, restart_after_round_1)
     final = result.final
@@ -134,7 +143,7 @@ def test_a_killed_superlink_resumes_from_the_checkpoint_to_the_same_result(tmp_p
 
     def kill_after_checkpoint(dep: deploy.Deployment) -> None:
         if not killed and _rounds_logged(run_dir) >= 1 and (run_dir / "checkpoint.pt").exists():
-            dep.kill_superlink()
+            kill_superlink(dep)
             killed["yes"] = True
 
     overrides = [*DEPLOY, "federation.rounds=2"]
@@ -156,7 +165,7 @@ def test_a_killed_serverapp_resumes_on_the_same_superlink(tmp_path):
 
     def kill_after_checkpoint(dep: deploy.Deployment) -> None:
         if not killed and _rounds_logged(run_dir) >= 1 and (run_dir / "checkpoint.pt").exists():
-            killed["pids"] = dep.kill_server()
+            killed["pids"] = kill_server(dep)
 
     overrides = [*DEPLOY, "federation.rounds=2"]
     result = _deploy(overrides, run_dir, kill_after_checkpoint)
@@ -190,7 +199,7 @@ def _descendants_and_groups(root: int) -> dict[int, int]:
 
 
 def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
-    """Ctrl-C (SIGINT) to ``python -m launch.deploy`` in the middle of a run: it exits
+    """Ctrl-C (SIGINT) to ``python -m cnfgnn.deploy.launcher`` in the middle of a run: it exits
     with 130 after stopping the SuperLink, the SuperNodes, their workers, the ServerApp and
     ``flwr run``: none of the processes it had started is alive afterwards."""
     import os
@@ -202,7 +211,7 @@ def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
     out = tmp_path / "launcher.out"
     with open(out, "wb") as f:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "launch.deploy", "run", "--run-dir", str(run_dir),
+            [sys.executable, "-m", "cnfgnn.deploy.launcher", "run", "--run-dir", str(run_dir),
              *DEPLOY, "federation.rounds=3"], stdout=f, stderr=subprocess.STDOUT,
             env=deploy.flower_env(), start_new_session=True)
     seen: dict[int, int] = {}
@@ -217,8 +226,8 @@ def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
         time.sleep(5.0)
         seen.update(_descendants_and_groups(launcher.pid))
         names = " ".join(cmdline_of(p) for p in seen)
-        assert "flower-superlink" in names and "launch.supernode" in names
-        assert "launch.clientworker" in names and "flwr run" in names
+        assert "flower-superlink" in names and "cnfgnn.deploy.supernode" in names
+        assert "cnfgnn.deploy.clientworker" in names and "flwr run" in names
         launcher.send_signal(signal.SIGINT)
         code = launcher.wait(timeout=60)
     finally:

@@ -14,10 +14,9 @@ import pytest
 
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.windows import split_starts
-from cnfgnn.federation.runner import run_experiment
+from cnfgnn.experiment import run_experiment
 from cnfgnn.forecast import cli
-from tests.deployment.conftest import processes_of
-from tests.conftest import TINY, make_cfg
+from tests.helpers import TINY, make_cfg, processes_of
 
 pytestmark = pytest.mark.deployment
 

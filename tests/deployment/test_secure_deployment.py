@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from launch import certs, deploy
-from launch.procs import ProcessSet
-from tests.conftest import TINY
+from cnfgnn.deploy import certs
+from cnfgnn.deploy import launcher as deploy
+from cnfgnn.procs import ProcessSet
+from tests.helpers import TINY, kill_supernode, restart_supernode
 
 pytestmark = pytest.mark.deployment
 
@@ -124,8 +125,8 @@ def test_a_crashed_supernode_rejoins_a_secure_deployment_with_its_key(tmp_path):
                            progress=print) as dep:
         dep.start()
         before = _online_ids(dep)
-        dep.kill_supernode(1)
-        restart_s = dep.restart_supernode(1)
+        kill_supernode(dep, 1)
+        restart_s = restart_supernode(dep, 1)
         after = _online_ids(dep)
     assert set(after) == set(before) and set(after.values()) == {"online"}
     node_log = (run_dir / "logs" / "supernode_1.log").read_text()

@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+from cnfgnn.results import read_predictions
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.windows import split_starts
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
-from cnfgnn.federation.runner import build_workers, run_experiment
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
-from cnfgnn.results import read_predictions
-from tests.conftest import ROOT, TINY, make_cfg
-from tests.federation.test_engine import RecordingEngine
-from tests.federation.test_flower import task_identity  # noqa: F401 (fixture)
+from tests.helpers import ROOT, TINY, RecordingEngine, make_cfg
 
 QUIET = {"progress": lambda s: None}
 
@@ -273,9 +271,9 @@ def test_federated_baselines_through_the_flower_client_app(tmp_path, task_identi
                                                            method, model):
     """Every message of the baselines goes through the ClientApp (a fresh process per
     message, node state on disk) and gives the in-process result."""
-    from cnfgnn.federation import server_app
-    from cnfgnn.federation.flower_config import compose_cfg, overrides_for
-    from tests.federation.test_flower import LoopbackGrid
+    from cnfgnn.config import compose_cfg, overrides_for
+    from cnfgnn.flower import server_app
+    from tests.helpers import LoopbackGrid
 
     monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
     args = (*TINY, f"federation={method}", f"model={model}", "federation.nodes_per_client=2",

@@ -8,14 +8,14 @@ import torch
 from omegaconf import open_dict
 
 from cnfgnn.data.loaders import load_dataset
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph, initial_node_model
-from cnfgnn.federation.runner import build_workers, run_experiment
 from cnfgnn.federation.server import fedavg
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
-from tests.conftest import TINY, make_cfg
+from tests.helpers import TINY, TRAINING_UP, RecordingEngine, check_private, make_cfg
 
 NO_TEACHER = 10**9  # scheduled-sampling step at which p(teacher) is 0
 
@@ -121,35 +121,6 @@ def test_grouping_does_not_change_results(tmp_path):
         assert a["test"][key] == pytest.approx(b["test"][key], rel=1e-4), key
 
 
-class RecordingEngine:
-    """Wraps an engine and keeps every payload the server receives."""
-
-    def __init__(self, inner):
-        self.inner, self.received = inner, []
-
-    def client_ids(self):
-        return self.inner.client_ids()
-
-    def send(self, mtype, payloads):
-        replies = self.inner.send(mtype, payloads)
-        self.received.extend((mtype, r) for r in replies.values())
-        return replies
-
-
-ALLOWED_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.FIRST_START, P.STAT_SUM, P.STAT_SUMSQ,
-              P.STAT_COUNT, P.NUM_EXAMPLES, P.LOSS_SUM, P.LOSS_COUNT, P.STEP, P.H_C, P.GRAD}
-# No exemption: by default a node's forecasts stay on its own disk (predictions.release=false).
-
-
-def _windows(series: np.ndarray, length: int = 12) -> set[bytes]:
-    """Byte strings of every run of ``length`` consecutive values of each column."""
-    out = set()
-    for col in np.asarray(series, np.float32).T:
-        for i in range(len(col) - length + 1):
-            out.add(col[i:i + length].tobytes())
-    return out
-
-
 def test_server_never_receives_series_or_targets(tiny_cfg):
     rec = {}
 
@@ -161,25 +132,8 @@ def test_server_never_receives_series_or_targets(tiny_cfg):
     run_experiment(tiny_cfg, progress=lambda s: None, engine_wrapper=wrap)
     data = load_dataset(tiny_cfg.dataset)
     w = next(iter(rec["workers"].values()))
-    scaled = w.scaler.transform(data.speed).astype(np.float32)
-    forbidden = _windows(data.speed) | _windows(scaled)
-    t_len, n = data.speed.shape
-    assert rec["engine"].received
-    for mtype, payload in rec["engine"].received:
-        for key, value in payload.items():
-            assert key in ALLOWED_UP or key.startswith((P.WEIGHTS_PREFIX, P.ERR_PREFIX)), key
-            arr = np.asarray(value)
-            if arr.dtype.kind != "f" or arr.size < 12:
-                continue
-            assert t_len not in arr.shape, (mtype, key, arr.shape)  # no whole series
-            assert (12 not in arr.shape[:2] or key.startswith(P.ERR_PREFIX)
-                    or arr.ndim != 3), key  # nothing shaped like forecasts [W, H, K]
-            flat32 = arr.astype(np.float32)
-            for axis in range(arr.ndim):
-                rows = np.moveaxis(flat32, axis, -1).reshape(-1, arr.shape[axis])
-                for row in rows:
-                    for i in range(len(row) - 11):
-                        assert row[i:i + 12].tobytes() not in forbidden, (mtype, key)
+    check_private(rec["engine"].received, data, w.scaler, TRAINING_UP,
+                  (P.WEIGHTS_PREFIX, P.ERR_PREFIX))
 
 
 def test_measured_bytes_match_the_formula(tiny_cfg):

@@ -11,10 +11,10 @@ import pytest
 
 from cnfgnn import report
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.runner import run_experiment
+from cnfgnn.experiment import run_experiment
 from cnfgnn.results import NODE_STORE, read_predictions
-from tests.conftest import TINY, make_cfg
-from tests.federation.test_engine import RecordingEngine
+from tests.helpers import TINY, make_cfg
+from tests.helpers import RecordingEngine
 
 
 class SentAndReceived(RecordingEngine):

@@ -9,7 +9,7 @@ from omegaconf import open_dict
 
 from cnfgnn.federation.server import GraphServer
 from cnfgnn.optim import make_adam
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 
 def _servers(chunk: int) -> tuple[GraphServer, GraphServer]:

@@ -22,8 +22,8 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import own_initial_state
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
-from cnfgnn.federation.runner import build_workers, run_experiment
-from tests.conftest import ROOT, TINY, make_cfg
+from cnfgnn.experiment import build_workers, run_experiment
+from tests.helpers import ROOT, TINY, make_cfg
 
 QUIET = {"progress": lambda s: None}
 #: A GN learning rate high enough that the validation loss rises after round 1 (seed 42):

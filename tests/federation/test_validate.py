@@ -21,14 +21,18 @@ from hypothesis import strategies as st
 
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.evaluation.metrics import SUM_KEYS
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
-from cnfgnn.federation.runner import build_workers, run_experiment
-from cnfgnn.federation.validate import (MALFORMED_CODE, MAX_COUNTER, MalformedMessage,
-                                        check_reply, check_request)
-from tests.conftest import TINY, make_cfg
-from tests.federation.test_flower import task_identity  # noqa: F401 (fixture)
+from cnfgnn.federation.validate import (
+    MALFORMED_CODE,
+    MAX_COUNTER,
+    MalformedMessage,
+    check_reply,
+    check_request,
+)
+from tests.helpers import TINY, make_cfg
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -200,7 +204,7 @@ def test_valid_requests_pass(fed):
 
 
 def test_malformed_requests_are_refused(fed):
-    from tests.federation.test_flower import _same_state
+    from tests.helpers import same_state
 
     w = fed["worker"]
     before = w.state_dict()
@@ -216,7 +220,7 @@ def test_malformed_requests_are_refused(fed):
         assert mtype in str(e.value), (what, str(e.value))
 
     check()
-    _same_state(before, w.state_dict())  # refused before dispatch: nothing changed
+    same_state(before, w.state_dict())  # refused before dispatch: nothing changed
     assert len(seen) >= 10, seen
 
 
@@ -266,9 +270,9 @@ def test_client_app_answers_malformed_with_an_error_reply(fed, tmp_path, monkeyp
     """The Flower path: the ClientApp returns an error Message instead of raising."""
     from flwr.app import Context, Message, RecordDict
 
-    from cnfgnn.federation import client_app
-    from cnfgnn.federation.flower_codec import pack
-    from cnfgnn.federation.flower_config import RUN_CONFIG_KEY, overrides_for
+    from cnfgnn.config import RUN_CONFIG_KEY, overrides_for
+    from cnfgnn.flower import client_app
+    from cnfgnn.flower.codec import pack
 
     monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
     cfg = make_cfg(*TINY, f"output_root={tmp_path}", "engine=simulation",

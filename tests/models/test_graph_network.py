@@ -1,4 +1,5 @@
-"""GraphNetwork: size, equivalence with PyG MetaLayer, equivariance, batching, direction, gradients."""
+"""GraphNetwork: size, equivalence with PyG MetaLayer, equivariance, batching, direction,
+gradients."""
 
 from __future__ import annotations
 

@@ -14,13 +14,12 @@ from hypothesis import strategies as st
 
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.runner import build_workers, run_experiment
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation.server import fedavg
 from cnfgnn.privacy import dp
 from cnfgnn.privacy.accounting import fedavg_multipliers, privacy_report, rdp_epsilon
-from tests.conftest import TINY, make_cfg
-from tests.federation.test_engine import RecordingEngine
-from tests.federation.test_flower import task_identity  # noqa: F401 (fixture)
+from tests.helpers import TINY, make_cfg
+from tests.helpers import RecordingEngine
 
 QUIET = {"progress": lambda s: None}
 DP = ("privacy=dp", "privacy.h_c.clip=1.0", "privacy.grad.clip=0.01",
@@ -392,11 +391,10 @@ def test_split_learning_with_dp_reports_unbounded_epsilon_with_the_reason(tmp_pa
 
 
 def test_dp_through_the_flower_client_app(tmp_path, task_identity, monkeypatch):
-    """DP run (replayable noise) over the real ClientApp (fresh process per message) =
-    in-process."""
-    from cnfgnn.federation import server_app
-    from cnfgnn.federation.flower_config import compose_cfg, overrides_for
-    from tests.federation.test_flower import LoopbackGrid
+    """DP run over the real ClientApp (fresh process per message) = in-process."""
+    from cnfgnn.config import compose_cfg, overrides_for
+    from cnfgnn.flower import server_app
+    from tests.helpers import LoopbackGrid
 
     monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
     args = (*TINY, *DP, *REPLAY, "federation.nodes_per_client=2")

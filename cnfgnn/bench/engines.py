@@ -1,0 +1,612 @@
+"""``cnfgnn-bench``: every engine on the same data and seeds, side by side (``make bench``).
+
+One run composes ``conf/`` with the ``bench`` group (``conf/bench/default.yaml``; any
+override works: ``cnfgnn-bench dataset.days=3 bench.rounds=2``) and measures, each case in
+its own subprocess so that peak memories are separate:
+
+* ``central``: the same CNFGNN round math in one process with no messaging
+  (:class:`cnfgnn.bench.central_limit.CentralCNFGNN`): the limit on this hardware;
+* ``inprocess_*``: the :class:`~cnfgnn.federation.rounds.Orchestrator` over the
+  :class:`~cnfgnn.federation.engines.InProcessEngine`, all nodes in one client or one
+  client per sensor;
+* ``flower_*``: the same orchestration as a Flower simulation (Ray), K sensors per client.
+
+Per case and round: wall seconds, seconds per phase (the orchestrator's names), round
+trips and client messages, payload bytes per phase and direction (and Flower's serialized
+bytes), peak resident memory of the case's process tree, the round's losses; then ratios
+between cases, the goals of ``bench.goals``, and a projection to a METR-LA-sized round.
+One JSON document goes to stdout and to ``<bench.out_dir>/<timestamp>/bench.json``; the
+cases' logs and run directories sit next to it.
+
+Other modes: ``bench.mode=multibatch`` (``federation.server_batches_per_trip`` 1 vs 4: time
+per round and validation loss), ``bench.mode=scale`` (the in-process engine at 1,000 and
+8,600 nodes: seconds and memory per phase, and what breaks first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cnfgnn.config import compose, flower_environment
+from cnfgnn.federation import protocol as P
+from cnfgnn.procs import ProcessSet
+
+BENCH_GROUP = "bench"
+SETUP_TYPES = (P.HELLO, P.STATS, P.CONFIGURE, P.IDENTIFY)
+ROUND_PHASES_TRAIN = ("local", "encode", "split", "split_server", "embed", "embed_server")
+ROUND_PHASES_VAL = ("val", "val_server")
+
+
+# ---------------------------------------------------------------------- config
+def compose_bench(overrides: list[str]) -> DictConfig:
+    """``conf/config.yaml`` + the bench group + ``overrides`` (``bench=<file>`` picks another)."""
+    group = [o for o in overrides if o.lstrip("+").startswith(f"{BENCH_GROUP}=")]
+    rest = [o for o in overrides if o not in group]
+    choice = group[-1].lstrip("+").split("=", 1)[1] if group else "default"
+    return compose([f"+{BENCH_GROUP}={choice}", *rest])
+
+
+def case_config(cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | None = None
+                ) -> DictConfig:
+    """The experiment config of one case: resolved, without the ``bench`` section.
+
+    ``case['engine']`` picks the ``engine`` group (``central`` runs with ``inprocess``'s),
+    ``case['nodes_per_client']`` sets ``federation.nodes_per_client`` (null: all nodes).
+    ``extra`` maps dotted keys to values set afterwards.
+    """
+    engine = "inprocess" if case["engine"] == "central" else str(case["engine"])
+    eng = compose([f"engine={engine}"]).engine
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop(BENCH_GROUP, None)
+    plain.pop("hydra", None)
+    out = OmegaConf.create(plain)
+    out.engine = eng
+    k = case.get("nodes_per_client")
+    out.federation.nodes_per_client = int(cfg.dataset.num_nodes) if k is None else int(k)
+    for key, value in (extra or {}).items():
+        OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+# ---------------------------------------------------------------------- child: measuring
+class SendLog:
+    """Engine wrapper that logs every ``send``: type, split, clients, start and end time."""
+
+    def __init__(self, engine: Any, trace: Path | None = None):
+        self.engine = engine
+        self.trace = trace  # a line per send start and end (the parent reads it if it stops us)
+        self.events: list[tuple[str, str | None, int, float, float, float, float]] = []
+
+    def client_ids(self) -> list[int]:
+        return self.engine.client_ids()
+
+    def send(self, message_type: str, payloads: dict[int, P.Payload]) -> dict[int, Any]:
+        split = next((str(p[P.SPLIT]) for p in payloads.values() if P.SPLIT in p), None)
+        self._trace(message_type, split, "start")
+        t0, c0 = time.perf_counter(), time.process_time()
+        replies = self.engine.send(message_type, payloads)
+        self.events.append((message_type, split, len(payloads), t0, time.perf_counter(),
+                            c0, time.process_time()))
+        self._trace(message_type, split, "end")
+        return replies
+
+    def _trace(self, message_type: str, split: str | None, edge: str) -> None:
+        if self.trace is not None:
+            with open(self.trace, "a") as f:
+                f.write(json.dumps({"t": time.time(), "type": message_type, "split": split,
+                                    "edge": edge}) + "\n")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Per round (a ``train.local`` send up to the end of the next validation
+        ``evaluate``): wall seconds, round trips and messages, by message type."""
+        out = []
+        starts = [i for i, e in enumerate(self.events) if e[0] == P.LOCAL_TRAIN]
+        for i in starts:
+            end = next((j for j in range(i, len(self.events)) if self.events[j][0] == P.EVALUATE
+                        and self.events[j][1] == P.VAL), None)
+            if end is None:
+                continue
+            span = self.events[i : end + 1]
+            trips: dict[str, int] = {}
+            for e in span:
+                trips[e[0]] = trips.get(e[0], 0) + 1
+            out.append({"seconds": self.events[end][4] - self.events[i][3],
+                        "cpu_seconds_process": self.events[end][6] - self.events[i][5],
+                        "round_trips": len(span), "messages": sum(e[2] for e in span),
+                        "round_trips_by_type": trips,
+                        "transport_seconds": sum(e[4] - e[3] for e in span)})
+        return out
+
+
+def _diff(cur: dict[str, Any], prev: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cur.items():
+        if isinstance(v, dict):
+            d = _diff(v, prev.get(k, {}))
+            if any(x for x in d.values()):
+                out[k] = d
+        else:
+            out[k] = v - prev.get(k, 0)
+    return out
+
+
+def _per_round_records(run_dir: Path, log: SendLog) -> list[dict[str, Any]]:
+    """metrics.jsonl + the send log -> one record per measured round."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    trips = log.rounds()
+    prev_bytes: dict[str, Any] = {}
+    prev_wire: dict[str, Any] = {}
+    out = []
+    for rec, tr in zip(lines, trips):
+        cur_bytes = {k: v for k, v in rec.get("bytes", {}).items() if k != "setup"}
+        cur_wire = {k: v for k, v in rec.get("wire_bytes", {}).items() if k not in SETUP_TYPES}
+        b, w = _diff(cur_bytes, prev_bytes), _diff(cur_wire, prev_wire)
+        prev_bytes, prev_wire = cur_bytes, cur_wire
+        out.append({
+            "round": rec["round"], "seconds": tr["seconds"],
+            "cpu_seconds_process": tr["cpu_seconds_process"],
+            "seconds_by_phase": {k: v for k, v in rec.get("seconds", {}).items() if v},
+            "round_trips": tr["round_trips"], "messages": tr["messages"],
+            "round_trips_by_type": tr["round_trips_by_type"],
+            "bytes": b, "bytes_total": int(sum(sum(v.values()) for v in b.values())),
+            "wire_bytes": w,
+            "wire_bytes_total": int(sum(sum(v.values()) for v in w.values())) if w else None,
+            **{k: rec.get(k) for k in ("train_loss", "split_loss", "val_loss", "val_rmse")},
+        })
+    return out
+
+
+def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
+    """FLOPs (matmul-like, :class:`FlopCounterMode`) and aten ops of one central round."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnfgnn.bench.central_limit import CentralCNFGNN
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    model = CentralCNFGNN(cfg, data, device)
+    flops = FlopCounterMode(display=False)
+    ops = OpCounter()
+    with flops, ops:
+        model.round(1)
+    return {"flops": float(flops.get_total_flops()), "ops": float(ops.ops)}
+
+
+def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = False
+             ) -> dict[str, Any]:
+    """Measure one case in this process; returns its JSON record (no memory figures)."""
+    import torch
+
+    from cnfgnn.data.loaders import load_dataset
+    from cnfgnn.data.nodes import client_groups
+    from cnfgnn.data.windows import split_starts
+    from cnfgnn.device import resolve_device
+    from cnfgnn.experiment import build_workers
+
+    torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(str(cfg.device))
+    t_start = time.perf_counter()
+    data = load_dataset(cfg.dataset)
+    rec: dict[str, Any] = {"engine": case["engine"], "device": str(device),
+                           "nodes": data.num_nodes,
+                           "nodes_per_client": int(cfg.federation.nodes_per_client),
+                           "clients": 1 if case["engine"] == "central"
+                           else len(client_groups(cfg, data)),
+                           "server_batches_per_trip": int(cfg.federation.server_batches_per_trip)}
+    split = cfg.dataset.split
+    rec["windows"] = {k: len(v) for k, v in split_starts(
+        data.num_steps, int(cfg.dataset.in_steps), int(cfg.dataset.out_steps),
+        split.train, split.val, split.test).items()}
+    rounds = int(cfg.federation.rounds)
+    if case["engine"] == "central":
+        from cnfgnn.bench.central_limit import CentralCNFGNN
+
+        model = CentralCNFGNN(cfg, data, device)
+        per_round = []
+        for r in range(1, rounds + 1):
+            before = dict(model.seconds)
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses = model.round(r)
+            per_round.append({"round": r, "seconds": time.perf_counter() - t0,
+                              "cpu_seconds_process": time.process_time() - c0,
+                              "seconds_by_phase": {k: v - before.get(k, 0.0)
+                                                   for k, v in model.seconds.items()},
+                              "round_trips": 0, "messages": 0, "bytes_total": 0, **losses})
+        rec["rounds"] = per_round
+        if count_flops:
+            rec["count"] = _count_central_round(cfg, data, device)
+    else:
+        from cnfgnn.federation.rounds import Orchestrator, ServerGraph
+        from cnfgnn.results import RunWriter
+
+        holder: dict[str, SendLog] = {}
+
+        def wrap(engine: Any) -> SendLog:
+            holder["log"] = SendLog(engine, run_dir.parent / f"{case['name']}.trace.jsonl")
+            return holder["log"]
+
+        if case["engine"] == "inprocess":
+            from cnfgnn.federation.engines import InProcessEngine
+
+            log = wrap(InProcessEngine(build_workers(cfg, data, device)))
+            writer = RunWriter(cfg, run_dir)
+            graph = ServerGraph.from_data(data)
+            final = Orchestrator(cfg, log, graph, writer, lambda s: print(s, flush=True),
+                                 device).run()
+        elif case["engine"] == "simulation":
+            from cnfgnn.flower.simulation import run_simulation_experiment
+
+            final, _ = run_simulation_experiment(cfg, rec["clients"], run_dir,
+                                                 lambda s: print(s, flush=True), wrap)
+            log = holder["log"]
+        else:
+            raise ValueError(f"bench case {case['name']}: unknown engine {case['engine']!r}; "
+                             "use central, inprocess or simulation")
+        rec["rounds"] = _per_round_records(run_dir, log)
+        rec["test_rmse"] = final.get("test", {}).get("rmse")
+        setup = [e for e in log.events if e[0] in SETUP_TYPES]
+        rec["setup_seconds"] = (setup[-1][4] - setup[0][3]) if setup else None
+    rec["wall_seconds"] = time.perf_counter() - t_start
+    rec["max_rss_mb_main"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rec
+
+
+def child_main(spec_path: str) -> None:
+    """``python -m cnfgnn.bench.engines --child <spec.json>``: run one case, write its JSON."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = OmegaConf.create(spec["cfg"])
+    try:
+        rec = run_case(cfg, spec["case"], Path(spec["run_dir"]), bool(spec.get("count_flops")))
+        rec["status"] = "ok"
+    except BaseException as exc:  # the parent records what broke
+        import traceback
+
+        traceback.print_exc()
+        rec = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    Path(spec["result"]).write_text(json.dumps(rec, default=float))
+
+
+# ---------------------------------------------------------------------- parent: cases
+def _tree(proc: Any) -> list[Any]:
+    try:
+        return [proc] + proc.children(recursive=True)
+    except Exception:  # noqa: BLE001 - the process just ended
+        return []
+
+
+def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s: float,
+                   memory_limit_gb: float) -> dict[str, Any]:
+    """Run one case in a child process; sample its process tree's resident memory.
+
+    The child and every process it starts (Ray's) are recorded by PID and creation time; a
+    case past ``timeout_s`` or ``memory_limit_gb`` is stopped, and whatever it left running
+    is stopped too, by those PIDs only.
+    """
+    import psutil
+
+    name = spec["case"]["name"]
+    spec_path, result = work / f"{name}.spec.json", work / f"{name}.result.json"
+    spec["result"] = str(result)
+    spec_path.write_text(json.dumps(spec))
+    env = os.environ | flower_environment()
+    env.setdefault("MPLBACKEND", "Agg")
+    load_before = os.getloadavg()
+    t0, t_wall0 = time.perf_counter(), time.time()
+    procs = ProcessSet(work, env)
+    proc = procs.start(name, [sys.executable, "-m", "cnfgnn.bench.engines", "--child",
+                              str(spec_path)], cwd=Path.cwd()).popen
+    ps = psutil.Process(proc.pid)
+    seen: dict[int, float] = {}  # pid -> create_time of every process of the case
+    cpu: dict[int, float] = {}  # pid -> last observed user + system seconds
+    peak = peak_main = 0
+    stopped = None
+    try:
+        while proc.poll() is None:
+            tree = _tree(ps)
+            rss = 0
+            for p in tree:
+                try:
+                    seen.setdefault(p.pid, p.create_time())
+                    m = p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu[p.pid] = t.user + t.system
+                except psutil.Error:
+                    continue
+                rss += m
+                if p.pid == proc.pid:
+                    peak_main = max(peak_main, m)
+            peak = max(peak, rss)
+            if rss > memory_limit_gb * 2**30:
+                stopped = (f"resident memory {rss / 2**30:.1f} GB > bench memory limit "
+                           f"{memory_limit_gb} GB")
+            elif time.perf_counter() - t0 > timeout_s:
+                stopped = f"still running after {timeout_s:g} s"
+            if stopped:
+                procs.kill(name)
+                break
+            time.sleep(sample_s)
+        proc.wait()
+    finally:
+        procs.stop_all(grace_s=0.0)  # the case's process group
+        for pid, created in seen.items():  # leftovers of this case only (e.g. Ray daemons)
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.is_running():
+                    p.kill()
+            except psutil.Error:
+                pass
+    rec = json.loads(result.read_text()) if result.exists() else {"status": "failed"}
+    if stopped:
+        rec.update(status="stopped", error=stopped)
+        trace = work / f"{name}.trace.jsonl"
+        if trace.exists():  # what the orchestrator was doing: the last sends
+            lines = [json.loads(x) for x in trace.read_text().splitlines()[-6:]]
+            rec["last_sends"] = [{**x, "t": round(x["t"] - t_wall0, 1)} for x in lines]
+        rec["stopped_after_s"] = time.perf_counter() - t0
+    elif proc.returncode and rec.get("status") == "ok":
+        rec["status"] = f"exit {proc.returncode}"
+    rec["peak_rss_mb_tree"] = peak / 2**20
+    rec["peak_rss_mb_main_sampled"] = peak_main / 2**20
+    rec["processes"] = len(seen)
+    rec["cpu_seconds_tree"] = sum(cpu.values())  # whole case (startup, setup, test too)
+    rec["load_avg_before"] = [round(x, 2) for x in load_before]
+    rec["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    rec["log"] = str(work / f"{name}.log")
+    return rec
+
+
+def _mean(rounds: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rounds if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _add(acc: dict[str, Any], d: dict[str, Any], w: float) -> dict[str, Any]:
+    for k, v in d.items():
+        acc[k] = _add(acc.get(k, {}), v, w) if isinstance(v, dict) else acc.get(k, 0.0) + w * v
+    return acc
+
+
+def _mean_dict(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Mean over rounds of a (nested) dict of numbers (missing entries count as 0)."""
+    acc: dict[str, Any] = {}
+    for r in rounds:
+        _add(acc, r.get(key) or {}, 1.0 / max(len(rounds), 1))
+    return acc
+
+
+def summarise(rec: dict[str, Any]) -> dict[str, Any]:
+    """Means over the measured rounds, next to the per-round records."""
+    rounds = rec.get("rounds") or []
+    if not rounds:
+        return rec
+    rec["per_round"] = {
+        "seconds": _mean(rounds, "seconds"),
+        "cpu_seconds_process": _mean(rounds, "cpu_seconds_process"),
+        "seconds_by_phase": _mean_dict(rounds, "seconds_by_phase"),
+        "round_trips": _mean(rounds, "round_trips"),
+        "messages": _mean(rounds, "messages"),
+        "bytes_total": _mean(rounds, "bytes_total"),
+        "bytes": _mean_dict(rounds, "bytes"),
+        "wire_bytes_total": _mean(rounds, "wire_bytes_total"),
+        **{k: rounds[-1].get(k) for k in ("train_loss", "split_loss", "val_loss", "val_rmse")},
+    }
+    return rec
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+
+
+def projection(cfg: DictConfig, cases: dict[str, Any], windows: dict[str, int]) -> dict[str, Any]:
+    """Scale each case's measured phases to a METR-LA-sized round (training phases by the
+    training windows, validation by the validation windows) and to full trainings.
+
+    A projection, not a measurement: it assumes every phase is linear in its windows (true
+    of local training, encoding, split steps, embedding and validation) and ignores the
+    graph's size difference (edges) between the benchmark network and the target.
+    """
+    pc = cfg.bench.projection
+    f_train = float(pc.train_windows) / windows["train"]
+    f_val = float(pc.val_windows) / max(windows["val"], 1)
+    fed = cfg.federation
+    steps = math.ceil(pc.train_windows / fed.server_batch_size) * int(fed.server_epochs)
+    what = (f"a {pc.name}-sized CNFGNN round ({pc.num_nodes} nodes, {pc.train_windows} "
+            f"training windows, R_s={fed.server_epochs}: {steps} server steps), scaled "
+            "linearly from this benchmark's phases; a projection, not a measurement")
+    out: dict[str, Any] = {"what": what, "scale_train": f_train, "scale_val": f_val,
+                           "cases": {}}
+    for name, rec in cases.items():
+        pr = rec.get("per_round")
+        if not pr:
+            continue
+        phases = pr["seconds_by_phase"]
+        accounted = sum(v for k, v in phases.items()
+                        if k in ROUND_PHASES_TRAIN + ROUND_PHASES_VAL)
+        s = sum(v * (f_val if k in ROUND_PHASES_VAL else f_train) for k, v in phases.items()
+                if k in ROUND_PHASES_TRAIN + ROUND_PHASES_VAL)
+        s += max(pr["seconds"] - accounted, 0.0) * f_train  # overhead between phases
+        out["cases"][name] = {"round_seconds": s, "round_hours": s / 3600,
+                              **{f"training_{r}_rounds_days": s * r / 86400 for r in pc.rounds}}
+    central = cases.get("central", {})
+    if central.get("count"):
+        c = central["count"]
+        t_cpu = central["per_round"]["seconds"]
+        gpu = (c["flops"] / (float(pc.gpu_sustained_tflops) * 1e12)
+               + c["ops"] * float(pc.gpu_seconds_per_op))
+        out["central_flops_per_round"] = c["flops"]
+        out["central_ops_per_round"] = c["ops"]
+        out["central_cpu_gflops"] = c["flops"] / t_cpu / 1e9
+        gpu_round = gpu * f_train
+        out["gpu"] = {
+            "what": f"{pc.gpu_name}: the central round's counted FLOPs at "
+                    f"{pc.gpu_sustained_tflops} TFLOP/s plus {pc.gpu_seconds_per_op:g} s per "
+                    "tensor op, scaled to the METR-LA round; a projection from CPU counts, "
+                    "not a GPU measurement",
+            "round_seconds": gpu_round,
+            **{f"training_{r}_rounds_hours": gpu_round * r / 3600 for r in pc.rounds}}
+    return out
+
+
+def run_cases(cfg: DictConfig, cases: list[dict[str, Any]], work: Path,
+              extra: dict[str, Any] | None = None, memory_limit_gb: float | None = None,
+              count_flops: bool = False) -> dict[str, Any]:
+    """Each case in its own subprocess, one after the other: name -> record."""
+    b = cfg.bench
+    out = {}
+    for case in cases:
+        name = case["name"]
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        ccfg = case_config(cfg, case, extra)
+        spec = {"case": case, "cfg": OmegaConf.to_container(ccfg, resolve=True),
+                "run_dir": str(work / name),
+                "count_flops": count_flops and case["engine"] == "central"}
+        rec = summarise(run_subprocess(spec, work, float(b.sample_interval_s),
+                                       float(b.case_timeout_s),
+                                       float(memory_limit_gb or b.memory_limit_gb)))
+        pr = rec.get("per_round") or {}
+        print(f"[bench] {name}: {rec.get('status')} {pr.get('seconds') or float('nan'):.1f} s/round, "
+              f"peak {rec['peak_rss_mb_tree']:.0f} MB {rec.get('error', '')}", file=sys.stderr,
+              flush=True)
+        out[name] = rec
+    return out
+
+
+def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    cases = run_cases(cfg, [dict(c) for c in OmegaConf.to_container(cfg.bench.engines)], work,
+                      count_flops=bool(cfg.bench.count_flops))
+    ratios, ratios_cpu, goals = {}, {}, {}
+    for label, (a, ref) in OmegaConf.to_container(cfg.bench.ratios).items():
+        pa = cases.get(a, {}).get("per_round") or {}
+        pr = cases.get(ref, {}).get("per_round") or {}
+        ta, tr = pa.get("seconds"), pr.get("seconds")
+        ratios[label] = ta / tr if ta and tr else None
+        if all(cases.get(c, {}).get("engine") in ("central", "inprocess") for c in (a, ref)):
+            ca, cr = pa.get("cpu_seconds_process"), pr.get("cpu_seconds_process")
+            ratios_cpu[label] = ca / cr if ca and cr else None  # one process: load-robust
+    for label, limit in cfg.bench.goals.items():
+        r = ratios.get(label)
+        goals[label] = {"ratio": r, "at_most": float(limit),
+                        "met": None if r is None else bool(r <= float(limit))}
+    windows = next((c["windows"] for c in cases.values() if c.get("windows")), None)
+    consistency = {}
+    ref = (cases.get("central", {}).get("per_round") or {})
+    for name, rec in cases.items():
+        pr = rec.get("per_round") or {}
+        if name != "central" and ref and pr:
+            consistency[name] = {k: (None if pr.get(k) is None or ref.get(k) is None
+                                     else abs(pr[k] - ref[k]) / max(abs(ref[k]), 1e-12))
+                                 for k in ("train_loss", "split_loss", "val_loss")}
+    return {"cases": cases, "ratios": ratios, "ratios_cpu_seconds": ratios_cpu, "goals": goals,
+            "loss_relative_difference_to_central": consistency,
+            "projection": projection(cfg, cases, windows) if windows else None}
+
+
+def bench_multibatch(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    mb = cfg.bench.multibatch
+    out: dict[str, Any] = {"note": (
+        "server_batches_per_trip=k sends k server batches in one round trip and takes ONE "
+        "GN step on their pooled gradient: exactly a server batch of k x server_batch_size "
+        "(gradient accumulation of k equal batches, node-mean loss), so 1/k of the round "
+        "trips and of the GN optimizer steps per epoch. It is not the same trajectory as k "
+        "separate steps (those need h_G from the updated GN for each next batch)."),
+        "cases": {}}
+    for trips in mb.trips:
+        cases = [dict(c, name=f"{c['name']}_trips{trips}")
+                 for c in OmegaConf.to_container(mb.engines)]
+        extra = {"federation.server_batches_per_trip": int(trips),
+                 "federation.rounds": int(mb.rounds)}
+        out["cases"].update(run_cases(cfg, cases, work, extra))
+    return out
+
+
+def bench_scale(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    """The in-process engine on large synthetic networks: each run of ``bench.scale.runs``
+    (nodes, ``model.gn.grad_chunk``) in its own process under ``bench.scale.memory_limit_gb``;
+    a run stopped there records the sends it had reached (what broke first)."""
+    sc = cfg.bench.scale
+    out: dict[str, Any] = {"cases": {}}
+    for run in sc.runs:
+        n, chunk = int(run.nodes), run.get("grad_chunk")
+        name = f"inprocess_{n}" + ("" if chunk is None else f"_chunk{int(chunk)}")
+        case = {"name": name, "engine": "inprocess", "nodes_per_client": int(sc.nodes_per_client)}
+        extra = {"dataset.num_nodes": n, "dataset.days": float(sc.days),
+                 "federation.rounds": int(sc.rounds),
+                 "model.gn.grad_chunk": None if chunk is None else int(chunk)}
+        out["cases"].update(run_cases(cfg, [case], work, extra,
+                                      memory_limit_gb=float(sc.memory_limit_gb)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: ``cnfgnn-bench [hydra overrides]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child_main(argv[1])
+        return
+    cfg = compose_bench(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(cfg.bench.out_dir) / f"{stamp}_{cfg.bench.mode}"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    doc: dict[str, Any] = {
+        "bench": "cnfgnn-bench", "mode": str(cfg.bench.mode), "time": stamp,
+        "overrides": argv, "machine": _machine(), "device": str(cfg.device),
+        "threads": int(cfg.threads), "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "config": {"nodes": int(cfg.dataset.num_nodes), "days": float(cfg.dataset.days),
+                   "hidden_size": int(cfg.model.hidden_size),
+                   "batch_size": int(cfg.federation.batch_size),
+                   "server_batch_size": int(cfg.federation.server_batch_size),
+                   "local_epochs": int(cfg.federation.local_epochs),
+                   "server_epochs": int(cfg.federation.server_epochs),
+                   "rounds": int(cfg.federation.rounds), "seed": int(cfg.seed)},
+    }
+    mode = str(cfg.bench.mode)
+    runners = {"engines": bench_engines, "multibatch": bench_multibatch, "scale": bench_scale}
+    if mode not in runners:
+        raise SystemExit(f"bench.mode={mode!r} is unknown. Fix: use one of {sorted(runners)}")
+    doc.update(runners[mode](cfg, work))
+    doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc["seconds_total"] = time.perf_counter() - t0
+    text = json.dumps(doc, indent=1, default=float)
+    (work / "bench.json").write_text(text)
+    print(text)
+    print(f"[bench] written {work / 'bench.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""``python -m cnfgnn.deploy demo|run ...`` (the same as ``cnfgnn-deploy``)."""
+
+import sys
+
+from cnfgnn.deploy.launcher import main
+
+sys.exit(main())

@@ -1,0 +1,225 @@
+"""The Flower ClientApp: thin handlers around :class:`cnfgnn.federation.node.NodeWorker`.
+
+One handler per message type of :mod:`cnfgnn.federation.protocol`. Each composes the run's
+config (``hydra-overrides``), gets this client's worker, unpacks the payload, calls
+``worker.handle`` and packs the reply. The CNFGNN math lives in ``node.py``.
+
+Which sensors this client hosts (``context.node_config``):
+
+* ``data-dir``: a deployment shard written by :mod:`cnfgnn.data.shards` (only this client's
+  series); ``partition-id`` names the client;
+* otherwise (simulation) ``partition-id`` / ``num-partitions``: the client's nodes are
+  ``client_groups(cfg, data)[partition-id]`` of the dataset in ``cfg.dataset``.
+
+The node's own disk (its *store*: per-node methods' kept models, the test forecasts kept for
+plots; see :class:`~cnfgnn.federation.node.NodeWorker`): node_config ``store-dir`` when
+given; else, on a deployment node (``data-dir``), ``<state-root>/<run_id>/node_store``, which
+stays on the site; else (simulation, all nodes on this machine) ``<run_dir>/node_store``, as
+in-process.
+
+State between messages. Flower keeps ``context.state`` per (run, node), but in simulation a
+node's messages land on any Ray actor, and in deployment every message starts a fresh
+process. So the worker's mutable state (``NodeWorker.state_dict``: model, optimizer,
+scaler, ``h_c``, ``h_G``, round) is saved on the node's disk under
+``<state-root>/<run_id>/client_<partition-id>/state.pt`` after every message that changes
+it, and ``context.state`` carries only its version number. A process that already holds the
+current version in memory skips the reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.clientapp import ClientApp
+from omegaconf import OmegaConf
+
+from cnfgnn.config import compose_cfg, overrides_from_run_config, state_root
+from cnfgnn.data.loaders import load_dataset
+from cnfgnn.data.nodes import client_groups
+from cnfgnn.data.shards import load_shard
+from cnfgnn.device import resolve_device
+from cnfgnn.federation import protocol as P
+from cnfgnn.federation.node import LocalSeries, NodeWorker
+from cnfgnn.federation.validate import MALFORMED_CODE, MalformedMessage
+from cnfgnn.flower.codec import pack, unpack
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_DIR = "data-dir"
+STORE_DIR = "store-dir"  # optional: the node's own disk for what it keeps (models, forecasts)
+STATE_RECORD = "cnfgnn"  # ConfigRecord in context.state: {"version": int}
+VERSION = "version"
+
+_DATA: dict[str, Any] = {}  # dataset config -> (data, time of day, client groups), per process
+_WORKERS: OrderedDict[tuple[int, int], tuple[int, NodeWorker]] = OrderedDict()
+
+
+# ---------------------------------------------------------------------- helpers
+def _action(message_type: str) -> str:
+    return message_type.split(".", 1)[1]
+
+
+def _partition(context: Context) -> int:
+    if PARTITION_ID not in context.node_config:
+        raise ValueError("node_config has no 'partition-id'; start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<n> data-dir=<shard>'")
+    return int(context.node_config[PARTITION_ID])
+
+
+def _series(cfg: Any, node_config: Any) -> LocalSeries:
+    """This client's own series: its shard (deployment) or its columns (simulation)."""
+    if DATA_DIR in node_config:
+        shard = load_shard(Path(str(node_config[DATA_DIR])))
+        return LocalSeries.from_arrays(shard.node_indices, list(shard.sensor_ids), shard.speed,
+                                       shard.mask, shard.time_of_day(), cfg.dataset)
+    key = str(cfg.dataset)
+    if key not in _DATA:
+        _DATA.clear()  # one dataset per process at a time
+        data = load_dataset(cfg.dataset)
+        _DATA[key] = (data, data.time_of_day(), client_groups(cfg, data))
+    data, tod, groups = _DATA[key]
+    pid = int(node_config[PARTITION_ID])
+    n = int(node_config.get(NUM_PARTITIONS, len(groups)))
+    if n != len(groups) or not 0 <= pid < len(groups):
+        raise ValueError(f"partition {pid} of {n}, but federation.nodes_per_client="
+                         f"{cfg.federation.nodes_per_client} gives {len(groups)} clients; "
+                         f"start the simulation with num-supernodes={len(groups)}")
+    nodes = groups[pid]
+    return LocalSeries.from_arrays(nodes, [data.sensor_ids[i] for i in nodes],
+                                   data.speed[:, nodes], data.mask[:, nodes], tod, cfg.dataset)
+
+
+def state_path(cfg: Any, context: Context) -> Path:
+    root = state_root(cfg, context.node_config)
+    return root / str(context.run_id) / f"client_{_partition(context)}" / "state.pt"
+
+
+def node_store(cfg: Any, context: Context) -> Path:
+    """This node's own disk for what it keeps (see the module docstring)."""
+    from cnfgnn.results import NODE_STORE
+
+    if STORE_DIR in context.node_config:
+        return Path(str(context.node_config[STORE_DIR]))
+    if DATA_DIR in context.node_config or not cfg.get("run_dir"):  # a site's own state dir
+        return state_root(cfg, context.node_config) / str(context.run_id) / NODE_STORE
+    return Path(str(cfg.run_dir)) / NODE_STORE  # simulation: every node on this machine
+
+
+def _context_version(context: Context) -> int | None:
+    if STATE_RECORD in context.state:
+        return int(context.state[STATE_RECORD][VERSION])
+    return None
+
+
+def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
+    """This client's worker at the version ``context.state`` names (memory, else disk)."""
+    key = (int(context.run_id), _partition(context))
+    version = _context_version(context)
+    cached = _WORKERS.get(key)
+    if cached is not None and version is not None and cached[0] == version:
+        _WORKERS.move_to_end(key)
+        return cached[1], version
+    worker = NodeWorker(_series(cfg, context.node_config), cfg, resolve_device(str(cfg.device)),
+                        store=node_store(cfg, context))
+    path = state_path(cfg, context)
+    if path.exists():  # also after a SuperNode restart (fresh context, state on disk)
+        saved = torch.load(path, map_location=worker.device, weights_only=False)
+        if version is not None and saved[VERSION] != version:
+            log.warning("client %s: state on disk is version %s, context expects %s; "
+                        "using the disk", key[1], saved[VERSION], version)
+        worker.load_state_dict(saved["worker"])
+        version = int(saved[VERSION])
+    else:
+        version = 0
+    _remember(cfg, key, version, worker)
+    return worker, version
+
+
+def _remember(cfg: Any, key: tuple[int, int], version: int, worker: NodeWorker) -> None:
+    _WORKERS[key] = (version, worker)
+    _WORKERS.move_to_end(key)
+    limit = int(cfg.engine.get("worker_cache", 256))
+    while len(_WORKERS) > max(limit, 0):
+        _WORKERS.popitem(last=False)
+
+
+def _save(cfg: Any, context: Context, worker: NodeWorker, version: int) -> None:
+    path = state_path(cfg, context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({VERSION: version, "worker": worker.state_dict()}, tmp)
+    os.replace(tmp, path)
+    context.state[STATE_RECORD] = ConfigRecord({VERSION: version})
+    _remember(cfg, (int(context.run_id), _partition(context)), version, worker)
+
+
+def _inject_fault(cfg: Any, partition: int, message_type: str) -> None:
+    """Fault injection for tests and demos (off unless ``engine.fault`` is set), e.g.
+    ``++engine.fault={partition:2,message_type:train.local}`` (raise) or a list of
+    ``{partition, message_type, mode: sleep, seconds}`` entries."""
+    faults = cfg.engine.get("fault")
+    if not faults:
+        return
+    for fault in faults if OmegaConf.is_list(faults) else [faults]:
+        if int(fault.partition) != partition:
+            continue
+        if fault.get("message_type") not in (None, message_type):
+            continue
+        if fault.get("mode", "raise") == "sleep":
+            time.sleep(float(fault.get("seconds", 60)))
+        else:
+            raise RuntimeError(f"injected fault: partition {partition} on {message_type}")
+
+
+def _handle(msg: Message, context: Context) -> Message:
+    """Compose the config, get the worker, answer the message, persist what changed."""
+    cfg = compose_cfg(overrides_from_run_config(context.run_config))
+    threads = int(cfg.engine.get("client_threads", 1))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    mtype = msg.metadata.message_type
+    pid = _partition(context)
+    _inject_fault(cfg, pid, mtype)
+    worker, version = _worker(cfg, context)
+    key = (int(context.run_id), pid)
+    try:
+        try:
+            payload = unpack(msg.content)
+        except Exception as exc:  # a RecordDict that is not a packed payload
+            raise MalformedMessage(f"{mtype}: cannot unpack the content: {exc!r}") from exc
+        reply = pack(worker.handle(mtype, payload))
+        if mtype not in P.READ_ONLY:
+            _save(cfg, context, worker, version + 1)
+    except MalformedMessage as exc:  # refused before dispatch: the worker is unchanged
+        log.warning("client %s refused a malformed %s: %s", pid, mtype, exc)
+        return Message(Error(code=MALFORMED_CODE, reason=f"MalformedMessage: {exc}"),
+                       reply_to=msg)
+    except BaseException:
+        _WORKERS.pop(key, None)  # the worker may be half-updated: reload next time
+        raise
+    return Message(reply, reply_to=msg)
+
+
+# ---------------------------------------------------------------------- handlers
+@app.query(_action(P.IDENTIFY))
+def identify(msg: Message, context: Context) -> Message:
+    """Which client this SuperNode is (the server maps Flower node ids with it)."""
+    pid = _partition(context)
+    n = int(context.node_config.get(NUM_PARTITIONS, -1))
+    return Message(pack({P.PARTITION_ID: pid, P.NUM_PARTITIONS: n}), reply_to=msg)
+
+
+# one handler per row of the message table (protocol.MESSAGES), all the same
+for _message in P.MESSAGES:
+    getattr(app, _message.category)(_message.action)(_handle)

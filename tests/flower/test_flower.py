@@ -1,0 +1,245 @@
+"""Flower backends: codec, ClientApp state, the simulation against the in-process engine.
+
+Two harnesses:
+
+* ``LoopbackGrid``: a Grid that calls the real ClientApp in this process, one ``Context`` per
+  node; with ``fresh_process=True`` every message starts from an empty worker cache, as in a
+  deployment (state comes back from the node's disk). No Ray, fast.
+* the real Flower simulation (``engine=simulation``: Ray actors, ``run_simulation``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from cnfgnn.config import RUN_CONFIG_KEY, compose_cfg, overrides_for
+from cnfgnn.data.loaders import load_dataset
+from cnfgnn.experiment import build_workers, run_experiment
+from cnfgnn.federation import protocol as P
+from cnfgnn.flower import client_app, server_app
+from cnfgnn.flower.codec import pack, unpack, wire_nbytes
+from cnfgnn.results import read_predictions
+from tests.helpers import (
+    ROOT,
+    TINY,
+    TRAINING_UP,
+    LoopbackGrid,
+    RecordingEngine,
+    check_private,
+    make_cfg,
+    same_state,
+)
+
+METRICS = ("rmse", "mae", "masked_mae", "masked_rmse", "masked_mae_h3", "masked_rmse_h12")
+
+
+# ---------------------------------------------------------------------- codec
+def test_codec_round_trip_keeps_types_dtypes_and_shapes():
+    payload = {
+        P.H_C: np.random.default_rng(0).normal(size=(5, 3, 1, 8)).astype(np.float32),
+        P.NODES: np.array([4, 7, 9], np.int64),
+        P.ACTIVE: np.array([True, False, True]),
+        P.SCALER_MEAN: np.array(3.5),  # 0-d array stays 0-d
+        P.SCALER_STD: np.float64(1.25),  # numpy scalar stays a numpy scalar
+        P.NUM_EXAMPLES: np.zeros(0, np.int64),
+        "w.fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        P.ROUND: 3, P.STEP: 10**12, P.SPLIT: P.VAL, P.SENSOR_IDS: "a,b,c", "flag": True,
+        "lr": 0.001,
+    }
+    back = unpack(pack(payload))
+    assert back.keys() == payload.keys()
+    for key, value in payload.items():
+        assert type(back[key]) is type(value), key
+        if isinstance(value, (np.ndarray, np.generic)):
+            assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+            np.testing.assert_array_equal(back[key], value)
+        else:
+            assert back[key] == value
+    assert P.payload_nbytes(back) == P.payload_nbytes(payload)
+    assert wire_nbytes(pack(payload)) >= P.payload_nbytes(payload)[0]
+    assert unpack(pack({})) == {}
+    with pytest.raises(TypeError):
+        pack({"bad": [1, 2]})
+
+
+def test_client_app_has_one_handler_per_message_type():
+    registered = set(client_app.app._registered_funcs)  # noqa: SLF001 (Flower keeps them here)
+    assert registered == set(P.MESSAGE_TYPES) | {P.IDENTIFY}
+
+
+def test_pyproject_declares_the_flower_app():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert project["components"] == {"serverapp": "cnfgnn.flower.server_app:app",
+                                     "clientapp": "cnfgnn.flower.client_app:app"}
+    assert project["config"] == {RUN_CONFIG_KEY: ""}
+
+
+# ---------------------------------------------------------------------- config
+def test_overrides_reproduce_the_config(tmp_path):
+    cfg = make_cfg(*TINY, f"output_root={tmp_path}", "federation.nodes_per_client=2")
+    with open_dict(cfg):  # changed after composing: only the exact form reproduces it
+        cfg.federation.lr = 0.0123
+    text = overrides_for(cfg, tmp_path / "run")
+    got = OmegaConf.to_container(compose_cfg(text), resolve=True)
+    want = OmegaConf.to_container(cfg, resolve=True) | {"run_dir": str(tmp_path / "run")}
+    assert got == want
+    cli = list(TINY) + [f"output_root={tmp_path}"]  # as typed: the short form is kept
+    short = overrides_for(make_cfg(*cli), tmp_path / "run", cli)
+    assert "~dataset" not in short and "run_dir=" in short
+
+
+# ---------------------------------------------------------------------- node state
+def _configured_workers(cfg, nodes_per_client=2):
+    from cnfgnn.federation.engines import InProcessEngine
+    from cnfgnn.federation.rounds import Orchestrator, ServerGraph
+
+    with open_dict(cfg):
+        cfg.federation.nodes_per_client = nodes_per_client
+    data = load_dataset(cfg.dataset)
+    workers = build_workers(cfg, data, torch.device("cpu"))
+    graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
+    orch = Orchestrator(cfg, InProcessEngine(workers), graph, writer=None, progress=lambda s: None)
+    orch.setup()
+    orch.round = 1
+    orch.local_phase()
+    enc = orch.encode_phase(P.TRAIN, orch.train_clients, "encode")
+    return data, workers, orch, orch._assemble(enc, P.H_C, orch.col)
+
+
+def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
+    """The ClientApp skips saving after READ_ONLY messages; a restored worker answers alike."""
+    cfg = tiny_cfg
+    with open_dict(cfg):
+        cfg.federation.reset_client_optimizer = False  # keep (and persist) Adam's state
+    data, workers, orch, h_c = _configured_workers(cfg)
+    worker = workers[orch.train_clients[0]]
+    batch = np.arange(3, 11)
+    h_g = orch.server.forward(h_c[batch], orch.train_graph).detach().numpy()
+    payload = {P.BATCH: batch, P.ROUND: 1, P.STEP: 5,
+               P.H_G: orch._slice(h_g, orch.train_clients[0], orch.col)}
+    before = worker.state_dict()
+    reply = worker.handle(P.SPLIT_STEP, payload)
+    same_state(before, worker.state_dict())
+    worker.handle(P.SL_ENCODE, {P.BATCH: batch})
+    same_state(before, worker.state_dict())
+    assert {P.SPLIT_STEP, P.HELLO, P.STATS, P.PREDICT_ENCODE, P.PREDICT,
+            P.SL_ENCODE} >= P.READ_ONLY
+
+    fresh = build_workers(cfg, data, torch.device("cpu"))[orch.train_clients[0]]
+    fresh.load_state_dict(worker.state_dict())
+    again = fresh.handle(P.SPLIT_STEP, payload)
+    for key in reply:
+        np.testing.assert_array_equal(again[key], reply[key])
+    a = worker.handle(P.LOCAL_TRAIN, {P.ROUND: 2, P.STEP: 7})
+    b = fresh.handle(P.LOCAL_TRAIN, {P.ROUND: 2, P.STEP: 7})
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_client_app_over_loopback_grid_equals_inprocess(tmp_path, task_identity, monkeypatch):
+    """ServerApp + ClientApp code (fresh process per message, state on disk) = in-process."""
+    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
+    args = (*TINY, "federation.nodes_per_client=2")
+    ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp_path}/a"), progress=lambda s: None)
+    cfg = make_cfg(*args, f"output_root={tmp_path}/b", "engine=simulation")
+    overrides = overrides_for(cfg, tmp_path / "b" / "run")
+    grid = LoopbackGrid(overrides, num_nodes=3, run_id=task_identity, fresh_process=True)
+    final = server_app.run_server(grid, compose_cfg(overrides), run_id=None,
+                                  progress=lambda s: None)
+    for key in METRICS:
+        assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
+    assert final["bytes"] == ref["bytes"]
+    state = tmp_path / "state" / str(task_identity)
+    assert sorted(p.name for p in state.iterdir()) == ["client_0", "client_1", "client_2"]
+    rounds = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").open()]
+    assert rounds[-1]["wire_bytes"][P.SPLIT_STEP]["up"] > 0
+
+
+# ---------------------------------------------------------------------- simulation
+def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
+    tmp = flower_env
+    args = (*TINY, "federation.nodes_per_client=2")
+    rec = {}
+
+    def keep_workers(engine):
+        rec["workers"] = engine.workers
+        return engine
+
+    ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp}/a"), progress=lambda s: None,
+                            engine_wrapper=keep_workers)
+
+    def record(engine):
+        rec["engine"] = RecordingEngine(engine)
+        return rec["engine"]
+
+    final, writer = run_experiment(make_cfg(*args, f"output_root={tmp}/b", "engine=simulation"),
+                                   progress=lambda s: None, engine_wrapper=record)
+    assert final["engine"] == "simulation" and final["nodes"]["clients"] == 3
+    for key in METRICS:
+        assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
+    assert final["best_round"] == ref["best_round"]
+    assert final["bytes"] == ref["bytes"]  # payload bytes: identical payloads on both engines
+    rounds = writer.rounds()
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["failures"] == 0
+        assert r["wire_bytes"][P.LOCAL_TRAIN]["up"] > 0
+    assert final["wire_bytes_total"] >= sum(v.get("up_tensor", 0) + v.get("down_tensor", 0)
+                                            for v in final["bytes"].values())
+    assert not (tmp / "state").exists() or not any((tmp / "state").iterdir())  # cleaned up
+    data = load_dataset(make_cfg(*args).dataset)
+    scaler = next(iter(rec["workers"].values())).scaler
+    assert final["predictions"]["released_to_server"] is False  # no forecast (default config)
+    kept = read_predictions(writer.dir)  # the simulated nodes kept them in <run>/node_store
+    assert list(kept["sensor_ids"]) == final["predictions"]["sensors"]
+    assert not (writer.dir / "predictions.npz").exists()
+    check_private(rec["engine"].received, data, scaler, TRAINING_UP,
+                  (P.WEIGHTS_PREFIX, P.ERR_PREFIX))
+
+
+def test_simulation_leaves_out_failing_and_silent_clients(flower_env):
+    """One client raises in local training, one does not answer in time during evaluation.
+
+    The timeout leaves room for Ray's actors to start on a loaded 2-core machine (with 4 s,
+    no client answered the first message under a load average of 19)."""
+    tmp = flower_env
+    faults = ("++engine.fault=[{partition:1,message_type:train.local},"
+              "{partition:4,message_type:evaluate.decode,mode:sleep,seconds:40}]")
+    cfg = make_cfg(*TINY, f"output_root={tmp}", "engine=simulation", "federation.rounds=1",
+                   "federation.nodes_per_client=1", "engine.timeout_s=15", faults)
+    final, writer = run_experiment(cfg, progress=lambda s: None)
+    data = load_dataset(cfg.dataset)
+    seen = {(f["client"], f["phase"]) for f in final["failures"]}
+    assert (1, "local") in seen and (4, "val") in seen, seen
+    for f in final["failures"]:
+        assert f["sensors"] == [data.sensor_ids[f["client"]]]
+    failed_local = [f for f in final["failures"] if f["client"] == 1][0]
+    assert "injected fault" in failed_local["reason"]
+    assert any("no reply within" in f["reason"] for f in final["failures"] if f["client"] == 4)
+    assert writer.rounds()[-1]["failures"] >= 2
+    assert np.isfinite(final["test"]["rmse"])
+
+
+@pytest.mark.slow
+def test_simulation_207_supernodes(flower_env):
+    """One SuperNode per sensor at METR-LA's size: small data, one round, few server steps."""
+    tmp = flower_env
+    cfg = make_cfg("dataset=synthetic", "dataset.num_nodes=207", "dataset.days=2",
+                   "model.hidden_size=16", "model.gn.mlp_hidden=32", "model.gn.latent_size=16",
+                   "federation.rounds=1", "federation.nodes_per_client=1",
+                   "federation.server_batch_size=256", "federation.eval_batch_size=512",
+                   f"output_root={tmp}", "engine=simulation")
+    final, writer = run_experiment(cfg, progress=print)
+    assert final["nodes"] == {"total": 207, "train": 207, "clients": 207}
+    assert final["failures"] == [] and np.isfinite(final["test"]["rmse"])
+    assert final["round_trips"][P.SPLIT_STEP] >= 1
+    print(json.dumps({k: final[k] for k in ("round_trips", "round_trip_seconds",
+                                            "wire_bytes_total", "bytes_total")}))
+    assert os.path.exists(writer.dir / "final.json")
