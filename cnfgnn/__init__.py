@@ -1,6 +1,17 @@
-"""cnfgnn: Cross-Node Federated Graph Neural Network for spatio-temporal forecasting."""
+"""cnfgnn: Cross-Node Federated Graph Neural Network for spatio-temporal forecasting.
 
+The Python API (:mod:`cnfgnn.api`, ``docs/api.md``) is imported on first use, so
+``import cnfgnn`` stays light (no torch, no Flower)::
+
+    cfg = cnfgnn.compose(["experiment=synthetic_cnfgnn", "federation.rounds=2"])
+    run = cnfgnn.train(cfg)
+"""
+
+from __future__ import annotations
+
+import importlib
 import os as _os
+from typing import TYPE_CHECKING, Any
 
 # Idle OpenMP workers sleep instead of spinning (libgomp reads this when torch loads, so it
 # only takes effect when cnfgnn is imported first, as in every cnfgnn entry point and in
@@ -8,3 +19,19 @@ import os as _os
 # steal the cores the computing thread needs: `cnfgnn-bench` measured a one-client-per-
 # sensor round 10x faster with it. Set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+__all__ = ["Run", "compose", "train", "load_run", "forecast", "compare"]
+
+if TYPE_CHECKING:
+    from cnfgnn.api import Run, compare, compose, forecast, load_run, train
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported from :mod:`cnfgnn.api` when first used."""
+    if name in __all__:
+        return getattr(importlib.import_module("cnfgnn.api"), name)
+    raise AttributeError(f"module 'cnfgnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

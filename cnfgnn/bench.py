@@ -1,5 +1,13 @@
 """``cnfgnn-bench``: every engine on the same data and seeds, side by side (``make bench``).
 
+Usage::
+
+    cnfgnn-bench [HYDRA_OVERRIDES...]
+    cnfgnn-bench                                   # conf/bench/default.yaml (207 nodes)
+    cnfgnn-bench dataset.days=3 bench.rounds=2     # smaller, faster
+    cnfgnn-bench bench.mode=multibatch             # server batches per round trip: 1 vs 4
+    cnfgnn-bench bench.mode=scale                  # 1,000 and 8,600 nodes, in-process
+
 One run composes ``conf/`` with the ``bench`` group (``conf/bench/default.yaml``; any
 override works: ``cnfgnn-bench dataset.days=3 bench.rounds=2``) and measures, each case in
 its own subprocess so that peak memories are separate:
@@ -39,6 +47,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn import machine
 from cnfgnn.federation import protocol as P
 
 BENCH_GROUP = "bench"
@@ -50,15 +59,12 @@ ROUND_PHASES_VAL = ("val", "val_server")
 # ---------------------------------------------------------------------- config
 def compose_bench(overrides: list[str]) -> DictConfig:
     """``conf/config.yaml`` + the bench group + ``overrides`` (``bench=<file>`` picks another)."""
-    from hydra import compose, initialize_config_dir
-
-    from cnfgnn.federation.flower_config import conf_dir
+    from cnfgnn.shell import compose
 
     group = [o for o in overrides if o.lstrip("+").startswith(f"{BENCH_GROUP}=")]
     rest = [o for o in overrides if o not in group]
     choice = group[-1].lstrip("+").split("=", 1)[1] if group else "default"
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        return compose("config", overrides=[f"+{BENCH_GROUP}={choice}", *rest])
+    return compose([f"+{BENCH_GROUP}={choice}", *rest])
 
 
 def case_config(cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | None = None
@@ -212,7 +218,7 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
     from cnfgnn.data.windows import split_starts
     from cnfgnn.federation.runner import build_workers, client_groups, resolve_device
 
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     t_start = time.perf_counter()
     data = load_dataset(cfg.dataset)
@@ -579,12 +585,18 @@ def bench_scale(cfg: DictConfig, work: Path) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry: ``cnfgnn-bench [hydra overrides]``."""
+def main(argv: list[str] | None = None) -> int:
+    """Console entry: ``cnfgnn-bench [hydra overrides]`` (exit 2 on a bad key)."""
+    from cnfgnn.shell import console
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child_main(argv[1])
-        return
+        return 0
+    return console("cnfgnn-bench", __doc__, _run, argv)
+
+
+def _run(argv: list[str]) -> None:
     cfg = compose_bench(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(cfg.bench.out_dir) / f"{stamp}_{cfg.bench.mode}"
@@ -593,7 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     doc: dict[str, Any] = {
         "bench": "cnfgnn-bench", "mode": str(cfg.bench.mode), "time": stamp,
         "overrides": argv, "machine": _machine(), "device": str(cfg.device),
-        "threads": int(cfg.threads), "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "threads": machine.cores() if cfg.threads is None else int(cfg.threads),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "config": {"nodes": int(cfg.dataset.num_nodes), "days": float(cfg.dataset.days),
                    "hidden_size": int(cfg.model.hidden_size),
                    "batch_size": int(cfg.federation.batch_size),
@@ -605,7 +618,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = str(cfg.bench.mode)
     runners = {"engines": bench_engines, "multibatch": bench_multibatch, "scale": bench_scale}
     if mode not in runners:
-        raise SystemExit(f"bench.mode={mode!r} is unknown. Fix: use one of {sorted(runners)}")
+        from cnfgnn.shell import UsageError, did_you_mean
+
+        raise UsageError(f"bench.mode={mode!r} is unknown.{did_you_mean(mode, runners)} "
+                         f"Fix: use one of {sorted(runners)}")
     doc.update(runners[mode](cfg, work))
     doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["seconds_total"] = time.perf_counter() - t0
@@ -616,4 +632,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

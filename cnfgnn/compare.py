@@ -31,6 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnfgnn.cli import CONF_DIR
+from cnfgnn.shell import UsageError, did_you_mean
 
 
 def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
@@ -39,26 +40,28 @@ def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     ours = [a[len("compare."):] for a in args if a.startswith("compare.")]
     runs = [a for a in args if not a.startswith("compare.")]
     conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(ours))
-    unknown = set(conf.keys()) - {"run", "budget_epochs", "patience", "out", "force", "methods"}
+    known = ("run", "budget_epochs", "patience", "out", "force", "methods")
+    unknown = sorted(set(conf.keys()) - set(known))
     if unknown:
-        raise SystemExit(f"cnfgnn-compare: unknown setting(s) {sorted(unknown)}; "
-                         "see conf/compare/default.yaml")
+        raise UsageError(f"unknown setting(s) {['compare.' + u for u in unknown]}."
+                         f"{did_you_mean('compare.' + unknown[0], ['compare.' + k for k in known])}"
+                         " See conf/compare/default.yaml")
     names = list(conf.methods) if conf.run in ("all", ["all"]) else list(conf.run)
     bad = [m for m in names if m not in conf.methods]
     if bad:
-        raise SystemExit(f"cnfgnn-compare: unknown method(s) {bad}; known: {list(conf.methods)}")
+        raise UsageError(f"unknown method(s) {bad}.{did_you_mean(bad[0], list(conf.methods))} "
+                         f"Known: {list(conf.methods)}")
     conf.run = names
     if int(conf.budget_epochs) < 1:
-        raise SystemExit("cnfgnn-compare: compare.budget_epochs must be at least 1")
+        raise UsageError("compare.budget_epochs must be at least 1")
     return conf, runs
 
 
 def compose_run(overrides: list[str]) -> DictConfig:
     """The composed config a ``cnfgnn`` run with ``overrides`` would get."""
-    from hydra import compose, initialize_config_dir
+    from cnfgnn.shell import compose
 
-    with initialize_config_dir(config_dir=str(Path(CONF_DIR).resolve()), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def plan(conf: DictConfig, runs: list[str]) -> dict[str, list[str]]:
@@ -71,8 +74,8 @@ def plan(conf: DictConfig, runs: list[str]) -> dict[str, list[str]]:
         base = [*conf.methods[name].overrides, *runs]
         try:
             cfg = compose_run(base)
-        except Exception as err:  # a bad override: say which method and why, before training
-            raise SystemExit(f"cnfgnn-compare: the overrides of {name} do not compose: {err}")
+        except UsageError as err:  # a bad override: say which method and why, before training
+            raise UsageError(f"the overrides of {name} do not compose: {err}") from None
         budget, rc = int(conf.budget_epochs), max(1, int(cfg.federation.local_epochs))
         # the largest R_c <= the preset's that divides the budget, so every method trains
         # exactly budget_epochs local epochs per node (e.g. GRU local: 5 a round, budget 2 -> 2)
@@ -122,12 +125,21 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
             "peak_rss_mb": usage.ru_maxrss / 1024.0, "overrides": overrides}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry; returns the exit status (1 when a method failed)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
+class Interrupted(Exception):
+    """Ctrl-C during a method: its process was stopped; finished methods are kept."""
+
+    def __init__(self, method: str, out: Path):
+        super().__init__(method, out)
+        self.method, self.out = method, out
+
+
+def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
+    """Run the comparison ``args`` ask for: ``(out dir, table, report files, failed methods)``.
+
+    Raises:
+        UsageError: bad settings or overrides (nothing has run).
+        Interrupted: Ctrl-C (the running method's process was stopped).
+    """
     conf, runs = compare_config(args)
     plans = plan(conf, runs)
     out = _out_dir(conf, runs)
@@ -148,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = run_method(name, overrides, run_dir)
         except KeyboardInterrupt:
-            print(f"\ncnfgnn-compare: interrupted during {name} (its process was stopped); "
-                  f"finished methods are kept in {out}: run the same command to continue")
-            return 130
+            raise Interrupted(name, out) from None
         manifest["methods"][name] = record
         manifest_path.write_text(json.dumps(manifest, indent=2))
         if record["returncode"] != 0 or not (run_dir / "final.json").exists():
@@ -162,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     from cnfgnn.report import write_report
 
     table, files = write_report([out / n for n in plans if (out / n / "final.json").exists()], out)
+    return out, table, files, failed
+
+
+def _main(args: list[str]) -> int:
+    try:
+        out, table, files, failed = run(args)
+    except Interrupted as stop:
+        print(f"\ncnfgnn-compare: interrupted during {stop.method} (its process was stopped); "
+              f"finished methods are kept in {stop.out}: run the same command to continue")
+        return 130
     print()
     print(table)
     print()
@@ -171,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnfgnn-compare: {len(failed)} method(s) failed: {failed} (see their compare.log)")
     return 1 if failed else 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry; returns the exit status (1 when a method failed, 2 bad input)."""
+    from cnfgnn.shell import console
+
+    return console("cnfgnn-compare", __doc__, _main, argv)
+
+
+from cnfgnn._callable import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "compare")  # cnfgnn.compare(...) is the API's compare
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -369,12 +369,22 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
     return table, files
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0 if args else 2
+#: ``key=value`` options of the command (every other argument is a path).
+OWN_KEYS = ("out",)
+
+
+def _run(args: list[str]) -> int:
+    from cnfgnn.shell import UsageError, did_you_mean
+
+    if not args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for a in args:
+        key, eq, _ = a.partition("=")
+        if eq and key not in OWN_KEYS and not Path(a).exists():
+            raise UsageError(f"unknown option {a!r}.{did_you_mean(key, OWN_KEYS)} "
+                             f"Options: {', '.join(k + '=...' for k in OWN_KEYS)}; "
+                             "other arguments are run directories")
     outs = [a[len("out="):] for a in args if a.startswith("out=")]
     paths = [Path(a) for a in args if not a.startswith("out=")]
     runs = find_runs(paths)
@@ -386,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:
         print(f"  {f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry (exit 2 on bad input)."""
+    from cnfgnn.shell import console
+
+    return console("cnfgnn-report", __doc__, _run, argv)
 
 
 if __name__ == "__main__":

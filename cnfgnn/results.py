@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn import logs
+from cnfgnn.curves import open_curves
+
 
 def json_safe(value: Any) -> Any:
     """JSON-safe values: NaN/inf become None, numpy scalars become Python numbers."""
@@ -72,6 +75,9 @@ class RunWriter:
         (self.dir / "plots").mkdir(exist_ok=True)
         text = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(self.dir / "config.yaml", lambda p: p.write_text(text))
+        logs.attach_run_log(self.dir)  # the run's full log: <run_dir>/run.log
+        self.cfg = cfg
+        self.curves: Any = None  # logger=tensorboard: opened at the first round
 
     @property
     def checkpoint_path(self) -> Path:
@@ -82,6 +88,10 @@ class RunWriter:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(json_safe(record)) + "\n")
             f.flush()
+        if self.curves is None:
+            self.curves = open_curves(self.cfg, self.dir) or False
+        if self.curves:  # the same record, as curves (logger=tensorboard)
+            self.curves.write(json_safe(record))
 
     def truncate_rounds(self, last_round: int) -> None:
         """Drop records after ``last_round`` (a resumed run rewrites them)."""

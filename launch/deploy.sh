@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Thin wrapper: the Flower environment of DESIGN.md §6, then launch/deploy.py.
+# Thin wrapper: the Flower environment of DESIGN.md §6, then launch/deploy.py
+# (PYTHON=... picks the interpreter; default: the project's .venv).
 #   launch/deploy.sh demo
 #   launch/deploy.sh run experiment=synthetic_deploy_demo federation.rounds=5
+#   launch/deploy.sh --help                     # usage and examples
 #   launch/deploy.sh run --run-dir outputs/deploy/<name>/<run> --resume experiment=...
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,4 +13,4 @@ export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}" TMPDIR="${TMPDIR:-$ROOT/.tmp}"
 export RAY_TMPDIR="${RAY_TMPDIR:-$ROOT/.tmp}" MPLBACKEND=Agg
 mkdir -p "$FLWR_HOME" "$TMPDIR"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m launch.deploy "$@"
+exec "${PYTHON:-$ROOT/.venv/bin/python}" -m launch.deploy "$@"

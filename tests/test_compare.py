@@ -12,6 +12,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from cnfgnn import compare, report
+from cnfgnn.shell import UsageError
 from tests.conftest import TINY
 
 REQUIRED = ["method", "rmse", "mae_h3", "mae_h6", "mae_h12", "bytes", "seconds"]
@@ -41,13 +42,13 @@ def test_every_method_gets_the_same_budget_of_local_epochs():
 
 
 def test_bad_settings_are_refused_before_anything_runs():
-    with pytest.raises(SystemExit, match="unknown method"):
+    with pytest.raises(UsageError, match="unknown method"):
         _plan("compare.run=[cnfgnn,gru_magic]")
-    with pytest.raises(SystemExit, match="unknown setting"):
+    with pytest.raises(UsageError, match="unknown setting"):
         _plan("compare.budget=3")
-    with pytest.raises(SystemExit, match="do not compose"):
+    with pytest.raises(UsageError, match="do not compose"):
         _plan("compare.run=[cnfgnn]", "dataset=no_such_dataset")
-    with pytest.raises(SystemExit, match="at least 1"):
+    with pytest.raises(UsageError, match="at least 1"):
         _plan("compare.budget_epochs=0")
 
 
@@ -110,5 +111,5 @@ def test_report_over_any_runs_and_the_reference_numbers(compared, tmp_path):
     assert report.row(run)["reference_rmse"] is None  # no reported number for synthetic data
     run.cfg.dataset.name = "los-loop"  # as conf/dataset/los_loop.yaml names it
     assert report.row(run)["reference_rmse"] == 7.99
-    with pytest.raises(SystemExit, match="no finished run"):
+    with pytest.raises(UsageError, match="no finished run"):
         report.find_runs([tmp_path / "rep" / "plots"])

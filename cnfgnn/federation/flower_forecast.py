@@ -13,6 +13,7 @@ simulation and reads the result back (``cnfgnn-forecast ... engine=simulation``)
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -24,11 +25,13 @@ from cnfgnn.federation.flower_config import overrides_for
 from cnfgnn.federation.flower_config import state_root
 from cnfgnn.federation.inference import ForecastResult, Forecaster, load_trained
 
+log = logging.getLogger(__name__)
+
 FORECAST_KEY = "forecast"
 
 
 def run_forecast_server(grid: Any, cfg: Any, run_id: int | None = None,
-                        progress: Callable[[str], None] = print) -> ForecastResult:
+                        progress: Callable[[str], None] = log.info) -> ForecastResult:
     """The ServerApp's forecast mode: setup, one inference exchange, result to ``forecast.out``."""
     from cnfgnn.federation import server_app
     from cnfgnn.federation.flower_engine import FlowerEngine
@@ -68,7 +71,7 @@ def with_request(cfg: Any, checkpoint: str | Path, ends: list[int], out: str | P
 
 def run_forecast_simulation(cfg: Any, num_clients: int, checkpoint: str | Path,
                             ends: list[int], out_dir: str | Path,
-                            progress: Callable[[str], None] = print,
+                            progress: Callable[[str], None] = log.info,
                             engine_wrapper: Callable[[Any], Any] | None = None
                             ) -> tuple[ForecastResult, float]:
     """Forecast through a Flower simulation (one SuperNode per client).

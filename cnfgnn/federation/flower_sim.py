@@ -22,6 +22,8 @@ from omegaconf import OmegaConf
 from cnfgnn.federation.flower_config import ENV_OVERRIDES, flower_environment, overrides_for
 from cnfgnn.results import RunWriter
 
+log = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
@@ -66,7 +68,7 @@ def backend_config(cfg: Any) -> dict[str, Any]:
 
 
 def simulate(cfg: Any, num_clients: int, overrides: str,
-             progress: Callable[[str], None] = print,
+             progress: Callable[[str], None] = log.info,
              engine_wrapper: Callable[[Any], Any] | None = None) -> None:
     """Run the cnfgnn ServerApp and ClientApp as a Flower simulation of ``num_clients``
     SuperNodes; ``overrides`` (the Hydra overrides both apps compose) go in the environment.
@@ -97,7 +99,7 @@ def simulate(cfg: Any, num_clients: int, overrides: str,
 
 
 def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,
-                              progress: Callable[[str], None] = print,
+                              progress: Callable[[str], None] = log.info,
                               engine_wrapper: Callable[[Any], Any] | None = None
                               ) -> tuple[dict, RunWriter]:
     """Run ``cfg`` as a Flower simulation with one SuperNode per client.

@@ -33,6 +33,7 @@ Plain Python + PyTorch, no Flower import: any :class:`~cnfgnn.federation.engines
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from cnfgnn.federation.rounds import FederationError, ServerGraph
 from cnfgnn.federation.server import GraphServer
 from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, MalformedMessage, ReplyLimits,
                                         check_reply)
+
+log = logging.getLogger(__name__)
 
 #: Methods whose checkpoint holds one global node model (and, for CNFGNN, the GN).
 GLOBAL_MODEL_METHODS = ("cnfgnn", "fedavg", "central")
@@ -230,7 +233,7 @@ class Forecaster:
     """
 
     def __init__(self, cfg: Any, engine: Engine, graph: ServerGraph, trained: TrainedModel,
-                 device: torch.device | str = "cpu", progress: Callable[[str], None] = print,
+                 device: torch.device | str = "cpu", progress: Callable[[str], None] = log.info,
                  clock: np.ndarray | None = None):
         self.cfg, self.engine, self.graph, self.trained = cfg, engine, graph, trained
         self.progress = progress

@@ -6,12 +6,14 @@ columns of the series; the server orchestration gets only the graph.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from cnfgnn import machine
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.nodes import partition, select_nodes
@@ -20,6 +22,8 @@ from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.plots import plot_run
 from cnfgnn.results import RunWriter
+
+log = logging.getLogger(__name__)
 
 #: Per-node methods: folder of the run directory standing in for the nodes' own disks.
 NODE_STORE = "node_store"
@@ -64,7 +68,7 @@ def build_workers(cfg: Any, data: SensorData, device: torch.device,
 
 
 def run_experiment(cfg: Any, run_dir: str | Path | None = None,
-                   progress: Callable[[str], None] = print,
+                   progress: Callable[[str], None] = log.info,
                    engine_wrapper: Callable[[Any], Any] | None = None) -> tuple[dict, RunWriter]:
     """Load the data, build the engine named in ``cfg.engine.name``, train and test.
 
@@ -77,7 +81,7 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
     Returns:
         ``(final metrics, writer)``.
     """
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     data = load_dataset(cfg.dataset)
     graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)

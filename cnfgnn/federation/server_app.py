@@ -9,7 +9,9 @@ directory (``cfg.run_dir``, or a new one under ``cfg.output_root``). ``metrics.j
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,24 +20,24 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from cnfgnn import logs, machine
 from cnfgnn.federation.flower_config import compose_cfg, overrides_from_run_config, state_root
 from cnfgnn.federation.flower_engine import FlowerEngine
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.results import RunWriter
+
+log = logging.getLogger(__name__)
 
 app = ServerApp()
 
 # Hooks for the in-process driver (runner, tests): set before a simulation starts.
 ENGINE_WRAPPER: Callable[[Any], Any] | None = None  # wraps the FlowerEngine (recording)
 LAST_ENGINE: FlowerEngine | None = None  # the engine of the last run in this process
-PROGRESS: Callable[[str], None] | None = None  # progress sink (default: print)
+PROGRESS: Callable[[str], None] | None = None  # progress sink (default: this module's log)
 
 
 def _progress(line: str) -> None:
-    if PROGRESS is not None:
-        PROGRESS(line)
-    else:
-        print(line, flush=True)
+    (PROGRESS or log.info)(line)
 
 
 class FlowerRunWriter(RunWriter):
@@ -89,7 +91,7 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
     from cnfgnn.federation.runner import resolve_device
     from cnfgnn.plots import plot_run
 
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     graph, expected = load_server_graph(cfg)
     eng = cfg.engine
@@ -115,6 +117,8 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry: ``flwr run .`` or ``run_simulation`` start it."""
+    if not logs.has_console():  # a ServerApp process of a deployment: its log is stdout
+        logs.setup(stream=sys.stdout)
     cfg = compose_cfg(overrides_from_run_config(context.run_config))
     if cfg.get("forecast") is not None:  # inference with a trained run (cnfgnn-forecast)
         from cnfgnn.federation.flower_forecast import run_forecast_server
