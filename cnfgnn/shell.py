@@ -163,9 +163,11 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import OmegaConfBaseException
 
     from cnfgnn.data.errors import DataError
-    from cnfgnn.federation.rounds import FederationError
 
-    return (UsageError, DataError, FederationError, HydraException, OmegaConfBaseException)
+    out: tuple[type[BaseException], ...] = (UsageError, DataError, HydraException,
+                                            OmegaConfBaseException)
+    rounds = sys.modules.get("cnfgnn.federation.rounds")  # not imported: nothing raised it
+    return out + ((rounds.FederationError,) if rounds is not None else ())
 
 
 def console(name: str, doc: str | None, work: Callable[[list[str]], Any],
