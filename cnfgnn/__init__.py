@@ -26,8 +26,15 @@ if TYPE_CHECKING:
     from cnfgnn.api import Run, compare, compose, forecast, load_run, train
 
 
+#: API names that are also modules (the commands): the module, callable as the function
+#: (``from cnfgnn import compare`` must still give the module).
+_MODULES = ("compare", "forecast")
+
+
 def __getattr__(name: str) -> Any:
     """The API's names, imported from :mod:`cnfgnn.api` when first used."""
+    if name in _MODULES:
+        return importlib.import_module(f"cnfgnn.{name}")
     if name in __all__:
         return getattr(importlib.import_module("cnfgnn.api"), name)
     raise AttributeError(f"module 'cnfgnn' has no attribute {name!r}")

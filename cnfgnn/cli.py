@@ -87,6 +87,8 @@ def _run(args: list[str]) -> None:
         if any(a in ("-m", "--multirun") for a in args):  # sweeps: check keys, group options
             overrides = [_sweep_probe(o, shell.conf_dir()) for o in overrides]
         shell.compose(overrides)
+    if not any(a.startswith("hydra/job_logging=") for a in args):
+        args = ["hydra/job_logging=none", *args]  # cnfgnn logs itself: stderr and run.log
     sys.argv = [sys.argv[0], *args]
     _main()
 

@@ -32,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from cnfgnn.shell import UsageError  # noqa: E402
+
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
 # (paper notes §8.1; model sizes of the baseline rows not stated there). Los-loop: the
@@ -96,13 +98,13 @@ def find_runs(paths: list[Path]) -> list[Path]:
     runs: list[Path] = []
     for p in paths:
         if not p.exists():
-            raise SystemExit(f"cnfgnn-report: {p} does not exist")
+            raise UsageError(f"{p} does not exist")
         if (p / "final.json").exists():
             runs.append(p)
             continue
         found = sorted({f.parent for pat in ("*/final.json", "*/*/final.json") for f in p.glob(pat)})
         if not found:
-            raise SystemExit(f"cnfgnn-report: no finished run (final.json) in {p} or two levels below")
+            raise UsageError(f"no finished run (final.json) in {p} or two levels below")
         runs.extend(found)
     return runs
 
