@@ -597,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> None:
+    from cnfgnn.federation.runner import resolve_device
+
     cfg = compose_bench(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(cfg.bench.out_dir) / f"{stamp}_{cfg.bench.mode}"
@@ -604,7 +606,8 @@ def _run(argv: list[str]) -> None:
     t0 = time.perf_counter()
     doc: dict[str, Any] = {
         "bench": "cnfgnn-bench", "mode": str(cfg.bench.mode), "time": stamp,
-        "overrides": argv, "machine": _machine(), "device": str(cfg.device),
+        "overrides": argv, "machine": _machine(),
+        "device": str(resolve_device(str(cfg.device))),  # auto: what it picked
         "threads": machine.cores() if cfg.threads is None else int(cfg.threads),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "config": {"nodes": int(cfg.dataset.num_nodes), "days": float(cfg.dataset.days),
