@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 # sensor round 10x faster with it. Set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__all__ = ["Run", "compose", "train", "load_run", "forecast", "compare"]
+__all__ = ["Run", "compare", "compose", "forecast", "load_run", "train"]
 
 if TYPE_CHECKING:
     from cnfgnn.api import Run, compare, compose, forecast, load_run, train

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
     from omegaconf import DictConfig
 
-__all__ = ["Run", "compose", "train", "load_run", "forecast", "compare", "run_experiment"]
+__all__ = ["Run", "compare", "compose", "forecast", "load_run", "run_experiment", "train"]
 
 log = logging.getLogger(__name__)
 

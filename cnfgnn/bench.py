@@ -212,8 +212,6 @@ def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
 def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = False
              ) -> dict[str, Any]:
     """Measure one case in this process; returns its JSON record (no memory figures)."""
-    import torch
-
     from cnfgnn.data.loaders import load_dataset
     from cnfgnn.data.windows import split_starts
     from cnfgnn.federation.runner import build_workers, client_groups, resolve_device

@@ -177,7 +177,7 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
 
 def _main(args: list[str]) -> int:
     try:
-        out, table, files, failed = run(args)
+        _, table, files, failed = run(args)
     except Interrupted as stop:
         print(f"\ncnfgnn-compare: interrupted during {stop.method} (its process was stopped); "
               f"finished methods are kept in {stop.out}: run the same command to continue")

@@ -30,9 +30,9 @@ def tags(record: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}/{k}" if prefix else str(k), v)
-        elif isinstance(value, Real) and not isinstance(value, bool):
-            if math.isfinite(float(value)):
-                out[prefix] = float(value)
+        elif (isinstance(value, Real) and not isinstance(value, bool)
+              and math.isfinite(float(value))):
+            out[prefix] = float(value)
 
     for key, value in record.items():
         if key in _SKIP:

@@ -21,8 +21,8 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def answered(k: int, n: int) -> None:
 
 
 def send(phase_name: str, message_type: str, payloads: Mapping[int, Mapping[str, Any]],
-         num_windows: Mapping[str, int], local_epochs: int) -> ContextManager[Any]:
+         num_windows: Mapping[str, int], local_epochs: int) -> AbstractContextManager[Any]:
     """The phase of one orchestrator send: a bar for the sends that loop over a node's
     windows (local training, encoding, evaluation), nothing for the others (the
     split-learning steps count in their epoch's phase)."""

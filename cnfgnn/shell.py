@@ -67,7 +67,8 @@ def known_keys(conf: Path | None = None) -> list[str]:
         for option in group.glob("*.yaml"):
             try:
                 node = OmegaConf.load(option)
-            except Exception:  # noqa: BLE001 - a broken option is reported when chosen
+            except Exception as exc:  # noqa: BLE001 - a broken option is reported when chosen
+                log.debug("skipping %s for key suggestions: %s", option, exc)
                 continue
             is_global = "@package _global_" in option.read_text()[:500]
             keys.update(flat_keys(node) if is_global else flat_keys(node, group.name + "."))
@@ -103,7 +104,7 @@ def explain(exc: BaseException, candidates: Iterable[str] | None = None) -> str:
         if m:
             key = m.group(1).lstrip("+~")
             if "/" in key:  # Could not find 'experiment/x'
-                group, _, option = key.partition("/")
+                group = key.partition("/")[0]
                 cands = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
             else:
                 cands = list(candidates) if candidates is not None else known_keys()

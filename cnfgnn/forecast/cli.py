@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from cnfgnn.data.errors import bad_input
-from cnfgnn.shell import console  # noqa: F401 - the one shell of every command
+from cnfgnn.shell import console  # the one shell of every command
 
 OWN_KEYS = ("at", "out", "sensors", "plot_sensors", "history", "rolling.start",
             "rolling.end", "save_forecasts", "silent", "noise")
