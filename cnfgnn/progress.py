@@ -90,13 +90,15 @@ class _Phase:
             self.bar.update(n)
 
     def answered(self, k: int, n: int) -> None:
+        if self.bar is not None:  # before the move below, which redraws the bar
+            self.bar.set_postfix_str(f"{k}/{n} clients", refresh=False)
         if self.clients is not None and self.total:  # remote nodes: move by clients
             target = round(self.total * k / max(n, 1))
             if target > self.done:
                 self.advance(target - self.done)
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{k}/{n} clients", refresh=False)
-        elif _mode is not False and time.monotonic() - self.last_text >= TEXT_INTERVAL_S:
+            return
+        if _mode is not False and time.monotonic() - self.last_text >= TEXT_INTERVAL_S:
             self.last_text = time.monotonic()
             log.info("  %s: %d/%d clients answered (%.0f s)", self.name, k, n,
                      time.monotonic() - self.t0)
