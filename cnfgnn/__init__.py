@@ -1,6 +1,17 @@
-"""cnfgnn: Cross-Node Federated Graph Neural Network for spatio-temporal forecasting."""
+"""cnfgnn: Cross-Node Federated Graph Neural Network for spatio-temporal forecasting.
 
+The Python API (:mod:`cnfgnn.api`, ``docs/api.md``) is imported on first use, so
+``import cnfgnn`` stays light (no torch, no Flower)::
+
+    cfg = cnfgnn.compose(["experiment=synthetic_cnfgnn", "federation.rounds=2"])
+    run = cnfgnn.train(cfg)
+"""
+
+from __future__ import annotations
+
+import importlib
 import os as _os
+from typing import TYPE_CHECKING, Any
 
 # Idle OpenMP workers sleep instead of spinning (libgomp reads this when torch loads, so it
 # only takes effect when cnfgnn is imported first, as in every cnfgnn entry point and in
@@ -9,6 +20,28 @@ import os as _os
 # sensor round 10x faster with it. Set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+__all__ = ["Run", "__version__", "compare", "compose", "forecast", "load_run", "train"]
+
+if TYPE_CHECKING:
+    from cnfgnn.api import Run, compare, compose, forecast, load_run, train
+
+
+#: API names that are also modules (the commands): the module, callable as the function
+#: (``from cnfgnn import compare`` must still give the module).
+_MODULES = ("compare", "forecast")
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported from :mod:`cnfgnn.api` when first used."""
+    if name in _MODULES:
+        return importlib.import_module(f"cnfgnn.{name}")
+    if name in __all__:
+        return getattr(importlib.import_module("cnfgnn.api"), name)
+    raise AttributeError(f"module 'cnfgnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 

@@ -1,21 +1,37 @@
-"""Hydra entry point: ``cnfgnn [overrides]`` runs one experiment.
+"""``cnfgnn``: train and test one experiment (Hydra), write its run directory.
+
+Usage::
+
+    cnfgnn [KEY=VALUE ...] [GROUP=OPTION ...] [-v] [--multirun] [hydra flags]
 
 Examples::
 
     cnfgnn                                   # the default: CNFGNN on the synthetic network
     cnfgnn experiment=los_loop_cnfgnn
     cnfgnn federation.rounds=5 federation.nodes_per_client=8
+    cnfgnn engine=simulation logger=tensorboard
+    cnfgnn threads=2 device=cpu progress=false
     cnfgnn --multirun seed=1,2,3
+
+Groups (GROUP=OPTION, files under ``conf/``): experiment, dataset, model, federation,
+engine, privacy, logger. Every key of ``conf/config.yaml`` and of the chosen options can be
+set with KEY=VALUE (``cnfgnn --cfg job`` prints the composed config). The run directory
+(``outputs/<name>/<timestamp>_<seed>/``) gets config.yaml, metrics.jsonl, final.json,
+checkpoint.pt, plots/ and run.log (the full log). ``-v`` (or ``hydra.verbose=true``) shows
+debug records. A misspelt key or option exits 2 naming the close matches.
+``--hydra-help`` shows Hydra's own flags.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cnfgnn.config import CONF_DIR
-from cnfgnn.experiment import run_experiment
 
 
 def format_table(final: dict) -> str:
@@ -37,7 +53,13 @@ def format_table(final: dict) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> None:
-    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    from cnfgnn import logs
+    from cnfgnn.api import run_experiment
+
+    hc = HydraConfig.get()
+    if hc.verbose:  # hydra.verbose=true (or a list of loggers)
+        logs.setup(verbose=True)
+    run_dir = cfg.run_dir or hc.runtime.output_dir
     final, writer = run_experiment(cfg, run_dir=run_dir)
     print(format_table(final))
     print(f"best round {final['best_round']} of {final['rounds_run']}; "
@@ -45,10 +67,40 @@ def _main(cfg: DictConfig) -> None:
     print(f"outputs: {writer.dir}")
 
 
-def main() -> None:
-    """Console-script entry."""
+#: Hydra flags after which the composed config is not the default one: not pre-checked.
+_OTHER_CONFIG = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
+
+
+def _sweep_probe(override: str, conf: Path) -> str:
+    """One value of a sweep override that composes like it: a group's first option, else null."""
+    key, _, value = override.partition("=")
+    if (conf / key.lstrip("+~")).is_dir() or not any(c in value for c in "([{'\""):
+        return f"{key}={value.split(',')[0]}"
+    return f"{key}=null"  # range(...), [..], quoted: the key alone is checked
+
+
+def _run(args: list[str]) -> None:
+    """Check the overrides (exit 2 with close key names), then hand over to Hydra."""
+    from cnfgnn import shell
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")
+                 and not a.lstrip("+~").startswith("hydra")]
+    if not any(a in _OTHER_CONFIG or a.split("=")[0] in _OTHER_CONFIG for a in args):
+        if any(a in ("-m", "--multirun") for a in args):  # sweeps: check keys, group options
+            overrides = [_sweep_probe(o, shell.conf_dir()) for o in overrides]
+        shell.compose(overrides)
+    if not any(a.startswith("hydra/job_logging=") for a in args):
+        args = ["hydra/job_logging=none", *args]  # cnfgnn logs itself: stderr and run.log
+    sys.argv = [sys.argv[0], *args]
     _main()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: exit status 0, or 2 on a bad key/option."""
+    from cnfgnn.shell import console
+
+    return console("cnfgnn", __doc__, _run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

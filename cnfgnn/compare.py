@@ -34,7 +34,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnfgnn.config import CONF_DIR, compose
+from cnfgnn.config import CONF_DIR
+from cnfgnn.shell import UsageError, did_you_mean
 
 
 def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
@@ -43,24 +44,26 @@ def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     ours = [a[len("compare."):] for a in args if a.startswith("compare.")]
     runs = [a for a in args if not a.startswith("compare.")]
     conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(ours))
-    unknown = set(conf.keys()) - {"run", "budget_epochs", "patience", "out", "force", "methods",
-                                  "seeds"}
+    known = ("run", "budget_epochs", "patience", "out", "force", "methods", "seeds")
+    unknown = sorted(set(conf.keys()) - set(known))
     if unknown:
-        raise SystemExit(f"cnfgnn-compare: unknown setting(s) {sorted(unknown)}; "
-                         "see conf/compare/default.yaml")
+        raise UsageError(f"unknown setting(s) {['compare.' + u for u in unknown]}."
+                         f"{did_you_mean('compare.' + unknown[0], ['compare.' + k for k in known])}"
+                         " See conf/compare/default.yaml")
     names = list(conf.methods) if conf.run in ("all", ["all"]) else list(conf.run)
     bad = [m for m in names if m not in conf.methods]
     if bad:
-        raise SystemExit(f"cnfgnn-compare: unknown method(s) {bad}; known: {list(conf.methods)}")
+        raise UsageError(f"unknown method(s) {bad}.{did_you_mean(bad[0], list(conf.methods))} "
+                         f"Known: {list(conf.methods)}")
     conf.run = names
     if int(conf.budget_epochs) < 1:
-        raise SystemExit("cnfgnn-compare: compare.budget_epochs must be at least 1")
+        raise UsageError("compare.budget_epochs must be at least 1")
     if conf.seeds is not None:
         seeds = list(conf.seeds) if OmegaConf.is_list(conf.seeds) else [conf.seeds]
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
                 or len(set(seeds)) != len(seeds):
-            raise SystemExit(f"cnfgnn-compare: compare.seeds={conf.seeds} must be distinct whole "
-                             "numbers, e.g. compare.seeds=[42,43,44]")
+            raise UsageError(f"compare.seeds={conf.seeds} must be distinct whole numbers, "
+                             "e.g. compare.seeds=[42,43,44]")
         conf.seeds = seeds
     return conf, runs
 
@@ -78,7 +81,10 @@ def run_dir_of(out: Path, method: str, seed: int) -> Path:
 
 
 def compose_run(overrides: list[str]) -> DictConfig:
-    """The composed config a ``cnfgnn`` run with ``overrides`` would get."""
+    """The composed config a ``cnfgnn`` run with ``overrides`` would get (a bad key:
+    :class:`UsageError` naming the close keys)."""
+    from cnfgnn.shell import compose
+
     return compose(overrides)
 
 
@@ -92,8 +98,8 @@ def plan(conf: DictConfig, runs: list[str]) -> dict[str, list[str]]:
         base = [*conf.methods[name].overrides, *runs]
         try:
             cfg = compose_run(base)
-        except Exception as err:  # a bad override: say which method and why, before training
-            raise SystemExit(f"cnfgnn-compare: the overrides of {name} do not compose: {err}")
+        except UsageError as err:  # a bad override: say which method and why, before training
+            raise UsageError(f"the overrides of {name} do not compose: {err}") from None
         budget, rc = int(conf.budget_epochs), max(1, int(cfg.federation.local_epochs))
         # the largest R_c <= the preset's that divides the budget, so every method trains
         # exactly budget_epochs local epochs per node (e.g. GRU local: 5 a round, budget 2 -> 2)
@@ -143,12 +149,26 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
             "peak_rss_mb": usage.ru_maxrss / 1024.0, "overrides": overrides}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry; returns the exit status (1 when a run failed)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
+class Interrupted(Exception):
+    """Ctrl-C during a run: its process was stopped; finished runs are kept."""
+
+    def __init__(self, method: str, seed: int, out: Path):
+        super().__init__(method, seed, out)
+        self.method, self.seed, self.out = method, seed, out
+
+
+class AllFailed(Exception):
+    """Every run failed: there is no table."""
+
+
+def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
+    """Run the comparison ``args`` ask for: ``(out dir, table, report files, failed runs)``.
+
+    Raises:
+        UsageError: bad settings or overrides (nothing has run).
+        Interrupted: Ctrl-C (the running method's process was stopped).
+        AllFailed: no run finished.
+    """
     conf, runs = compare_config(args)
     plans = plan(conf, runs)
     seeds = seeds_of(conf, runs)
@@ -174,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = run_method(name, overrides, run_dir)
         except KeyboardInterrupt:
-            print(f"\ncnfgnn-compare: interrupted during {name} seed {seed} (its process was "
-                  f"stopped); finished runs are kept in {out}: run the same command to continue")
-            return 130
+            raise Interrupted(name, seed, out) from None
         record["seed"] = seed
         manifest["runs"][run_dir.relative_to(out).as_posix()] = record
         manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -190,10 +208,23 @@ def main(argv: list[str] | None = None) -> int:
 
     done = [run_dir_of(out, n, s) for n, s in jobs if (run_dir_of(out, n, s) / "final.json").exists()]
     if not done:
-        print(f"cnfgnn-compare: every run failed ({', '.join(failed)}); no table. "
-              f"Their logs: {out}/<method>/seed<k>/compare.log", file=sys.stderr)
-        return 1
+        raise AllFailed(f"every run failed ({', '.join(failed)}); no table. "
+                        f"Their logs: {out}/<method>/seed<k>/compare.log")
     table, files = write_report(done, out)
+    return out, table, files, failed
+
+
+def _main(args: list[str]) -> int:
+    try:
+        _, table, files, failed = run(args)
+    except Interrupted as stop:
+        print(f"\ncnfgnn-compare: interrupted during {stop.method} seed {stop.seed} (its process "
+              f"was stopped); finished runs are kept in {stop.out}: run the same command to "
+              "continue")
+        return 130
+    except AllFailed as exc:
+        print(f"cnfgnn-compare: {exc}", file=sys.stderr)
+        return 1
     print()
     print(table)
     print()
@@ -203,6 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnfgnn-compare: {len(failed)} run(s) failed: {failed} (see their compare.log)")
     return 1 if failed else 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry; returns the exit status (1 when a run failed, 2 bad input)."""
+    from cnfgnn.shell import console
+
+    return console("cnfgnn-compare", __doc__, _main, argv)
+
+
+from cnfgnn._callable import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "compare")  # cnfgnn.compare(...) is the API's compare
 
 if __name__ == "__main__":
     raise SystemExit(main())

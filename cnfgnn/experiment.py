@@ -7,12 +7,14 @@ columns of the series; the server orchestration gets only the graph.
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cnfgnn.baselines.centralized import CentralTrainer
+from cnfgnn import machine
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.nodes import client_groups
@@ -24,6 +26,8 @@ from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.flower.simulation import run_simulation_experiment
 from cnfgnn.plots import plot_run
 from cnfgnn.results import NODE_STORE, RunWriter  # NODE_STORE: the nodes' disks, one machine
+
+log = logging.getLogger(__name__)
 
 
 def build_workers(cfg: Any, data: SensorData, device: torch.device,
@@ -44,7 +48,7 @@ def build_workers(cfg: Any, data: SensorData, device: torch.device,
 
 
 def run_experiment(cfg: Any, run_dir: str | Path | None = None,
-                   progress: Callable[[str], None] = print,
+                   progress: Callable[[str], None] = log.info,
                    engine_wrapper: Callable[[Any], Any] | None = None) -> tuple[dict, RunWriter]:
     """Load the data, build the engine named in ``cfg.engine.name``, train and test.
 
@@ -57,7 +61,7 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
     Returns:
         ``(final metrics, writer)``.
     """
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     data = load_dataset(cfg.dataset)
     graph = ServerGraph.from_data(data)

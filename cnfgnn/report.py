@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cnfgnn.data.loaders import graph_label  # noqa: E402
+from cnfgnn.shell import UsageError  # noqa: E402
 
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
@@ -151,14 +152,14 @@ def find_runs(paths: list[Path]) -> list[Path]:
     runs: list[Path] = []
     for p in paths:
         if not p.exists():
-            raise SystemExit(f"cnfgnn-report: {p} does not exist")
+            raise UsageError(f"{p} does not exist")
         if (p / "final.json").exists():
             runs.append(p)
             continue
         found = sorted({f.parent for pat in ("*/final.json", "*/*/final.json") for f in p.glob(pat)
                         if ".prev-" not in f.parent.relative_to(p).as_posix()})
         if not found:
-            raise SystemExit(f"cnfgnn-report: no finished run (final.json) in {p} or two levels "
+            raise UsageError(f"no finished run (final.json) in {p} or two levels "
                              f"below{_failed_runs(p)}")
         runs.extend(found)
     return runs
@@ -571,12 +572,22 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
     return table, files
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry; exit status 1 when there is no finished run to report."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0 if args else 2
+#: ``key=value`` options of the command (every other argument is a path).
+OWN_KEYS = ("out",)
+
+
+def _run(args: list[str]) -> int:
+    from cnfgnn.shell import UsageError, did_you_mean
+
+    if not args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for a in args:
+        key, eq, _ = a.partition("=")
+        if eq and key not in OWN_KEYS and not Path(a).exists():
+            raise UsageError(f"unknown option {a!r}.{did_you_mean(key, OWN_KEYS)} "
+                             f"Options: {', '.join(k + '=...' for k in OWN_KEYS)}; "
+                             "other arguments are run directories")
     outs = [a[len("out="):] for a in args if a.startswith("out=")]
     paths = [Path(a) for a in args if not a.startswith("out=")]
     runs = find_runs(paths)
@@ -588,6 +599,13 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:
         print(f"  {f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry (exit 2 on bad input)."""
+    from cnfgnn.shell import console
+
+    return console("cnfgnn-report", __doc__, _run, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 NODE_STORE = "node_store"
 #: Folder of a node's store holding its test forecasts, one file per sensor.
 NODE_FORECASTS = "forecasts"
+from cnfgnn import logs
+from cnfgnn.curves import open_curves
 
 
 def json_safe(value: Any) -> Any:
@@ -87,6 +89,9 @@ class RunWriter:
         from cnfgnn.data.loaders import graph_label
 
         self.graph = graph_label(cfg.dataset) if "dataset" in cfg else None
+        logs.attach_run_log(self.dir)  # the run's full log: <run_dir>/run.log
+        self.cfg = cfg
+        self.curves: Any = None  # logger=tensorboard: opened at the first round
 
     @property
     def checkpoint_path(self) -> Path:
@@ -97,6 +102,10 @@ class RunWriter:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(json_safe(record)) + "\n")
             f.flush()
+        if self.curves is None:
+            self.curves = open_curves(self.cfg, self.dir) or False
+        if self.curves:  # the same record, as curves (logger=tensorboard)
+            self.curves.write(json_safe(record))
 
     def truncate_rounds(self, last_round: int) -> None:
         """Drop records after ``last_round`` (a resumed run rewrites them)."""

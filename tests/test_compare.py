@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 
 from cnfgnn import compare, report
 from tests.helpers import TINY
+from cnfgnn.shell import UsageError
+
 
 REQUIRED = ["method", "rmse", "mae_h3", "mae_h6", "mae_h12", "bytes", "seconds"]
 
@@ -44,13 +46,13 @@ def test_every_method_gets_the_same_budget_of_local_epochs():
 
 
 def test_bad_settings_are_refused_before_anything_runs():
-    with pytest.raises(SystemExit, match="unknown method"):
+    with pytest.raises(UsageError, match="unknown method"):
         _plan("compare.run=[cnfgnn,gru_magic]")
-    with pytest.raises(SystemExit, match="unknown setting"):
+    with pytest.raises(UsageError, match="unknown setting"):
         _plan("compare.budget=3")
-    with pytest.raises(SystemExit, match="do not compose"):
+    with pytest.raises(UsageError, match="do not compose"):
         _plan("compare.run=[cnfgnn]", "dataset=no_such_dataset")
-    with pytest.raises(SystemExit, match="at least 1"):
+    with pytest.raises(UsageError, match="at least 1"):
         _plan("compare.budget_epochs=0")
 
 
@@ -156,7 +158,7 @@ def test_report_over_any_runs_and_the_reference_numbers(compared, tmp_path):
     assert report.row(run)["reference_rmse"] is None  # no reported number for synthetic data
     run.cfg.dataset.name = "los-loop"  # as conf/dataset/los_loop.yaml names it
     assert report.row(run)["reference_rmse"] == 7.99
-    with pytest.raises(SystemExit, match="no finished run"):
+    with pytest.raises(UsageError, match="no finished run"):
         report.find_runs([tmp_path / "rep" / "plots"])
 
 
@@ -167,9 +169,8 @@ def test_when_every_method_fails_compare_and_report_say_so(tmp_path, capsys):
     assert code == 1
     assert "every run failed (cnfgnn seed 42)" in capsys.readouterr().err
     assert not (out / "comparison.csv").exists()
-    with pytest.raises(SystemExit, match="every one of its 1 runs failed") as exc:
-        report.main([str(out)])
-    assert exc.value.code not in (0, None)  # a non-zero exit status
+    assert report.main([str(out)]) not in (0, None)  # a non-zero exit status
+    assert "every one of its 1 runs failed" in capsys.readouterr().err
 
 
 def test_report_shows_an_inductive_runs_seen_and_unseen_nodes(tmp_path):

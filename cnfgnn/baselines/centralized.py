@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnfgnn import rng
+from cnfgnn import progress, rng
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.nodes import select_nodes
 from cnfgnn.data.scaler import global_scaler
@@ -137,6 +137,7 @@ class CentralTrainer:
             loss_sum += float(sums.sum())
             count += float(counts.sum())
             self.step += 1
+            progress.advance(len(idx))
         return loss_sum / max(count, 1.0)
 
     @torch.no_grad()
@@ -156,6 +157,7 @@ class CentralTrainer:
                 preds.append(pred)
             for k, v in w.batch_errors(pred, y, t).items():
                 total[k] = total[k] + v if k in total else v
+            progress.advance(len(idx))
         forecast = None
         if report is not None and preds:
             mean = torch.as_tensor(w.scaler.mean, dtype=torch.float32, device=self.device)
@@ -181,9 +183,11 @@ class CentralTrainer:
                 epoch -= 1
                 break
             t0 = time.perf_counter()
-            train_loss = self.train_epoch(epoch)
+            with progress.phase("train", len(self.train.series.starts[P.TRAIN])):
+                train_loss = self.train_epoch(epoch)
             t1 = time.perf_counter()
-            sums, _ = self.evaluate(P.VAL)
+            with progress.phase("val", len(self.eval.series.starts[P.VAL])):
+                sums, _ = self.evaluate(P.VAL)
             t2 = time.perf_counter()
             val = metrics_from_sums(sums)
             rec = {"round": epoch, "train_loss": train_loss, "val_loss": node_mean_loss(sums),

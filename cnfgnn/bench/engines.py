@@ -1,5 +1,13 @@
 """``cnfgnn-bench``: every engine on the same data and seeds, side by side (``make bench``).
 
+Usage::
+
+    cnfgnn-bench [HYDRA_OVERRIDES...]
+    cnfgnn-bench                                   # conf/bench/default.yaml (207 nodes)
+    cnfgnn-bench dataset.days=3 bench.rounds=2     # smaller, faster
+    cnfgnn-bench bench.mode=multibatch             # server batches per round trip: 1 vs 4
+    cnfgnn-bench bench.mode=scale                  # 1,000 and 8,600 nodes, in-process
+
 One run composes ``conf/`` with the ``bench`` group (``conf/bench/default.yaml``; any
 override works: ``cnfgnn-bench dataset.days=3 bench.rounds=2``) and measures, each case in
 its own subprocess so that peak memories are separate:
@@ -38,6 +46,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn import machine
 from cnfgnn.config import compose, flower_environment
 from cnfgnn.federation import protocol as P
 from cnfgnn.procs import ProcessSet
@@ -54,7 +63,9 @@ def compose_bench(overrides: list[str]) -> DictConfig:
     group = [o for o in overrides if o.lstrip("+").startswith(f"{BENCH_GROUP}=")]
     rest = [o for o in overrides if o not in group]
     choice = group[-1].lstrip("+").split("=", 1)[1] if group else "default"
-    return compose([f"+{BENCH_GROUP}={choice}", *rest])
+    from cnfgnn.shell import compose as checked_compose  # unknown keys: exit 2, close names
+
+    return checked_compose([f"+{BENCH_GROUP}={choice}", *rest])
 
 
 def case_config(cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | None = None
@@ -197,15 +208,13 @@ def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
 def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = False
              ) -> dict[str, Any]:
     """Measure one case in this process; returns its JSON record (no memory figures)."""
-    import torch
-
     from cnfgnn.data.loaders import load_dataset
     from cnfgnn.data.nodes import client_groups
     from cnfgnn.data.windows import split_starts
     from cnfgnn.device import resolve_device
     from cnfgnn.experiment import build_workers
 
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     t_start = time.perf_counter()
     data = load_dataset(cfg.dataset)
@@ -572,12 +581,20 @@ def bench_scale(cfg: DictConfig, work: Path) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry: ``cnfgnn-bench [hydra overrides]``."""
+def main(argv: list[str] | None = None) -> int:
+    """Console entry: ``cnfgnn-bench [hydra overrides]`` (exit 2 on a bad key)."""
+    from cnfgnn.shell import console
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child_main(argv[1])
-        return
+        return 0
+    return console("cnfgnn-bench", __doc__, _run, argv)
+
+
+def _run(argv: list[str]) -> None:
+    from cnfgnn.device import resolve_device
+
     cfg = compose_bench(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(cfg.bench.out_dir) / f"{stamp}_{cfg.bench.mode}"
@@ -585,8 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     doc: dict[str, Any] = {
         "bench": "cnfgnn-bench", "mode": str(cfg.bench.mode), "time": stamp,
-        "overrides": argv, "machine": _machine(), "device": str(cfg.device),
-        "threads": int(cfg.threads), "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "overrides": argv, "machine": _machine(),
+        "device": str(resolve_device(str(cfg.device))),  # auto: what it picked
+        "threads": machine.cores() if cfg.threads is None else int(cfg.threads),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "config": {"nodes": int(cfg.dataset.num_nodes), "days": float(cfg.dataset.days),
                    "hidden_size": int(cfg.model.hidden_size),
                    "batch_size": int(cfg.federation.batch_size),
@@ -598,7 +617,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = str(cfg.bench.mode)
     runners = {"engines": bench_engines, "multibatch": bench_multibatch, "scale": bench_scale}
     if mode not in runners:
-        raise SystemExit(f"bench.mode={mode!r} is unknown. Fix: use one of {sorted(runners)}")
+        from cnfgnn.shell import UsageError, did_you_mean
+
+        raise UsageError(f"bench.mode={mode!r} is unknown.{did_you_mean(mode, runners)} "
+                         f"Fix: use one of {sorted(runners)}")
     doc.update(runners[mode](cfg, work))
     doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["seconds_total"] = time.perf_counter() - t0
@@ -609,4 +631,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

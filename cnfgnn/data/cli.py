@@ -34,18 +34,9 @@ SHARD_KEYS = ("out", "nodes_per_client")
 
 def compose_dataset(overrides: Sequence[str]) -> Any:
     """Compose ``conf/config.yaml`` with ``overrides`` and return its ``dataset`` group."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from cnfgnn.shell import compose
 
-    from cnfgnn.paths import conf_dir
-
-    config_dir = str(conf_dir())
-    try:
-        cfg = compose(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise DataError(f"config {conf_dir()}: {e}. Fix: check the overrides "
-                        "(e.g. dataset=csv dataset.series=FILE)") from None
-    return cfg.dataset
+    return compose(list(overrides)).dataset  # a bad key: UsageError naming the close keys
 
 
 def summary(data: SensorData, dataset_cfg: Any) -> dict[str, Any]:
@@ -133,17 +124,18 @@ def cmd_fetch(args: Sequence[str]) -> int:
 COMMANDS = {"info": cmd_info, "shard": cmd_shard, "fetch": cmd_fetch}
 
 
+def _run(args: list[str]) -> int:
+    if not args or args[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return COMMANDS[args[0]](args[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 2 bad input or usage)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        return COMMANDS[args[0]](args[1:])
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from cnfgnn.shell import console
+
+    return console("cnfgnn-data", __doc__, _run, argv)
 
 
 if __name__ == "__main__":

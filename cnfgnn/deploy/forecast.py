@@ -20,6 +20,7 @@ stopped, also on an error or Ctrl-C.
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 import time
@@ -36,6 +37,8 @@ from cnfgnn.deploy.launcher import BIN, DeployError, Deployment
 from cnfgnn.federation.inference import ForecastResult
 from cnfgnn.flower.server_app import with_request
 from cnfgnn.procs import ROOT
+
+log = logging.getLogger(__name__)
 
 
 def _request_config(cfg: Any, shards_dir: Path, num_clients: int, checkpoint: Path,
@@ -71,7 +74,7 @@ def _submit(dep: Deployment, overrides: str, timeout_s: float | None) -> float:
 
 
 def deploy_forecast(cfg: Any, data: Any, checkpoint: str | Path, ends: list[int] | np.ndarray,
-                    out_dir: str | Path, progress: Callable[[str], None] = print,
+                    out_dir: str | Path, progress: Callable[[str], None] = log.info,
                     timeout_s: float | None = None, keep_work: bool = False
                     ) -> tuple[Any, float]:
     """Forecast windows ``ends`` of ``data`` through a loopback Flower deployment.

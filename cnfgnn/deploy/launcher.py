@@ -35,6 +35,7 @@ SuperNode, restarts, lost sensors).
 from __future__ import annotations
 
 import argparse
+import logging
 import fcntl
 import json
 import os
@@ -54,6 +55,8 @@ from cnfgnn.config import compose_cfg, flower_environment
 from cnfgnn.data.shards import load_manifest
 from cnfgnn.deploy.certs import generate
 from cnfgnn.procs import ROOT, Interrupted, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
+
+log = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent
 DEMO_EXPERIMENT = "synthetic_deploy_demo"
@@ -202,7 +205,7 @@ class Deployment:
     """
 
     def __init__(self, cfg: Any, run_dir: Path, shards_dir: Path,
-                 progress: Callable[[str], None] = print):
+                 progress: Callable[[str], None] = log.info):
         self.cfg, self.launch = cfg, cfg.engine.launch
         self.run_dir, self.shards_dir = Path(run_dir).resolve(), Path(shards_dir).resolve()
         self.manifest = load_manifest(self.shards_dir)
@@ -660,7 +663,7 @@ def default_run_dir(cfg: Any) -> Path:
 
 def deploy_experiment(overrides: list[str], run_dir: Path | None = None,
                       shards: Path | None = None, resume: bool = False,
-                      progress: Callable[[str], None] = print,
+                      progress: Callable[[str], None] = log.info,
                       on_tick: Callable[[Deployment], None] | None = None,
                       timeout_s: float | None = None) -> RunResult:
     """Shards, processes, ``flwr run``, clean-up: the whole deployment of one experiment."""
@@ -694,6 +697,13 @@ def deploy_experiment(overrides: list[str], run_dir: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console entry: ``--help``, exit 2 on a bad key (before any process starts)."""
+    from cnfgnn.shell import console
+
+    return console("cnfgnn-deploy", __doc__, _run, argv)
+
+
+def _run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cnfgnn-deploy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -709,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(a.overrides)
     if a.command == "demo":
         overrides = [f"experiment={DEMO_EXPERIMENT}", *overrides]
+    from cnfgnn.shell import compose as check
+
+    check(["engine=deployment", *overrides])  # a misspelt key stops here, nothing started
     restore = raise_on_signals()  # SIGTERM/SIGHUP unwind like Ctrl-C (shard writing too)
     try:
         result = deploy_experiment(overrides, a.run_dir, a.shards, a.resume,

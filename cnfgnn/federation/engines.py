@@ -12,6 +12,7 @@ import logging
 import traceback
 from typing import Protocol
 
+from cnfgnn import progress
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.node import NodeWorker
 
@@ -56,4 +57,5 @@ class InProcessEngine:
                 log.warning("client %s failed on %s: %s", cid, message_type, exc)
                 log.debug("%s", traceback.format_exc())
                 replies[cid] = P.ClientFailure(f"{type(exc).__name__}: {exc}")
+            progress.answered(len(replies), len(payloads))
         return replies

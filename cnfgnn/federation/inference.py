@@ -34,6 +34,7 @@ Plain Python + PyTorch, no Flower import: any :class:`~cnfgnn.federation.engines
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -58,6 +59,8 @@ from cnfgnn.federation.validate import (
     check_reply,
 )
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+
+log = logging.getLogger(__name__)
 
 #: Methods whose checkpoint holds one global node model (and, for CNFGNN, the GN).
 GLOBAL_MODEL_METHODS = ("cnfgnn", "fedavg", "central")
@@ -233,7 +236,7 @@ class Forecaster:
     """
 
     def __init__(self, cfg: Any, engine: Engine, graph: ServerGraph, trained: TrainedModel,
-                 device: torch.device | str = "cpu", progress: Callable[[str], None] = print,
+                 device: torch.device | str = "cpu", progress: Callable[[str], None] = log.info,
                  clock: np.ndarray | None = None):
         self.cfg, self.engine, self.graph, self.trained = cfg, engine, graph, trained
         self.progress = progress

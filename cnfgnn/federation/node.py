@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnfgnn import rng
+from cnfgnn import progress, rng
 from cnfgnn.data.scaler import Scaler, input_stats, per_node_scaler
 from cnfgnn.data.windows import split_starts
 from cnfgnn.evaluation.metrics import error_sums
@@ -308,6 +308,7 @@ class NodeWorker:
                 loss_sum += sums.double()
                 count += counts.double()
                 step += 1
+                progress.advance(idx.shape[1])
         self.model.zero_grad(set_to_none=True)  # keep only the weights between messages:
         if fed.reset_client_optimizer:  # grads + Adam moments were 3/4 of a node's memory
             self.optimizer = None
@@ -510,6 +511,7 @@ class NodeWorker:
             idx = torch.arange(b, min(b + bs, s), device=self.device).expand(self.num_nodes, -1)
             x = self._gather(split, idx)[0]
             parts.append(self.model.encode(x))  # [B, K, L, H]
+            progress.advance(idx.shape[1])
         m = self.cfg.model
         self.h_c[split] = torch.cat(parts) if parts else torch.zeros(
             0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
@@ -582,6 +584,7 @@ class NodeWorker:
                 forecast[wanted] = (pred[report[wanted] - b] * std + mean)[..., keep].cpu().numpy()
             for key, v in self.batch_errors(pred, y, t).items():
                 total[key] = total[key] + v if key in total else v
+            progress.advance(len(batch))
         out: P.Payload = {P.ERR_PREFIX + k: v.cpu().numpy() for k, v in total.items()}
         if len(report):
             self._keep_forecasts(split, report, keep, forecast)

@@ -9,6 +9,7 @@ per phase and direction) and every phase timed; each round is logged and checkpo
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections import defaultdict
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from cnfgnn import rng
+from cnfgnn import progress, rng
 from cnfgnn.data.nodes import select_nodes
 from cnfgnn.data.scaler import global_scaler
 from cnfgnn.evaluation.metrics import SUM_KEYS, metrics_from_sums, node_mean_loss, per_horizon
@@ -33,6 +34,8 @@ from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, ReplyLimits,
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 from cnfgnn.privacy import dp
 from cnfgnn.results import NODE_FORECASTS, NODE_STORE, RunWriter, forecasts_released
+
+log = logging.getLogger(__name__)
 
 
 class FederationError(RuntimeError):
@@ -116,7 +119,7 @@ class Orchestrator:
     """
 
     def __init__(self, cfg: Any, engine: Engine, graph: ServerGraph,
-                 writer: RunWriter | None = None, progress: Callable[[str], None] = print,
+                 writer: RunWriter | None = None, progress: Callable[[str], None] = log.info,
                  device: torch.device | str = "cpu"):
         self.cfg, self.engine, self.graph, self.writer = cfg, engine, graph, writer
         self.fed = cfg.federation
@@ -162,7 +165,8 @@ class Orchestrator:
             return check_reply(mtype, request, reply, None if nodes is None else len(nodes),
                                limits)
 
-        ex = exchange(self.engine, mtype, payloads, check)
+        with progress.send(phase, mtype, payloads, self.num_windows, self.fed.local_epochs):
+            ex = exchange(self.engine, mtype, payloads, check)
         self.seconds[phase] += ex.seconds
         if payloads:
             self.bytes[phase]["down_tensor"] += ex.down[0]
@@ -383,6 +387,7 @@ class Orchestrator:
                 answered = sum(len(self.client_nodes[c]) for c in replies)
                 self.server.step(h_g, grad / answered)  # d(mean over nodes of MSE_k)/dh_G
                 self.seconds["split_server"] += time.perf_counter() - t0
+                progress.advance(len(batch))
                 loss += sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in replies.values())
                 count += sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in replies.values())
                 self.step += 1
@@ -425,6 +430,7 @@ class Orchestrator:
             loss += sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in dec.values())
             count += sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in dec.values())
             self.step += 1
+            progress.advance(len(batch))
         return {"train_loss": float(loss / max(count, 1.0))}
 
     def embed_phase(self, h_c: np.ndarray, phase: str = "embed") -> None:
@@ -549,7 +555,8 @@ class Orchestrator:
         if not bool(self.fed.alternating):
             if not self.uses_gn:
                 raise FederationError("split learning needs the graph network: use model=cnfgnn")
-            rec.update(self.sl_epoch())
+            with progress.phase("split", self.num_windows[P.TRAIN]):
+                rec.update(self.sl_epoch())
             rec["step"] = self.step
             rec["seconds_round"] = time.perf_counter() - t0
             return rec
@@ -557,7 +564,8 @@ class Orchestrator:
         if self.uses_gn:
             enc = self.encode_phase(P.TRAIN, self.train_clients, "encode")
             h_c = self._assemble(enc, P.H_C, self.col)  # [S, N_train, L, H]
-            rec.update(self.split_phase(h_c))
+            with progress.phase("split", len(h_c) * int(self.fed.server_epochs)):
+                rec.update(self.split_phase(h_c))
             self.embed_phase(h_c)
         rec["step"] = self.step
         rec["seconds_round"] = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from cnfgnn import progress
 from cnfgnn.federation import protocol as P
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 
@@ -66,7 +67,7 @@ class FlowerEngine:
     def __init__(self, grid: Any, timeout_s: float = 600.0, poll_interval_s: float = 0.02,
                  expected_clients: int | None = None, wait_for_nodes_s: float = 120.0,
                  measure_wire_bytes: bool = True,
-                 progress: Callable[[str], None] = print):
+                 progress: Callable[[str], None] = log.info):
         self.grid = grid
         self.timeout_s = float(timeout_s)
         self.poll_interval_s = float(poll_interval_s)
@@ -85,7 +86,7 @@ class FlowerEngine:
 
     @classmethod
     def from_config(cls, grid: Any, eng: Any, expected_clients: int | None,
-                    progress: Callable[[str], None] = print) -> FlowerEngine:
+                    progress: Callable[[str], None] = log.info) -> FlowerEngine:
         """An engine with the settings of ``cfg.engine`` (``eng``)."""
         return cls(grid, timeout_s=float(eng.get("timeout_s", 600)),
                    poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
@@ -165,6 +166,7 @@ class FlowerEngine:
                 cid = pending.pop(reply.metadata.reply_to_message_id, None)
                 if cid is not None:
                     out[cid] = reply
+            progress.answered(len(out), len(cids))
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval_s)

@@ -9,7 +9,9 @@ directory (``cfg.run_dir``, or a new one under ``cfg.output_root``). ``metrics.j
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf, open_dict
 
+from cnfgnn import logs, machine
 from cnfgnn.config import compose_cfg, overrides_from_run_config, state_root
 from cnfgnn.device import resolve_device
 from cnfgnn.federation.graph import load_server_graph
@@ -29,6 +32,8 @@ from cnfgnn.flower.engine import FlowerEngine
 from cnfgnn.plots import plot_run
 from cnfgnn.results import RunWriter
 
+log = logging.getLogger(__name__)
+
 #: The config section that selects the forecast mode (see :func:`with_request`).
 FORECAST_KEY = "forecast"
 
@@ -36,7 +41,8 @@ EngineWrapper = Callable[[Any], Any]
 
 
 def _print(line: str) -> None:
-    print(line, flush=True)
+    """The default progress sink: this module's log."""
+    log.info(line)
 
 
 class FlowerRunWriter(RunWriter):
@@ -68,7 +74,7 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
     ``engine_wrapper`` wraps the :class:`FlowerEngine` the orchestration talks to (tests
     record payloads with it).
     """
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     graph, expected = load_server_graph(cfg)
     eng = cfg.engine
@@ -141,6 +147,8 @@ def make_app(progress: Callable[[str], None] = _print,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if not logs.has_console():  # a ServerApp process of a deployment: its log is stdout
+            logs.setup(stream=sys.stdout)
         cfg = compose_cfg(overrides_from_run_config(context.run_config))
         if cfg.get(FORECAST_KEY) is not None:  # inference with a trained run (cnfgnn-forecast)
             run_forecast_server(grid, cfg, context.run_id, progress, engine_wrapper)

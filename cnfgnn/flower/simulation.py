@@ -28,6 +28,8 @@ from cnfgnn.federation.inference import ForecastResult
 from cnfgnn.flower import client_app, server_app
 from cnfgnn.results import RunWriter
 
+log = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
@@ -68,7 +70,7 @@ def backend_config(cfg: Any) -> dict[str, Any]:
 
 
 def simulate(cfg: Any, num_clients: int, overrides: str,
-             progress: Callable[[str], None] = print,
+             progress: Callable[[str], None] = log.info,
              engine_wrapper: Callable[[Any], Any] | None = None) -> None:
     """Run the cnfgnn ServerApp and ClientApp as a Flower simulation of ``num_clients``
     SuperNodes; ``overrides`` (the Hydra overrides both apps compose) go in the environment.
@@ -96,7 +98,7 @@ def simulate(cfg: Any, num_clients: int, overrides: str,
 
 
 def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,
-                              progress: Callable[[str], None] = print,
+                              progress: Callable[[str], None] = log.info,
                               engine_wrapper: Callable[[Any], Any] | None = None
                               ) -> tuple[dict, RunWriter]:
     """Run ``cfg`` as a Flower simulation with one SuperNode per client.
@@ -118,7 +120,7 @@ def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | 
 
 def run_forecast_simulation(cfg: Any, num_clients: int, checkpoint: str | Path,
                             ends: list[int], out_dir: str | Path,
-                            progress: Callable[[str], None] = print,
+                            progress: Callable[[str], None] = log.info,
                             engine_wrapper: Callable[[Any], Any] | None = None
                             ) -> tuple[ForecastResult, float]:
     """Forecast through a Flower simulation (one SuperNode per client).

@@ -5,3 +5,7 @@
 * :mod:`cnfgnn.forecast.outputs`: tidy CSV, JSON summaries, per-horizon errors and plots;
 * :mod:`cnfgnn.forecast.cli`: the command line.
 """
+
+from cnfgnn._callable import make_callable as _make_callable
+
+_make_callable(__name__, "forecast")  # cnfgnn.forecast(run, at=...) is the API's forecast

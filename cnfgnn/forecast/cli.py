@@ -35,14 +35,16 @@ inputs on every node. Curves over many levels: ``cnfgnn-robustness``.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cnfgnn.data.errors import DataError, bad_input
+from cnfgnn.data.errors import bad_input
+from cnfgnn.shell import console  # the one shell of every command
 
 OWN_KEYS = ("at", "out", "sensors", "plot_sensors", "history", "rolling.start",
             "rolling.end", "save_forecasts", "silent", "noise")
@@ -87,13 +89,14 @@ def _stamp(ts) -> str:
     return f"{ts:%Y%m%d-%H%M}"
 
 
-def run(argv: Sequence[str], progress=print, engine_wrapper=None) -> dict:
+def run(argv: Sequence[str], progress=None, engine_wrapper=None) -> dict:
     """Do what the command line asks; returns the JSON summary written."""
     from cnfgnn.data.loaders import load_dataset
     from cnfgnn.federation.inference import load_trained
     from cnfgnn.forecast import outputs as O
     from cnfgnn.forecast import request as R
 
+    progress = progress or logging.getLogger(__name__).info
     t_start = time.perf_counter()
     path, own, overrides = parse(argv)
     run_dir, ckpt = R.locate_run(path)
@@ -184,24 +187,6 @@ def _report(summary: dict, progress=print) -> None:
                  f"{100 * m['masked_mape']:7.2f}   unmasked RMSE {m['rmse']:.3f}")
     for f in summary["files"]:
         progress(f"wrote {f}")
-
-
-def console(name: str, doc: str | None, work: Callable[[list[str]], None],
-            argv: Sequence[str] | None = None) -> int:
-    """A console command's shell: ``--help`` prints ``doc``; bad input (a ``DataError`` or
-    ``FederationError``, whose messages name the problem and the fix) exits with status 2."""
-    from cnfgnn.federation.rounds import FederationError
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        print(doc)
-        return 0
-    try:
-        work(args)
-    except (DataError, FederationError) as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ Every problem raises :class:`~cnfgnn.data.errors.DataError` (``source: problem. 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnfgnn.config import PROJECT_ROOT, compose_cfg
 from cnfgnn.config import conf_dir as _conf_dir
+from cnfgnn import machine
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError, bad_input
 from cnfgnn.data.graph import graph_fingerprint
@@ -35,6 +37,8 @@ from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.inference import Forecaster, ForecastResult, TrainedModel, check_method
 from cnfgnn.federation.rounds import ServerGraph
 from cnfgnn.flower.simulation import run_forecast_simulation
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -72,6 +76,12 @@ def locate_run(path: str | Path) -> tuple[Path, Path]:
     return run_dir, ckpt
 
 
+def _own_keys() -> tuple[str, ...]:
+    from cnfgnn.forecast.cli import OWN_KEYS
+
+    return OWN_KEYS
+
+
 def _allowed(key: str) -> bool:
     return any(key == e or key.startswith(e + ".") for e in EDITABLE)
 
@@ -101,8 +111,12 @@ def run_config(run_dir: Path, overrides: list[str], per_node_ok: bool = False
         key, _, value = item.partition("=")
         key = key.lstrip("+")
         if not _allowed(key):
+            from cnfgnn.shell import did_you_mean
+
+            hint = did_you_mean(key, [*EDITABLE, *_own_keys()], inline=True)
             raise bad_input(f"option {item!r}", "a forecast may not change this setting of "
-                            "the trained run", f"change only {list(EDITABLE)}")
+                            f"the trained run, or it is misspelt{hint}",
+                            f"change only {list(EDITABLE)}")
         if key.split(".")[-1] in FIXED_DATASET_KEYS and key.startswith("dataset"):
             raise bad_input(f"option {item!r}", "the window lengths are fixed by the trained "
                             "model", f"drop it (the run uses dataset.in_steps="
@@ -210,7 +224,7 @@ def rolling_ends(data: SensorData, start: str, end: str | None, in_steps: int,
 
 # ---------------------------------------------------------------------- exchange
 def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.ndarray,
-                 out_dir: Path, progress: Callable[[str], None] = print,
+                 out_dir: Path, progress: Callable[[str], None] = log.info,
                  engine_wrapper: Callable[[Any], Any] | None = None,
                  silent: list[str] | None = None, noise: float = 0.0
                  ) -> tuple[ForecastResult, float]:
@@ -219,7 +233,7 @@ def run_forecast(cfg: Any, data: SensorData, trained: TrainedModel, ends: np.nda
     ``silent`` (sensor ids) and ``noise`` (input-noise level): robustness options of
     :meth:`Forecaster.forecast`, in-process only.
     """
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     name = str(cfg.engine.name)
     if name in ("simulation", "deployment") and (silent or noise > 0):
         raise bad_input("silent / noise", f"the Flower {name} path does not take the "

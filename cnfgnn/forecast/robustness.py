@@ -26,6 +26,7 @@ silenced fraction and against the noise level, one line per run). Bad input exit
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -37,8 +38,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from cnfgnn.config import conf_dir
+from cnfgnn import machine
 from cnfgnn.data.errors import bad_input
+from cnfgnn.shell import did_you_mean
 
+log = logging.getLogger(__name__)
 OWN_KEYS = ("out", "silence", "noise", "repeats", "seed", "split", "stride")
 SUBSETS = ("all", "silent", "answering")
 #: Reference row per draw: the silenced sensors forecast by their training mean.
@@ -60,7 +64,8 @@ def parse(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
         if not eq:
             continue
         if key not in OWN_KEYS:
-            raise bad_input(f"argument {arg!r}", "unknown option", f"use one of {list(OWN_KEYS)}")
+            raise bad_input(f"argument {arg!r}", "unknown option" + did_you_mean(key, OWN_KEYS, inline=True),
+                            f"use one of {list(OWN_KEYS)}")
         try:
             if key in ("silence", "noise"):
                 opts[key] = [float(v) for v in value.split(",") if v.strip()]
@@ -128,7 +133,7 @@ def label(cfg: Any) -> str:
     return names.get(method, method)
 
 
-def evaluate_run(path: str, opts: dict[str, Any], progress=print) -> tuple[list[dict], dict]:
+def evaluate_run(path: str, opts: dict[str, Any], progress=log.info) -> tuple[list[dict], dict]:
     """Rows of one run (``kind, level, repeat, subset, rmse, masked_mae, sensors``) and
     its summary (silenced sensors per draw, fallback, seconds)."""
     import torch
@@ -147,7 +152,7 @@ def evaluate_run(path: str, opts: dict[str, Any], progress=print) -> tuple[list[
     trained = load_trained(ckpt, cfg, per_node_ok=True)
     data = load_dataset(cfg.dataset)
     R.check_network(data, trained, cfg, False, run_dir)
-    torch.set_num_threads(int(cfg.threads))
+    machine.apply(cfg)  # threads (null = all cores), progress
     device = resolve_device(str(cfg.device))
     store = run_dir / NODE_STORE if trained.per_node else None  # the nodes' own disks
     workers = build_workers(cfg, data, device, store)
@@ -241,7 +246,7 @@ def plot(path: Path, table: pd.DataFrame, title: str) -> Path:
     return _save(fig, path)
 
 
-def run(argv: Sequence[str], progress=print) -> dict[str, Any]:
+def run(argv: Sequence[str], progress=log.info) -> dict[str, Any]:
     """Do what the command line asks; returns the JSON summary written."""
     from cnfgnn.forecast.outputs import write_csv, write_json
 
@@ -289,7 +294,7 @@ def report(summary: dict[str, Any], progress=print) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry; exit status 2 on bad input."""
-    from cnfgnn.forecast.cli import console
+    from cnfgnn.shell import console
 
     return console("cnfgnn-robustness", __doc__, lambda args: report(run(args)), argv)
 

@@ -1,0 +1,44 @@
+"""Fit a run to the machine: torch threads and the progress display (``conf/config.yaml``).
+
+``threads: null`` (the default) uses every core this process may run on; an integer pins
+torch's intra-op threads (tests and benchmarks pin 1 or 2). ``device: auto`` (the default)
+picks CUDA when present: :func:`cnfgnn.device.resolve_device`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: Any) -> int:
+    """``torch.set_num_threads``: ``threads`` (>= 1) or, for ``None``, every core; returns it."""
+    import torch
+
+    n = cores() if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"threads={threads!r}: use a positive number, or null for all cores")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def apply(cfg: Any) -> None:
+    """Threads and progress display of a composed config (``threads``, ``progress``)."""
+    from cnfgnn import progress
+
+    n = set_threads(cfg.get("threads"))
+    progress.configure(cfg.get("progress", "auto"))
+    log.debug("torch threads: %d (threads=%s), device=%s", n, cfg.get("threads"),
+              cfg.get("device"))
