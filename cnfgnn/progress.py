@@ -1,4 +1,4 @@
-"""Live progress of a run: a tqdm bar per phase, windows/s and ETA (DESIGN.md §5 phases).
+"""Live progress of a run: a tqdm bar per phase, windows/s and ETA (docs/design.md §5 phases).
 
 The orchestrator opens a phase around a send (:func:`send`) or around a server loop
 (:func:`phase`); the node-side loops call :func:`advance` with the windows they finished,

@@ -50,8 +50,8 @@ from cnfgnn.shell import UsageError  # noqa: E402
 
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
-# (paper notes §8.1; model sizes of the baseline rows not stated there). Los-loop: the
-# authors' code after 5 rounds, seed 42 (DESIGN.md §8). Keys: (dataset name, '-' read as '_'; family).
+# (docs/method.md §8.1; model sizes of the baseline rows not stated there). Los-loop: the
+# authors' code after 5 rounds, seed 42 (docs/design.md §8). Keys: (dataset name, '-' read as '_'; family).
 REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
     ("metr_la", "central_gru"): (11.787, "paper Table 2 (secondary source)"),
     ("metr_la", "local"): (12.224, "paper Table 2 (secondary source)"),

@@ -1,4 +1,4 @@
-"""The only writer of run outputs (DESIGN.md §7).
+"""The only writer of run outputs (docs/design.md §7).
 
 ``outputs/<name>/<timestamp>_<seed>/`` holds ``config.yaml`` (resolved), ``metrics.jsonl``
 (one line per round), ``final.json`` (test metrics and totals), ``checkpoint.pt`` (all

@@ -2,7 +2,7 @@
 
 A node's window shuffles and scheduled-sampling coins never come from a shared global
 stream, so results do not depend on how nodes are grouped into clients, on which engine
-runs them, or on the order in which clients are called (DESIGN.md §4). The generator is
+runs them, or on the order in which clients are called (docs/design.md §4). The generator is
 SplitMix64 applied to a hash of the key, vectorised over nodes and counters with numpy.
 """
 

@@ -96,7 +96,6 @@ def _repo_text_files() -> list[Path]:
     return files
 
 
-@pytest.mark.xfail(strict=False, reason="citations rewritten by the integrator")
 def test_nothing_refers_outside_the_repository():
     hits = []
     for path in _repo_text_files():

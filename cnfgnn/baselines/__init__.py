@@ -1,4 +1,4 @@
-"""The paper's baselines (paper notes §6), as configurations over the same modules.
+"""The paper's baselines (docs/method.md §6), as configurations over the same modules.
 
 Federated baselines run through the same :class:`~cnfgnn.federation.rounds.Orchestrator`
 and :class:`~cnfgnn.federation.node.NodeWorker`, selected by ``federation=<preset>``:

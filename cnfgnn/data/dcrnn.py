@@ -4,7 +4,7 @@
   It is a pickle: only load files you trust.
 * ``metr-la.h5`` / ``pems-bay.h5``: pandas HDF5, key ``df``, DatetimeIndex x sensor-id
   columns, 0 = missing.
-* ``{train,val,test}.npz`` (CNFGNN archive, paper notes §2.7): ``x``, ``y`` of shape
+* ``{train,val,test}.npz`` (CNFGNN archive, docs/method.md §2.7): ``x``, ``y`` of shape
   ``[S, 12, N, 2]`` (speed, time of day), stride-1 windows consecutive across the splits.
   The continuous series is rebuilt and every window checked against it.
 """

@@ -1,6 +1,6 @@
 """Training-node selection for the inductive setting, and the node -> client partition.
 
-The paper (notes §1.3, Appendix A) trains on the westernmost fraction of the sensors: sort by
+The paper (docs/method.md §1.3, Appendix A) trains on the westernmost fraction of the sensors: sort by
 longitude ascending and keep the first ``np.round(N * ratio)`` (round half to even).
 """
 

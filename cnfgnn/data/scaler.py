@@ -1,6 +1,6 @@
 """Standard scaling of speeds from sums and counts (so federated statistics equal pooled ones).
 
-The paper's statistic (paper notes §2.4) is the mean and std (ddof 0) of ``train['x'][..., 0]``
+The paper's statistic (docs/method.md §2.4) is the mean and std (ddof 0) of ``train['x'][..., 0]``
 flattened: every training window's *input* steps, zeros included, so a time step counts once
 per training window whose input covers it. :func:`input_stats` computes exactly those sums per
 node without materialising windows; :func:`global_scaler` combines any number of nodes'

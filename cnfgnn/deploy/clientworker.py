@@ -2,7 +2,7 @@
 
 With Flower's default (``--isolation subprocess``) the SuperNode's ``flower-superexec``
 starts a fresh ``flwr-clientapp`` process for every message: ~3 s to import torch, flwr and
-the app, plus the FAB unpacked and hash-checked again, per message (flower-notes §2c).
+the app, plus the FAB unpacked and hash-checked again, per message (docs/deployment.md §5).
 With ``--isolation process`` the SuperNode starts no executor and waits for one to connect
 to its Runtime API. This worker is that executor, and it stays:
 

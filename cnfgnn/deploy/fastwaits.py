@@ -1,7 +1,7 @@
 """Shorten Flower 1.42's fixed waits inside a SuperNode process, at run time.
 
 A SuperNode (``flwr/supernode/start_client_internal.py``) handles one message at a time and
-has three waits that are constants, not settings (flower-notes §5):
+has three waits that are constants, not settings (docs/deployment.md §5):
 
 * ``time.sleep(3)`` after each poll of the SuperLink that found no message;
 * ``time.sleep(0.5)`` steps while it waits for the ClientApp's reply and for the reply's

@@ -1,4 +1,4 @@
-"""Federated inference with a trained model (DESIGN.md §5 item 6, paper notes §4.6).
+"""Federated inference with a trained model (docs/design.md §5 item 6, docs/method.md §4.6).
 
 The same exchange as validation, for arbitrary windows named by the time index of their
 last input step (``ends``):
@@ -10,9 +10,9 @@ last input step (``ends``):
    (original units). Inputs and targets never leave a client.
 
 Models without a graph embedding (FedAvg, centralized GRU) skip steps 1-2: one round trip.
-Sensors that do not answer are reported as missing (DESIGN.md §8); their forecasts are NaN.
+Sensors that do not answer are reported as missing (docs/design.md §8); their forecasts are NaN.
 
-Robustness (issue 8): ``forecast(ends, silent=..., noise=...)`` silences chosen sensors (they
+Robustness (docs/robustness.md): ``forecast(ends, silent=..., noise=...)`` silences chosen sensors (they
 send nothing: the server neither receives their ``h_c`` nor sends them ``h_G``) and adds
 Gaussian noise to the inputs on every node. Silent sensors still get a forecast, made on the
 server without any of their current data (:meth:`Forecaster._fallback`):
@@ -24,7 +24,7 @@ server without any of their current data (:meth:`Forecaster._fallback`):
   ``h_G`` comes from a second GN pass over the answering nodes plus the silent ones (their
   ``h_c`` = that placeholder encoding), so it carries its answering neighbours' encodings.
   The answering nodes keep the ``h_G`` of the GN over their own subgraph (silent nodes
-  left out, DESIGN.md §5 item 6);
+  left out, docs/design.md §5 item 6);
 * per-node models (GRU local): there is no shared model, so a silent sensor is forecast as
   its historical training mean (from the STATS sums it sent at setup, as for the scaler).
 

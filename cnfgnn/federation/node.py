@@ -331,7 +331,7 @@ class NodeWorker:
         return out
 
     def _fmtl_term(self, payload: P.Payload) -> Any:
-        r"""FMTL's graph regulariser (paper notes §6), or None without neighbour weights.
+        r"""FMTL's graph regulariser (docs/method.md §6), or None without neighbour weights.
 
         Returns a callable giving ``[K]``: :math:`\lambda \sum_m A_{km} \lVert w_k - w_m \rVert_2`
         (not squared, as the authors' code), all parameters flattened, the neighbours'

@@ -14,7 +14,7 @@ Strict schemas: :mod:`cnfgnn.federation.validate` declares, per message type, ev
 request or reply may carry (with dtype and shape); anything else is refused as malformed.
 A new key must be added there too.
 
-What crosses the wire (DESIGN.md §5): node-model weights, temporal encodings ``h_c``,
+What crosses the wire (docs/design.md §5): node-model weights, temporal encodings ``h_c``,
 graph embeddings ``h_G``, gradients ``dL/dh_G``, and sums/counts. Never inputs or targets.
 """
 
@@ -38,12 +38,12 @@ EMBED = "query.embed"  # down: h_G for every training window (cached for next ro
 EVALUATE = "evaluate.decode"  # down: h_G for a split; up: error sums per horizon
 # Methods whose nodes keep their own models (local, FMTL, AT w/o FedAvg, split learning):
 KEEP_MODEL = "query.keep"  # down: ACTION keep_best | restore_best (the best model stays on the node)
-# Split learning without alternation (paper notes §4.5): node and GN trained every step.
+# Split learning without alternation (docs/method.md §4.5): node and GN trained every step.
 SL_ENCODE = "train.sl_encode"  # down: BATCH; up: h_c [B, K, L, H] of the batch
 SL_DECODE = "train.sl_decode"  # down: h_G of the batch; up: dL/dh_G, loss sums
 SL_BACKWARD = "train.sl_backward"  # down: dL/dh_c through the GN; the node steps its model
 
-# Inference after training (DESIGN.md §5 item 6, cnfgnn/federation/inference.py). Both are
+# Inference after training (docs/design.md §5 item 6, cnfgnn/federation/inference.py). Both are
 # read-only on the node: the model and scaler come from CONFIGURE; windows are named by
 # ENDS, the time index of their last input step (any index with a full input history).
 PREDICT_ENCODE = "query.predict_encode"  # down: ENDS; up: h_c [W, K, L, H]
@@ -172,7 +172,7 @@ def payload_nbytes(payload: Payload) -> tuple[int, int]:
     """Bytes of a payload: ``(tensor_bytes, other_bytes)``.
 
     ``tensor_bytes`` counts float32 arrays: model weights, ``h_c``, ``h_G``, ``dL/dh_G``
-    (what the DESIGN.md §5 formula counts). ``other_bytes`` counts the rest: float64
+    (what the docs/design.md §5 formula counts). ``other_bytes`` counts the rest: float64
     sums and counts, integer arrays, strings, and scalars (8 bytes each).
     """
     floats = other = 0

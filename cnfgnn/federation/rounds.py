@@ -1,4 +1,4 @@
-"""CNFGNN round orchestration (DESIGN.md §5), written once against an engine.
+"""CNFGNN round orchestration (docs/design.md §5), written once against an engine.
 
 One round: (1) local training + FedAvg, (2) temporal encodings up, (3) split learning of
 the server GN, (4) graph embeddings down, (5) validation; early stopping on the node-mean

@@ -2,7 +2,7 @@
 
 Plain PyTorch, no Flower import. The server holds the graph (adjacency) and the GN; it
 receives only node-model weights, temporal encodings ``h_c``, gradients ``dL/dh_G`` and
-sums/counts (DESIGN.md §5). It never sees a series or a target.
+sums/counts (docs/design.md §5). It never sees a series or a target.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Node features are node-major ``[N, M, F]`` (``M = B * L`` windows times GRU laye
 ONE shared ``edge_index`` for the fixed sensor graph: edges gather whole ``[M, F]`` slabs
 with ``index_select`` along dim 0 and messages are summed at their targets with
 ``index_add`` along dim 0, so no batched (disjoint-union) index tensors are ever built
-(paper notes §3.2) and every gather or scatter moves contiguous memory. Edge features
+(docs/method.md §3.2) and every gather or scatter moves contiguous memory. Edge features
 of the dense skip connections are kept as a list of parts (the first edge Linear is applied
 part by part), so the ``[E, M, *]`` concatenations are never materialised.
 """

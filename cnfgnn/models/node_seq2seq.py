@@ -3,7 +3,7 @@
 Every node keeps its own weights, stacked along a leading ``K`` dimension, and the group is
 evaluated with batched matmuls (``torch.baddbmm``). Adam and the other elementwise
 optimizers then keep separate per-node state for free, so training node ``k`` inside a group
-gives the same result as training it alone (DESIGN.md §4; paper notes §3.1).
+gives the same result as training it alone (docs/design.md §4; docs/method.md §3.1).
 """
 
 from __future__ import annotations

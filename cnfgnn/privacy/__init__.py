@@ -1,1 +1,1 @@
-"""Differential privacy for node uploads and its accounting (issue 8)."""
+"""Differential privacy for node uploads and its accounting (docs/privacy.md)."""

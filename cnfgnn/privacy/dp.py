@@ -1,4 +1,4 @@
-"""Differential privacy for what a node uploads: clipping and Gaussian noise (issue 8, 15).
+"""Differential privacy for what a node uploads: clipping and Gaussian noise (docs/privacy.md).
 
 Plain PyTorch and numpy, no Flower import. Three mechanisms, each a Gaussian mechanism on
 a clipped quantity, configured in ``conf/privacy/`` (``privacy=dp``; docs/privacy.md):

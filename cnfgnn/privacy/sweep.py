@@ -1,4 +1,4 @@
-r"""Accuracy against noise level: one ``cnfgnn`` run per noise multiplier (issue 8).
+r"""Accuracy against noise level: one ``cnfgnn`` run per noise multiplier (docs/privacy.md).
 
 Usage::
 

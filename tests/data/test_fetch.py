@@ -18,7 +18,7 @@ from tests.data._helpers import IDS, adjacency, series, write_npz_splits, write_
 
 
 def _archive(tmp_path: Path, with_graph: bool = True, both: bool = False) -> bytes:
-    """A small tar.bz2 laid out like the authors' archive (paper notes §2.7): METR-LA, and
+    """A small tar.bz2 laid out like the authors' archive (docs/method.md §2.7): METR-LA, and
     PEMS-BAY too when ``both``."""
     src = tmp_path / "src"
     root = src / "data" / "traffic" / "data"

@@ -1,4 +1,4 @@
-"""Inductive node selection (paper notes Appendix A) and the node -> client partition."""
+"""Inductive node selection (docs/method.md Appendix A) and the node -> client partition."""
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ METR_LA_SELECTED = {
            180, 181, 182, 183, 184, 185, 186, 187, 188, 190, 191, 192, 193, 194, 195, 197, 198,
            199, 204, 205, 206],
 }
-# non-zeros (self-loops included) of the induced training subgraph, paper notes §1.3
+# non-zeros (self-loops included) of the induced training subgraph, docs/method.md §1.3
 METR_LA_SUBGRAPH_NNZ = {0.25: 329, 0.5: 816, 0.75: 1288}
 
 

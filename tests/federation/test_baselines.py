@@ -1,4 +1,4 @@
-"""The paper's baselines as configurations over the same modules (issue 5).
+"""The paper's baselines as configurations over the same modules (docs/method.md §6).
 
 Each test checks what makes a baseline *that* baseline: local nodes never upload weights,
 FMTL's regulariser is the paper's unsquared graph penalty, split learning's gradients equal

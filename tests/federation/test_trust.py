@@ -1,4 +1,4 @@
-"""Results you can trust (issue 14): the best round is what is tested, resume keeps the
+"""Results you can trust: the best round is what is tested, resume keeps the
 run's totals, ``rounds_run`` counts rounds run, centralised runs resume, split learning
 initialises every node on its own, too few answers stop the run, FedAvg weights by samples.
 """

@@ -1,4 +1,4 @@
-"""Silent sensors and input noise at inference (issue 8): the fallback forecasts, what the GN
+"""Silent sensors and input noise at inference: the fallback forecasts, what the GN
 sees, seeded choices, and the ``cnfgnn-robustness`` outputs on tiny synthetic runs."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_silent_sensors_get_finite_forecasts_and_are_listed(cnfgnn_run):
     assert np.isfinite(res.forecast).all()
     assert not res.answered[quiet].any() and res.answered[~quiet].all()
     # the answering sensors equal a GN over their own subgraph: the answered-only result
-    # of a forecast where the silent ones are simply absent (DESIGN.md §5 item 6)
+    # of a forecast where the silent ones are simply absent (docs/design.md §5 item 6)
     by_id = fc.forecast(ENDS, silent=[ids[1], ids[4]])
     np.testing.assert_array_equal(by_id.forecast, res.forecast)
     # a silent sensor's forecast depends on time of day and its neighbours, so it varies

@@ -118,7 +118,7 @@ def test_secagg_is_refused_until_an_engine_implements_it(tmp_path):
 
 # ---------------------------------------------------------------------- the server as attacker
 def test_server_cannot_replay_default_noise_but_can_replay_insecure_noise(tmp_path):
-    """The attacker of issue 15: regenerate each node's noise from the run config (what the
+    """The server as attacker: regenerate each node's noise from the run config (what the
     replayable scheme draws), subtract it from the upload and compare with the clipped
     clean value. Default: the residual has the std of two independent noises (sqrt 2 sigma
     C; the attacker learns nothing and is worse off than not subtracting). With the
