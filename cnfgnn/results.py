@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cnfgnn import logs
+from cnfgnn.curves import open_curves
+
 #: Folder of a run directory standing in for the nodes' own disks (one machine).
 NODE_STORE = "node_store"
 #: Folder of a node's store holding its test forecasts, one file per sensor.
 NODE_FORECASTS = "forecasts"
-from cnfgnn import logs
-from cnfgnn.curves import open_curves
 
 
 def json_safe(value: Any) -> Any:

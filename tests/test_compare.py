@@ -15,8 +15,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnfgnn import compare, report
-from tests.helpers import TINY
+from cnfgnn.experiment import run_experiment
 from cnfgnn.shell import UsageError
+from tests.helpers import TINY, make_cfg
 
 
 REQUIRED = ["method", "rmse", "mae_h3", "mae_h6", "mae_h12", "bytes", "seconds"]
