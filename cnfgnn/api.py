@@ -32,9 +32,12 @@ __all__ = ["Run", "compare", "compose", "forecast", "load_run", "run_experiment"
 log = logging.getLogger(__name__)
 
 
-def run_experiment(cfg: Any, run_dir: str | Path | None = None,
-                   progress: Callable[[str], None] | None = None,
-                   engine_wrapper: Callable[[Any], Any] | None = None) -> tuple[dict, Any]:
+def run_experiment(
+    cfg: Any,
+    run_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    engine_wrapper: Callable[[Any], Any] | None = None,
+) -> tuple[dict, Any]:
     """The experiment driver: ``(final metrics, run writer)`` (the ``cnfgnn`` command's).
 
     The one place the API and the CLI import the driver from.
@@ -67,8 +70,11 @@ class Run:
         import pandas as pd
 
         path = self.dir / "metrics.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
-            if path.exists() else []
+        rows = (
+            [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            if path.exists()
+            else []
+        )
         return pd.json_normalize(rows, sep=".")
 
     @property
@@ -104,13 +110,20 @@ def load_run(path: str | Path) -> Run:
     if not final_path.is_file():
         from cnfgnn.data.errors import bad_input
 
-        raise bad_input(run_dir, "no final.json (not a finished run)",
-                        "pass a run directory written by cnfgnn or cnfgnn.train")
+        raise bad_input(
+            run_dir,
+            "no final.json (not a finished run)",
+            "pass a run directory written by cnfgnn or cnfgnn.train",
+        )
     return Run(run_dir, json.loads(final_path.read_text()))
 
 
-def train(cfg: DictConfig | Sequence[str] | None = None, *, run_dir: str | Path | None = None,
-          progress: bool | str | None = None) -> Run:
+def train(
+    cfg: DictConfig | Sequence[str] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    progress: bool | str | None = None,
+) -> Run:
     """Train and test one experiment; returns its :class:`Run`.
 
     Args:
@@ -137,8 +150,9 @@ def train(cfg: DictConfig | Sequence[str] | None = None, *, run_dir: str | Path 
     return Run(Path(writer.dir), final)
 
 
-def forecast(run: Run | str | Path, at: Any = None, *, overrides: Sequence[str] = ()
-             ) -> pd.DataFrame:
+def forecast(
+    run: Run | str | Path, at: Any = None, *, overrides: Sequence[str] = ()
+) -> pd.DataFrame:
     """Forecast the next ``out_steps`` for every sensor from the window ending at ``at``.
 
     Args:
@@ -170,9 +184,14 @@ def forecast(run: Run | str | Path, at: Any = None, *, overrides: Sequence[str] 
     return O.tidy(result, data)
 
 
-def compare(methods: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
-            budget_epochs: int | None = None, out: str | Path | None = None,
-            force: bool = False) -> pd.DataFrame:
+def compare(
+    methods: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    budget_epochs: int | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+) -> pd.DataFrame:
     """CNFGNN and baselines on one budget (``cnfgnn-compare``); returns ``comparison.csv``.
 
     Args:

@@ -43,11 +43,17 @@ def format_table(final: dict) -> str:
     for h in (3, 6, 12):
         if f"masked_mae_h{h}" in t:
             when = f"{h * step:g}min" if step else f"{h} steps"
-            rows.append(f"{when:>9} {t[f'masked_mae_h{h}']:8.3f} {t[f'masked_rmse_h{h}']:8.3f}"
-                        f" {100 * t[f'masked_mape_h{h}']:8.2f}")
-    rows.append(f"{'average':>8} {t['masked_mae']:8.3f} {t['masked_rmse']:8.3f} "
-                f"{100 * t['masked_mape']:8.2f}")
-    rows.append(f"paper protocol (unmasked, all horizons): RMSE {t['rmse']:.3f}  MAE {t['mae']:.3f}")
+            rows.append(
+                f"{when:>9} {t[f'masked_mae_h{h}']:8.3f} {t[f'masked_rmse_h{h}']:8.3f}"
+                f" {100 * t[f'masked_mape_h{h}']:8.2f}"
+            )
+    rows.append(
+        f"{'average':>8} {t['masked_mae']:8.3f} {t['masked_rmse']:8.3f} "
+        f"{100 * t['masked_mape']:8.2f}"
+    )
+    rows.append(
+        f"paper protocol (unmasked, all horizons): RMSE {t['rmse']:.3f}  MAE {t['mae']:.3f}"
+    )
     return "\n".join(rows)
 
 
@@ -62,8 +68,10 @@ def _main(cfg: DictConfig) -> None:
     run_dir = cfg.run_dir or hc.runtime.output_dir
     final, writer = run_experiment(cfg, run_dir=run_dir)
     print(format_table(final))
-    print(f"best round {final['best_round']} of {final['rounds_run']}; "
-          f"{final['bytes_total'] / 1e6:.1f} MB communicated; {final['seconds_total']:.1f} s")
+    print(
+        f"best round {final['best_round']} of {final['rounds_run']}; "
+        f"{final['bytes_total'] / 1e6:.1f} MB communicated; {final['seconds_total']:.1f} s"
+    )
     print(f"outputs: {writer.dir}")
 
 
@@ -83,8 +91,11 @@ def _run(args: list[str]) -> None:
     """Check the overrides (exit 2 with close key names), then hand over to Hydra."""
     from cnfgnn import shell
 
-    overrides = [a for a in args if "=" in a and not a.startswith("-")
-                 and not a.lstrip("+~").startswith("hydra")]
+    overrides = [
+        a
+        for a in args
+        if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
+    ]
     if not any(a in _OTHER_CONFIG or a.split("=")[0] in _OTHER_CONFIG for a in args):
         if any(a in ("-m", "--multirun") for a in args):  # sweeps: check keys, group options
             overrides = [_sweep_probe(o, shell.conf_dir()) for o in overrides]

@@ -5,7 +5,7 @@ Usage::
 
     cnfgnn-compare                                       # conf/compare/default.yaml on synthetic
     cnfgnn-compare dataset=los_loop federation.nodes_per_client=207 compare.budget_epochs=5
-    cnfgnn-compare dataset=csv dataset.series=my.csv dataset.adjacency=my_adjacency.csv compare.run=all
+    cnfgnn-compare dataset=csv dataset.series=my.csv dataset.adjacency=my_adj.csv compare.run=all
     cnfgnn-compare compare.seeds=[42,43,44]              # every method once per seed
 
 Arguments starting with ``compare.`` set keys of ``conf/compare/default.yaml``; every other
@@ -41,29 +41,38 @@ from cnfgnn.shell import UsageError, did_you_mean
 def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     """Split ``args`` into the compare settings and the overrides for every run."""
     conf = OmegaConf.load(Path(CONF_DIR) / "compare" / "default.yaml")
-    ours = [a[len("compare."):] for a in args if a.startswith("compare.")]
+    ours = [a[len("compare.") :] for a in args if a.startswith("compare.")]
     runs = [a for a in args if not a.startswith("compare.")]
     conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(ours))
     known = ("run", "budget_epochs", "patience", "out", "force", "methods", "seeds")
     unknown = sorted(set(conf.keys()) - set(known))
     if unknown:
-        raise UsageError(f"unknown setting(s) {['compare.' + u for u in unknown]}."
-                         f"{did_you_mean('compare.' + unknown[0], ['compare.' + k for k in known])}"
-                         " See conf/compare/default.yaml")
+        raise UsageError(
+            f"unknown setting(s) {['compare.' + u for u in unknown]}."
+            f"{did_you_mean('compare.' + unknown[0], ['compare.' + k for k in known])}"
+            " See conf/compare/default.yaml"
+        )
     names = list(conf.methods) if conf.run in ("all", ["all"]) else list(conf.run)
     bad = [m for m in names if m not in conf.methods]
     if bad:
-        raise UsageError(f"unknown method(s) {bad}.{did_you_mean(bad[0], list(conf.methods))} "
-                         f"Known: {list(conf.methods)}")
+        raise UsageError(
+            f"unknown method(s) {bad}.{did_you_mean(bad[0], list(conf.methods))} "
+            f"Known: {list(conf.methods)}"
+        )
     conf.run = names
     if int(conf.budget_epochs) < 1:
         raise UsageError("compare.budget_epochs must be at least 1")
     if conf.seeds is not None:
         seeds = list(conf.seeds) if OmegaConf.is_list(conf.seeds) else [conf.seeds]
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
-                or len(set(seeds)) != len(seeds):
-            raise UsageError(f"compare.seeds={conf.seeds} must be distinct whole numbers, "
-                             "e.g. compare.seeds=[42,43,44]")
+        if (
+            not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            or len(set(seeds)) != len(seeds)
+        ):
+            raise UsageError(
+                f"compare.seeds={conf.seeds} must be distinct whole numbers, "
+                "e.g. compare.seeds=[42,43,44]"
+            )
         conf.seeds = seeds
     return conf, runs
 
@@ -126,8 +135,15 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
     if run_dir.exists():  # an earlier, unfinished (or forced) try: kept aside, not deleted
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.prev-{datetime.now():%Y%m%d-%H%M%S}"))
     run_dir.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "cnfgnn.cli", *overrides, f"run_dir={run_dir}",
-           f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cnfgnn.cli",
+        *overrides,
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=null",
+    ]
     start = time.perf_counter()
     with open(run_dir / "compare.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
@@ -144,9 +160,13 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
             proc.wait()
             raise
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"method": name, "returncode": proc.returncode,
-            "seconds_wall": time.perf_counter() - start,
-            "peak_rss_mb": usage.ru_maxrss / 1024.0, "overrides": overrides}
+    return {
+        "method": name,
+        "returncode": proc.returncode,
+        "seconds_wall": time.perf_counter() - start,
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "overrides": overrides,
+    }
 
 
 class Interrupted(Exception):
@@ -177,11 +197,19 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
     manifest_path = out / "compare.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.setdefault("runs", {})
-    manifest.update({"budget_epochs": int(conf.budget_epochs), "overrides": runs, "seeds": seeds,
-                     "labels": {k: str(v.label) for k, v in conf.methods.items()}})
+    manifest.update(
+        {
+            "budget_epochs": int(conf.budget_epochs),
+            "overrides": runs,
+            "seeds": seeds,
+            "labels": {k: str(v.label) for k, v in conf.methods.items()},
+        }
+    )
     jobs = [(name, seed) for name in plans for seed in seeds]
-    print(f"cnfgnn-compare: {len(plans)} methods x {len(seeds)} seed(s) {seeds}, "
-          f"{conf.budget_epochs} local epochs per node each, output {out}")
+    print(
+        f"cnfgnn-compare: {len(plans)} methods x {len(seeds)} seed(s) {seeds}, "
+        f"{conf.budget_epochs} local epochs per node each, output {out}"
+    )
     failed = []
     for i, (name, seed) in enumerate(jobs, 1):
         run_dir = run_dir_of(out, name, seed)
@@ -200,16 +228,22 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
         manifest_path.write_text(json.dumps(manifest, indent=2))
         if record["returncode"] != 0 or not (run_dir / "final.json").exists():
             failed.append(f"{name} seed {seed}")
-            print(f"{tag} FAILED (exit {record['returncode']}); "
-                  f"log: {run_dir / 'compare.log'}", flush=True)
+            print(
+                f"{tag} FAILED (exit {record['returncode']}); log: {run_dir / 'compare.log'}",
+                flush=True,
+            )
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     from cnfgnn.report import write_report
 
-    done = [run_dir_of(out, n, s) for n, s in jobs if (run_dir_of(out, n, s) / "final.json").exists()]
+    done = [
+        run_dir_of(out, n, s) for n, s in jobs if (run_dir_of(out, n, s) / "final.json").exists()
+    ]
     if not done:
-        raise AllFailed(f"every run failed ({', '.join(failed)}); no table. "
-                        f"Their logs: {out}/<method>/seed<k>/compare.log")
+        raise AllFailed(
+            f"every run failed ({', '.join(failed)}); no table. "
+            f"Their logs: {out}/<method>/seed<k>/compare.log"
+        )
     table, files = write_report(done, out)
     return out, table, files, failed
 
@@ -218,9 +252,11 @@ def _main(args: list[str]) -> int:
     try:
         _, table, files, failed = run(args)
     except Interrupted as stop:
-        print(f"\ncnfgnn-compare: interrupted during {stop.method} seed {stop.seed} (its process "
-              f"was stopped); finished runs are kept in {stop.out}: run the same command to "
-              "continue")
+        print(
+            f"\ncnfgnn-compare: interrupted during {stop.method} seed {stop.seed} (its process "
+            f"was stopped); finished runs are kept in {stop.out}: run the same command to "
+            "continue"
+        )
         return 130
     except AllFailed as exc:
         print(f"cnfgnn-compare: {exc}", file=sys.stderr)

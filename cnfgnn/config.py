@@ -76,8 +76,11 @@ def state_root(cfg: Any, node_config: Any = None) -> Path:
     ``$CNFGNN_STATE_ROOT``, else ``engine.state_root``, else ``.tmp/node_state`` in the
     current working directory.
     """
-    for value in ((node_config or {}).get(STATE_DIR), os.environ.get(ENV_STATE_ROOT),
-                  cfg.engine.get("state_root")):
+    for value in (
+        (node_config or {}).get(STATE_DIR),
+        os.environ.get(ENV_STATE_ROOT),
+        cfg.engine.get("state_root"),
+    ):
         if value:
             return Path(str(value))
     return paths.work_dir() / ".tmp" / "node_state"
@@ -196,5 +199,7 @@ def overrides_for(cfg: Any, run_dir: str | Path, cli_overrides: list[str] | None
         text = shlex.join(overrides)
         if _plain(compose_cfg(text)) == want:
             return text
-    raise ValueError("cannot express this config as Hydra overrides of conf/ "
-                     "(the apps would compose a different experiment)")
+    raise ValueError(
+        "cannot express this config as Hydra overrides of conf/ "
+        "(the apps would compose a different experiment)"
+    )

@@ -30,8 +30,9 @@ def tags(record: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}/{k}" if prefix else str(k), v)
-        elif (isinstance(value, Real) and not isinstance(value, bool)
-              and math.isfinite(float(value))):
+        elif (
+            isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+        ):
             out[prefix] = float(value)
 
     for key, value in record.items():
@@ -40,7 +41,7 @@ def tags(record: dict[str, Any]) -> dict[str, float]:
         if key.endswith("_loss"):
             walk(f"loss/{key}", value)
         elif key.startswith("val_"):
-            walk(f"val/{key[len('val_'):]}", value)
+            walk(f"val/{key[len('val_') :]}", value)
         elif key == "seconds_round":
             walk("seconds/round", value)
         else:
@@ -55,8 +56,10 @@ class TensorBoardCurves:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # tensorboard is an optional dependency
-            raise ImportError("logger=tensorboard needs the tensorboard package. Fix: "
-                              "pip install 'cnfgnn[tensorboard]' (or logger=none)") from exc
+            raise ImportError(
+                "logger=tensorboard needs the tensorboard package. Fix: "
+                "pip install 'cnfgnn[tensorboard]' (or logger=none)"
+            ) from exc
         self.dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.dir))
 

@@ -6,21 +6,20 @@ columns of the series; the server orchestration gets only the graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cnfgnn.baselines.centralized import CentralTrainer
 from cnfgnn import machine
+from cnfgnn.baselines.centralized import CentralTrainer
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.nodes import client_groups
 from cnfgnn.device import resolve_device
 from cnfgnn.federation.engines import InProcessEngine
-from cnfgnn.federation.inference import PER_NODE_METHODS
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.flower.simulation import run_simulation_experiment
@@ -30,8 +29,9 @@ from cnfgnn.results import NODE_STORE, RunWriter  # NODE_STORE: the nodes' disks
 log = logging.getLogger(__name__)
 
 
-def build_workers(cfg: Any, data: SensorData, device: torch.device,
-                  store: str | Path | None = None) -> dict[int, NodeWorker]:
+def build_workers(
+    cfg: Any, data: SensorData, device: torch.device, store: str | Path | None = None
+) -> dict[int, NodeWorker]:
     """One worker per client, each holding only its own nodes' columns.
 
     ``store``: the nodes' own disk (each sensor's kept model for per-node methods, its test
@@ -40,16 +40,24 @@ def build_workers(cfg: Any, data: SensorData, device: torch.device,
     tod = data.time_of_day()
     workers = {}
     for cid, nodes in enumerate(client_groups(cfg, data)):
-        series = LocalSeries.from_arrays(nodes, [data.sensor_ids[i] for i in nodes],
-                                         data.speed[:, nodes], data.mask[:, nodes], tod,
-                                         cfg.dataset)
+        series = LocalSeries.from_arrays(
+            nodes,
+            [data.sensor_ids[i] for i in nodes],
+            data.speed[:, nodes],
+            data.mask[:, nodes],
+            tod,
+            cfg.dataset,
+        )
         workers[cid] = NodeWorker(series, cfg, device, store=store)
     return workers
 
 
-def run_experiment(cfg: Any, run_dir: str | Path | None = None,
-                   progress: Callable[[str], None] = log.info,
-                   engine_wrapper: Callable[[Any], Any] | None = None) -> tuple[dict, RunWriter]:
+def run_experiment(
+    cfg: Any,
+    run_dir: str | Path | None = None,
+    progress: Callable[[str], None] = log.info,
+    engine_wrapper: Callable[[Any], Any] | None = None,
+) -> tuple[dict, RunWriter]:
     """Load the data, build the engine named in ``cfg.engine.name``, train and test.
 
     Args:
@@ -68,9 +76,11 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
     name = str(cfg.engine.name)
     if str(cfg.federation.method) == "central":  # pooled data: no federation, no engine
         writer = RunWriter(cfg, run_dir)
-        progress(f"central ({'GRU + GN' if cfg.model.graph_embedding else 'GRU'}) on {data.name}: "
-                 f"{data.num_nodes} nodes, {data.num_steps} steps, device={device}, "
-                 f"output={writer.dir}")
+        progress(
+            f"central ({'GRU + GN' if cfg.model.graph_embedding else 'GRU'}) on {data.name}: "
+            f"{data.num_nodes} nodes, {data.num_steps} steps, device={device}, "
+            f"output={writer.dir}"
+        )
         final = CentralTrainer(cfg, data, writer, progress, device).run()
         return _finish(final, writer, data, "central")
     writer = None
@@ -78,26 +88,31 @@ def run_experiment(cfg: Any, run_dir: str | Path | None = None,
         writer = RunWriter(cfg, run_dir)  # forecasts on their own disk, here <run>/node_store/
         engine: Any = InProcessEngine(build_workers(cfg, data, device, writer.dir / NODE_STORE))
     elif name == "simulation":  # Flower simulation: the ServerApp runs the Orchestrator
-        return run_simulation_experiment(cfg, len(client_groups(cfg, data)), run_dir,
-                                         progress, engine_wrapper)
+        return run_simulation_experiment(
+            cfg, len(client_groups(cfg, data)), run_dir, progress, engine_wrapper
+        )
     else:
-        raise ValueError(f"unknown engine {name!r}; available: inprocess, simulation "
-                         "(deployment: cnfgnn-deploy and `flwr run .`)")
+        raise ValueError(
+            f"unknown engine {name!r}; available: inprocess, simulation "
+            "(deployment: cnfgnn-deploy and `flwr run .`)"
+        )
     if engine_wrapper is not None:
         engine = engine_wrapper(engine)
     writer = writer or RunWriter(cfg, run_dir)
-    progress(f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
-             f"{data.num_steps} steps, engine={name}, device={device}, output={writer.dir}")
+    progress(
+        f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
+        f"{data.num_steps} steps, engine={name}, device={device}, output={writer.dir}"
+    )
     final = Orchestrator(cfg, engine, graph, writer, progress, device).run()
     return _finish(final, writer, data, name, str(cfg.federation.method))
 
 
-def _finish(final: dict, writer: RunWriter, data: SensorData, engine: str,
-            method: str = "central") -> tuple[dict, RunWriter]:
+def _finish(
+    final: dict, writer: RunWriter, data: SensorData, engine: str, method: str = "central"
+) -> tuple[dict, RunWriter]:
     final["method"] = method
     final["engine"] = engine
     final["interval_minutes"] = data.interval_minutes  # the data's step length
-    final["plots"] = [str(p) for p in plot_run(writer.dir, data.locations,
-                                               data.interval_minutes)]
+    final["plots"] = [str(p) for p in plot_run(writer.dir, data.locations, data.interval_minutes)]
     writer.write_final(final)
     return final, writer

@@ -75,8 +75,9 @@ def setup(verbose: bool = False, stream=None) -> logging.Logger:
 def has_console() -> bool:
     """True when :func:`setup` installed the console handler (or the root has handlers)."""
     logger = logging.getLogger(ROOT_LOGGER)
-    return (any(isinstance(h, ConsoleHandler) for h in logger.handlers)
-            or bool(logging.getLogger().handlers))
+    return any(isinstance(h, ConsoleHandler) for h in logger.handlers) or bool(
+        logging.getLogger().handlers
+    )
 
 
 def attach_run_log(run_dir: str | Path) -> Path:

@@ -40,5 +40,4 @@ def apply(cfg: Any) -> None:
 
     n = set_threads(cfg.get("threads"))
     progress.configure(cfg.get("progress", "auto"))
-    log.debug("torch threads: %d (threads=%s), device=%s", n, cfg.get("threads"),
-              cfg.get("device"))
+    log.debug("torch threads: %d (threads=%s), device=%s", n, cfg.get("threads"), cfg.get("device"))

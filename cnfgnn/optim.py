@@ -15,6 +15,7 @@ def make_adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.
     0.59 s to 0.11 s (2 threads) and from 0.07 s to 0.03 s (1 thread).
     """
     params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                 for p in params)
+    fused = bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

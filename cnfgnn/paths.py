@@ -22,7 +22,7 @@ from pathlib import Path
 ENV_CONF = "CNFGNN_CONF"
 RESOLVER = "cnfgnn_data"
 _INSTALLED = {"conf": "conf", "data": "bundled"}  # name inside the installed package
-_SOURCE = {"conf": "conf", "data": "data"}         # name at the checkout's top level
+_SOURCE = {"conf": "conf", "data": "data"}  # name at the checkout's top level
 
 
 def _package_dir() -> Path:
@@ -38,7 +38,8 @@ def _locate(kind: str, marker: str) -> Path:
         f"cnfgnn: no {kind} directory with {marker} in {pkg / _INSTALLED[kind]} (installed "
         f"package) or {pkg.parent / _SOURCE[kind]} (source checkout). Fix: reinstall cnfgnn "
         f"from its wheel, or run from a complete checkout"
-        + (f" (or set ${ENV_CONF} to a config directory)" if kind == "conf" else ""))
+        + (f" (or set ${ENV_CONF} to a config directory)" if kind == "conf" else "")
+    )
 
 
 def conf_dir() -> Path:

@@ -20,7 +20,9 @@ import numpy as np  # noqa: E402
 
 def _rounds(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return (
+        [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    )
 
 
 def plot_validation(run: Path) -> Path | None:
@@ -48,7 +50,9 @@ def plot_bytes(run: Path) -> Path | None:
     if not rounds or "bytes" not in rounds[0]:
         return None
     phases = sorted({p for x in rounds for p in x["bytes"]})
-    cum = {p: np.array([sum(x["bytes"].get(p, {}).values()) for x in rounds], float) for p in phases}
+    cum = {
+        p: np.array([sum(x["bytes"].get(p, {}).values()) for x in rounds], float) for p in phases
+    }
     per_round = {p: np.diff(np.concatenate([[0.0], v])) for p, v in cum.items()}
     r = np.array([x["round"] for x in rounds])
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -62,8 +66,14 @@ def plot_bytes(run: Path) -> Path | None:
     if bottom.sum() > 0:
         ax.legend(fontsize=8)
     else:  # centralised and local baselines communicate nothing during training
-        ax.text(0.5, 0.5, "no communication during training", transform=ax.transAxes,
-                ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            "no communication during training",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, run / "plots" / "bytes_per_round.png")
 
@@ -77,8 +87,9 @@ def horizon_axis(steps: int, interval_minutes: float | None) -> tuple[np.ndarray
     return h * float(interval_minutes), "horizon (minutes)"
 
 
-def plot_horizons(runs: list[Path], out: Path, interval_minutes: float | None = None
-                  ) -> Path | None:
+def plot_horizons(
+    runs: list[Path], out: Path, interval_minutes: float | None = None
+) -> Path | None:
     """Masked MAE and unmasked RMSE per horizon step, one line per run (method); the step
     length is the run's own (``final.json``), else ``interval_minutes``."""
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -92,8 +103,9 @@ def plot_horizons(runs: list[Path], out: Path, interval_minutes: float | None = 
         if not ph:
             continue
         label = data.get("method", run.parent.name)
-        steps, xlabel = horizon_axis(len(ph["masked_mae"]),
-                                     data.get("interval_minutes", interval_minutes))
+        steps, xlabel = horizon_axis(
+            len(ph["masked_mae"]), data.get("interval_minutes", interval_minutes)
+        )
         ax[0].plot(steps, ph["masked_mae"], marker="o", label=label)
         ax[1].plot(steps, ph["rmse"], marker="o", label=label)
         drawn = True
@@ -125,21 +137,27 @@ def plot_sensor_map(run: Path, locations: np.ndarray | None = None) -> Path | No
         xy = np.asarray(locations)[:, ::-1]  # (lon, lat)
         xlabel, ylabel = "longitude", "latitude"
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis", s=40, edgecolors="k", linewidths=0.3)
+    sc = ax.scatter(
+        xy[:, 0], xy[:, 1], c=values, cmap="viridis", s=40, edgecolors="k", linewidths=0.3
+    )
     fig.colorbar(sc, ax=ax, label="test RMSE (unmasked)")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="Test RMSE per sensor")
     return _save(fig, run / "plots" / "sensor_rmse_map.png")
 
 
-def plot_run(run: str | Path, locations: np.ndarray | None = None,
-             interval_minutes: float | None = None) -> list[Path]:
+def plot_run(
+    run: str | Path, locations: np.ndarray | None = None, interval_minutes: float | None = None
+) -> list[Path]:
     """Every single-run plot; returns the files written. ``interval_minutes``: the data's
     step length (horizons in minutes)."""
     run = Path(run)
     (run / "plots").mkdir(exist_ok=True)
-    out = [plot_validation(run), plot_bytes(run),
-           plot_horizons([run], run / "plots" / "horizons.png", interval_minutes),
-           plot_sensor_map(run, locations)]
+    out = [
+        plot_validation(run),
+        plot_bytes(run),
+        plot_horizons([run], run / "plots" / "horizons.png", interval_minutes),
+        plot_sensor_map(run, locations),
+    ]
     return [p for p in out if p is not None]
 
 

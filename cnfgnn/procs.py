@@ -106,27 +106,42 @@ class ProcessSet:
         self.procs: dict[str, Proc] = {}
         self.history: list[tuple[str, int]] = []  # every (name, process group) started
 
-    def start(self, name: str, argv: Sequence[str], cwd: Path = ROOT,
-              env: dict[str, str] | None = None, log_name: str | None = None,
-              join: str | None = None, log_path: Path | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+        log_name: str | None = None,
+        join: str | None = None,
+        log_path: Path | None = None,
+    ) -> Proc:
         """Start ``argv`` as a new process group (or in the group of the running process
         ``join``, stopped with it); ``name`` must not be running already. Its output goes
         to ``log_path`` (default ``log_dir/<log_name or name>.log``)."""
         if name in self.procs and self.procs[name].alive():
-            raise RuntimeError(f"{name} is already running (pid {self.procs[name].pid}); "
-                               "stop it first")
+            raise RuntimeError(
+                f"{name} is already running (pid {self.procs[name].pid}); stop it first"
+            )
         log_path = Path(log_path) if log_path else self.log_dir / f"{log_name or name}.log"
         with open(log_path, "ab") as log:
-            log.write(f"\n===== {time.strftime('%H:%M:%S')} start {name}: "
-                      f"{' '.join(map(str, argv))}\n".encode())
+            log.write(
+                f"\n===== {time.strftime('%H:%M:%S')} start {name}: "
+                f"{' '.join(map(str, argv))}\n".encode()
+            )
             log.flush()
             group = {"start_new_session": True}
             if join is not None:
                 group = {"process_group": self.procs[join].pgid}
-            popen = subprocess.Popen([str(a) for a in argv], cwd=str(cwd),
-                                     env=self.env | (env or {}), stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     **group)
+            popen = subprocess.Popen(
+                [str(a) for a in argv],
+                cwd=str(cwd),
+                env=self.env | (env or {}),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                **group,
+            )
         proc = Proc(name, popen, log_path, popen.pid if join is None else self.procs[join].pgid)
         self.procs[name] = proc
         self.history.append((name, proc.pgid))
@@ -165,7 +180,8 @@ class ProcessSet:
             self._signal_group(self.procs[name], signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(
-                self.procs[n].alive() or self.procs[n].group_pids() for n in names):
+            self.procs[n].alive() or self.procs[n].group_pids() for n in names
+        ):
             time.sleep(0.1)
         for name in names:
             self.stop(name, grace_s=0.0, sig=signal.SIGKILL)
@@ -199,6 +215,7 @@ class Interrupted(BaseException):
 def raise_on_signals(extra: Callable[[], None] | None = None) -> Callable[[], None]:
     """Make SIGTERM and SIGHUP raise :class:`Interrupted` (SIGINT already raises
     KeyboardInterrupt). Returns a function restoring the previous handlers."""
+
     def handler(signum, _frame):
         if extra is not None:
             extra()
@@ -209,4 +226,5 @@ def raise_on_signals(extra: Callable[[], None] | None = None) -> Callable[[], No
     def restore() -> None:
         for s, h in old.items():
             signal.signal(s, h)
+
     return restore

@@ -64,8 +64,11 @@ def _size() -> tuple[int | None, int | None]:
         size = os.get_terminal_size(sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):
         return FALLBACK_SIZE
-    return (size.columns or FALLBACK_SIZE[0], size.lines or FALLBACK_SIZE[1]) \
-        if not (size.columns and size.lines) else (None, None)
+    return (
+        (size.columns or FALLBACK_SIZE[0], size.lines or FALLBACK_SIZE[1])
+        if not (size.columns and size.lines)
+        else (None, None)
+    )
 
 
 class _Phase:
@@ -80,9 +83,18 @@ class _Phase:
             from tqdm import tqdm
 
             cols, rows = _size()
-            self.bar = tqdm(total=total, desc=name, unit=unit, leave=False, file=sys.stderr,
-                            dynamic_ncols=cols is None, ncols=cols, nrows=rows,
-                            mininterval=0.25, smoothing=0.1)
+            self.bar = tqdm(
+                total=total,
+                desc=name,
+                unit=unit,
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=cols is None,
+                ncols=cols,
+                nrows=rows,
+                mininterval=0.25,
+                smoothing=0.1,
+            )
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -100,8 +112,9 @@ class _Phase:
             return
         if _mode is not False and time.monotonic() - self.last_text >= TEXT_INTERVAL_S:
             self.last_text = time.monotonic()
-            log.info("  %s: %d/%d clients answered (%.0f s)", self.name, k, n,
-                     time.monotonic() - self.t0)
+            log.info(
+                "  %s: %d/%d clients answered (%.0f s)", self.name, k, n, time.monotonic() - self.t0
+            )
 
     def close(self) -> None:
         seconds = time.monotonic() - self.t0
@@ -112,8 +125,9 @@ class _Phase:
 
 
 @contextmanager
-def phase(name: str, total: int | None = None, unit: str = "win",
-          clients: int | None = None) -> Iterator[_Phase]:
+def phase(
+    name: str, total: int | None = None, unit: str = "win", clients: int | None = None
+) -> Iterator[_Phase]:
     """Count a phase's work: ``total`` units (windows); ``clients`` when the bar should
     also move as that many clients answer (their own loops run elsewhere)."""
     p = _Phase(name, total, unit, clients)
@@ -137,8 +151,13 @@ def answered(k: int, n: int) -> None:
         _stack[-1].answered(k, n)
 
 
-def send(phase_name: str, message_type: str, payloads: Mapping[int, Mapping[str, Any]],
-         num_windows: Mapping[str, int], local_epochs: int) -> AbstractContextManager[Any]:
+def send(
+    phase_name: str,
+    message_type: str,
+    payloads: Mapping[int, Mapping[str, Any]],
+    num_windows: Mapping[str, int],
+    local_epochs: int,
+) -> AbstractContextManager[Any]:
     """The phase of one orchestrator send: a bar for the sends that loop over a node's
     windows (local training, encoding, evaluation), nothing for the others (the
     split-learning steps count in their epoch's phase)."""
@@ -155,8 +174,11 @@ def send(phase_name: str, message_type: str, payloads: Mapping[int, Mapping[str,
         per_client = int(num_windows.get(split, 0))
         if message_type == P.EVALUATE and P.H_G not in first:  # the node encodes there too
             per_client *= 2
-        name = phase_name if message_type == P.EVALUATE or phase_name == "encode" \
+        name = (
+            phase_name
+            if message_type == P.EVALUATE or phase_name == "encode"
             else f"{phase_name} encode"
+        )
     else:
         return nullcontext()
     return phase(name, per_client * len(payloads), clients=len(payloads))

@@ -51,7 +51,8 @@ from cnfgnn.shell import UsageError  # noqa: E402
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
 # (docs/method.md §8.1; model sizes of the baseline rows not stated there). Los-loop: the
-# authors' code after 5 rounds, seed 42 (docs/design.md §8). Keys: (dataset name, '-' read as '_'; family).
+# authors' code after 5 rounds, seed 42 (docs/design.md §8). Keys: (dataset name, '-' read as
+# '_'; family).
 REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
     ("metr_la", "central_gru"): (11.787, "paper Table 2 (secondary source)"),
     ("metr_la", "local"): (12.224, "paper Table 2 (secondary source)"),
@@ -68,16 +69,70 @@ REFERENCE_RMSE: dict[tuple[str, str], tuple[float, str]] = {
 }
 
 #: Columns averaged over seeds (each gets a ``<column>_std`` column in the mean rows).
-METRICS = ["rmse", "mae", "mae_h3", "mae_h6", "mae_h12", "masked_mae", "rmse_h3", "rmse_h6",
-           "rmse_h12", "masked_rmse", "mape_h3", "mape_h6", "mape_h12", "masked_mape",
-           "rmse_seen", "rmse_unseen", "masked_mae_seen", "masked_mae_unseen", "bytes", "seconds",
-           "peak_rss_mb", "local_epochs", "rounds_run", "best_round"]
-COLUMNS = ["method", "label", "dataset", "graph", "seed", "runs", "rmse", "mae", "mae_h3", "mae_h6",
-           "mae_h12", "masked_mae", "rmse_h3", "rmse_h6", "rmse_h12", "masked_rmse", "mape_h3",
-           "mape_h6", "mape_h12", "masked_mape", "rmse_seen", "rmse_unseen", "masked_mae_seen",
-           "masked_mae_unseen", "params_node", "params_server", "bytes", "seconds",
-           "peak_rss_mb", "local_epochs", "rounds_run", "best_round", "interval_minutes",
-           "reference_rmse", "reference", "run_dir"] + [f"{m}_std" for m in METRICS]
+METRICS = [
+    "rmse",
+    "mae",
+    "mae_h3",
+    "mae_h6",
+    "mae_h12",
+    "masked_mae",
+    "rmse_h3",
+    "rmse_h6",
+    "rmse_h12",
+    "masked_rmse",
+    "mape_h3",
+    "mape_h6",
+    "mape_h12",
+    "masked_mape",
+    "rmse_seen",
+    "rmse_unseen",
+    "masked_mae_seen",
+    "masked_mae_unseen",
+    "bytes",
+    "seconds",
+    "peak_rss_mb",
+    "local_epochs",
+    "rounds_run",
+    "best_round",
+]
+COLUMNS = [
+    "method",
+    "label",
+    "dataset",
+    "graph",
+    "seed",
+    "runs",
+    "rmse",
+    "mae",
+    "mae_h3",
+    "mae_h6",
+    "mae_h12",
+    "masked_mae",
+    "rmse_h3",
+    "rmse_h6",
+    "rmse_h12",
+    "masked_rmse",
+    "mape_h3",
+    "mape_h6",
+    "mape_h12",
+    "masked_mape",
+    "rmse_seen",
+    "rmse_unseen",
+    "masked_mae_seen",
+    "masked_mae_unseen",
+    "params_node",
+    "params_server",
+    "bytes",
+    "seconds",
+    "peak_rss_mb",
+    "local_epochs",
+    "rounds_run",
+    "best_round",
+    "interval_minutes",
+    "reference_rmse",
+    "reference",
+    "run_dir",
+] + [f"{m}_std" for m in METRICS]
 #: Config keys that differ between the seeds of one setting (left out when grouping runs).
 PER_RUN_KEYS = ("seed", "run_dir", "output_root", "name", "resume", "hydra")
 
@@ -127,10 +182,17 @@ def describe(cfg: DictConfig, params_node: int) -> str:
     size = f"{round(params_node / 1000)}K"
     method = str(cfg.federation.method)
     if method == "central":
-        return "GRU + GN (centralized)" if cfg.model.graph_embedding else f"GRU (centralized, {size})"
-    return {"cnfgnn": "CNFGNN", "local": f"GRU (local, {size})", "fedavg": f"GRU ({size}) + FedAvg",
-            "fmtl": f"GRU ({size}) + FMTL", "split_learning": "Split learning",
-            "at_no_fedavg": "AT w/o FedAvg"}.get(method, method)
+        return (
+            "GRU + GN (centralized)" if cfg.model.graph_embedding else f"GRU (centralized, {size})"
+        )
+    return {
+        "cnfgnn": "CNFGNN",
+        "local": f"GRU (local, {size})",
+        "fedavg": f"GRU ({size}) + FedAvg",
+        "fmtl": f"GRU ({size}) + FMTL",
+        "split_learning": "Split learning",
+        "at_no_fedavg": "AT w/o FedAvg",
+    }.get(method, method)
 
 
 def _failed_runs(p: Path) -> str:
@@ -142,8 +204,10 @@ def _failed_runs(p: Path) -> str:
     if not records:
         return ""
     failed = [f"{k} (exit {r.get('returncode')})" for k, r in records.items()]
-    return (f": every one of its {len(records)} runs failed ({', '.join(failed[:8])}); "
-            f"their logs: {p}/<method>/seed<k>/compare.log")
+    return (
+        f": every one of its {len(records)} runs failed ({', '.join(failed[:8])}); "
+        f"their logs: {p}/<method>/seed<k>/compare.log"
+    )
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -156,11 +220,18 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if (p / "final.json").exists():
             runs.append(p)
             continue
-        found = sorted({f.parent for pat in ("*/final.json", "*/*/final.json") for f in p.glob(pat)
-                        if ".prev-" not in f.parent.relative_to(p).as_posix()})
+        found = sorted(
+            {
+                f.parent
+                for pat in ("*/final.json", "*/*/final.json")
+                for f in p.glob(pat)
+                if ".prev-" not in f.parent.relative_to(p).as_posix()
+            }
+        )
         if not found:
-            raise UsageError(f"no finished run (final.json) in {p} or two levels "
-                             f"below{_failed_runs(p)}")
+            raise UsageError(
+                f"no finished run (final.json) in {p} or two levels below{_failed_runs(p)}"
+            )
         runs.extend(found)
     return runs
 
@@ -191,11 +262,19 @@ def row(run: Run) -> dict[str, Any]:
     """The table row of one run (metrics in original units; MAPE in percent)."""
     t, f = run.final["test"], run.final
     ref = REFERENCE_RMSE.get((str(run.cfg.dataset.name).replace("-", "_"), run.family))
-    r: dict[str, Any] = {"method": run.key, "label": run.label, "dataset": str(run.cfg.dataset.name),
-                         "seed": run.seed, "runs": None,
-                         "graph": f.get("graph") or graph_label(run.cfg.dataset),
-                         "rmse": t["rmse"], "mae": t["mae"], "masked_mae": t["masked_mae"],
-                         "masked_rmse": t["masked_rmse"], "masked_mape": 100 * t["masked_mape"]}
+    r: dict[str, Any] = {
+        "method": run.key,
+        "label": run.label,
+        "dataset": str(run.cfg.dataset.name),
+        "seed": run.seed,
+        "runs": None,
+        "graph": f.get("graph") or graph_label(run.cfg.dataset),
+        "rmse": t["rmse"],
+        "mae": t["mae"],
+        "masked_mae": t["masked_mae"],
+        "masked_rmse": t["masked_rmse"],
+        "masked_mape": 100 * t["masked_mape"],
+    }
     for part in ("seen", "unseen"):  # inductive runs: nodes trained on / held out
         m = f.get(f"test_{part}") or {}
         r[f"rmse_{part}"], r[f"masked_mae_{part}"] = m.get("rmse"), m.get("masked_mae")
@@ -205,13 +284,20 @@ def row(run: Run) -> dict[str, Any]:
         mape = t.get(f"masked_mape_h{h}")
         r[f"mape_h{h}"] = None if mape is None else 100 * mape
     params = f.get("parameters", {})
-    r.update(params_node=params.get("node"), params_server=params.get("server"),
-             bytes=f.get("bytes_total"), seconds=f.get("seconds_total"),
-             peak_rss_mb=run.record.get("peak_rss_mb"),
-             local_epochs=f.get("rounds_run", 0) * run.epochs_per_round,
-             rounds_run=f.get("rounds_run"), best_round=f.get("best_round"),
-             interval_minutes=f.get("interval_minutes"), reference_rmse=ref[0] if ref else None, reference=ref[1] if ref else None,
-             run_dir=str(run.path))
+    r.update(
+        params_node=params.get("node"),
+        params_server=params.get("server"),
+        bytes=f.get("bytes_total"),
+        seconds=f.get("seconds_total"),
+        peak_rss_mb=run.record.get("peak_rss_mb"),
+        local_epochs=f.get("rounds_run", 0) * run.epochs_per_round,
+        rounds_run=f.get("rounds_run"),
+        best_round=f.get("best_round"),
+        interval_minutes=f.get("interval_minutes"),
+        reference_rmse=ref[0] if ref else None,
+        reference=ref[1] if ref else None,
+        run_dir=str(run.path),
+    )
     return r
 
 
@@ -252,11 +338,25 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for the seeds of a method: every metric column's mean and ``<column>_std``;
     ``seed`` left empty, ``runs`` = the number of seeds."""
     first = rows[0]
-    r: dict[str, Any] = {k: first.get(k) for k in ("method", "label", "dataset", "graph", "params_node",
-                                                   "params_server", "interval_minutes",
-                                                   "reference_rmse", "reference")}
-    r.update(seed=None, runs=len(rows),
-             run_dir=str(Path(first["run_dir"]).parent) if len(rows) > 1 else first["run_dir"])
+    r: dict[str, Any] = {
+        k: first.get(k)
+        for k in (
+            "method",
+            "label",
+            "dataset",
+            "graph",
+            "params_node",
+            "params_server",
+            "interval_minutes",
+            "reference_rmse",
+            "reference",
+        )
+    }
+    r.update(
+        seed=None,
+        runs=len(rows),
+        run_dir=str(Path(first["run_dir"]).parent) if len(rows) > 1 else first["run_dir"],
+    )
     for m in METRICS:
         r[m], r[f"{m}_std"] = _mean_std([x.get(m) for x in rows])
     return r
@@ -299,23 +399,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     when = _horizon_head(rows)
     seeds = any(r.get("runs") for r in rows)
     inductive = any(r.get("rmse_seen") is not None for r in rows)
-    head = (f"| method | {'seeds | ' if seeds else ''}RMSE (paper) | MAE | MAE {when} "
-            f"| RMSE {when} | MAPE % {when} "
-            f"| {'RMSE seen / unseen | ' if inductive else ''}"
-            "params node + server | bytes | seconds | epochs | reported RMSE |")
+    head = (
+        f"| method | {'seeds | ' if seeds else ''}RMSE (paper) | MAE | MAE {when} "
+        f"| RMSE {when} | MAPE % {when} "
+        f"| {'RMSE seen / unseen | ' if inductive else ''}"
+        "params node + server | bytes | seconds | epochs | reported RMSE |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ref = f"{r['reference_rmse']:.3f} ({r['reference']})" if r["reference_rmse"] else "–"
-        seed = (f"{r['runs']} seeds" if r.get("runs") else f"seed {_fmt(r.get('seed'))}")
+        seed = f"{r['runs']} seeds" if r.get("runs") else f"seed {_fmt(r.get('seed'))}"
         lines.append(
-            f"| {r['label']} | {seed + ' | ' if seeds else ''}{_cell(r, 'rmse')} | {_cell(r, 'mae')} "
+            f"| {r['label']} | {seed + ' | ' if seeds else ''}{_cell(r, 'rmse')} "
+            f"| {_cell(r, 'mae')} "
             f"| {_cell(r, 'mae_h3')} / {_cell(r, 'mae_h6')} / {_cell(r, 'mae_h12')} "
             f"| {_cell(r, 'rmse_h3')} / {_cell(r, 'rmse_h6')} / {_cell(r, 'rmse_h12')} "
             f"| {_cell(r, 'mape_h3', 2)} / {_cell(r, 'mape_h6', 2)} / {_cell(r, 'mape_h12', 2)} "
             + (f"| {_cell(r, 'rmse_seen')} / {_cell(r, 'rmse_unseen')} " if inductive else "")
             + f"| {_size(r['params_node'], '')} + {_size(r['params_server'], '')} "
             f"| {_size(r['bytes'])} | {_fmt(r['seconds'], 1)} | {_fmt(r['local_epochs'], 1)} "
-            f"| {ref} |")
+            f"| {ref} |"
+        )
     return "\n".join(lines)
 
 
@@ -328,8 +432,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_forecasts(runs: list[Run], out: Path, data: Any,
-                   horizons: tuple[int, ...] = (3, 12)) -> Path | None:
+def plot_forecasts(
+    runs: list[Run], out: Path, data: Any, horizons: tuple[int, ...] = (3, 12)
+) -> Path | None:
     """Forecasts ``horizons`` steps ahead against the truth, a row per sensor, over the
     kept test period (``predictions.hours``), one line per method whose forecasts are
     reachable (:func:`cnfgnn.results.read_predictions`)."""
@@ -340,8 +445,13 @@ def plot_forecasts(runs: list[Run], out: Path, data: Any,
         return None
     col = {s: i for i, s in enumerate(data.sensor_ids)}
     sensors = [str(s) for s in kept[0][1]["sensor_ids"]]
-    fig, axes = plt.subplots(len(sensors), len(horizons), figsize=(6.5 * len(horizons), 2.6 * len(sensors)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(sensors),
+        len(horizons),
+        figsize=(6.5 * len(horizons), 2.6 * len(sensors)),
+        squeeze=False,
+        sharex=True,
+    )
     for j, h in enumerate(horizons):
         for i, sensor in enumerate(sensors):
             ax = axes[i, j]
@@ -356,8 +466,12 @@ def plot_forecasts(runs: list[Run], out: Path, data: Any,
                     truth = np.where(obs, data.speed[t, col[sensor]], np.nan)
                     ax.plot(data.timestamps[t], truth, color="k", lw=1.6, label="observed")
                     first = False
-                ax.plot(data.timestamps[t], npz["forecast"][:, h - 1, ids.index(sensor)], lw=1.0,
-                        label=run.label)
+                ax.plot(
+                    data.timestamps[t],
+                    npz["forecast"][:, h - 1, ids.index(sensor)],
+                    lw=1.0,
+                    label=run.label,
+                )
             ax.set_title(f"sensor {sensor}: {h * data.interval_minutes:g} min ahead", fontsize=9)
             ax.set_ylabel("speed")
             ax.grid(alpha=0.3)
@@ -378,11 +492,15 @@ def plot_horizons(runs: list[Run], out: Path, interval_minutes: float | None = N
         ph = run.final.get("test_per_horizon")
         if not ph:
             continue
-        x, xlabel = horizon_axis(len(ph["rmse"]), run.final.get("interval_minutes", interval_minutes))
+        x, xlabel = horizon_axis(
+            len(ph["rmse"]), run.final.get("interval_minutes", interval_minutes)
+        )
         ax[0].plot(x, ph["masked_mae"], marker="o", ms=3, label=run.label)
         ax[1].plot(x, ph["rmse"], marker="o", ms=3, label=run.label)
     ax[0].set(xlabel=xlabel, ylabel="masked MAE", title="Test error per horizon (field's protocol)")
-    ax[1].set(xlabel=xlabel, ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)")
+    ax[1].set(
+        xlabel=xlabel, ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)"
+    )
     for a in ax:
         a.grid(alpha=0.3)
     ax[0].legend(fontsize=8)
@@ -396,7 +514,9 @@ def plot_sensor_maps(runs: list[Run], out: Path, data: Any) -> Path | None:
     per = [(r, p) for r, p in per if p]
     if not per:
         return None
-    values = np.array([[np.nan if p.get(s) is None else p[s] for s in data.sensor_ids] for _, p in per])
+    values = np.array(
+        [[np.nan if p.get(s) is None else p[s] for s in data.sensor_ids] for _, p in per]
+    )
     if data.locations is not None:
         xy, labels = data.locations[:, ::-1], ("longitude", "latitude")
     else:
@@ -409,11 +529,22 @@ def plot_sensor_maps(runs: list[Run], out: Path, data: Any) -> Path | None:
     fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.8 * rows_), squeeze=False)
     for k, (run, _) in enumerate(per):
         ax = axes[k // cols, k % cols]
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=values[k], cmap="viridis", vmin=lo, vmax=hi, s=22,
-                        edgecolors="k", linewidths=0.2)
+        sc = ax.scatter(
+            xy[:, 0],
+            xy[:, 1],
+            c=values[k],
+            cmap="viridis",
+            vmin=lo,
+            vmax=hi,
+            s=22,
+            edgecolors="k",
+            linewidths=0.2,
+        )
         ax.set_title(f"{run.label}\nmean {np.nanmean(values[k]):.2f}", fontsize=9)
-        ax.set(xlabel=labels[0] if k + cols >= len(per) else None,  # bottom panel of a column
-               ylabel=labels[1] if k % cols == 0 else None)
+        ax.set(
+            xlabel=labels[0] if k + cols >= len(per) else None,  # bottom panel of a column
+            ylabel=labels[1] if k % cols == 0 else None,
+        )
         ax.ticklabel_format(useOffset=False, style="plain")
         ax.locator_params(nbins=4)
         ax.tick_params(labelsize=7)
@@ -428,7 +559,9 @@ def plot_sensor_maps(runs: list[Run], out: Path, data: Any) -> Path | None:
 
 def _metrics(run: Run) -> list[dict[str, Any]]:
     path = run.path / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return (
+        [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    )
 
 
 def plot_validation(runs: list[Run], out: Path) -> Path | None:
@@ -438,14 +571,22 @@ def plot_validation(runs: list[Run], out: Path) -> Path | None:
     for run in runs:
         recs = _metrics(run)
         if recs:
-            ax.plot([x["round"] * run.epochs_per_round for x in recs], [x["val_rmse"] for x in recs],
-                    marker="o", ms=3, label=run.label)
+            ax.plot(
+                [x["round"] * run.epochs_per_round for x in recs],
+                [x["val_rmse"] for x in recs],
+                marker="o",
+                ms=3,
+                label=run.label,
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="local epochs per node", ylabel="validation RMSE (unmasked)",
-           title="Validation error per round")
+    ax.set(
+        xlabel="local epochs per node",
+        ylabel="validation RMSE (unmasked)",
+        title="Validation error per round",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out / "validation.png")
@@ -461,15 +602,18 @@ def plot_bytes(runs: list[Run], out: Path) -> Path | None:
     phases = sorted({p for r in runs for p in (r.final.get("bytes") or {})})
     if not phases:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(runs) + 2.2), sharey=True,
-                             gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(
+        1, 2, figsize=(12, 0.5 * len(runs) + 2.2), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
     y = np.arange(len(runs))
     for ax, once in zip(axes, (False, True)):
         left = np.zeros(len(runs))
         for k, phase in enumerate(phases):
             if (phase in ONE_OFF_PHASES) != once:
                 continue
-            total = np.array([sum((r.final.get("bytes") or {}).get(phase, {}).values()) for r in runs], float)
+            total = np.array(
+                [sum((r.final.get("bytes") or {}).get(phase, {}).values()) for r in runs], float
+            )
             rounds = np.array([max(1, int(r.final.get("rounds_run") or 1)) for r in runs], float)
             value = total if once else total / rounds
             if value.sum() == 0:
@@ -479,8 +623,9 @@ def plot_bytes(runs: list[Run], out: Path) -> Path | None:
         for i, total in enumerate(left):
             ax.text(total, i, f" {_size(total * 1e6)}", va="center", fontsize=8)
         ax.set_xlim(0, max(left.max(), 1e-6) * 1.3)
-        ax.set(xlabel="MB (upload + download)",
-               title="once per run" if once else "per training round")
+        ax.set(
+            xlabel="MB (upload + download)", title="once per run" if once else "per training round"
+        )
         ax.grid(alpha=0.3, axis="x")
         if left.sum() > 0:
             ax.legend(fontsize=7, loc="best")
@@ -498,14 +643,18 @@ def forecast_notes(runs: list[Run]) -> list[str]:
     for r in runs:
         pred = r.final.get("predictions") or {}
         if pred.get("released_to_server"):
-            notes.append(f"Note: {r.label} ran with predictions.release=true: its nodes sent "
-                         f"their test forecasts of {len(pred.get('sensors', []))} sensors to the "
-                         "server (predictions.npz).")
+            notes.append(
+                f"Note: {r.label} ran with predictions.release=true: its nodes sent "
+                f"their test forecasts of {len(pred.get('sensors', []))} sensors to the "
+                "server (predictions.npz)."
+            )
         elif pred and read_predictions(r.path) is None:
-            notes.append(f"Note: forecast plot unavailable for {r.label}: its test forecasts "
-                         f"stayed on its nodes' own disks, not reachable here (no "
-                         f"{r.path / NODE_STORE}). Plot them on the sites, or rerun with "
-                         "predictions.release=true to send them to the server.")
+            notes.append(
+                f"Note: forecast plot unavailable for {r.label}: its test forecasts "
+                f"stayed on its nodes' own disks, not reachable here (no "
+                f"{r.path / NODE_STORE}). Plot them on the sites, or rerun with "
+                "predictions.release=true to send them to the server."
+            )
     return notes
 
 
@@ -518,8 +667,11 @@ def _dataset(run: Run) -> Any:
     try:
         return load_dataset(run.cfg.dataset, windows=False)
     except (DataError, OSError) as exc:
-        print(f"cnfgnn-report: no forecast or sensor-map plot, the dataset of {run.path} "
-              f"cannot be read ({exc})", file=sys.stderr)
+        print(
+            f"cnfgnn-report: no forecast or sensor-map plot, the dataset of {run.path} "
+            f"cannot be read ({exc})",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -543,11 +695,14 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
     seeds = any(len(g) > 1 for g in groups)
     if seeds:
         means = [r for r in rows if r.get("runs")]
-        table = (markdown(means) + "\n\nPer seed:\n\n"
-                 + markdown([r for r in rows if not r.get("runs")]))
-        note = ("Mean ± sample standard deviation over the seeds of each method (per-seed rows "
-                "below and in comparison.csv). Plots: each method's run with its first seed "
-                f"({', '.join(f'{r.label} {r.seed}' for r in firsts)}). ")
+        table = (
+            markdown(means) + "\n\nPer seed:\n\n" + markdown([r for r in rows if not r.get("runs")])
+        )
+        note = (
+            "Mean ± sample standard deviation over the seeds of each method (per-seed rows "
+            "below and in comparison.csv). Plots: each method's run with its first seed "
+            f"({', '.join(f'{r.label} {r.seed}' for r in firsts)}). "
+        )
     else:
         table, note = markdown(rows), ""
     table = table + "".join(f"\n\n{n}" for n in forecast_notes(runs))
@@ -556,17 +711,21 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
         f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "
         "horizons, original units; per-horizon columns: masked (zeros left out) at horizons "
         "3/6/12. Epochs: local epochs per node actually trained (early stopping may end a run "
-        f"early). {note}\n\n{table}\n")
+        f"early). {note}\n\n{table}\n"
+    )
     files = [out / "comparison.csv", out / "comparison.md"]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     data = _dataset(firsts[0])  # truth and locations, read once (runs share it)
     same = [r for r in firsts if r.cfg.dataset == firsts[0].cfg.dataset]
     step = None if data is None else data.interval_minutes
-    for path in (None if data is None else plot_forecasts(same, plots, data),
-                 plot_horizons(firsts, plots, step),
-                 None if data is None else plot_sensor_maps(same, plots, data),
-                 plot_validation(firsts, plots), plot_bytes(firsts, plots)):
+    for path in (
+        None if data is None else plot_forecasts(same, plots, data),
+        plot_horizons(firsts, plots, step),
+        None if data is None else plot_sensor_maps(same, plots, data),
+        plot_validation(firsts, plots),
+        plot_bytes(firsts, plots),
+    ):
         if path is not None:
             files.append(path)
     return table, files
@@ -585,14 +744,23 @@ def _run(args: list[str]) -> int:
     for a in args:
         key, eq, _ = a.partition("=")
         if eq and key not in OWN_KEYS and not Path(a).exists():
-            raise UsageError(f"unknown option {a!r}.{did_you_mean(key, OWN_KEYS)} "
-                             f"Options: {', '.join(k + '=...' for k in OWN_KEYS)}; "
-                             "other arguments are run directories")
-    outs = [a[len("out="):] for a in args if a.startswith("out=")]
+            raise UsageError(
+                f"unknown option {a!r}.{did_you_mean(key, OWN_KEYS)} "
+                f"Options: {', '.join(k + '=...' for k in OWN_KEYS)}; "
+                "other arguments are run directories"
+            )
+    outs = [a[len("out=") :] for a in args if a.startswith("out=")]
     paths = [Path(a) for a in args if not a.startswith("out=")]
     runs = find_runs(paths)
-    out = Path(outs[-1]) if outs else (paths[0] if len(paths) == 1 and not (paths[0] / "final.json").exists()
-                                       else Path("report"))
+    out = (
+        Path(outs[-1])
+        if outs
+        else (
+            paths[0]
+            if len(paths) == 1 and not (paths[0] / "final.json").exists()
+            else Path("report")
+        )
+    )
     table, files = write_report(runs, out)
     print(table)
     print()

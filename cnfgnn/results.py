@@ -113,8 +113,11 @@ class RunWriter:
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("round", 0) <= last_round]
+        keep = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("round", 0) <= last_round
+        ]
         atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))
 
     def rounds(self) -> list[dict[str, Any]]:
@@ -131,18 +134,24 @@ class RunWriter:
         atomic_write(path, lambda p: p.write_text(text))
         return path
 
-    def write_predictions(self, sensor_ids: np.ndarray, t_index: np.ndarray,
-                          forecast: np.ndarray) -> Path:
+    def write_predictions(
+        self, sensor_ids: np.ndarray, t_index: np.ndarray, forecast: np.ndarray
+    ) -> Path:
         """``predictions.npz``: test forecasts of a few sensors (for plots).
 
         Keys: ``sensor_ids`` ``[S]``, ``t_index`` ``[W]`` time index of each window's first
         forecast step, ``forecast`` ``[W, H, S]`` in original units.
         """
         path = self.dir / "predictions.npz"
+
         def write(p: Path) -> None:
             with open(p, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, sensor_ids=np.asarray(sensor_ids, dtype=str), t_index=t_index,
-                         forecast=forecast)
+                np.savez(
+                    f,
+                    sensor_ids=np.asarray(sensor_ids, dtype=str),
+                    t_index=t_index,
+                    forecast=forecast,
+                )
 
         atomic_write(path, write)
         return path
@@ -174,18 +183,24 @@ def node_forecast_path(store: str | Path, sensor_id: str) -> Path:
     return Path(store) / NODE_FORECASTS / f"{safe_name(sensor_id)}.npz"
 
 
-def write_node_forecast(store: str | Path, sensor_id: str, split: str, t_index: np.ndarray,
-                        forecast: np.ndarray) -> Path:
+def write_node_forecast(
+    store: str | Path, sensor_id: str, split: str, t_index: np.ndarray, forecast: np.ndarray
+) -> Path:
     """Written by a node, on its own disk: one sensor's forecasts of some windows of a split.
 
     Keys: ``sensor_id``, ``split``, ``t_index`` ``[W]`` time index of each window's first
     forecast step, ``forecast`` ``[W, H]`` in original units.
     """
+
     def write(p: Path) -> None:
         with open(p, "wb") as f:
-            np.savez(f, sensor_id=np.asarray(str(sensor_id)), split=np.asarray(split),
-                     t_index=np.asarray(t_index, np.int64),
-                     forecast=np.asarray(forecast, np.float32))
+            np.savez(
+                f,
+                sensor_id=np.asarray(str(sensor_id)),
+                split=np.asarray(split),
+                t_index=np.asarray(t_index, np.int64),
+                forecast=np.asarray(forecast, np.float32),
+            )
 
     return atomic_write(node_forecast_path(store, sensor_id), write)
 
@@ -221,11 +236,16 @@ def read_predictions(run_dir: str | Path) -> dict[str, np.ndarray] | None:
             if t_index is None:
                 t_index = z["t_index"]
             elif not np.array_equal(z["t_index"], t_index):
-                raise ValueError(f"{f}: forecast windows differ from the other sensors' "
-                                 f"in {store / NODE_FORECASTS}; rerun the test phase")
+                raise ValueError(
+                    f"{f}: forecast windows differ from the other sensors' "
+                    f"in {store / NODE_FORECASTS}; rerun the test phase"
+                )
             ids.append(str(sid))
             cols.append(z["forecast"])
     if not cols:
         return None
-    return {"sensor_ids": np.asarray(ids, dtype=str), "t_index": t_index,
-            "forecast": np.stack(cols, axis=-1)}
+    return {
+        "sensor_ids": np.asarray(ids, dtype=str),
+        "t_index": t_index,
+        "forecast": np.stack(cols, axis=-1),
+    }

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-_PHASES = {"local": 1, "split": 2, "server": 3, "init": 4, "eval": 5, "select": 6, "sl": 7,
-           "central": 8, "noise": 9, "dp": 10}
+_PHASES = {
+    "local": 1,
+    "split": 2,
+    "server": 3,
+    "init": 4,
+    "eval": 5,
+    "select": 6,
+    "sl": 7,
+    "central": 8,
+    "noise": 9,
+    "dp": 10,
+}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a command given bad input (usage errors, as argparse uses).
 EXIT_BAD_INPUT = 2
-_KEY_PATTERNS = (r"Could not override '([^']+)'", r"full_key: (\S+)", r"Key '([^']+)'",
-                 r"Could not find '([^']+)'")
+_KEY_PATTERNS = (
+    r"Could not override '([^']+)'",
+    r"full_key: (\S+)",
+    r"Key '([^']+)'",
+    r"Could not find '([^']+)'",
+)
 
 
 class UsageError(ValueError):
@@ -123,10 +127,13 @@ def check_group_choices(overrides: Sequence[str], conf: Path | None = None) -> N
             continue
         if not (conf / key / f"{value}.yaml").is_file():
             names = sorted(p.stem for p in (conf / key).glob("*.yaml"))
-            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in conf/{key}/)"
-                                             if len(names) > 12 else "")
-            raise UsageError(f"unknown {key} {value!r} (no conf/{key}/{value}.yaml)."
-                             f"{did_you_mean(value, names)} Available: {shown}")
+            shown = ", ".join(names[:12]) + (
+                f", ... ({len(names)} in conf/{key}/)" if len(names) > 12 else ""
+            )
+            raise UsageError(
+                f"unknown {key} {value!r} (no conf/{key}/{value}.yaml)."
+                f"{did_you_mean(value, names)} Available: {shown}"
+            )
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
@@ -155,14 +162,19 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
 
     from cnfgnn.data.errors import DataError
 
-    out: tuple[type[BaseException], ...] = (UsageError, DataError, HydraException,
-                                            OmegaConfBaseException)
+    out: tuple[type[BaseException], ...] = (
+        UsageError,
+        DataError,
+        HydraException,
+        OmegaConfBaseException,
+    )
     rounds = sys.modules.get("cnfgnn.federation.rounds")  # not imported: nothing raised it
     return out + ((rounds.FederationError,) if rounds is not None else ())
 
 
-def console(name: str, doc: str | None, work: Callable[[list[str]], Any],
-            argv: Sequence[str] | None = None) -> int:
+def console(
+    name: str, doc: str | None, work: Callable[[list[str]], Any], argv: Sequence[str] | None = None
+) -> int:
     """Run a console command: ``--help`` prints ``doc`` (exit 0); bad input prints
     ``name: message`` on stderr and exits 2; otherwise ``work(args)``'s int status (or 0).
 

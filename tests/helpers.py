@@ -41,14 +41,37 @@ def make_cfg(*overrides: str):
     """Compose ``conf/config.yaml`` with overrides (as the CLI would)."""
     return compose(list(overrides))
 
+
 #: What a client may send up in training and test: handshake facts, statistics, losses, h_c,
 #: gradients (plus ``P.WEIGHTS_PREFIX`` / ``P.ERR_PREFIX`` keys). No exemption: by default a
 #: node's forecasts stay on its own disk (``predictions.release=false``).
-TRAINING_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.FIRST_START, P.STAT_SUM, P.STAT_SUMSQ,
-               P.STAT_COUNT, P.NUM_EXAMPLES, P.LOSS_SUM, P.LOSS_COUNT, P.STEP, P.H_C, P.GRAD}
+TRAINING_UP = {
+    P.NODES,
+    P.SENSOR_IDS,
+    P.NUM_WINDOWS,
+    P.FIRST_START,
+    P.STAT_SUM,
+    P.STAT_SUMSQ,
+    P.STAT_COUNT,
+    P.NUM_EXAMPLES,
+    P.LOSS_SUM,
+    P.LOSS_COUNT,
+    P.STEP,
+    P.H_C,
+    P.GRAD,
+}
 #: What a client may send up during inference: handshake facts, statistics, h_c, forecasts.
-INFERENCE_UP = {P.NODES, P.SENSOR_IDS, P.NUM_WINDOWS, P.FIRST_START, P.STAT_SUM, P.STAT_SUMSQ,
-                P.STAT_COUNT, P.H_C, P.FORECAST}
+INFERENCE_UP = {
+    P.NODES,
+    P.SENSOR_IDS,
+    P.NUM_WINDOWS,
+    P.FIRST_START,
+    P.STAT_SUM,
+    P.STAT_SUMSQ,
+    P.STAT_COUNT,
+    P.H_C,
+    P.FORECAST,
+}
 
 
 class RecordingEngine:
@@ -71,12 +94,13 @@ def windows(series: np.ndarray, length: int = 12) -> set[bytes]:
     out = set()
     for col in np.asarray(series, np.float32).T:
         for i in range(len(col) - length + 1):
-            out.add(col[i:i + length].tobytes())
+            out.add(col[i : i + length].tobytes())
     return out
 
 
-def check_private(received, data, scaler, allowed: set[str],
-                  prefixes: tuple[str, ...] = (P.ERR_PREFIX,)) -> None:
+def check_private(
+    received, data, scaler, allowed: set[str], prefixes: tuple[str, ...] = (P.ERR_PREFIX,)
+) -> None:
     """The privacy invariant on what the server received: only ``allowed`` keys (or keys
     starting with ``prefixes``), no whole series, no target-shaped array (but forecasts where
     ``allowed`` has them: inference), and
@@ -91,13 +115,17 @@ def check_private(received, data, scaler, allowed: set[str],
             if arr.dtype.kind != "f" or arr.size < 12:
                 continue
             assert t_len not in arr.shape, (mtype, key, arr.shape)  # no whole series
-            assert (12 not in arr.shape[:2] or key.startswith(P.ERR_PREFIX) or arr.ndim != 3
-                    or (key == P.FORECAST and key in allowed)), key  # forecasts [W, H, K]
+            assert (
+                12 not in arr.shape[:2]
+                or key.startswith(P.ERR_PREFIX)
+                or arr.ndim != 3
+                or (key == P.FORECAST and key in allowed)
+            ), key  # forecasts [W, H, K]
             flat32 = arr.astype(np.float32)
             for axis in range(arr.ndim):
                 for row in np.moveaxis(flat32, axis, -1).reshape(-1, arr.shape[axis]):
                     for i in range(len(row) - 11):
-                        assert row[i:i + 12].tobytes() not in forbidden, (mtype, key)
+                        assert row[i : i + 12].tobytes() not in forbidden, (mtype, key)
 
 
 def same_state(a, b) -> None:
@@ -119,10 +147,15 @@ class LoopbackGrid(Grid):
         self.fresh_process = fresh_process
         self.replies: dict[str, Message] = {}
         self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i,
-                              node_config={"partition-id": i, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={RUN_CONFIG_KEY: overrides})
-            for i in range(num_nodes)}
+            1000 + i: Context(
+                run_id=run_id,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={RUN_CONFIG_KEY: overrides},
+            )
+            for i in range(num_nodes)
+        }
 
     def set_run(self, run):  # pragma: no cover - not used
         pass
@@ -147,8 +180,7 @@ class LoopbackGrid(Grid):
             try:
                 reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # as Flower: an error reply, the context unchanged
-                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=msg)
+                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             self.replies[mid] = reply
             ids.append(mid)
         return ids
@@ -184,8 +216,12 @@ def restart_supernode(dep, i: int, wait: bool = True) -> float:
 
 def server_pids(dep) -> list[int]:
     """The ServerApp process(es) of the current run (in the SuperLink's group)."""
-    pids = [p for name in ("superlink", "superexec") if name in dep.procs.procs
-            for p in dep.procs.procs[name].group_pids()]
+    pids = [
+        p
+        for name in ("superlink", "superexec")
+        if name in dep.procs.procs
+        for p in dep.procs.procs[name].group_pids()
+    ]
     return [p for p in pids if "flwr-serverapp" in cmdline_of(p)]
 
 

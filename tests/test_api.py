@@ -26,10 +26,19 @@ def trained(tmp_path_factory):
 
 
 def test_import_cnfgnn_is_light():
-    code = "import sys, cnfgnn; print(sorted(m for m in ('torch', 'flwr', 'hydra') if m in sys.modules))"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=60,
-                         check=False)
+    code = (
+        "import sys, cnfgnn; "
+        "print(sorted(m for m in ('torch', 'flwr', 'hydra') if m in sys.modules))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
     assert set(cnfgnn.__all__) >= {"compose", "train", "forecast", "compare", "Run"}
@@ -75,11 +84,12 @@ def test_forecast_is_cnfgnn_forecasts_tidy_frame(trained, tmp_path):
     assert (df["timestamp"] == at + df["horizon"] * step).all()
     col = {s: i for i, s in enumerate(data.sensor_ids)}
     t = {ts: i for i, ts in enumerate(data.timestamps)}
-    truth = [data.speed[t[ts], col[s]] if data.mask[t[ts], col[s]] else np.nan
-             for s, ts in zip(df["sensor_id"], df["timestamp"])]
+    truth = [
+        data.speed[t[ts], col[s]] if data.mask[t[ts], col[s]] else np.nan
+        for s, ts in zip(df["sensor_id"], df["timestamp"])
+    ]
     np.testing.assert_allclose(df["observed"], truth, rtol=1e-5)
-    summary = forecast_cli([str(run.dir), f"at={at}", f"out={tmp_path}"],
-                           progress=lambda s: None)
+    summary = forecast_cli([str(run.dir), f"at={at}", f"out={tmp_path}"], progress=lambda s: None)
     cli = pd.read_csv(summary["files"][0])
     np.testing.assert_allclose(df["forecast"], cli["forecast"], rtol=1e-4, atol=1e-4)
 
@@ -94,8 +104,9 @@ def test_forecast_and_compare_stay_callable_next_to_their_modules():
 
 def test_compare_returns_the_comparison_table(trained):
     run, out = trained["run"], trained["out"]
-    table = cnfgnn.compare(["cnfgnn"], [*TINY, f"output_root={out}"], budget_epochs=2,
-                           out=out / "cmp")  # the run above is the finished method: kept
+    table = cnfgnn.compare(
+        ["cnfgnn"], [*TINY, f"output_root={out}"], budget_epochs=2, out=out / "cmp"
+    )  # the run above is the finished method: kept
     assert list(table["method"]) == ["cnfgnn"]
     assert table["rmse"].iloc[0] == pytest.approx(run.final["test"]["rmse"], rel=1e-3)
     assert Path(table["run_dir"].iloc[0]).resolve() == run.dir.resolve()

@@ -12,29 +12,47 @@ from omegaconf import OmegaConf
 from tests.helpers import ROOT, TINY, make_cfg
 
 COMMANDS = {  # command -> module run with `python -m`
-    "cnfgnn": "cnfgnn.cli", "cnfgnn-data": "cnfgnn.data.cli", "cnfgnn-compare": "cnfgnn.compare",
-    "cnfgnn-report": "cnfgnn.report", "cnfgnn-forecast": "cnfgnn.forecast.cli",
-    "cnfgnn-robustness": "cnfgnn.forecast.robustness", "cnfgnn-bench": "cnfgnn.bench.engines",
+    "cnfgnn": "cnfgnn.cli",
+    "cnfgnn-data": "cnfgnn.data.cli",
+    "cnfgnn-compare": "cnfgnn.compare",
+    "cnfgnn-report": "cnfgnn.report",
+    "cnfgnn-forecast": "cnfgnn.forecast.cli",
+    "cnfgnn-robustness": "cnfgnn.forecast.robustness",
+    "cnfgnn-bench": "cnfgnn.bench.engines",
     "cnfgnn-deploy": "cnfgnn.deploy",
 }
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", FLWR_HOME=str(tmp / ".flwr"),
-               TMPDIR=str(tmp), RAY_TMPDIR=str(tmp), FLWR_TELEMETRY_ENABLED="0")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        MPLBACKEND="Agg",
+        FLWR_HOME=str(tmp / ".flwr"),
+        TMPDIR=str(tmp),
+        RAY_TMPDIR=str(tmp),
+        FLWR_TELEMETRY_ENABLED="0",
+    )
     return env
 
 
-def _run_all(argvs: dict[str, list[str]], tmp: Path, env: dict[str, str] | None = None
-             ) -> dict[str, subprocess.CompletedProcess]:
+def _run_all(
+    argvs: dict[str, list[str]], tmp: Path, env: dict[str, str] | None = None
+) -> dict[str, subprocess.CompletedProcess]:
     """Run the commands side by side (each is mostly interpreter start-up); every process
     started here is waited for, and killed if the test stops early."""
     procs: dict[str, subprocess.Popen] = {}
     out: dict[str, subprocess.CompletedProcess] = {}
     try:
         for name, argv in argvs.items():
-            procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True, cwd=tmp, env=env or _env(tmp))
+            procs[name] = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=tmp,
+                env=env or _env(tmp),
+            )
         for name, p in procs.items():
             stdout, stderr = p.communicate(timeout=300)
             out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
@@ -47,8 +65,7 @@ def _run_all(argvs: dict[str, list[str]], tmp: Path, env: dict[str, str] | None 
 
 
 def test_help_prints_usage_and_examples(tmp_path):
-    runs = _run_all({c: [sys.executable, "-m", m, "--help"] for c, m in COMMANDS.items()},
-                    tmp_path)
+    runs = _run_all({c: [sys.executable, "-m", m, "--help"] for c, m in COMMANDS.items()}, tmp_path)
     for command, res in runs.items():
         assert res.returncode == 0, (command, res.stderr[-2000:])
         assert "Usage" in res.stdout, command
@@ -75,8 +92,7 @@ def test_misspelt_keys_exit_2_naming_the_key_and_its_close_match(tmp_path):
         "cnfgnn-forecast": ([run, "threadz=2"], "threadz", "'threads'"),
         "cnfgnn-robustness": ([run, "silense=0.1"], "silense", "'silence'"),
         "cnfgnn-bench": (["bench.roundz=2"], "bench.roundz", "bench.rounds"),
-        "cnfgnn-deploy": (["run", "federation.roundz=2"], "federation.roundz",
-                                    "federation.rounds"),
+        "cnfgnn-deploy": (["run", "federation.roundz=2"], "federation.roundz", "federation.rounds"),
     }
     assert set(cases) == set(COMMANDS)
     argvs = {c: [sys.executable, "-m", COMMANDS[c], *a] for c, (a, _, _) in cases.items()}
@@ -92,7 +108,8 @@ def test_misspelt_keys_exit_2_naming_the_key_and_its_close_match(tmp_path):
 
 def test_deploy_sh_answers_help(tmp_path):
     env = _env(tmp_path) | {"PYTHON": sys.executable}
-    res = _run_all({"sh": ["bash", str(ROOT / "launch" / "deploy.sh"), "--help"]}, tmp_path,
-                   env)["sh"]
+    res = _run_all({"sh": ["bash", str(ROOT / "launch" / "deploy.sh"), "--help"]}, tmp_path, env)[
+        "sh"
+    ]
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Usage" in res.stdout and "cnfgnn-deploy run" in res.stdout

@@ -19,7 +19,6 @@ from cnfgnn.experiment import run_experiment
 from cnfgnn.shell import UsageError
 from tests.helpers import TINY, make_cfg
 
-
 REQUIRED = ["method", "rmse", "mae_h3", "mae_h6", "mae_h12", "bytes", "seconds"]
 
 
@@ -34,15 +33,25 @@ def _value(overrides: list[str], key: str) -> str:
 
 def test_every_method_gets_the_same_budget_of_local_epochs():
     plans = _plan("compare.run=all", "compare.budget_epochs=10", "dataset.num_nodes=6")
-    assert set(plans) == {"cnfgnn", "gru_local", "gru_fedavg", "gru_central", "gru_gn_central",
-                          "gru_fmtl", "split_learning", "at_no_fedavg"}
+    assert set(plans) == {
+        "cnfgnn",
+        "gru_local",
+        "gru_fedavg",
+        "gru_central",
+        "gru_gn_central",
+        "gru_fmtl",
+        "split_learning",
+        "at_no_fedavg",
+    }
     for name, overrides in plans.items():
         cfg = compare.compose_run(overrides)
         assert cfg.federation.rounds * cfg.federation.local_epochs == 10, name
         assert cfg.dataset.num_nodes == 6  # the user's overrides reach every run
     assert _value(plans["gru_local"], "federation.rounds") == "2"  # 5 epochs a round, as the paper
     # a budget the preset's R_c does not divide: R_c shrinks, the budget stays exact
-    local = compare.compose_run(_plan("compare.run=[gru_local]", "compare.budget_epochs=3")["gru_local"])
+    local = compare.compose_run(
+        _plan("compare.run=[gru_local]", "compare.budget_epochs=3")["gru_local"]
+    )
     assert (local.federation.rounds, local.federation.local_epochs) == (1, 3)
 
 
@@ -76,8 +85,16 @@ SEEDS = (42, 43)
 def compared(tmp_path_factory) -> Path:
     """A tiny comparison: CNFGNN and GRU local, 2 local epochs each, seeds 42 and 43."""
     out = tmp_path_factory.mktemp("cmp") / "cmp"
-    code = compare.main([*TINY, "compare.run=[cnfgnn,gru_local]", "compare.seeds=[42,43]",
-                         "compare.budget_epochs=2", f"compare.out={out}", f"output_root={out}"])
+    code = compare.main(
+        [
+            *TINY,
+            "compare.run=[cnfgnn,gru_local]",
+            "compare.seeds=[42,43]",
+            "compare.budget_epochs=2",
+            f"compare.out={out}",
+            f"output_root={out}",
+        ]
+    )
     assert code == 0
     return out
 
@@ -89,7 +106,8 @@ def _final(out: Path, method: str, seed: int) -> dict:
 def test_comparison_table_holds_each_runs_own_test_metrics(compared):
     rows = [r for r in csv.DictReader(open(compared / "comparison.csv")) if r["seed"]]
     assert [(r["method"], int(r["seed"])) for r in rows] == [
-        (m, s) for m in ("cnfgnn", "gru_local") for s in SEEDS]
+        (m, s) for m in ("cnfgnn", "gru_local") for s in SEEDS
+    ]
     assert set(REQUIRED) <= set(rows[0])
     for r in rows:
         final = _final(compared, r["method"], int(r["seed"]))
@@ -130,10 +148,18 @@ def test_a_finished_run_is_kept_and_a_failing_one_does_not_stop_the_others(compa
     before = _final(compared, "cnfgnn", 42)
     (compared / "gru_local" / "seed42" / "final.json").unlink()  # as if it had been interrupted
     # GRU local cannot run inductively (no model for unseen nodes): it fails, FedAvg still runs
-    code = compare.main([*TINY, "compare.run=[cnfgnn,gru_local,gru_fedavg]", "compare.seeds=[42]",
-                         "compare.budget_epochs=2", f"compare.out={compared}",
-                         "compare.force=false", "federation.inductive_ratio=0.5",
-                         f"output_root={compared}"])
+    code = compare.main(
+        [
+            *TINY,
+            "compare.run=[cnfgnn,gru_local,gru_fedavg]",
+            "compare.seeds=[42]",
+            "compare.budget_epochs=2",
+            f"compare.out={compared}",
+            "compare.force=false",
+            "federation.inductive_ratio=0.5",
+            f"output_root={compared}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "cnfgnn seed 42: done before" in out and "gru_local seed 42 FAILED" in out
@@ -165,8 +191,16 @@ def test_report_over_any_runs_and_the_reference_numbers(compared, tmp_path):
 
 def test_when_every_method_fails_compare_and_report_say_so(tmp_path, capsys):
     out = tmp_path / "failed"
-    code = compare.main([*TINY, "dataset.days=0", "compare.run=[cnfgnn]",  # no data: fails
-                         "compare.budget_epochs=1", f"compare.out={out}", f"output_root={out}"])
+    code = compare.main(
+        [
+            *TINY,
+            "dataset.days=0",
+            "compare.run=[cnfgnn]",  # no data: fails
+            "compare.budget_epochs=1",
+            f"compare.out={out}",
+            f"output_root={out}",
+        ]
+    )
     assert code == 1
     assert "every run failed (cnfgnn seed 42)" in capsys.readouterr().err
     assert not (out / "comparison.csv").exists()
@@ -175,8 +209,9 @@ def test_when_every_method_fails_compare_and_report_say_so(tmp_path, capsys):
 
 
 def test_report_shows_an_inductive_runs_seen_and_unseen_nodes(tmp_path):
-    cfg = make_cfg(*TINY, "federation.rounds=1", "federation.inductive_ratio=0.5",
-                   f"output_root={tmp_path}")
+    cfg = make_cfg(
+        *TINY, "federation.rounds=1", "federation.inductive_ratio=0.5", f"output_root={tmp_path}"
+    )
     final, writer = run_experiment(cfg, run_dir=tmp_path / "run", progress=lambda s: None)
     assert report.main([str(writer.dir), f"out={tmp_path / 'rep'}"]) == 0
     (r,) = csv.DictReader(open(tmp_path / "rep" / "comparison.csv"))

@@ -25,13 +25,20 @@ STEP_MINUTES = 10  # not the 5 minutes of METR-LA / PEMS-BAY / Los-loop / synthe
 SENSORS = ["a1", "b2", "c3", "d4"]
 QUIET = dict(progress=lambda s: None)
 #: Tiny models and one round (the CSV sets the data; the method presets set the rest).
-SMALL = ("model.hidden_size=8", "model.gn.mlp_hidden=16", "model.gn.latent_size=8",
-         "federation.rounds=1", "federation.local_epochs=1", "federation.batch_size=64",
-         "federation.server_batch_size=48", "federation.eval_batch_size=256", "threads=1",
-         "federation.nodes_per_client=2")
+SMALL = (
+    "model.hidden_size=8",
+    "model.gn.mlp_hidden=16",
+    "model.gn.latent_size=8",
+    "federation.rounds=1",
+    "federation.local_epochs=1",
+    "federation.batch_size=64",
+    "federation.server_batch_size=48",
+    "federation.eval_batch_size=256",
+    "threads=1",
+    "federation.nodes_per_client=2",
+)
 #: Every method: the federated ones and the two centralised baselines (compare's presets).
-METHODS = {name: list(m["overrides"]) for name, m in
-           compare.compare_config([])[0].methods.items()}
+METHODS = {name: list(m["overrides"]) for name, m in compare.compare_config([])[0].methods.items()}
 
 
 def write_csv(folder: Path, steps: int, minutes: int = STEP_MINUTES) -> tuple[Path, Path]:
@@ -61,8 +68,11 @@ def user_csv(tmp_path_factory) -> dict[str, Path]:
 
 
 def csv_args(data: dict[str, Path]) -> list[str]:
-    return ["dataset=csv", f"dataset.series={data['series']}",
-            f"dataset.adjacency={data['adjacency']}"]
+    return [
+        "dataset=csv",
+        f"dataset.series={data['series']}",
+        f"dataset.adjacency={data['adjacency']}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,16 @@ def trained(user_csv) -> dict[str, Path]:
 
 
 def test_every_method_trains_and_tests_on_the_csv(trained):
-    assert set(trained) >= {"cnfgnn", "gru_local", "gru_fedavg", "gru_fmtl", "split_learning",
-                            "at_no_fedavg", "gru_central", "gru_gn_central"}
+    assert set(trained) >= {
+        "cnfgnn",
+        "gru_local",
+        "gru_fedavg",
+        "gru_fmtl",
+        "split_learning",
+        "at_no_fedavg",
+        "gru_central",
+        "gru_gn_central",
+    }
     for name, run in trained.items():
         final = json.loads((run / "final.json").read_text())
         assert math.isfinite(final["test"]["rmse"]) and final["test"]["rmse"] > 0, name
@@ -131,15 +149,32 @@ def test_a_forecast_on_another_network_names_its_file(trained, tmp_path, capsys)
     other.mkdir()
     series, adjacency = write_csv(other, steps=60)
     pd.DataFrame(np.eye(len(SENSORS)), columns=SENSORS).to_csv(adjacency, index=False)
-    assert forecast_cli.main([str(trained["cnfgnn"]), f"dataset.series={series}",
-                              f"dataset.adjacency={adjacency}", f"out={tmp_path / 'fc'}"]) == 2
+    assert (
+        forecast_cli.main(
+            [
+                str(trained["cnfgnn"]),
+                f"dataset.series={series}",
+                f"dataset.adjacency={adjacency}",
+                f"out={tmp_path / 'fc'}",
+            ]
+        )
+        == 2
+    )
     assert f"{series}: its graph differs from the training run's" in capsys.readouterr().err
 
 
 def test_compare_on_the_csv(user_csv, tmp_path):
     out = tmp_path / "cmp"
-    code = compare.main([*csv_args(user_csv), *SMALL, "compare.run=[cnfgnn]",
-                         "compare.budget_epochs=1", f"compare.out={out}", f"output_root={out}"])
+    code = compare.main(
+        [
+            *csv_args(user_csv),
+            *SMALL,
+            "compare.run=[cnfgnn]",
+            "compare.budget_epochs=1",
+            f"compare.out={out}",
+            f"output_root={out}",
+        ]
+    )
     assert code == 0
     final = json.loads((out / "cnfgnn" / "seed42" / "final.json").read_text())
     assert final["interval_minutes"] == STEP_MINUTES and math.isfinite(final["test"]["rmse"])
@@ -148,16 +183,25 @@ def test_compare_on_the_csv(user_csv, tmp_path):
 
 def test_a_too_short_series_names_the_users_file(tmp_path):
     series, adjacency = write_csv(tmp_path, steps=19)
-    cfg = make_cfg("dataset=csv", f"dataset.series={series}", f"dataset.adjacency={adjacency}",
-                   *SMALL, f"output_root={tmp_path}")
-    with pytest.raises(DataError, match=re.escape(str(series)) + ": 19 time steps are fewer "
-                       "than one window"):
+    cfg = make_cfg(
+        "dataset=csv",
+        f"dataset.series={series}",
+        f"dataset.adjacency={adjacency}",
+        *SMALL,
+        f"output_root={tmp_path}",
+    )
+    with pytest.raises(
+        DataError, match=re.escape(str(series)) + ": 19 time steps are fewer than one window"
+    ):
         run_experiment(cfg, run_dir=tmp_path / "run", **QUIET)
 
 
 def test_the_help_examples_of_compare_compose():
-    examples = [line.split("#")[0].split()[1:] for line in compare.__doc__.splitlines()
-                if line.strip().startswith("cnfgnn-compare ")]
+    examples = [
+        line.split("#")[0].split()[1:]
+        for line in compare.__doc__.splitlines()
+        if line.strip().startswith("cnfgnn-compare ")
+    ]
     assert any("dataset=csv" in e for e in examples)
     for args in examples:
         conf, runs = compare.compare_config(args)

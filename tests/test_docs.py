@@ -41,8 +41,16 @@ def _links(path: Path) -> list[str]:
 
 
 def test_docs_exist():
-    for name in ("design", "method", "deployment", "privacy", "robustness", "benchmark",
-                 "forecasting", "configuration"):
+    for name in (
+        "design",
+        "method",
+        "deployment",
+        "privacy",
+        "robustness",
+        "benchmark",
+        "forecasting",
+        "configuration",
+    ):
         assert (REPO / "docs" / f"{name}.md").is_file(), f"docs/{name}.md is missing"
     assert list((REPO / "docs" / "results").glob("*.md")), "docs/results/ holds no measurement"
 
@@ -78,10 +86,31 @@ def test_readme_is_short():
 # Names of documents that live outside the repository (built from parts so that this file
 # does not match itself).
 _OUTSIDE = ("../" + "shared", "DESIGN" + ".md", "paper" + " notes", "flower" + "-notes")
-_TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg", ".ini",
-                  ".json", ".example"}
-_SKIP_DIRS = {".git", ".venv", ".tmp", ".flwr", "outputs", "multirun", "__pycache__",
-              ".pytest_cache", "build", "dist"}
+_TEXT_SUFFIXES = {
+    ".py",
+    ".md",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".txt",
+    ".sh",
+    ".cfg",
+    ".ini",
+    ".json",
+    ".example",
+}
+_SKIP_DIRS = {
+    ".git",
+    ".venv",
+    ".tmp",
+    ".flwr",
+    "outputs",
+    "multirun",
+    "__pycache__",
+    ".pytest_cache",
+    "build",
+    "dist",
+}
 
 
 def _repo_text_files() -> list[Path]:
@@ -90,8 +119,9 @@ def _repo_text_files() -> list[Path]:
         rel = path.relative_to(REPO)
         if any(part in _SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
             continue
-        if path.is_file() and (path.suffix in _TEXT_SUFFIXES
-                               or path.name in {"Makefile", "Dockerfile", "run"}):
+        if path.is_file() and (
+            path.suffix in _TEXT_SUFFIXES or path.name in {"Makefile", "Dockerfile", "run"}
+        ):
             files.append(path)
     return files
 

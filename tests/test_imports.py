@@ -32,7 +32,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> tuple[set[str],
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
         else:
@@ -93,8 +93,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_only_the_flower_and_deploy_packages_import_flwr():
     graph, flwr_users = _graph()
     assert "cnfgnn.flower.client_app" in flwr_users  # the walk sees flwr imports at all
-    outside = [m for m in flwr_users
-               if not any(m == p or m.startswith(p + ".") for p in FLOWER_PACKAGES)]
+    outside = [
+        m for m in flwr_users if not any(m == p or m.startswith(p + ".") for p in FLOWER_PACKAGES)
+    ]
     assert outside == [], f"modules outside {FLOWER_PACKAGES} import flwr: {outside}"
 
 
@@ -106,4 +107,5 @@ def test_no_import_cycle_among_cnfgnn_modules():
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "a.w": set()}) == [
-        ["a.x", "a.y", "a.z"]]
+        ["a.x", "a.y", "a.z"]
+    ]

@@ -19,8 +19,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 def test_every_package_is_listed_and_conf_data_are_mapped():
     setuptools = PYPROJECT["tool"]["setuptools"]
-    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
-               for p in (ROOT / "cnfgnn").rglob("__init__.py")}
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cnfgnn").rglob("__init__.py")
+    }
     listed = set(setuptools["packages"])
     assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages"
     assert setuptools["package-dir"] == {"cnfgnn.conf": "conf", "cnfgnn.bundled": "data"}
@@ -76,10 +77,23 @@ def test_wheel_carries_conf_and_data_not_tests(tmp_path):
         local = int(version("setuptools").split(".")[0]) >= 68
     except PackageNotFoundError:
         local = False
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    *(["--no-build-isolation"] if local else []),
-                    "-w", str(tmp_path), str(src)], check=True, timeout=300)
-    wheel, = tmp_path.glob("cnfgnn-*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            *(["--no-build-isolation"] if local else []),
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("cnfgnn-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cnfgnn/conf/config.yaml" in names
     assert "cnfgnn/conf/dataset/los_loop.yaml" in names

@@ -77,10 +77,20 @@ def test_threads_null_uses_every_core_and_an_int_pins():
         torch.set_num_threads(before)
 
 
-RECORD = {"round": 1, "train_loss": 0.9, "split_loss": 0.8, "val_loss": 0.7, "val_rmse": 9.5,
-          "val_mae": 4.1, "val_masked_mae": 3.9, "step": 12, "seconds_round": 2.5,
-          "seconds": {"local": 1.0, "split": 1.2}, "failures": 0,
-          "bytes": {"local": {"up_tensor": 1000, "down_tensor": 800}}}
+RECORD = {
+    "round": 1,
+    "train_loss": 0.9,
+    "split_loss": 0.8,
+    "val_loss": 0.7,
+    "val_rmse": 9.5,
+    "val_mae": 4.1,
+    "val_masked_mae": 3.9,
+    "step": 12,
+    "seconds_round": 2.5,
+    "seconds": {"local": 1.0, "split": 1.2},
+    "failures": 0,
+    "bytes": {"local": {"up_tensor": 1000, "down_tensor": 800}},
+}
 
 
 def test_tags_of_a_round_record():

@@ -14,10 +14,12 @@ def test_rows_depend_only_on_their_node():
 
 def test_keys_change_the_stream_and_values_are_uniform():
     base = rng.uniforms(1, np.array([0]), 1, "split", 20000)
-    for other in (rng.uniforms(2, np.array([0]), 1, "split", 20000),
-                  rng.uniforms(1, np.array([0]), 2, "split", 20000),
-                  rng.uniforms(1, np.array([0]), 1, "local", 20000),
-                  rng.uniforms(1, np.array([0]), 1, "split", 20000, extra=1)):
+    for other in (
+        rng.uniforms(2, np.array([0]), 1, "split", 20000),
+        rng.uniforms(1, np.array([0]), 2, "split", 20000),
+        rng.uniforms(1, np.array([0]), 1, "local", 20000),
+        rng.uniforms(1, np.array([0]), 1, "split", 20000, extra=1),
+    ):
         assert not np.allclose(base, other)
     assert 0.0 <= base.min() and base.max() < 1.0
     assert abs(base.mean() - 0.5) < 0.01

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,17 +46,32 @@ class CentralModel(torch.nn.Module):
         super().__init__()
         m = cfg.model
         with seeded(int(cfg.seed)):  # the same initial node model as the federated runs
-            self.node = NodeSeq2Seq(num_nodes=1, input_size=m.input_size,
-                                    output_size=m.output_size, hidden_size=m.hidden_size,
-                                    num_layers=m.num_layers, graph_embedding=m.graph_embedding,
-                                    horizon=m.horizon)
-            self.server = GraphServer(m, lr=cfg.federation.server_lr, device=device) \
-                if m.graph_embedding else None
+            self.node = NodeSeq2Seq(
+                num_nodes=1,
+                input_size=m.input_size,
+                output_size=m.output_size,
+                hidden_size=m.hidden_size,
+                num_layers=m.num_layers,
+                graph_embedding=m.graph_embedding,
+                horizon=m.horizon,
+            )
+            self.server = (
+                GraphServer(m, lr=cfg.federation.server_lr, device=device)
+                if m.graph_embedding
+                else None
+            )
         self.gn = self.server.gn if self.server is not None else None
         self.to(device)
 
-    def forward(self, x: Tensor, x_last: Tensor, y_tod: Tensor, graph: tuple[Tensor, Tensor],
-                targets: Tensor | None = None, teacher: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        x_last: Tensor,
+        y_tod: Tensor,
+        graph: tuple[Tensor, Tensor],
+        targets: Tensor | None = None,
+        teacher: Tensor | None = None,
+    ) -> Tensor:
         b, t, n, f = x.shape
         fold = lambda v: v.permute(0, 2, 1).reshape(b * n, -1, 1)  # [B, H, N] -> [B*N, H, 1]
         h_c = self.node.encode(x.permute(0, 2, 1, 3).reshape(b * n, t, 1, f))  # [B*N, 1, L, H]
@@ -63,15 +79,26 @@ class CentralModel(torch.nn.Module):
         if self.gn is not None:
             h = h_c.reshape(b, n, *h_c.shape[2:])  # [B, N, L, H]
             h_g = self.gn(h, *graph).reshape(h_c.shape)
-        pred = self.node.decode(x_last.reshape(b * n, 1, f), fold(y_tod), h_c, h_g,
-                                None if targets is None else fold(targets), teacher)
+        pred = self.node.decode(
+            x_last.reshape(b * n, 1, f),
+            fold(y_tod),
+            h_c,
+            h_g,
+            None if targets is None else fold(targets),
+            teacher,
+        )
         return pred.reshape(b, n, -1).permute(0, 2, 1)  # [B*N, H, 1, 1] -> [B, H, N]
 
 
 def _worker(cfg: Any, data: SensorData, nodes: np.ndarray, device: torch.device) -> NodeWorker:
-    series = LocalSeries.from_arrays(nodes, [data.sensor_ids[i] for i in nodes],
-                                     data.speed[:, nodes], data.mask[:, nodes],
-                                     data.time_of_day(), cfg.dataset)
+    series = LocalSeries.from_arrays(
+        nodes,
+        [data.sensor_ids[i] for i in nodes],
+        data.speed[:, nodes],
+        data.mask[:, nodes],
+        data.time_of_day(),
+        cfg.dataset,
+    )
     return NodeWorker(series, cfg, device, build_model=False)
 
 
@@ -86,14 +113,23 @@ class CentralTrainer:
         device: torch device.
     """
 
-    def __init__(self, cfg: Any, data: SensorData, writer: RunWriter | None,
-                 progress: Callable[[str], None], device: torch.device):
+    def __init__(
+        self,
+        cfg: Any,
+        data: SensorData,
+        writer: RunWriter | None,
+        progress: Callable[[str], None],
+        device: torch.device,
+    ):
         self.cfg, self.data, self.writer, self.progress = cfg, data, writer, progress
         self.fed, self.device = cfg.federation, device
         n = data.num_nodes
         ratio = self.fed.inductive_ratio
-        self.train_nodes = np.arange(n) if ratio is None else \
-            select_nodes(n, float(ratio), data.locations, seed=int(cfg.seed))
+        self.train_nodes = (
+            np.arange(n)
+            if ratio is None
+            else select_nodes(n, float(ratio), data.locations, seed=int(cfg.seed))
+        )
         self.eval_nodes = np.arange(n)
         self.train = _worker(cfg, data, self.train_nodes, device)
         self.eval = self.train if ratio is None else _worker(cfg, data, self.eval_nodes, device)
@@ -105,8 +141,9 @@ class CentralTrainer:
         for w in {id(self.train): self.train, id(self.eval): self.eval}.values():
             w.configure(dict(conf))
         self.model = CentralModel(cfg, device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.fed.lr,
-                                          weight_decay=self.fed.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.fed.lr, weight_decay=self.fed.weight_decay
+        )
         adj = data.adjacency
         gs = self.model.server
         self.train_graph = gs.graph(adj[np.ix_(self.train_nodes, self.train_nodes)]) if gs else None
@@ -116,8 +153,14 @@ class CentralTrainer:
     def _teacher(self, epoch: int, batch: int) -> Tensor:
         """One scheduled-sampling coin per decoding step for the whole batch ``[H, 1]``."""
         p = teacher_forcing_prob(self.step, float(self.cfg.model.cl_decay_steps))
-        u = rng.uniforms(self.cfg.seed, np.zeros(1, np.int64), epoch, "central",
-                         int(self.cfg.dataset.out_steps), extra=batch)
+        u = rng.uniforms(
+            self.cfg.seed,
+            np.zeros(1, np.int64),
+            epoch,
+            "central",
+            int(self.cfg.dataset.out_steps),
+            extra=batch,
+        )
         return torch.from_numpy(u.T <= p).to(self.device)
 
     def train_epoch(self, epoch: int) -> float:
@@ -127,7 +170,7 @@ class CentralTrainer:
         loss_sum = count = 0.0
         self.model.train()
         for b in range(math.ceil(s / bs)):
-            idx = torch.as_tensor(perm[b * bs:(b + 1) * bs], device=self.device)
+            idx = torch.as_tensor(perm[b * bs : (b + 1) * bs], device=self.device)
             x, x_last, y_tod, y, t = w._gather(P.TRAIN, idx.expand(w.num_nodes, -1))
             pred = self.model(x, x_last, y_tod, self.train_graph, y, self._teacher(epoch, b))
             per_node, sums, counts = w._loss(pred[..., None], y, t)
@@ -141,8 +184,9 @@ class CentralTrainer:
         return loss_sum / max(count, 1.0)
 
     @torch.no_grad()
-    def evaluate(self, split: str, report: np.ndarray | None = None
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    def evaluate(
+        self, split: str, report: np.ndarray | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Error sums ``[N, H]`` per key for a split (+ forecasts of ``report`` windows)."""
         w = self.eval
         s, bs = len(w.series.starts[split]), int(self.fed.eval_batch_size)
@@ -190,24 +234,36 @@ class CentralTrainer:
                 sums, _ = self.evaluate(P.VAL)
             t2 = time.perf_counter()
             val = metrics_from_sums(sums)
-            rec = {"round": epoch, "train_loss": train_loss, "val_loss": node_mean_loss(sums),
-                   "val_rmse": val["rmse"], "val_mae": val["mae"],
-                   "val_masked_mae": val["masked_mae"], "step": self.step,
-                   "seconds": {"train": t1 - t0, "val": t2 - t1}, "seconds_round": t2 - t0,
-                   "bytes": {}, "failures": 0}
+            rec = {
+                "round": epoch,
+                "train_loss": train_loss,
+                "val_loss": node_mean_loss(sums),
+                "val_rmse": val["rmse"],
+                "val_mae": val["mae"],
+                "val_masked_mae": val["masked_mae"],
+                "step": self.step,
+                "seconds": {"train": t1 - t0, "val": t2 - t1},
+                "seconds_round": t2 - t0,
+                "bytes": {},
+                "failures": 0,
+            }
             if rec["val_loss"] < es["best_loss"]:
-                es.update(best_loss=rec["val_loss"], best_round=epoch, bad_rounds=0,
-                          best=self._state())
+                es.update(
+                    best_loss=rec["val_loss"], best_round=epoch, bad_rounds=0, best=self._state()
+                )
             else:
                 es["bad_rounds"] += 1
             if self.writer:
                 self.writer.log_round(rec)
                 self.writer.save_checkpoint(
-                    self._checkpoint(es, epoch, seconds_before + time.perf_counter() - t_start))
+                    self._checkpoint(es, epoch, seconds_before + time.perf_counter() - t_start)
+                )
             if epoch % int(self.cfg.log_every) == 0:
-                self.progress(f"epoch {epoch:3d}  train {train_loss:.4f}  val loss "
-                              f"{rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}  "
-                              f"({rec['seconds_round']:.1f}s)")
+                self.progress(
+                    f"epoch {epoch:3d}  train {train_loss:.4f}  val loss "
+                    f"{rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}  "
+                    f"({rec['seconds_round']:.1f}s)"
+                )
         return self.test(es, epoch, seconds_before + time.perf_counter() - t_start)
 
     def _restore(self, ckpt: dict[str, Any]) -> tuple[int, float, dict[str, Any]]:
@@ -218,16 +274,22 @@ class CentralTrainer:
         the epochs after the restart are those of an uninterrupted run.
         """
         if "model" not in ckpt or "optimizer" not in ckpt:
-            raise ValueError(f"{self.writer.checkpoint_path}: not a checkpoint of a centralised "
-                             "run that can be resumed (another method's, or an older version's). "
-                             "Fix: start a new run (resume=false) or pass that run's run_dir")
+            raise ValueError(
+                f"{self.writer.checkpoint_path}: not a checkpoint of a centralised "
+                "run that can be resumed (another method's, or an older version's). "
+                "Fix: start a new run (resume=false) or pass that run's run_dir"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
         epoch = int(ckpt["round"])
         kept = ckpt["early_stopping"]
-        es = {"best_loss": kept["best_loss"], "best_round": kept["best_round"],
-              "bad_rounds": kept["bad_rounds"], "best": ckpt["best_model"]}
+        es = {
+            "best_loss": kept["best_loss"],
+            "best_round": kept["best_round"],
+            "bad_rounds": kept["bad_rounds"],
+            "best": ckpt["best_model"],
+        }
         self.writer.truncate_rounds(epoch)
         self.progress(f"resumed after epoch {epoch}")
         return epoch, float(ckpt.get("seconds_total", 0.0)), es
@@ -235,19 +297,30 @@ class CentralTrainer:
     def _checkpoint(self, es: dict[str, Any], epoch: int, seconds: float) -> dict[str, Any]:
         """The same keys as the federated checkpoint where they apply (theta, server), plus
         what resuming needs (the whole model, its optimizer, the best epoch's weights)."""
+
         def split(state: dict[str, Tensor]) -> tuple[dict[str, np.ndarray], dict | None]:
-            theta = {k[len("node."):]: v[0].cpu().numpy() for k, v in state.items()
-                     if k.startswith("node.")}
-            gn = {k[len("gn."):]: v for k, v in state.items() if k.startswith("gn.")}
+            theta = {
+                k[len("node.") :]: v[0].cpu().numpy()
+                for k, v in state.items()
+                if k.startswith("node.")
+            }
+            gn = {k[len("gn.") :]: v for k, v in state.items() if k.startswith("gn.")}
             return theta, ({"gn": gn} if gn else None)
 
         theta, server = split(self.model.state_dict())
         best_theta, best_server = split(es["best"])
-        return {"round": epoch, "theta": theta, "server": server, "step": self.step,
-                "early_stopping": {k: v for k, v in es.items() if k != "best"}
-                | {"best_theta": best_theta, "best_server": best_server},
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "best_model": es["best"], "seconds_total": seconds}
+        return {
+            "round": epoch,
+            "theta": theta,
+            "server": server,
+            "step": self.step,
+            "early_stopping": {k: v for k, v in es.items() if k != "best"}
+            | {"best_theta": best_theta, "best_server": best_server},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_model": es["best"],
+            "seconds_total": seconds,
+        }
 
     def test(self, es: dict[str, Any], epochs: int, seconds: float) -> dict[str, Any]:
         self.model.load_state_dict(es["best"])
@@ -256,11 +329,17 @@ class CentralTrainer:
         chosen, windows = report_selection(self.cfg, n, s_test, self.data.interval_minutes)
         sums, forecast = self.evaluate(P.TEST, windows if len(chosen) else None)
         ids = list(self.data.sensor_ids)
-        final: dict[str, Any] = {"test": metrics_from_sums(sums), "best_round": es["best_round"],
-                                 "rounds_run": epochs, "best_val_loss": es["best_loss"],
-                                 "test_per_horizon": per_horizon(sums)}
+        final: dict[str, Any] = {
+            "test": metrics_from_sums(sums),
+            "best_round": es["best_round"],
+            "rounds_run": epochs,
+            "best_val_loss": es["best_loss"],
+            "test_per_horizon": per_horizon(sums),
+        }
         per_node = np.sqrt(sums["sq"].sum(1) / np.maximum(sums["count"].sum(1), 1))
-        final["test_rmse_per_node"] = dict(zip([ids[i] for i in self.eval_nodes], per_node.tolist()))
+        final["test_rmse_per_node"] = dict(
+            zip([ids[i] for i in self.eval_nodes], per_node.tolist())
+        )
         if self.fed.inductive_ratio is not None:
             seen = np.isin(self.eval_nodes, self.train_nodes)
             final["test_seen"] = metrics_from_sums({k: v[seen] for k, v in sums.items()})
@@ -268,22 +347,31 @@ class CentralTrainer:
         if forecast is not None:
             first = int(self.eval.series.starts[P.TEST][0]) + int(self.cfg.dataset.in_steps)
             if self.writer:
-                self.writer.write_predictions(np.asarray([ids[i] for i in self.eval_nodes[chosen]]),
-                                              (first + windows).astype(np.int64),
-                                              forecast[:, :, chosen])
-            final["predictions"] = {"sensors": [ids[i] for i in self.eval_nodes[chosen]],
-                                    "windows": int(len(windows)), "file": "predictions.npz"}
+                self.writer.write_predictions(
+                    np.asarray([ids[i] for i in self.eval_nodes[chosen]]),
+                    (first + windows).astype(np.int64),
+                    forecast[:, :, chosen],
+                )
+            final["predictions"] = {
+                "sensors": [ids[i] for i in self.eval_nodes[chosen]],
+                "windows": int(len(windows)),
+                "file": "predictions.npz",
+            }
         # centralising means uploading every node's series once (float32 speed + mask bytes)
         raw = self.data.speed.shape[0] * len(self.train_nodes)
         final["bytes"] = {"upload_raw": {"up_tensor": 4 * raw, "up_other": raw}}
         final["bytes_total"] = 5 * raw
         final["parameters"] = {
             "node": self.model.node.num_parameters_per_node(),
-            "server": self.model.server.num_parameters() if self.model.server else 0}
+            "server": self.model.server.num_parameters() if self.model.server else 0,
+        }
         final["seconds_total"] = seconds
         final["failures"] = []
-        final["nodes"] = {"total": len(self.eval_nodes), "train": len(self.train_nodes),
-                          "clients": 1}
+        final["nodes"] = {
+            "total": len(self.eval_nodes),
+            "train": len(self.train_nodes),
+            "clients": 1,
+        }
         if self.writer:
             self.writer.write_final(final)
         return final

@@ -56,18 +56,27 @@ class CentralCNFGNN:
 
     def __init__(self, cfg: Any, data: SensorData, device: torch.device | str = "cpu"):
         if cfg.federation.get("inductive_ratio") is not None:
-            raise ValueError("the central limit trains every node; set "
-                             "federation.inductive_ratio=null")
+            raise ValueError(
+                "the central limit trains every node; set federation.inductive_ratio=null"
+            )
         self.cfg, self.fed, self.device = cfg, cfg.federation, torch.device(device)
         m = cfg.model
         self.in_steps, self.out_steps = int(cfg.dataset.in_steps), int(cfg.dataset.out_steps)
         self.nodes = np.arange(data.num_nodes, dtype=np.int64)
         split = cfg.dataset.split
-        self.starts = split_starts(data.num_steps, self.in_steps, self.out_steps,
-                                   split.train, split.val, split.test)
-        stats = input_stats(data.speed, self.starts["train"], self.in_steps,
-                            include_missing=self.fed.scaler_include_missing, mask=data.mask)
-        self.scaler = global_scaler([stats]) if self.fed.scaling == "global" else per_node_scaler(stats)
+        self.starts = split_starts(
+            data.num_steps, self.in_steps, self.out_steps, split.train, split.val, split.test
+        )
+        stats = input_stats(
+            data.speed,
+            self.starts["train"],
+            self.in_steps,
+            include_missing=self.fed.scaler_include_missing,
+            mask=data.mask,
+        )
+        self.scaler = (
+            global_scaler([stats]) if self.fed.scaling == "global" else per_node_scaler(stats)
+        )
         scaled = self.scaler.transform(data.speed).astype(np.float32)  # [T, N]
         tod = np.broadcast_to(data.time_of_day()[:, None].astype(np.float32), scaled.shape)
         feats = np.stack([scaled, tod], axis=-1).transpose(1, 0, 2)  # [N, T, 2]
@@ -75,10 +84,18 @@ class CentralCNFGNN:
         self.raw = torch.from_numpy(np.ascontiguousarray(data.speed.T)).to(self.device)  # [N, T]
         self.observed = torch.from_numpy(np.ascontiguousarray(data.mask.T)).to(self.device)
         n = data.num_nodes
-        self.model = NodeSeq2Seq(n, m.input_size, m.output_size, m.hidden_size, m.num_layers,
-                                 m.graph_embedding, m.horizon).to(self.device)
-        self.model.load_global_state({k: torch.from_numpy(v) for k, v in
-                                      initial_node_model(cfg).items()})
+        self.model = NodeSeq2Seq(
+            n,
+            m.input_size,
+            m.output_size,
+            m.hidden_size,
+            m.num_layers,
+            m.graph_embedding,
+            m.horizon,
+        ).to(self.device)
+        self.model.load_global_state(
+            {k: torch.from_numpy(v) for k, v in initial_node_model(cfg).items()}
+        )
         with seeded(int(cfg.seed)):  # the orchestrator's GN init
             self.server = GraphServer(m, lr=self.fed.server_lr, device=self.device)
         self.graph = self.server.graph(np.asarray(data.adjacency))
@@ -102,8 +119,14 @@ class CentralCNFGNN:
 
     def _teacher(self, phase: str, round_: int, step: int, batch: int) -> Tensor:
         p = teacher_forcing_prob(step, float(self.cfg.model.cl_decay_steps))
-        u = rng.uniforms(int(self.cfg.seed), self.nodes, round_, phase, self.out_steps,
-                         extra=step * 1_000_003 + batch)
+        u = rng.uniforms(
+            int(self.cfg.seed),
+            self.nodes,
+            round_,
+            phase,
+            self.out_steps,
+            extra=step * 1_000_003 + batch,
+        )
         return torch.from_numpy(u.T <= p).to(self.device)
 
     def _per_node_mse(self, pred: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,15 +143,22 @@ class CentralCNFGNN:
     def _encode_all(self, split: str) -> Tensor:
         s, bs = len(self.starts[split]), int(self.fed.eval_batch_size)
         n = len(self.nodes)
-        parts = [self.model.encode(self._gather(split, torch.arange(
-            b, min(b + bs, s), device=self.device).expand(n, -1))[0]) for b in range(0, s, bs)]
+        parts = [
+            self.model.encode(
+                self._gather(
+                    split, torch.arange(b, min(b + bs, s), device=self.device).expand(n, -1)
+                )[0]
+            )
+            for b in range(0, s, bs)
+        ]
         return torch.cat(parts)  # [S, N, L, H]
 
     def _embed_all(self, h_c: Tensor) -> Tensor:
         bs = int(self.fed.server_eval_batch_size)
         self.server.gn.eval()
-        return torch.cat([self.server.gn(h_c[b : b + bs], *self.graph)
-                          for b in range(0, h_c.shape[0], bs)])
+        return torch.cat(
+            [self.server.gn(h_c[b : b + bs], *self.graph) for b in range(0, h_c.shape[0], bs)]
+        )
 
     def _timed(self, phase: str, t0: float) -> None:
         if self.device.type == "cuda":
@@ -143,20 +173,21 @@ class CentralCNFGNN:
         n = len(self.nodes)
         # 1. local training + FedAvg
         t0 = time.perf_counter()
-        opt = make_adam(self.model.parameters(), lr=self.fed.lr,
-                        weight_decay=self.fed.weight_decay)
+        opt = make_adam(self.model.parameters(), lr=self.fed.lr, weight_decay=self.fed.weight_decay)
         s, bs = len(self.starts["train"]), int(self.fed.batch_size)
         loss = count = 0.0
         self.model.train()
         for epoch in range(int(self.fed.local_epochs)):
-            perm = torch.from_numpy(rng.permutations(int(self.cfg.seed), self.nodes, round_,
-                                                     "local", s, extra=epoch)).to(self.device)
+            perm = torch.from_numpy(
+                rng.permutations(int(self.cfg.seed), self.nodes, round_, "local", s, extra=epoch)
+            ).to(self.device)
             for b in range(math.ceil(s / bs)):
                 idx = perm[:, b * bs : (b + 1) * bs]
                 x, _, y_tod, y, t = self._gather("train", idx)
                 h_g = self.h_g_train[idx, self.k_ar[:, None]].transpose(0, 1) if use_hg else None
-                pred = self.model(x, y_tod, h_g, targets=y,
-                                  teacher=self._teacher("local", round_, self.step, b))
+                pred = self.model(
+                    x, y_tod, h_g, targets=y, teacher=self._teacher("local", round_, self.step, b)
+                )
                 per_node, sums, counts = self._per_node_mse(pred, y, t)
                 opt.zero_grad(set_to_none=True)
                 per_node.sum().backward()
@@ -182,15 +213,24 @@ class CentralCNFGNN:
             loss = count = 0.0
             self.model.train()
             for epoch in range(int(self.fed.server_epochs)):
-                order = rng.permutations(int(self.cfg.seed), np.zeros(1, np.int64), round_,
-                                         "server", s, extra=epoch)[0]
+                order = rng.permutations(
+                    int(self.cfg.seed), np.zeros(1, np.int64), round_, "server", s, extra=epoch
+                )[0]
                 for b in range(math.ceil(s / sbs)):
-                    batch = torch.from_numpy(np.sort(order[b * sbs : (b + 1) * sbs])).to(self.device)
+                    batch = torch.from_numpy(np.sort(order[b * sbs : (b + 1) * sbs])).to(
+                        self.device
+                    )
                     self.server.gn.train()
                     h_g = self.server.gn(h_c[batch], *self.graph)
                     _, x_last, y_tod, y, t = self._gather("train", batch.expand(n, -1))
-                    pred = self.model.decode(x_last, y_tod, h_c[batch], h_g, targets=y,
-                                             teacher=self._teacher("split", round_, self.step, 0))
+                    pred = self.model.decode(
+                        x_last,
+                        y_tod,
+                        h_c[batch],
+                        h_g,
+                        targets=y,
+                        teacher=self._teacher("split", round_, self.step, 0),
+                    )
                     per_node, sums, counts = self._per_node_mse(pred, y, t)
                     self.server.optimizer.zero_grad(set_to_none=True)
                     torch.autograd.backward(per_node.mean(), inputs=params)  # GN only
@@ -226,8 +266,9 @@ class CentralCNFGNN:
         for b in range(0, s, bs):
             batch = torch.arange(b, min(b + bs, s), device=self.device)
             _, x_last, y_tod, y, t = self._gather(split, batch.expand(n, -1))
-            pred = self.model.decode(x_last, y_tod, h_c[batch],
-                                     None if h_g is None else h_g[batch])[..., 0]
+            pred = self.model.decode(
+                x_last, y_tod, h_c[batch], None if h_g is None else h_g[batch]
+            )[..., 0]
             t_out = t[:, :, self.in_steps :]
             target = self.raw[self.k_ar[:, None, None], t_out].permute(1, 2, 0)
             mask = self.observed[self.k_ar[:, None, None], t_out].permute(1, 2, 0)

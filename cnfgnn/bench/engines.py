@@ -68,8 +68,9 @@ def compose_bench(overrides: list[str]) -> DictConfig:
     return checked_compose([f"+{BENCH_GROUP}={choice}", *rest])
 
 
-def case_config(cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | None = None
-                ) -> DictConfig:
+def case_config(
+    cfg: DictConfig, case: dict[str, Any], extra: dict[str, Any] | None = None
+) -> DictConfig:
     """The experiment config of one case: resolved, without the ``bench`` section.
 
     ``case['engine']`` picks the ``engine`` group (``central`` runs with ``inprocess``'s),
@@ -107,16 +108,21 @@ class SendLog:
         self._trace(message_type, split, "start")
         t0, c0 = time.perf_counter(), time.process_time()
         replies = self.engine.send(message_type, payloads)
-        self.events.append((message_type, split, len(payloads), t0, time.perf_counter(),
-                            c0, time.process_time()))
+        self.events.append(
+            (message_type, split, len(payloads), t0, time.perf_counter(), c0, time.process_time())
+        )
         self._trace(message_type, split, "end")
         return replies
 
     def _trace(self, message_type: str, split: str | None, edge: str) -> None:
         if self.trace is not None:
             with open(self.trace, "a") as f:
-                f.write(json.dumps({"t": time.time(), "type": message_type, "split": split,
-                                    "edge": edge}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"t": time.time(), "type": message_type, "split": split, "edge": edge}
+                    )
+                    + "\n"
+                )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -127,19 +133,30 @@ class SendLog:
         out = []
         starts = [i for i, e in enumerate(self.events) if e[0] == P.LOCAL_TRAIN]
         for i in starts:
-            end = next((j for j in range(i, len(self.events)) if self.events[j][0] == P.EVALUATE
-                        and self.events[j][1] == P.VAL), None)
+            end = next(
+                (
+                    j
+                    for j in range(i, len(self.events))
+                    if self.events[j][0] == P.EVALUATE and self.events[j][1] == P.VAL
+                ),
+                None,
+            )
             if end is None:
                 continue
             span = self.events[i : end + 1]
             trips: dict[str, int] = {}
             for e in span:
                 trips[e[0]] = trips.get(e[0], 0) + 1
-            out.append({"seconds": self.events[end][4] - self.events[i][3],
-                        "cpu_seconds_process": self.events[end][6] - self.events[i][5],
-                        "round_trips": len(span), "messages": sum(e[2] for e in span),
-                        "round_trips_by_type": trips,
-                        "transport_seconds": sum(e[4] - e[3] for e in span)})
+            out.append(
+                {
+                    "seconds": self.events[end][4] - self.events[i][3],
+                    "cpu_seconds_process": self.events[end][6] - self.events[i][5],
+                    "round_trips": len(span),
+                    "messages": sum(e[2] for e in span),
+                    "round_trips_by_type": trips,
+                    "transport_seconds": sum(e[4] - e[3] for e in span),
+                }
+            )
         return out
 
 
@@ -167,17 +184,22 @@ def _per_round_records(run_dir: Path, log: SendLog) -> list[dict[str, Any]]:
         cur_wire = {k: v for k, v in rec.get("wire_bytes", {}).items() if k not in SETUP_TYPES}
         b, w = _diff(cur_bytes, prev_bytes), _diff(cur_wire, prev_wire)
         prev_bytes, prev_wire = cur_bytes, cur_wire
-        out.append({
-            "round": rec["round"], "seconds": tr["seconds"],
-            "cpu_seconds_process": tr["cpu_seconds_process"],
-            "seconds_by_phase": {k: v for k, v in rec.get("seconds", {}).items() if v},
-            "round_trips": tr["round_trips"], "messages": tr["messages"],
-            "round_trips_by_type": tr["round_trips_by_type"],
-            "bytes": b, "bytes_total": int(sum(sum(v.values()) for v in b.values())),
-            "wire_bytes": w,
-            "wire_bytes_total": int(sum(sum(v.values()) for v in w.values())) if w else None,
-            **{k: rec.get(k) for k in ("train_loss", "split_loss", "val_loss", "val_rmse")},
-        })
+        out.append(
+            {
+                "round": rec["round"],
+                "seconds": tr["seconds"],
+                "cpu_seconds_process": tr["cpu_seconds_process"],
+                "seconds_by_phase": {k: v for k, v in rec.get("seconds", {}).items() if v},
+                "round_trips": tr["round_trips"],
+                "messages": tr["messages"],
+                "round_trips_by_type": tr["round_trips_by_type"],
+                "bytes": b,
+                "bytes_total": int(sum(sum(v.values()) for v in b.values())),
+                "wire_bytes": w,
+                "wire_bytes_total": int(sum(sum(v.values()) for v in w.values())) if w else None,
+                **{k: rec.get(k) for k in ("train_loss", "split_loss", "val_loss", "val_rmse")},
+            }
+        )
     return out
 
 
@@ -205,8 +227,9 @@ def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
     return {"flops": float(flops.get_total_flops()), "ops": float(ops.ops)}
 
 
-def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = False
-             ) -> dict[str, Any]:
+def run_case(
+    cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = False
+) -> dict[str, Any]:
     """Measure one case in this process; returns its JSON record (no memory figures)."""
     from cnfgnn.data.loaders import load_dataset
     from cnfgnn.data.nodes import client_groups
@@ -218,16 +241,26 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
     device = resolve_device(str(cfg.device))
     t_start = time.perf_counter()
     data = load_dataset(cfg.dataset)
-    rec: dict[str, Any] = {"engine": case["engine"], "device": str(device),
-                           "nodes": data.num_nodes,
-                           "nodes_per_client": int(cfg.federation.nodes_per_client),
-                           "clients": 1 if case["engine"] == "central"
-                           else len(client_groups(cfg, data)),
-                           "server_batches_per_trip": int(cfg.federation.server_batches_per_trip)}
+    rec: dict[str, Any] = {
+        "engine": case["engine"],
+        "device": str(device),
+        "nodes": data.num_nodes,
+        "nodes_per_client": int(cfg.federation.nodes_per_client),
+        "clients": 1 if case["engine"] == "central" else len(client_groups(cfg, data)),
+        "server_batches_per_trip": int(cfg.federation.server_batches_per_trip),
+    }
     split = cfg.dataset.split
-    rec["windows"] = {k: len(v) for k, v in split_starts(
-        data.num_steps, int(cfg.dataset.in_steps), int(cfg.dataset.out_steps),
-        split.train, split.val, split.test).items()}
+    rec["windows"] = {
+        k: len(v)
+        for k, v in split_starts(
+            data.num_steps,
+            int(cfg.dataset.in_steps),
+            int(cfg.dataset.out_steps),
+            split.train,
+            split.val,
+            split.test,
+        ).items()
+    }
     rounds = int(cfg.federation.rounds)
     if case["engine"] == "central":
         from cnfgnn.bench.central_limit import CentralCNFGNN
@@ -238,11 +271,20 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
             before = dict(model.seconds)
             t0, c0 = time.perf_counter(), time.process_time()
             losses = model.round(r)
-            per_round.append({"round": r, "seconds": time.perf_counter() - t0,
-                              "cpu_seconds_process": time.process_time() - c0,
-                              "seconds_by_phase": {k: v - before.get(k, 0.0)
-                                                   for k, v in model.seconds.items()},
-                              "round_trips": 0, "messages": 0, "bytes_total": 0, **losses})
+            per_round.append(
+                {
+                    "round": r,
+                    "seconds": time.perf_counter() - t0,
+                    "cpu_seconds_process": time.process_time() - c0,
+                    "seconds_by_phase": {
+                        k: v - before.get(k, 0.0) for k, v in model.seconds.items()
+                    },
+                    "round_trips": 0,
+                    "messages": 0,
+                    "bytes_total": 0,
+                    **losses,
+                }
+            )
         rec["rounds"] = per_round
         if count_flops:
             rec["count"] = _count_central_round(cfg, data, device)
@@ -262,17 +304,21 @@ def run_case(cfg: Any, case: dict[str, Any], run_dir: Path, count_flops: bool = 
             log = wrap(InProcessEngine(build_workers(cfg, data, device)))
             writer = RunWriter(cfg, run_dir)
             graph = ServerGraph.from_data(data)
-            final = Orchestrator(cfg, log, graph, writer, lambda s: print(s, flush=True),
-                                 device).run()
+            final = Orchestrator(
+                cfg, log, graph, writer, lambda s: print(s, flush=True), device
+            ).run()
         elif case["engine"] == "simulation":
             from cnfgnn.flower.simulation import run_simulation_experiment
 
-            final, _ = run_simulation_experiment(cfg, rec["clients"], run_dir,
-                                                 lambda s: print(s, flush=True), wrap)
+            final, _ = run_simulation_experiment(
+                cfg, rec["clients"], run_dir, lambda s: print(s, flush=True), wrap
+            )
             log = holder["log"]
         else:
-            raise ValueError(f"bench case {case['name']}: unknown engine {case['engine']!r}; "
-                             "use central, inprocess or simulation")
+            raise ValueError(
+                f"bench case {case['name']}: unknown engine {case['engine']!r}; "
+                "use central, inprocess or simulation"
+            )
         rec["rounds"] = _per_round_records(run_dir, log)
         rec["test_rmse"] = final.get("test", {}).get("rmse")
         setup = [e for e in log.events if e[0] in SETUP_TYPES]
@@ -305,8 +351,9 @@ def _tree(proc: Any) -> list[Any]:
         return []
 
 
-def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s: float,
-                   memory_limit_gb: float) -> dict[str, Any]:
+def run_subprocess(
+    spec: dict[str, Any], work: Path, sample_s: float, timeout_s: float, memory_limit_gb: float
+) -> dict[str, Any]:
     """Run one case in a child process; sample its process tree's resident memory.
 
     The child and every process it starts (Ray's) are recorded by PID and creation time; a
@@ -324,8 +371,11 @@ def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s:
     load_before = os.getloadavg()
     t0, t_wall0 = time.perf_counter(), time.time()
     procs = ProcessSet(work, env)
-    proc = procs.start(name, [sys.executable, "-m", "cnfgnn.bench.engines", "--child",
-                              str(spec_path)], cwd=Path.cwd()).popen
+    proc = procs.start(
+        name,
+        [sys.executable, "-m", "cnfgnn.bench.engines", "--child", str(spec_path)],
+        cwd=Path.cwd(),
+    ).popen
     ps = psutil.Process(proc.pid)
     seen: dict[int, float] = {}  # pid -> create_time of every process of the case
     cpu: dict[int, float] = {}  # pid -> last observed user + system seconds
@@ -348,8 +398,10 @@ def run_subprocess(spec: dict[str, Any], work: Path, sample_s: float, timeout_s:
                     peak_main = max(peak_main, m)
             peak = max(peak, rss)
             if rss > memory_limit_gb * 2**30:
-                stopped = (f"resident memory {rss / 2**30:.1f} GB > bench memory limit "
-                           f"{memory_limit_gb} GB")
+                stopped = (
+                    f"resident memory {rss / 2**30:.1f} GB > bench memory limit "
+                    f"{memory_limit_gb} GB"
+                )
             elif time.perf_counter() - t0 > timeout_s:
                 stopped = f"still running after {timeout_s:g} s"
             if stopped:
@@ -435,10 +487,14 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cuda_available": torch.cuda.is_available(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
 
 
 def projection(cfg: DictConfig, cases: dict[str, Any], windows: dict[str, int]) -> dict[str, Any]:
@@ -454,46 +510,59 @@ def projection(cfg: DictConfig, cases: dict[str, Any], windows: dict[str, int]) 
     f_val = float(pc.val_windows) / max(windows["val"], 1)
     fed = cfg.federation
     steps = math.ceil(pc.train_windows / fed.server_batch_size) * int(fed.server_epochs)
-    what = (f"a {pc.name}-sized CNFGNN round ({pc.num_nodes} nodes, {pc.train_windows} "
-            f"training windows, R_s={fed.server_epochs}: {steps} server steps), scaled "
-            "linearly from this benchmark's phases; a projection, not a measurement")
-    out: dict[str, Any] = {"what": what, "scale_train": f_train, "scale_val": f_val,
-                           "cases": {}}
+    what = (
+        f"a {pc.name}-sized CNFGNN round ({pc.num_nodes} nodes, {pc.train_windows} "
+        f"training windows, R_s={fed.server_epochs}: {steps} server steps), scaled "
+        "linearly from this benchmark's phases; a projection, not a measurement"
+    )
+    out: dict[str, Any] = {"what": what, "scale_train": f_train, "scale_val": f_val, "cases": {}}
     for name, rec in cases.items():
         pr = rec.get("per_round")
         if not pr:
             continue
         phases = pr["seconds_by_phase"]
-        accounted = sum(v for k, v in phases.items()
-                        if k in ROUND_PHASES_TRAIN + ROUND_PHASES_VAL)
-        s = sum(v * (f_val if k in ROUND_PHASES_VAL else f_train) for k, v in phases.items()
-                if k in ROUND_PHASES_TRAIN + ROUND_PHASES_VAL)
+        accounted = sum(v for k, v in phases.items() if k in ROUND_PHASES_TRAIN + ROUND_PHASES_VAL)
+        s = sum(
+            v * (f_val if k in ROUND_PHASES_VAL else f_train)
+            for k, v in phases.items()
+            if k in ROUND_PHASES_TRAIN + ROUND_PHASES_VAL
+        )
         s += max(pr["seconds"] - accounted, 0.0) * f_train  # overhead between phases
-        out["cases"][name] = {"round_seconds": s, "round_hours": s / 3600,
-                              **{f"training_{r}_rounds_days": s * r / 86400 for r in pc.rounds}}
+        out["cases"][name] = {
+            "round_seconds": s,
+            "round_hours": s / 3600,
+            **{f"training_{r}_rounds_days": s * r / 86400 for r in pc.rounds},
+        }
     central = cases.get("central", {})
     if central.get("count"):
         c = central["count"]
         t_cpu = central["per_round"]["seconds"]
-        gpu = (c["flops"] / (float(pc.gpu_sustained_tflops) * 1e12)
-               + c["ops"] * float(pc.gpu_seconds_per_op))
+        gpu = c["flops"] / (float(pc.gpu_sustained_tflops) * 1e12) + c["ops"] * float(
+            pc.gpu_seconds_per_op
+        )
         out["central_flops_per_round"] = c["flops"]
         out["central_ops_per_round"] = c["ops"]
         out["central_cpu_gflops"] = c["flops"] / t_cpu / 1e9
         gpu_round = gpu * f_train
         out["gpu"] = {
             "what": f"{pc.gpu_name}: the central round's counted FLOPs at "
-                    f"{pc.gpu_sustained_tflops} TFLOP/s plus {pc.gpu_seconds_per_op:g} s per "
-                    "tensor op, scaled to the METR-LA round; a projection from CPU counts, "
-                    "not a GPU measurement",
+            f"{pc.gpu_sustained_tflops} TFLOP/s plus {pc.gpu_seconds_per_op:g} s per "
+            "tensor op, scaled to the METR-LA round; a projection from CPU counts, "
+            "not a GPU measurement",
             "round_seconds": gpu_round,
-            **{f"training_{r}_rounds_hours": gpu_round * r / 3600 for r in pc.rounds}}
+            **{f"training_{r}_rounds_hours": gpu_round * r / 3600 for r in pc.rounds},
+        }
     return out
 
 
-def run_cases(cfg: DictConfig, cases: list[dict[str, Any]], work: Path,
-              extra: dict[str, Any] | None = None, memory_limit_gb: float | None = None,
-              count_flops: bool = False) -> dict[str, Any]:
+def run_cases(
+    cfg: DictConfig,
+    cases: list[dict[str, Any]],
+    work: Path,
+    extra: dict[str, Any] | None = None,
+    memory_limit_gb: float | None = None,
+    count_flops: bool = False,
+) -> dict[str, Any]:
     """Each case in its own subprocess, one after the other: name -> record."""
     b = cfg.bench
     out = {}
@@ -501,23 +570,39 @@ def run_cases(cfg: DictConfig, cases: list[dict[str, Any]], work: Path,
         name = case["name"]
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         ccfg = case_config(cfg, case, extra)
-        spec = {"case": case, "cfg": OmegaConf.to_container(ccfg, resolve=True),
-                "run_dir": str(work / name),
-                "count_flops": count_flops and case["engine"] == "central"}
-        rec = summarise(run_subprocess(spec, work, float(b.sample_interval_s),
-                                       float(b.case_timeout_s),
-                                       float(memory_limit_gb or b.memory_limit_gb)))
+        spec = {
+            "case": case,
+            "cfg": OmegaConf.to_container(ccfg, resolve=True),
+            "run_dir": str(work / name),
+            "count_flops": count_flops and case["engine"] == "central",
+        }
+        rec = summarise(
+            run_subprocess(
+                spec,
+                work,
+                float(b.sample_interval_s),
+                float(b.case_timeout_s),
+                float(memory_limit_gb or b.memory_limit_gb),
+            )
+        )
         pr = rec.get("per_round") or {}
-        print(f"[bench] {name}: {rec.get('status')} {pr.get('seconds') or float('nan'):.1f} s/round, "
-              f"peak {rec['peak_rss_mb_tree']:.0f} MB {rec.get('error', '')}", file=sys.stderr,
-              flush=True)
+        print(
+            f"[bench] {name}: {rec.get('status')} {pr.get('seconds') or float('nan'):.1f} s/round, "
+            f"peak {rec['peak_rss_mb_tree']:.0f} MB {rec.get('error', '')}",
+            file=sys.stderr,
+            flush=True,
+        )
         out[name] = rec
     return out
 
 
 def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
-    cases = run_cases(cfg, [dict(c) for c in OmegaConf.to_container(cfg.bench.engines)], work,
-                      count_flops=bool(cfg.bench.count_flops))
+    cases = run_cases(
+        cfg,
+        [dict(c) for c in OmegaConf.to_container(cfg.bench.engines)],
+        work,
+        count_flops=bool(cfg.bench.count_flops),
+    )
     ratios, ratios_cpu, goals = {}, {}, {}
     for label, (a, ref) in OmegaConf.to_container(cfg.bench.ratios).items():
         pa = cases.get(a, {}).get("per_round") or {}
@@ -529,36 +614,55 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
             ratios_cpu[label] = ca / cr if ca and cr else None  # one process: load-robust
     for label, limit in cfg.bench.goals.items():
         r = ratios.get(label)
-        goals[label] = {"ratio": r, "at_most": float(limit),
-                        "met": None if r is None else bool(r <= float(limit))}
+        goals[label] = {
+            "ratio": r,
+            "at_most": float(limit),
+            "met": None if r is None else bool(r <= float(limit)),
+        }
     windows = next((c["windows"] for c in cases.values() if c.get("windows")), None)
     consistency = {}
-    ref = (cases.get("central", {}).get("per_round") or {})
+    ref = cases.get("central", {}).get("per_round") or {}
     for name, rec in cases.items():
         pr = rec.get("per_round") or {}
         if name != "central" and ref and pr:
-            consistency[name] = {k: (None if pr.get(k) is None or ref.get(k) is None
-                                     else abs(pr[k] - ref[k]) / max(abs(ref[k]), 1e-12))
-                                 for k in ("train_loss", "split_loss", "val_loss")}
-    return {"cases": cases, "ratios": ratios, "ratios_cpu_seconds": ratios_cpu, "goals": goals,
-            "loss_relative_difference_to_central": consistency,
-            "projection": projection(cfg, cases, windows) if windows else None}
+            consistency[name] = {
+                k: (
+                    None
+                    if pr.get(k) is None or ref.get(k) is None
+                    else abs(pr[k] - ref[k]) / max(abs(ref[k]), 1e-12)
+                )
+                for k in ("train_loss", "split_loss", "val_loss")
+            }
+    return {
+        "cases": cases,
+        "ratios": ratios,
+        "ratios_cpu_seconds": ratios_cpu,
+        "goals": goals,
+        "loss_relative_difference_to_central": consistency,
+        "projection": projection(cfg, cases, windows) if windows else None,
+    }
 
 
 def bench_multibatch(cfg: DictConfig, work: Path) -> dict[str, Any]:
     mb = cfg.bench.multibatch
-    out: dict[str, Any] = {"note": (
-        "server_batches_per_trip=k sends k server batches in one round trip and takes ONE "
-        "GN step on their pooled gradient: exactly a server batch of k x server_batch_size "
-        "(gradient accumulation of k equal batches, node-mean loss), so 1/k of the round "
-        "trips and of the GN optimizer steps per epoch. It is not the same trajectory as k "
-        "separate steps (those need h_G from the updated GN for each next batch)."),
-        "cases": {}}
+    out: dict[str, Any] = {
+        "note": (
+            "server_batches_per_trip=k sends k server batches in one round trip and takes ONE "
+            "GN step on their pooled gradient: exactly a server batch of k x server_batch_size "
+            "(gradient accumulation of k equal batches, node-mean loss), so 1/k of the round "
+            "trips and of the GN optimizer steps per epoch. It is not the same trajectory as k "
+            "separate steps (those need h_G from the updated GN for each next batch)."
+        ),
+        "cases": {},
+    }
     for trips in mb.trips:
-        cases = [dict(c, name=f"{c['name']}_trips{trips}")
-                 for c in OmegaConf.to_container(mb.engines)]
-        extra = {"federation.server_batches_per_trip": int(trips),
-                 "federation.rounds": int(mb.rounds)}
+        cases = [
+            dict(c, name=f"{c['name']}_trips{trips}") for c in OmegaConf.to_container(mb.engines)
+        ]
+        extra = {
+            "federation.server_batches_per_trip": int(trips),
+            "federation.rounds": int(mb.rounds),
+        }
         out["cases"].update(run_cases(cfg, cases, work, extra))
     return out
 
@@ -573,11 +677,15 @@ def bench_scale(cfg: DictConfig, work: Path) -> dict[str, Any]:
         n, chunk = int(run.nodes), run.get("grad_chunk")
         name = f"inprocess_{n}" + ("" if chunk is None else f"_chunk{int(chunk)}")
         case = {"name": name, "engine": "inprocess", "nodes_per_client": int(sc.nodes_per_client)}
-        extra = {"dataset.num_nodes": n, "dataset.days": float(sc.days),
-                 "federation.rounds": int(sc.rounds),
-                 "model.gn.grad_chunk": None if chunk is None else int(chunk)}
-        out["cases"].update(run_cases(cfg, [case], work, extra,
-                                      memory_limit_gb=float(sc.memory_limit_gb)))
+        extra = {
+            "dataset.num_nodes": n,
+            "dataset.days": float(sc.days),
+            "federation.rounds": int(sc.rounds),
+            "model.gn.grad_chunk": None if chunk is None else int(chunk),
+        }
+        out["cases"].update(
+            run_cases(cfg, [case], work, extra, memory_limit_gb=float(sc.memory_limit_gb))
+        )
     return out
 
 
@@ -601,26 +709,35 @@ def _run(argv: list[str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     doc: dict[str, Any] = {
-        "bench": "cnfgnn-bench", "mode": str(cfg.bench.mode), "time": stamp,
-        "overrides": argv, "machine": _machine(),
+        "bench": "cnfgnn-bench",
+        "mode": str(cfg.bench.mode),
+        "time": stamp,
+        "overrides": argv,
+        "machine": _machine(),
         "device": str(resolve_device(str(cfg.device))),  # auto: what it picked
         "threads": machine.cores() if cfg.threads is None else int(cfg.threads),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
-        "config": {"nodes": int(cfg.dataset.num_nodes), "days": float(cfg.dataset.days),
-                   "hidden_size": int(cfg.model.hidden_size),
-                   "batch_size": int(cfg.federation.batch_size),
-                   "server_batch_size": int(cfg.federation.server_batch_size),
-                   "local_epochs": int(cfg.federation.local_epochs),
-                   "server_epochs": int(cfg.federation.server_epochs),
-                   "rounds": int(cfg.federation.rounds), "seed": int(cfg.seed)},
+        "config": {
+            "nodes": int(cfg.dataset.num_nodes),
+            "days": float(cfg.dataset.days),
+            "hidden_size": int(cfg.model.hidden_size),
+            "batch_size": int(cfg.federation.batch_size),
+            "server_batch_size": int(cfg.federation.server_batch_size),
+            "local_epochs": int(cfg.federation.local_epochs),
+            "server_epochs": int(cfg.federation.server_epochs),
+            "rounds": int(cfg.federation.rounds),
+            "seed": int(cfg.seed),
+        },
     }
     mode = str(cfg.bench.mode)
     runners = {"engines": bench_engines, "multibatch": bench_multibatch, "scale": bench_scale}
     if mode not in runners:
         from cnfgnn.shell import UsageError, did_you_mean
 
-        raise UsageError(f"bench.mode={mode!r} is unknown.{did_you_mean(mode, runners)} "
-                         f"Fix: use one of {sorted(runners)}")
+        raise UsageError(
+            f"bench.mode={mode!r} is unknown.{did_you_mean(mode, runners)} "
+            f"Fix: use one of {sorted(runners)}"
+        )
     doc.update(runners[mode](cfg, work))
     doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["seconds_total"] = time.perf_counter() - t0

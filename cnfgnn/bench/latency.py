@@ -34,18 +34,28 @@ from cnfgnn.procs import ROOT
 EXPERIMENT = "synthetic_deploy_latency"
 SENSORS_PER_NODE = 2
 MODES = {
-    "flower": ["engine.launch.worker=flower", "engine.launch.fast_waits=false",
-               "engine.launch.heartbeat_s=null"],
-    "warm": ["engine.launch.worker=warm", "engine.launch.fast_waits=false",
-             "engine.launch.heartbeat_s=null"],
+    "flower": [
+        "engine.launch.worker=flower",
+        "engine.launch.fast_waits=false",
+        "engine.launch.heartbeat_s=null",
+    ],
+    "warm": [
+        "engine.launch.worker=warm",
+        "engine.launch.fast_waits=false",
+        "engine.launch.heartbeat_s=null",
+    ],
     "fast": [],
     "flower_fast": ["engine.launch.worker=flower"],
 }
 
 
 def measure(mode: str, supernodes: int, out_dir: Path, extra: list[str]) -> dict:
-    overrides = [f"experiment={EXPERIMENT}", f"dataset.num_nodes={SENSORS_PER_NODE * supernodes}",
-                 *MODES[mode], *extra]
+    overrides = [
+        f"experiment={EXPERIMENT}",
+        f"dataset.num_nodes={SENSORS_PER_NODE * supernodes}",
+        *MODES[mode],
+        *extra,
+    ]
     run_dir = out_dir / f"{mode}_{supernodes}"
     t0 = time.monotonic()
     result = deploy_experiment(overrides, run_dir=run_dir, progress=lambda s: print(s, flush=True))
@@ -53,25 +63,34 @@ def measure(mode: str, supernodes: int, out_dir: Path, extra: list[str]) -> dict
     nodes = [v for k, v in info["memory_peak_mb"].items() if k.startswith("supernode_")]
     cpu = info.get("cpu_s", {})
     return {
-        "mode": mode, "supernodes": supernodes, "overrides": overrides,
-        "wall_s": time.monotonic() - t0, "startup_s": info["startup_s"], "run_s": info["run_s"],
-        "round_trip_s": info["round_trip_s"], "round_trips": info["round_trips"],
+        "mode": mode,
+        "supernodes": supernodes,
+        "overrides": overrides,
+        "wall_s": time.monotonic() - t0,
+        "startup_s": info["startup_s"],
+        "run_s": info["run_s"],
+        "round_trip_s": info["round_trip_s"],
+        "round_trips": info["round_trips"],
         "seconds_per_round": info["seconds_per_round"],
         "supernode_pss_mb_max": max(v["pss_mb"] for v in nodes),
         "supernode_rss_mb_max": max(v["rss_mb"] for v in nodes),
         "supernode_processes_max": max(v["processes"] for v in nodes),
         "superlink_pss_mb": info["memory_peak_mb"].get("superlink", {}).get("pss_mb"),
         "cpu_s_supernodes": sum(v for k, v in cpu.items() if k.startswith("supernode_")),
-        "cpu_s": cpu, "load": info["load"], "test_rmse": result.final["test"]["rmse"],
+        "cpu_s": cpu,
+        "load": info["load"],
+        "test_rmse": result.final["test"]["rmse"],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnfgnn.bench.latency", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m cnfgnn.bench.latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--supernodes", type=int, nargs="+", default=[3, 8])
-    p.add_argument("--modes", nargs="+", default=["flower", "warm", "fast"],
-                   choices=sorted(MODES))
+    p.add_argument("--modes", nargs="+", default=["flower", "warm", "fast"], choices=sorted(MODES))
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "deploy" / "latency")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
@@ -92,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['mode']:>12} N={r['supernodes']}: {r['error']}")
             continue
         rt = r["round_trip_s"]
-        print(f"{r['mode']:>12} N={r['supernodes']}: start-up {r['startup_s']:.1f} s, round "
-              f"{r['seconds_per_round'][0]:.1f} s, split trip {rt.get('train.split', 0):.2f} s, "
-              f"embed trip {rt.get('query.embed', 0):.2f} s, SuperNode PSS "
-              f"{r['supernode_pss_mb_max']:.0f} MB, load {r['load']['start'][0]:.1f}")
+        print(
+            f"{r['mode']:>12} N={r['supernodes']}: start-up {r['startup_s']:.1f} s, round "
+            f"{r['seconds_per_round'][0]:.1f} s, split trip {rt.get('train.split', 0):.2f} s, "
+            f"embed trip {rt.get('query.embed', 0):.2f} s, SuperNode PSS "
+            f"{r['supernode_pss_mb_max']:.0f} MB, load {r['load']['start'][0]:.1f}"
+        )
     print(f"written: {out_dir / 'latency.json'}")
     return 0
 

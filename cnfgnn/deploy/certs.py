@@ -71,14 +71,18 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cnfgnn loopback"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cnfgnn loopback"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def make_ca(days: float) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -87,25 +91,38 @@ def make_ca(days: float) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     now = datetime.datetime.now(datetime.UTC)
     subject = _name("cnfgnn loopback CA")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA384())
+    )
     return key, cert
 
 
-def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                     hosts: list[str], days: float
-                     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str], days: float
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A TLS server certificate for ``hosts`` (IP addresses or DNS names), signed by the CA."""
     key = ec.generate_private_key(CURVE())
     now = datetime.datetime.now(datetime.UTC)
@@ -116,44 +133,65 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
         except ValueError:
             names.append(x509.DNSName(h))
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
     return key, cert
 
 
 def write_node_key(path: Path, comment: str = "") -> Path:
     """A SuperNode key pair: ``path`` (OpenSSH private key, 0600) and ``path.pub``."""
     key = ec.generate_private_key(CURVE())
-    _write(path, key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()), private=True)
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                        serialization.PublicFormat.OpenSSH)
-    _write(path.with_name(path.name + ".pub"),
-           pub + (b" " + comment.encode() if comment else b"") + b"\n")
+    _write(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+        private=True,
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(
+        path.with_name(path.name + ".pub"),
+        pub + (b" " + comment.encode() if comment else b"") + b"\n",
+    )
     return path
 
 
-def generate(out: Path, num_nodes: int, host: str = "127.0.0.1", days: float = 7.0
-             ) -> LoopbackCerts:
+def generate(
+    out: Path, num_nodes: int, host: str = "127.0.0.1", days: float = 7.0
+) -> LoopbackCerts:
     """Write a CA, a SuperLink certificate for loopback (``host``, 127.0.0.1, localhost)
     and ``num_nodes`` SuperNode key pairs into ``out`` (replacing older ones)."""
     if num_nodes < 0 or days <= 0:
@@ -162,30 +200,41 @@ def generate(out: Path, num_nodes: int, host: str = "127.0.0.1", days: float = 7
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     ca_key, ca_cert = make_ca(days)
-    server_key, server_cert = make_server_cert(ca_key, ca_cert,
-                                               [host, "127.0.0.1", "localhost"], days)
-    paths = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key",
-             "server_cert": out / "server.crt", "server_key": out / "server.key"}
+    server_key, server_cert = make_server_cert(
+        ca_key, ca_cert, [host, "127.0.0.1", "localhost"], days
+    )
+    paths = {
+        "ca_cert": out / "ca.crt",
+        "ca_key": out / "ca.key",
+        "server_cert": out / "server.crt",
+        "server_key": out / "server.key",
+    }
     _write(paths["ca_key"], _pem_key(ca_key), private=True)
     _write(paths["ca_cert"], ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(paths["server_key"], _pem_key(server_key), private=True)
     _write(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
-    nodes = tuple(write_node_key(out / f"supernode_{i}", f"cnfgnn-supernode-{i}")
-                  for i in range(num_nodes))
+    nodes = tuple(
+        write_node_key(out / f"supernode_{i}", f"cnfgnn-supernode-{i}") for i in range(num_nodes)
+    )
     return LoopbackCerts(out, node_keys=nodes, **paths)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnfgnn.deploy.certs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m cnfgnn.deploy.certs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to write")
     p.add_argument("--host", default="127.0.0.1", help="the SuperLink's address")
     p.add_argument("--days", type=float, default=7.0, help="validity of the certificates")
     a = p.parse_args(argv)
     certs = generate(a.out, a.nodes, a.host, a.days)
-    print(f"CA {certs.ca_cert}, SuperLink {certs.server_cert}, "
-          f"{len(certs.node_keys)} SuperNode key pair(s) in {certs.dir}")
+    print(
+        f"CA {certs.ca_cert}, SuperLink {certs.server_cert}, "
+        f"{len(certs.node_keys)} SuperNode key pair(s) in {certs.dir}"
+    )
     return 0
 
 

@@ -26,7 +26,9 @@ against Flower ``FLOWER_VERSION`` only. On another version it switches itself of
 and replaces itself with Flower's own ``flower-superexec`` on the same Runtime API, so the
 SuperNode still gets its executor (one process per message, as without this worker).
 
-Usage: ``python -m cnfgnn.deploy.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID``
+Usage::
+
+    python -m cnfgnn.deploy.clientworker --runtime-api-address 127.0.0.1:9101 --parent-pid PID
 """
 
 from __future__ import annotations
@@ -49,8 +51,15 @@ log = logging.getLogger("cnfgnn.clientworker")
 FLOWER_VERSION = "1.42.0"  # the Flower whose internals run_task / serve use
 
 APP_LOCK = threading.Lock()  # one ClientApp call at a time (module caches, torch threads)
-PRELOAD = ("numpy", "torch", "pandas", "omegaconf", "hydra", "flwr.clientapp",
-           "flwr.supernode.runtime.run_clientapp")
+PRELOAD = (
+    "numpy",
+    "torch",
+    "pandas",
+    "omegaconf",
+    "hydra",
+    "flwr.clientapp",
+    "flwr.supernode.runtime.run_clientapp",
+)
 
 
 class _AppCache:
@@ -97,11 +106,17 @@ def _task_heartbeat_fn(client: Any):
             return bool(client.SendTaskHeartbeat(Req()).success)
         except Exception:  # noqa: BLE001 - a missed beat is retried by the sender
             return False
+
     return beat
 
 
-def run_task(address: str, token: str, apps: _AppCache, object_backoff_s: float,
-             pull_timeout_s: float = 120.0) -> tuple[str, dict[str, float]]:
+def run_task(
+    address: str,
+    token: str,
+    apps: _AppCache,
+    object_backoff_s: float,
+    pull_timeout_s: float = 120.0,
+) -> tuple[str, dict[str, float]]:
     """Run one ClientApp task in this process; returns its final sub-status and the seconds
     spent pulling its input (``pull``), in the ClientApp (``app``) and pushing (``push``)."""
     from flwr.app import Message
@@ -112,20 +127,29 @@ def run_task(address: str, token: str, apps: _AppCache, object_backoff_s: float,
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
     from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
-                                            RuntimeVersionHttpInterceptor)
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=make_simple_http_retry_invoker())
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
     heartbeat = HeartbeatSender(_task_heartbeat_fn(client))
     message = context = reply = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed"
@@ -144,10 +168,15 @@ def run_task(address: str, token: str, apps: _AppCache, object_backoff_s: float,
         node = Node(node_id=context.node_id)
         tree = pulled.message_object_trees[0]
         message = pull_and_inflate_object_from_tree(
-            tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
-                                                      context.run_id),
-            return_type=Message, initial_backoff=object_backoff_s, max_time=pull_timeout_s)
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(
+                client.ConfirmMessageReceived, node, context.run_id
+            ),
+            return_type=Message,
+            initial_backoff=object_backoff_s,
+            max_time=pull_timeout_s,
+        )
         message.metadata.__dict__["_message_id"] = tree.object_id
         t["pulled"] = time.perf_counter()
         with APP_LOCK:  # TaskIdentity is process-global: set it for this task's replies
@@ -162,39 +191,60 @@ def run_task(address: str, token: str, apps: _AppCache, object_backoff_s: float,
         if message is not None:
             with APP_LOCK:
                 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = identity
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=details), reply_to=message)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
     finally:
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
         except Exception as ex:  # noqa: BLE001
             log.error("failed to push the reply: %s", ex)
-        push_task_output(client=client, context=context, sub_status=sub_status,
-                         details=details)
+        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
     t["end"] = time.perf_counter()
     pulled, app_done = t.get("pulled", t["end"]), t.get("app", t["end"])
-    return sub_status, {"pull": pulled - t["start"], "app": app_done - pulled,
-                        "push": t["end"] - app_done}
+    return sub_status, {
+        "pull": pulled - t["start"],
+        "app": app_done - pulled,
+        "push": t["end"] - app_done,
+    }
 
 
-def _run_logged(address: str, token: str, task_id: int, apps: _AppCache,
-                object_backoff_s: float, pull_timeout_s: float) -> None:
+def _run_logged(
+    address: str,
+    token: str,
+    task_id: int,
+    apps: _AppCache,
+    object_backoff_s: float,
+    pull_timeout_s: float,
+) -> None:
     t0 = time.perf_counter()
     try:
         status, parts = run_task(address, token, apps, object_backoff_s, pull_timeout_s)
     except Exception as ex:  # noqa: BLE001 - e.g. the SuperNode went away mid-task
         log.error("task %s: %s", task_id, ex)
         return
-    log.info("task %s %s in %.3f s (%s)", task_id, status, time.perf_counter() - t0,
-             " ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    log.info(
+        "task %s %s in %.3f s (%s)",
+        task_id,
+        status,
+        time.perf_counter() - t0,
+        " ".join(f"{k} {v:.3f}" for k, v in parts.items()),
+    )
 
 
-def serve(address: str, idle_poll_s: float, busy_poll_s: float, object_backoff_s: float,
-          hot_s: float = 2.0, pull_timeout_s: float = 120.0) -> None:
+def serve(
+    address: str,
+    idle_poll_s: float,
+    busy_poll_s: float,
+    object_backoff_s: float,
+    hot_s: float = 2.0,
+    pull_timeout_s: float = 120.0,
+) -> None:
     """Claim and run ClientApp tasks of this SuperNode until interrupted: poll every
     ``busy_poll_s`` for ``hot_s`` seconds after a task, every ``idle_poll_s`` otherwise."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -204,9 +254,12 @@ def serve(address: str, idle_poll_s: float, busy_poll_s: float, object_backoff_s
     from flwr.supercore.runtime import RuntimeHttpClient
 
     client = RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
     apps, last_task = _AppCache(), -float("inf")
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     try:
@@ -218,9 +271,18 @@ def serve(address: str, idle_poll_s: float, busy_poll_s: float, object_backoff_s
                 time.sleep(max(idle_poll_s, 0.5))
                 continue
             if res.HasField("task") and res.token:
-                threading.Thread(target=_run_logged, daemon=True,
-                                 args=(address, res.token, res.task.task_id, apps,
-                                       object_backoff_s, pull_timeout_s)).start()
+                threading.Thread(
+                    target=_run_logged,
+                    daemon=True,
+                    args=(
+                        address,
+                        res.token,
+                        res.task.task_id,
+                        apps,
+                        object_backoff_s,
+                        pull_timeout_s,
+                    ),
+                ).start()
                 last_task = time.monotonic()
                 continue
             # a federation sends messages in bursts (split learning: one per server step)
@@ -240,17 +302,22 @@ def flower_version() -> str | None:
 def superexec_command(address: str, parent_pid: int | None) -> list[str]:
     """Flower's own executor for this SuperNode's Runtime API (``--isolation process``)."""
     exe = Path(sys.executable).parent / "flower-superexec"
-    cmd = [str(exe) if exe.is_file() else (shutil.which("flower-superexec") or str(exe)),
-           "--runtime-api-address", address, "--insecure"]
+    cmd = [
+        str(exe) if exe.is_file() else (shutil.which("flower-superexec") or str(exe)),
+        "--runtime-api-address",
+        address,
+        "--insecure",
+    ]
     return cmd + (["--parent-pid", str(parent_pid)] if parent_pid is not None else [])
 
 
-def fall_back_to_superexec(address: str, parent_pid: int | None, version: str | None
-                           ) -> NoReturn:
+def fall_back_to_superexec(address: str, parent_pid: int | None, version: str | None) -> NoReturn:
     """Warn, then replace this process with ``flower-superexec`` (never returns)."""
-    msg = (f"flwr {version} installed; cnfgnn/deploy/clientworker.py was checked against "
-           f"{FLOWER_VERSION} only, so it switches itself off and runs Flower's own "
-           "flower-superexec instead (a new ClientApp process per message)")
+    msg = (
+        f"flwr {version} installed; cnfgnn/deploy/clientworker.py was checked against "
+        f"{FLOWER_VERSION} only, so it switches itself off and runs Flower's own "
+        "flower-superexec instead (a new ClientApp process per message)"
+    )
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
     log.info("ready: %s", msg)  # the launcher waits for "clientworker ready"
     logging.shutdown()
@@ -260,18 +327,26 @@ def fall_back_to_superexec(address: str, parent_pid: int | None, version: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnfgnn.deploy.clientworker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m cnfgnn.deploy.clientworker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's --port")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")
     p.add_argument("--idle-poll-s", type=float, default=0.2)
     p.add_argument("--busy-poll-s", type=float, default=0.01)
     p.add_argument("--hot-s", type=float, default=2.0)
-    p.add_argument("--pull-timeout-s", type=float, default=120.0,
-                   help="give up on a message whose objects do not arrive")
+    p.add_argument(
+        "--pull-timeout-s",
+        type=float,
+        default=120.0,
+        help="give up on a message whose objects do not arrive",
+    )
     p.add_argument("--object-backoff-s", type=float, default=0.02)
-    p.add_argument("--preload", default=",".join(PRELOAD),
-                   help="modules imported at start (comma-separated)")
+    p.add_argument(
+        "--preload", default=",".join(PRELOAD), help="modules imported at start (comma-separated)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s clientworker %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
@@ -287,8 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(name)
     log.info("ready in %.1f s (preloaded %s)", time.perf_counter() - t0, a.preload)
     try:
-        serve(a.runtime_api_address, a.idle_poll_s, a.busy_poll_s, a.object_backoff_s,
-              a.hot_s, a.pull_timeout_s)
+        serve(
+            a.runtime_api_address,
+            a.idle_poll_s,
+            a.busy_poll_s,
+            a.object_backoff_s,
+            a.hot_s,
+            a.pull_timeout_s,
+        )
     except KeyboardInterrupt:
         log.info("stopping")
     return 0

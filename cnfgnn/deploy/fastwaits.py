@@ -62,16 +62,18 @@ class _ScaledTime:
     ``hot_s`` old, else ``mapping[3]``.
     """
 
-    def __init__(self, mapping: dict[float, float], hot: float | None = None,
-                 hot_s: float = 0.0):
+    def __init__(self, mapping: dict[float, float], hot: float | None = None, hot_s: float = 0.0):
         self._mapping, self._hot, self._hot_s = mapping, hot, hot_s
         self._last_busy = -float("inf")
 
     def sleep(self, seconds: float) -> None:
         if seconds == REPLY_SLEEP:
             self._last_busy = _time.monotonic()
-        elif (seconds == IDLE_SLEEP and self._hot is not None
-              and _time.monotonic() - self._last_busy < self._hot_s):
+        elif (
+            seconds == IDLE_SLEEP
+            and self._hot is not None
+            and _time.monotonic() - self._last_busy < self._hot_s
+        ):
             _time.sleep(self._hot)
             return
         _time.sleep(self._mapping.get(seconds, seconds))
@@ -97,25 +99,32 @@ def check_targets() -> None:
 
     version = getattr(flwr, "__version__", None)
     if version != FLOWER_VERSION:
-        raise PatchError(f"flwr {version} installed; cnfgnn/deploy/fastwaits.py patches {FLOWER_VERSION}. "
-                         "Fix: re-check the waits in flwr/supernode/start_client_internal.py "
-                         "and update the patch, or set engine.launch.fast_waits=false")
+        raise PatchError(
+            f"flwr {version} installed; cnfgnn/deploy/fastwaits.py patches {FLOWER_VERSION}. "
+            "Fix: re-check the waits in flwr/supernode/start_client_internal.py "
+            "and update the patch, or set engine.launch.fast_waits=false"
+        )
     src = inspect.getsource(sci)
     problems = []
     if sci.time is not _time and not isinstance(sci.time, _ScaledTime):
         problems.append("start_client_internal.time is not the time module")
     if src.count(f"time.sleep({IDLE_SLEEP})") != 1 or src.count(f"time.sleep({REPLY_SLEEP})") != 2:
         problems.append("the sleep(3)/sleep(0.5) calls moved")
-    if "pull_objects(" not in src or "initial_backoff" not in inspect.signature(
-            pull_objects).parameters:
+    if (
+        "pull_objects(" not in src
+        or "initial_backoff" not in inspect.signature(pull_objects).parameters
+    ):
         problems.append("pull_objects/initial_backoff changed")
     for mod in (hb, fhc):
         if not isinstance(getattr(mod, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
             problems.append(f"{mod.__name__}.HEARTBEAT_DEFAULT_INTERVAL is gone")
     if problems:
-        raise PatchError("Flower internals changed: " + "; ".join(problems)
-                         + ". Fix: update cnfgnn/deploy/fastwaits.py or set "
-                           "engine.launch.fast_waits=false")
+        raise PatchError(
+            "Flower internals changed: "
+            + "; ".join(problems)
+            + ". Fix: update cnfgnn/deploy/fastwaits.py or set "
+            "engine.launch.fast_waits=false"
+        )
 
 
 def patch_supernode(waits: Waits) -> dict[str, float]:
@@ -126,10 +135,13 @@ def patch_supernode(waits: Waits) -> dict[str, float]:
     """
     version = flower_version()
     if version != FLOWER_VERSION:
-        warnings.warn(f"flwr {version} installed; cnfgnn/deploy/fastwaits.py was checked against "
-                      f"{FLOWER_VERSION} only, so Flower's fixed waits are left as they are "
-                      "(rounds take longer; results are the same)", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"flwr {version} installed; cnfgnn/deploy/fastwaits.py was checked against "
+            f"{FLOWER_VERSION} only, so Flower's fixed waits are left as they are "
+            "(rounds take longer; results are the same)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return {}
     check_targets()
     import flwr.supercore.heartbeat as hb
@@ -151,8 +163,9 @@ def patch_supernode(waits: Waits) -> dict[str, float]:
     if mapping or waits.hot_poll_s is not None:
         sci.time = _ScaledTime(mapping, waits.hot_poll_s, float(waits.hot_s))
     if waits.object_backoff_s is not None:
-        sci.pull_objects = functools.partial(pull_objects,
-                                             initial_backoff=float(waits.object_backoff_s))
+        sci.pull_objects = functools.partial(
+            pull_objects, initial_backoff=float(waits.object_backoff_s)
+        )
         changed["object_backoff_s"] = float(waits.object_backoff_s)
     if waits.heartbeat_s is not None:
         hb.HEARTBEAT_DEFAULT_INTERVAL = float(waits.heartbeat_s)

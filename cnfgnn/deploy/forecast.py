@@ -20,8 +20,8 @@ stopped, also on an error or Ctrl-C.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -41,8 +41,9 @@ from cnfgnn.procs import ROOT
 log = logging.getLogger(__name__)
 
 
-def _request_config(cfg: Any, shards_dir: Path, num_clients: int, checkpoint: Path,
-                    ends: list[int], out: Path) -> Any:
+def _request_config(
+    cfg: Any, shards_dir: Path, num_clients: int, checkpoint: Path, ends: list[int], out: Path
+) -> Any:
     """``cfg`` on the deployment engine, reading ``shards_dir``, with the forecast request."""
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(base):
@@ -56,27 +57,39 @@ def _submit(dep: Deployment, overrides: str, timeout_s: float | None) -> float:
     path = dep.run_dir / "logs" / "run_config_forecast.toml"
     path.write_text(f"hydra-overrides = {json.dumps(overrides)}\n")
     t0 = time.monotonic()
-    proc = dep.procs.start("flwr_run_forecast", [BIN / "flwr", "run", ROOT, dep.connection,
-                                                 "--stream", "--run-config", path],
-                           log_name="flwr_run")
+    proc = dep.procs.start(
+        "flwr_run_forecast",
+        [BIN / "flwr", "run", ROOT, dep.connection, "--stream", "--run-config", path],
+        log_name="flwr_run",
+    )
     while proc.alive():
         link = dep.procs.procs.get("superlink")
         if link is None or not link.alive():
-            raise DeployError(f"the SuperLink died during the forecast; see {link.log_path}"
-                              if link is not None else "no SuperLink")
+            raise DeployError(
+                f"the SuperLink died during the forecast; see {link.log_path}"
+                if link is not None
+                else "no SuperLink"
+            )
         if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-            raise DeployError(f"the forecast did not finish within {timeout_s:g} s; see "
-                              f"{proc.log_path}")
+            raise DeployError(
+                f"the forecast did not finish within {timeout_s:g} s; see {proc.log_path}"
+            )
         time.sleep(0.1)
     seconds = time.monotonic() - t0
     dep.procs.stop("flwr_run_forecast", grace_s=5.0)
     return seconds
 
 
-def deploy_forecast(cfg: Any, data: Any, checkpoint: str | Path, ends: list[int] | np.ndarray,
-                    out_dir: str | Path, progress: Callable[[str], None] = log.info,
-                    timeout_s: float | None = None, keep_work: bool = False
-                    ) -> tuple[Any, float]:
+def deploy_forecast(
+    cfg: Any,
+    data: Any,
+    checkpoint: str | Path,
+    ends: list[int] | np.ndarray,
+    out_dir: str | Path,
+    progress: Callable[[str], None] = log.info,
+    timeout_s: float | None = None,
+    keep_work: bool = False,
+) -> tuple[Any, float]:
     """Forecast windows ``ends`` of ``data`` through a loopback Flower deployment.
 
     Args:
@@ -111,17 +124,24 @@ def deploy_forecast(cfg: Any, data: Any, checkpoint: str | Path, ends: list[int]
     shard_s = time.monotonic() - t0
     try:
         with Deployment(cfg, work, shards_dir, progress) as dep:
-            request = _request_config(cfg, shards_dir, dep.num_nodes,
-                                      Path(checkpoint).resolve(), [int(e) for e in ends],
-                                      result_path)
+            request = _request_config(
+                cfg,
+                shards_dir,
+                dep.num_nodes,
+                Path(checkpoint).resolve(),
+                [int(e) for e in ends],
+                result_path,
+            )
             overrides = overrides_for(request, work)
             startup = dep.start()
             seconds = _submit(dep, overrides, timeout_s)
         dep.info["forecast_s"] = seconds
         dep._write_info()
         if not result_path.exists():
-            raise DeployError(f"the forecast run ended without its result ({result_path}); "
-                              f"see {work / 'logs' / 'flwr_run.log'}")
+            raise DeployError(
+                f"the forecast run ended without its result ({result_path}); "
+                f"see {work / 'logs' / 'flwr_run.log'}"
+            )
         result = ForecastResult.load(result_path)
     finally:
         if not keep_work:
@@ -132,6 +152,8 @@ def deploy_forecast(cfg: Any, data: Any, checkpoint: str | Path, ends: list[int]
         raise DeployError(f"processes still alive after stop: {dep.info['leftover_pids']}")
     result.seconds["shards"] = shard_s
     result.seconds["startup"] = startup
-    progress(f"[deploy] {dep.num_nodes} SuperNodes: start-up {startup:.1f} s, forecast "
-             f"run {seconds:.1f} s; logs in {work / 'logs'}")
+    progress(
+        f"[deploy] {dep.num_nodes} SuperNodes: start-up {startup:.1f} s, forecast "
+        f"run {seconds:.1f} s; logs in {work / 'logs'}"
+    )
     return result, seconds

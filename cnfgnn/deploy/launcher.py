@@ -35,9 +35,9 @@ SuperNode, restarts, lost sensors).
 from __future__ import annotations
 
 import argparse
-import logging
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -102,8 +102,7 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def ensure_connection(flwr_home: Path, address: str,
-                      root_certificates: Path | None = None) -> str:
+def ensure_connection(flwr_home: Path, address: str, root_certificates: Path | None = None) -> str:
     """Add ``[superlink.<name>]`` for ``address`` to ``$FLWR_HOME/config.toml``.
 
     Flower 1.42 keeps SuperLink connections there (``flwr run . <name>``). Without
@@ -122,8 +121,9 @@ def ensure_connection(flwr_home: Path, address: str,
     with open(flwr_home / ".config.toml.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():  # what the flwr CLI would create first
-            path.write_text('[superlink]\ndefault = "local"\n\n'
-                            '[superlink.local]\naddress = ":local:"\n')
+            path.write_text(
+                '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+            )
         conf = tomllib.loads(path.read_text())
         old = conf.get("superlink", {}).get(name)
         if old != entry:
@@ -170,12 +170,18 @@ def compose(overrides: list[str]) -> Any:
 
 
 # ---------------------------------------------------------------------- shards
-def write_shards(overrides: list[str], out: Path, nodes_per_client: int, procs: ProcessSet
-                 ) -> dict:
+def write_shards(overrides: list[str], out: Path, nodes_per_client: int, procs: ProcessSet) -> dict:
     """``cnfgnn-data shard <overrides> out=<out> nodes_per_client=K``; returns the manifest."""
-    argv = [sys.executable, "-m", "cnfgnn.data.cli", "shard", "engine=deployment", *overrides,
-            f"out={out}",
-            f"nodes_per_client={nodes_per_client}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "cnfgnn.data.cli",
+        "shard",
+        "engine=deployment",
+        *overrides,
+        f"out={out}",
+        f"nodes_per_client={nodes_per_client}",
+    ]
     proc = procs.start("shard", argv)
     if proc.popen.wait() != 0:
         raise DeployError(f"cnfgnn-data shard failed; see {proc.log_path}")
@@ -204,8 +210,9 @@ class Deployment:
         progress: one-line progress sink.
     """
 
-    def __init__(self, cfg: Any, run_dir: Path, shards_dir: Path,
-                 progress: Callable[[str], None] = log.info):
+    def __init__(
+        self, cfg: Any, run_dir: Path, shards_dir: Path, progress: Callable[[str], None] = log.info
+    ):
         self.cfg, self.launch = cfg, cfg.engine.launch
         self.run_dir, self.shards_dir = Path(run_dir).resolve(), Path(shards_dir).resolve()
         self.manifest = load_manifest(self.shards_dir)
@@ -217,24 +224,30 @@ class Deployment:
         ports = free_ports(self.num_nodes + 1, self.host)
         self.link_port = int(self.launch.superlink_port or ports[0])
         first = self.launch.supernode_port
-        self.node_ports = ([int(first) + i for i in range(self.num_nodes)] if first
-                           else ports[1:])
+        self.node_ports = [int(first) + i for i in range(self.num_nodes)] if first else ports[1:]
         self.secure = bool(self.launch.get("secure", False))
         self.certs = None  # cnfgnn.deploy.certs.LoopbackCerts when secure
         # secure: created once the SuperNodes' keys are registered; SuperNodes wait for it
         self.gate = self.run_dir / "certs" / "keys_registered"
         if self.secure:
-            self.certs = generate(self.run_dir / "certs", self.num_nodes, self.host,
-                                  float(self.launch.cert_days))
+            self.certs = generate(
+                self.run_dir / "certs", self.num_nodes, self.host, float(self.launch.cert_days)
+            )
             self.gate.unlink(missing_ok=True)
         self.connection = ensure_connection(
-            Path(self.env["FLWR_HOME"]), f"{self.host}:{self.link_port}",
-            self.certs.ca_cert if self.certs else None)
-        self.info: dict[str, Any] = {"supernodes": self.num_nodes,
-                                     "worker": str(self.launch.worker),
-                                     "fast_waits": bool(self.launch.fast_waits),
-                                     "secure": self.secure,
-                                     "restarts": [], "memory_peak_mb": {}, "load": {}}
+            Path(self.env["FLWR_HOME"]),
+            f"{self.host}:{self.link_port}",
+            self.certs.ca_cert if self.certs else None,
+        )
+        self.info: dict[str, Any] = {
+            "supernodes": self.num_nodes,
+            "worker": str(self.launch.worker),
+            "fast_waits": bool(self.launch.fast_waits),
+            "secure": self.secure,
+            "restarts": [],
+            "memory_peak_mb": {},
+            "load": {},
+        }
         self._log_marks: dict[str, int] = {}
         self._cpu: dict[tuple[str, int], float] = {}  # (group name, pid) -> CPU seconds seen
         self._restore_signals: Callable[[], None] | None = None
@@ -283,14 +296,32 @@ class Deployment:
         and ``register``: waits for it and registers the SuperNodes' keys."""
         self._mark("superlink")
         self.procs.stop("superexec", grace_s=5.0)  # an old one would serve a dead SuperLink
-        link = self.procs.start("superlink", [
-            BIN / "flower-superlink", *self.superlink_security_args(),
-            "--disable-runtime-dependency-installation",
-            "--isolation", "process", "--host", self.host, "--port", str(self.link_port)])
-        self.procs.start("superexec", [
-            BIN / "flower-superexec", *self.client_tls_args(), "--runtime-api-address",
-            f"{self.host}:{self.link_port}", "--parent-pid", str(link.pid)],
-            log_name="superlink")
+        link = self.procs.start(
+            "superlink",
+            [
+                BIN / "flower-superlink",
+                *self.superlink_security_args(),
+                "--disable-runtime-dependency-installation",
+                "--isolation",
+                "process",
+                "--host",
+                self.host,
+                "--port",
+                str(self.link_port),
+            ],
+        )
+        self.procs.start(
+            "superexec",
+            [
+                BIN / "flower-superexec",
+                *self.client_tls_args(),
+                "--runtime-api-address",
+                f"{self.host}:{self.link_port}",
+                "--parent-pid",
+                str(link.pid),
+            ],
+            log_name="superlink",
+        )
         if self.secure and register:  # it knows no keys yet: register them before any SuperNode
             self.open_gate()
 
@@ -306,15 +337,24 @@ class Deployment:
         """``--insecure``, or TLS with the generated certificate plus SuperNode auth."""
         if self.certs is None:
             return ["--insecure"]
-        return ["--ssl-ca-certfile", str(self.certs.ca_cert),
-                "--ssl-certfile", str(self.certs.server_cert),
-                "--ssl-keyfile", str(self.certs.server_key), "--enable-supernode-auth"]
+        return [
+            "--ssl-ca-certfile",
+            str(self.certs.ca_cert),
+            "--ssl-certfile",
+            str(self.certs.server_cert),
+            "--ssl-keyfile",
+            str(self.certs.server_key),
+            "--enable-supernode-auth",
+        ]
 
     def client_tls_args(self) -> list[str]:
         """How a client of the SuperLink (SuperNode, SuperExec) connects: ``--insecure`` or
         ``--root-certificates <CA>`` (verifies the SuperLink's certificate)."""
-        return ["--insecure"] if self.certs is None else [
-            "--root-certificates", str(self.certs.ca_cert)]
+        return (
+            ["--insecure"]
+            if self.certs is None
+            else ["--root-certificates", str(self.certs.ca_cert)]
+        )
 
     def wait_superlink(self) -> None:
         """Block until the SuperLink accepts connections (``startup_timeout_s``)."""
@@ -322,11 +362,14 @@ class Deployment:
         link = self.procs.procs["superlink"]
         while not port_open(self.host, self.link_port):
             if not link.alive():
-                raise DeployError(f"superlink exited with {link.popen.returncode}; "
-                                  f"see {link.log_path}")
+                raise DeployError(
+                    f"superlink exited with {link.popen.returncode}; see {link.log_path}"
+                )
             if time.monotonic() > deadline:
-                raise DeployError(f"the SuperLink did not listen within "
-                                  f"{self.launch.startup_timeout_s} s; see {link.log_path}")
+                raise DeployError(
+                    f"the SuperLink did not listen within "
+                    f"{self.launch.startup_timeout_s} s; see {link.log_path}"
+                )
             time.sleep(0.1)
 
     def _start_cli(self, name: str, args: list[Any]) -> None:
@@ -341,12 +384,12 @@ class Deployment:
             code = proc.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.procs.stop(name, grace_s=2.0)
-            raise DeployError(f"{name} did not finish in {timeout_s} s; "
-                              f"see {proc.log_path}") from None
+            raise DeployError(
+                f"{name} did not finish in {timeout_s} s; see {proc.log_path}"
+            ) from None
         if code != 0:
             tail = self._log_since_mark(name).strip().splitlines()[-1:]
-            raise DeployError(f"{name} failed (exit {code}): {' '.join(tail)}; "
-                              f"see {proc.log_path}")
+            raise DeployError(f"{name} failed (exit {code}): {' '.join(tail)}; see {proc.log_path}")
         return self._log_since_mark(name)
 
     def register_supernodes(self) -> list[int]:
@@ -357,18 +400,32 @@ class Deployment:
         t0 = time.monotonic()
         name = "flwr_register"
         self._mark(name)
-        self.procs.start(name, [sys.executable, "-m", "cnfgnn.deploy.register", self.connection,
-                                *(f"partition-{i}={self.certs.node_public_key(i)}"
-                                  for i in range(self.num_nodes))])
+        self.procs.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "cnfgnn.deploy.register",
+                self.connection,
+                *(f"partition-{i}={self.certs.node_public_key(i)}" for i in range(self.num_nodes)),
+            ],
+        )
         text = self._cli_output(name, float(self.launch.startup_timeout_s))
-        ids = [int(json.loads(line.split(" ", 1)[1])["node-id"])
-               for line in text.splitlines() if line.startswith("registered {")]
+        ids = [
+            int(json.loads(line.split(" ", 1)[1])["node-id"])
+            for line in text.splitlines()
+            if line.startswith("registered {")
+        ]
         if len(ids) != self.num_nodes:
-            raise DeployError(f"registered {len(ids)} of {self.num_nodes} SuperNode keys; "
-                              f"see {self.procs.log_dir / (name + '.log')}")
+            raise DeployError(
+                f"registered {len(ids)} of {self.num_nodes} SuperNode keys; "
+                f"see {self.procs.log_dir / (name + '.log')}"
+            )
         self.info.setdefault("register_s", []).append(time.monotonic() - t0)
-        self.progress(f"[deploy] registered {len(ids)} SuperNode key(s) with the SuperLink "
-                      f"in {time.monotonic() - t0:.1f} s")
+        self.progress(
+            f"[deploy] registered {len(ids)} SuperNode key(s) with the SuperLink "
+            f"in {time.monotonic() - t0:.1f} s"
+        )
         return ids
 
     def list_supernodes(self) -> list[dict]:
@@ -381,25 +438,51 @@ class Deployment:
     def supernode_argv(self, i: int) -> list[str]:
         la = self.launch
         shard = self.shards_dir / self.manifest["clients"][i]["dir"]
-        node_config = (f'partition-id={i} num-partitions={self.num_nodes} '
-                       f'data-dir="{shard}" state-dir="{self.run_dir / "node_state"}"')
-        flower = [*self.client_tls_args(), "--superlink", f"{self.host}:{self.link_port}",
-                  "--host", self.host, "--port", str(self.node_ports[i]),
-                  "--node-config", node_config]
+        node_config = (
+            f"partition-id={i} num-partitions={self.num_nodes} "
+            f'data-dir="{shard}" state-dir="{self.run_dir / "node_state"}"'
+        )
+        flower = [
+            *self.client_tls_args(),
+            "--superlink",
+            f"{self.host}:{self.link_port}",
+            "--host",
+            self.host,
+            "--port",
+            str(self.node_ports[i]),
+            "--node-config",
+            node_config,
+        ]
         if self.certs is not None:
             flower += ["--auth-supernode-private-key", str(self.certs.node_keys[i])]
         ours: list[str] = []
         if str(la.worker) == "warm":
-            ours += ["--warm-worker", "--worker-idle-poll-s", str(la.worker_idle_poll_s),
-                     "--worker-busy-poll-s", str(la.worker_busy_poll_s),
-                     "--worker-hot-s", str(la.worker_hot_s),
-                     "--worker-pull-timeout-s", str(la.worker_pull_timeout_s)]
+            ours += [
+                "--warm-worker",
+                "--worker-idle-poll-s",
+                str(la.worker_idle_poll_s),
+                "--worker-busy-poll-s",
+                str(la.worker_busy_poll_s),
+                "--worker-hot-s",
+                str(la.worker_hot_s),
+                "--worker-pull-timeout-s",
+                str(la.worker_pull_timeout_s),
+            ]
         elif str(la.worker) != "flower":
             raise DeployError(f"engine.launch.worker={la.worker}: unknown. Fix: warm or flower")
         if la.fast_waits:
-            ours += ["--idle-poll-s", str(la.idle_poll_s), "--hot-poll-s", str(la.hot_poll_s),
-                     "--hot-s", str(la.hot_s), "--reply-poll-s", str(la.reply_poll_s),
-                     "--object-backoff-s", str(la.object_backoff_s)]
+            ours += [
+                "--idle-poll-s",
+                str(la.idle_poll_s),
+                "--hot-poll-s",
+                str(la.hot_poll_s),
+                "--hot-s",
+                str(la.hot_s),
+                "--reply-poll-s",
+                str(la.reply_poll_s),
+                "--object-backoff-s",
+                str(la.object_backoff_s),
+            ]
         if la.heartbeat_s is not None:
             ours += ["--heartbeat-s", str(la.heartbeat_s)]
         if not ours:  # Flower's own entry point, untouched
@@ -413,8 +496,9 @@ class Deployment:
         self._mark(name)
         self.procs.start(name, self.supernode_argv(i))
 
-    def wait_ready(self, nodes: list[int] | None = None, superlink: bool = False,
-                   rejoin: bool = False) -> None:
+    def wait_ready(
+        self, nodes: list[int] | None = None, superlink: bool = False, rejoin: bool = False
+    ) -> None:
         """Block until the SuperLink listens and the SuperNodes registered (and their workers
         imported their libraries), or ``engine.launch.startup_timeout_s`` passed.
 
@@ -429,14 +513,19 @@ class Deployment:
             for name in ["superlink"] + [f"supernode_{i}" for i in sorted(pending)]:
                 proc = self.procs.procs.get(name)
                 if proc is not None and not proc.alive():
-                    if (rejoin and self.secure and name != "superlink"
-                            and ACTIVATION_REFUSED in self._log_since_mark(name)
-                            and time.monotonic() < deadline):
+                    if (
+                        rejoin
+                        and self.secure
+                        and name != "superlink"
+                        and ACTIVATION_REFUSED in self._log_since_mark(name)
+                        and time.monotonic() < deadline
+                    ):
                         time.sleep(1.0)  # still online at the SuperLink: try again
                         self.start_supernode(int(name.rsplit("_", 1)[1]))
                         continue
-                    raise DeployError(f"{name} exited with {proc.popen.returncode}; "
-                                      f"see {proc.log_path}")
+                    raise DeployError(
+                        f"{name} exited with {proc.popen.returncode}; see {proc.log_path}"
+                    )
             if superlink and port_open(self.host, self.link_port):
                 superlink = False
             for i in list(pending):
@@ -446,9 +535,11 @@ class Deployment:
             if not pending and not superlink:
                 return
             if time.monotonic() > deadline:
-                raise DeployError(f"not ready after {self.launch.startup_timeout_s} s: "
-                                  f"SuperLink {'down' if superlink else 'up'}, SuperNodes "
-                                  f"{sorted(pending)} not ready; see {self.procs.log_dir}")
+                raise DeployError(
+                    f"not ready after {self.launch.startup_timeout_s} s: "
+                    f"SuperLink {'down' if superlink else 'up'}, SuperNodes "
+                    f"{sorted(pending)} not ready; see {self.procs.log_dir}"
+                )
             time.sleep(0.1)
 
     def start(self) -> float:
@@ -466,17 +557,24 @@ class Deployment:
         self.wait_ready(superlink=True)
         startup = time.monotonic() - t0
         self.info["startup_s"] = startup
-        self.progress(f"[deploy] SuperLink {self.host}:{self.link_port} and {self.num_nodes} "
-                      f"SuperNodes ready in {startup:.1f} s (worker={self.launch.worker}, "
-                      f"fast_waits={self.launch.fast_waits}"
-                      f"{', TLS + SuperNode auth' if self.secure else ''}); "
-                      f"logs: {self.procs.log_dir}")
+        self.progress(
+            f"[deploy] SuperLink {self.host}:{self.link_port} and {self.num_nodes} "
+            f"SuperNodes ready in {startup:.1f} s (worker={self.launch.worker}, "
+            f"fast_waits={self.launch.fast_waits}"
+            f"{', TLS + SuperNode auth' if self.secure else ''}); "
+            f"logs: {self.procs.log_dir}"
+        )
         return startup
 
     # ------------------------------------------------------------------ runs
     def _run_config(self, overrides: list[str], resume: bool, attempt: int) -> Path:
-        full = ["engine=deployment", *overrides, f"engine.shards_dir={self.shards_dir}",
-                f"run_dir={self.run_dir}", f"resume={'true' if resume else 'false'}"]
+        full = [
+            "engine=deployment",
+            *overrides,
+            f"engine.shards_dir={self.shards_dir}",
+            f"run_dir={self.run_dir}",
+            f"resume={'true' if resume else 'false'}",
+        ]
         text = shlex.join(full)
         compose_cfg(text)  # fail here, not inside the ServerApp, when an override is wrong
         path = self.run_dir / "logs" / f"run_config_{attempt}.toml"
@@ -498,18 +596,25 @@ class Deployment:
             pss = sum(r.get("pss_mb", 0.0) for r in rows)
             rss = sum(r.get("rss_mb", 0.0) for r in rows)
             old = peak.get(name, {"pss_mb": 0.0, "rss_mb": 0.0, "processes": 0})
-            peak[name] = {"pss_mb": max(old["pss_mb"], pss), "rss_mb": max(old["rss_mb"], rss),
-                          "processes": max(old["processes"], len(rows))}
+            peak[name] = {
+                "pss_mb": max(old["pss_mb"], pss),
+                "rss_mb": max(old["rss_mb"], rss),
+                "processes": max(old["processes"], len(rows)),
+            }
 
-    def submit_and_wait(self, overrides: list[str], resume: bool, attempt: int,
-                        on_tick: Callable[[Deployment], None] | None = None,
-                        timeout_s: float | None = None) -> bool:
+    def submit_and_wait(
+        self,
+        overrides: list[str],
+        resume: bool,
+        attempt: int,
+        on_tick: Callable[[Deployment], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> bool:
         """One ``flwr run``; True when it wrote ``final.json``."""
         final_path = self.run_dir / "final.json"
         started = time.time()
         run_config = self._run_config(overrides, resume, attempt)
-        argv = [BIN / "flwr", "run", ROOT, self.connection, "--stream",
-                "--run-config", run_config]
+        argv = [BIN / "flwr", "run", ROOT, self.connection, "--stream", "--run-config", run_config]
         name = f"flwr_run_{attempt}"
         proc = self.procs.start(name, argv, log_name="flwr_run")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -546,38 +651,49 @@ class Deployment:
             for i in range(self.num_nodes):
                 self.procs.stop(f"supernode_{i}", grace_s=5.0)
             self.start_superlink()
-        nodes = [i for i in range(self.num_nodes)
-                 if restart_all or not self.procs.procs[f"supernode_{i}"].alive()]
+        nodes = [
+            i
+            for i in range(self.num_nodes)
+            if restart_all or not self.procs.procs[f"supernode_{i}"].alive()
+        ]
         for i in nodes:
             self.start_supernode(i)
         self.wait_ready(nodes, superlink=restart_all, rejoin=not restart_all)
         self.info["restarts"].append({"superlink": restart_all, "supernodes": nodes})
 
-    def run(self, overrides: list[str], resume: bool = False,
-            on_tick: Callable[[Deployment], None] | None = None,
-            timeout_s: float | None = None) -> RunResult:
+    def run(
+        self,
+        overrides: list[str],
+        resume: bool = False,
+        on_tick: Callable[[Deployment], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> RunResult:
         """Run the experiment; resume from the checkpoint after a server/SuperLink failure."""
         max_restarts = int(self.launch.max_restarts)
         t0 = time.monotonic()
         for attempt in range(max_restarts + 1):
-            if self.submit_and_wait(overrides, resume or attempt > 0, attempt, on_tick,
-                                    timeout_s):
+            if self.submit_and_wait(overrides, resume or attempt > 0, attempt, on_tick, timeout_s):
                 break
             ckpt = self.run_dir / "checkpoint.pt"
             if attempt == max_restarts:
-                raise DeployError(f"the run failed {attempt + 1} time(s); see "
-                                  f"{self.procs.log_dir / 'flwr_run.log'}")
-            self.progress(f"[deploy] the run stopped without final.json; resuming from "
-                          f"{'its checkpoint' if ckpt.exists() else 'the start'} "
-                          f"(attempt {attempt + 2} of {max_restarts + 1})")
+                raise DeployError(
+                    f"the run failed {attempt + 1} time(s); see "
+                    f"{self.procs.log_dir / 'flwr_run.log'}"
+                )
+            self.progress(
+                f"[deploy] the run stopped without final.json; resuming from "
+                f"{'its checkpoint' if ckpt.exists() else 'the start'} "
+                f"(attempt {attempt + 2} of {max_restarts + 1})"
+            )
             self.heal()
         else:  # pragma: no cover - the loop breaks or raises
             raise DeployError("unreachable")
         self.info["run_s"] = time.monotonic() - t0
         self.info["load"]["end"] = os.getloadavg()
         snapshot = self.procs.memory()  # per process, after the run (idle federation)
-        self.info["memory_after_run_mb"] = {k: v for k, v in snapshot.items()
-                                            if k in ("superlink", "superexec", "supernode_0")}
+        self.info["memory_after_run_mb"] = {
+            k: v for k, v in snapshot.items() if k in ("superlink", "superexec", "supernode_0")
+        }
         final = json.loads((self.run_dir / "final.json").read_text())
         self.info.update(summarize(self.run_dir, final))
         self._write_info()
@@ -595,7 +711,7 @@ def _json_in(text: str) -> dict:
     start = text.find("\n{")
     if start < 0:
         raise DeployError(f"no JSON output from the flwr CLI in: {text[-500:]!r}")
-    return json.JSONDecoder().raw_decode(text[start + 1:])[0]
+    return json.JSONDecoder().raw_decode(text[start + 1 :])[0]
 
 
 # ---------------------------------------------------------------------- reporting
@@ -610,16 +726,27 @@ def summarize(run_dir: Path, final: dict) -> dict[str, Any]:
         rounds = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     lost: dict[int, dict] = {}
     for f in final.get("failures", []):
-        entry = lost.setdefault(int(f["client"]), {"sensors": f.get("sensors", []),
-                                                   "first_round": f["round"],
-                                                   "first_phase": f["phase"], "count": 0,
-                                                   "reason": f["reason"]})
+        entry = lost.setdefault(
+            int(f["client"]),
+            {
+                "sensors": f.get("sensors", []),
+                "first_round": f["round"],
+                "first_phase": f["phase"],
+                "count": 0,
+                "reason": f["reason"],
+            },
+        )
         entry["count"] += 1
-    return {"round_trip_s": per_trip, "round_trips": trips,
-            "seconds_per_round": [r.get("seconds_round") for r in rounds],
-            "round_seconds_total": [sum(v for k, v in r.get("seconds", {}).items()
-                                        if not k.endswith("_server")) for r in rounds],
-            "lost": {str(k): v for k, v in lost.items()}}
+    return {
+        "round_trip_s": per_trip,
+        "round_trips": trips,
+        "seconds_per_round": [r.get("seconds_round") for r in rounds],
+        "round_seconds_total": [
+            sum(v for k, v in r.get("seconds", {}).items() if not k.endswith("_server"))
+            for r in rounds
+        ],
+        "lost": {str(k): v for k, v in lost.items()},
+    }
 
 
 def report(result: RunResult) -> str:
@@ -628,23 +755,32 @@ def report(result: RunResult) -> str:
     lines = [format_table(final)]
     rt = info.get("round_trip_s", {})
     rounds = [s for s in info.get("seconds_per_round", []) if s is not None]
-    lines.append(f"{info['supernodes']} SuperNodes (worker={info['worker']}, fast_waits="
-                 f"{info['fast_waits']}): start-up {info.get('startup_s', float('nan')):.1f} s, "
-                 f"run {info.get('run_s', float('nan')):.1f} s, rounds "
-                 + ", ".join(f"{s:.1f}" for s in rounds) + " s")
+    lines.append(
+        f"{info['supernodes']} SuperNodes (worker={info['worker']}, fast_waits="
+        f"{info['fast_waits']}): start-up {info.get('startup_s', float('nan')):.1f} s, "
+        f"run {info.get('run_s', float('nan')):.1f} s, rounds "
+        + ", ".join(f"{s:.1f}" for s in rounds)
+        + " s"
+    )
     if rt:
-        lines.append("round trip (s, mean per type): "
-                     + ", ".join(f"{k.split('.', 1)[-1]} {v:.2f}" for k, v in sorted(rt.items())))
+        lines.append(
+            "round trip (s, mean per type): "
+            + ", ".join(f"{k.split('.', 1)[-1]} {v:.2f}" for k, v in sorted(rt.items()))
+        )
     mem = info.get("memory_peak_mb", {})
     nodes = [v for k, v in mem.items() if k.startswith("supernode_")]
     if nodes:
-        lines.append(f"memory per SuperNode (peak, all its processes): PSS "
-                     f"{max(v['pss_mb'] for v in nodes):.0f} MB, RSS "
-                     f"{max(v['rss_mb'] for v in nodes):.0f} MB")
+        lines.append(
+            f"memory per SuperNode (peak, all its processes): PSS "
+            f"{max(v['pss_mb'] for v in nodes):.0f} MB, RSS "
+            f"{max(v['rss_mb'] for v in nodes):.0f} MB"
+        )
     for cid, entry in info.get("lost", {}).items():
-        lines.append(f"client {cid} lost from round {entry['first_round']} "
-                     f"({entry['first_phase']}): sensors {', '.join(entry['sensors'])}; "
-                     f"{entry['reason']}")
+        lines.append(
+            f"client {cid} lost from round {entry['first_round']} "
+            f"({entry['first_phase']}): sensors {', '.join(entry['sensors'])}; "
+            f"{entry['reason']}"
+        )
     if result.attempts > 1:
         lines.append(f"resumed from the checkpoint {result.attempts - 1} time(s)")
     lines.append(f"outputs: {result.run_dir}")
@@ -661,17 +797,23 @@ def default_run_dir(cfg: Any) -> Path:
     return run_dir
 
 
-def deploy_experiment(overrides: list[str], run_dir: Path | None = None,
-                      shards: Path | None = None, resume: bool = False,
-                      progress: Callable[[str], None] = log.info,
-                      on_tick: Callable[[Deployment], None] | None = None,
-                      timeout_s: float | None = None) -> RunResult:
+def deploy_experiment(
+    overrides: list[str],
+    run_dir: Path | None = None,
+    shards: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = log.info,
+    on_tick: Callable[[Deployment], None] | None = None,
+    timeout_s: float | None = None,
+) -> RunResult:
     """Shards, processes, ``flwr run``, clean-up: the whole deployment of one experiment."""
     cfg = compose(overrides)
     if cfg.federation.get("inductive_ratio") is not None:
-        raise DeployError("federation.inductive_ratio is set, but cnfgnn-data shard groups "
-                          "sensors contiguously (clients would mix seen and unseen nodes). "
-                          "Fix: run inductive experiments in-process or in simulation")
+        raise DeployError(
+            "federation.inductive_ratio is set, but cnfgnn-data shard groups "
+            "sensors contiguously (clients would mix seen and unseen nodes). "
+            "Fix: run inductive experiments in-process or in simulation"
+        )
     run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
     if resume and not (run_dir / "checkpoint.pt").exists():
         raise DeployError(f"{run_dir}: no checkpoint.pt to resume from. Fix: check --run-dir")
@@ -683,12 +825,13 @@ def deploy_experiment(overrides: list[str], run_dir: Path | None = None,
         else:
             setup = ProcessSet(run_dir / "logs", flower_env())
             try:
-                m = write_shards(overrides, shards_dir, int(cfg.federation.nodes_per_client),
-                                 setup)
+                m = write_shards(overrides, shards_dir, int(cfg.federation.nodes_per_client), setup)
             finally:
                 setup.stop_all()
-            progress(f"[deploy] {m['num_clients']} shards of {m['nodes_per_client']} sensor(s) "
-                     f"({m['num_nodes']} sensors) in {shards_dir}")
+            progress(
+                f"[deploy] {m['num_clients']} shards of {m['nodes_per_client']} sensor(s) "
+                f"({m['num_nodes']} sensors) in {shards_dir}"
+            )
     with Deployment(cfg, run_dir, shards_dir, progress) as dep:
         dep.start()
         result = dep.run(overrides, resume=resume, on_tick=on_tick, timeout_s=timeout_s)
@@ -704,8 +847,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cnfgnn-deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cnfgnn-deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help=f"experiment={DEMO_EXPERIMENT} (make deploy-demo)")
     run = sub.add_parser("run", help="any experiment: HYDRA_OVERRIDES...")
@@ -724,16 +870,14 @@ def _run(argv: list[str]) -> int:
     check(["engine=deployment", *overrides])  # a misspelt key stops here, nothing started
     restore = raise_on_signals()  # SIGTERM/SIGHUP unwind like Ctrl-C (shard writing too)
     try:
-        result = deploy_experiment(overrides, a.run_dir, a.shards, a.resume,
-                                   timeout_s=a.timeout_s)
+        result = deploy_experiment(overrides, a.run_dir, a.shards, a.resume, timeout_s=a.timeout_s)
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted) as e:
         # deploy_experiment already stopped every process group it had started
         why = str(e) or "Ctrl-C"
-        print(f"[deploy] interrupted ({why}); stopped the processes it started",
-              file=sys.stderr)
+        print(f"[deploy] interrupted ({why}); stopped the processes it started", file=sys.stderr)
         return 130
     finally:
         restore()

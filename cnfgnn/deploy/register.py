@@ -31,18 +31,23 @@ def register_keys(connection: str, keys: list[tuple[str, str]]) -> list[int]:
         sys.__stdout__ = out  # Flower prints its JSON reply to sys.__stdout__
         try:
             with contextlib.redirect_stdout(out):
-                cmd.main(["supernode", "register", key, connection, "--name", name,
-                          "--format", "json"], prog_name="flwr", standalone_mode=False)
+                cmd.main(
+                    ["supernode", "register", key, connection, "--name", name, "--format", "json"],
+                    prog_name="flwr",
+                    standalone_mode=False,
+                )
         finally:
             sys.__stdout__ = real
         text = out.getvalue()
         try:
-            reply = json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+            reply = json.JSONDecoder().raw_decode(text[text.index("{") :])[0]
         except ValueError:
             reply = {"success": False, "error-message": text.strip()}
         if not reply.get("success"):
-            raise RuntimeError(f"the SuperLink refused SuperNode key {key} ({name}): "
-                               f"{reply.get('error-message', text.strip())}")
+            raise RuntimeError(
+                f"the SuperLink refused SuperNode key {key} ({name}): "
+                f"{reply.get('error-message', text.strip())}"
+            )
         ids.append(int(reply["node-id"]))
         print("registered " + json.dumps({"name": name, "node-id": ids[-1]}), flush=True)
     return ids

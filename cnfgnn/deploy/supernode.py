@@ -50,23 +50,25 @@ def _wait_for_file(path: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            sys.exit(f"cnfgnn.deploy.supernode: {path} did not appear within {timeout_s} s "
-                     "(the launcher registers the SuperNode keys, then creates it)")
+            sys.exit(
+                f"cnfgnn.deploy.supernode: {path} did not appear within {timeout_s} s "
+                "(the launcher registers the SuperNode keys, then creates it)"
+            )
         time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    ours, flower_args = (args[:args.index("--")], args[args.index("--") + 1:]) \
-        if "--" in args else (args, [])
+    ours, flower_args = (
+        (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    )
     p = argparse.ArgumentParser(prog="python -m cnfgnn.deploy.supernode")
     p.add_argument("--warm-worker", action="store_true")
     p.add_argument("--worker-idle-poll-s", type=float, default=0.2)
     p.add_argument("--worker-busy-poll-s", type=float, default=0.01)
     p.add_argument("--worker-hot-s", type=float, default=2.0)
     p.add_argument("--worker-pull-timeout-s", type=float, default=120.0)
-    for name in ("idle-poll-s", "hot-poll-s", "reply-poll-s", "object-backoff-s",
-                 "heartbeat-s"):
+    for name in ("idle-poll-s", "hot-poll-s", "reply-poll-s", "object-backoff-s", "heartbeat-s"):
         p.add_argument(f"--{name}", type=float, default=None)
     p.add_argument("--hot-s", type=float, default=3.0)
     p.add_argument("--start-after", default=None, help="connect once this file exists")
@@ -74,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(ours)
     if a.heartbeat_s is not None and a.heartbeat_s < 10:
         p.error("--heartbeat-s must be >= 10 (Flower subtracts a 5 s call timeout from it)")
-    changed = patch_supernode(Waits(a.idle_poll_s, a.reply_poll_s, a.object_backoff_s,
-                                    a.heartbeat_s, a.hot_poll_s, a.hot_s))
+    changed = patch_supernode(
+        Waits(
+            a.idle_poll_s, a.reply_poll_s, a.object_backoff_s, a.heartbeat_s, a.hot_poll_s, a.hot_s
+        )
+    )
     if changed:
         print(f"cnfgnn.deploy.supernode: Flower waits set to {changed}", flush=True)
     if a.warm_worker:
@@ -84,14 +89,27 @@ def main(argv: list[str] | None = None) -> int:
         flower_args += ["--isolation", "process"]
         backoff = a.object_backoff_s if a.object_backoff_s is not None else 1.0
         # a child in this process group: stopped with it, and it watches this pid
-        subprocess.Popen([sys.executable, "-m", "cnfgnn.deploy.clientworker",
-                          "--runtime-api-address", _runtime_address(flower_args),
-                          "--parent-pid", str(os.getpid()),
-                          "--idle-poll-s", str(a.worker_idle_poll_s),
-                          "--busy-poll-s", str(a.worker_busy_poll_s),
-                          "--hot-s", str(a.worker_hot_s),
-                          "--pull-timeout-s", str(a.worker_pull_timeout_s),
-                          "--object-backoff-s", str(backoff)])
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cnfgnn.deploy.clientworker",
+                "--runtime-api-address",
+                _runtime_address(flower_args),
+                "--parent-pid",
+                str(os.getpid()),
+                "--idle-poll-s",
+                str(a.worker_idle_poll_s),
+                "--busy-poll-s",
+                str(a.worker_busy_poll_s),
+                "--hot-s",
+                str(a.worker_hot_s),
+                "--pull-timeout-s",
+                str(a.worker_pull_timeout_s),
+                "--object-backoff-s",
+                str(backoff),
+            ]
+        )
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
 

@@ -101,8 +101,10 @@ def metrics_from_sums(sums: dict[str, np.ndarray], horizons=(3, 6, 12)) -> dict[
 
 def per_horizon(sums: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """Metrics for every horizon step: lists of length H (for plots and reports)."""
-    s = {k: np.asarray(v, dtype=np.float64).reshape(-1, np.shape(v)[-1]).sum(0)
-         for k, v in sums.items()}
+    s = {
+        k: np.asarray(v, dtype=np.float64).reshape(-1, np.shape(v)[-1]).sum(0)
+        for k, v in sums.items()
+    }
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
             "rmse": np.sqrt(s["sq"] / s["count"]).tolist(),

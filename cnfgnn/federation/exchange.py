@@ -35,8 +35,9 @@ class Exchange:
     seconds: float = 0.0
 
 
-def exchange(engine: Engine, mtype: str, payloads: dict[int, P.Payload],
-             check: ReplyCheck) -> Exchange:
+def exchange(
+    engine: Engine, mtype: str, payloads: dict[int, P.Payload], check: ReplyCheck
+) -> Exchange:
     """Send ``payloads`` (client id -> request) as ``mtype`` and check every reply."""
     out = Exchange()
     for p in payloads.values():

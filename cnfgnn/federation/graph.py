@@ -29,9 +29,12 @@ def load_server_graph(cfg: Any) -> tuple[ServerGraph, int]:
         assert ids is not None  # read_graph always returns the sensor ids
         manifest = load_manifest(str(shards_dir))
         interval = manifest.get("interval_minutes")  # the shards' step length
-        graph = ServerGraph(np.asarray(g["adjacency"]), [str(s) for s in ids],
-                            None if locations is None else np.asarray(locations),
-                            None if interval is None else float(interval))
+        graph = ServerGraph(
+            np.asarray(g["adjacency"]),
+            [str(s) for s in ids],
+            None if locations is None else np.asarray(locations),
+            None if interval is None else float(interval),
+        )
         if expected is None:
             expected = manifest["num_clients"]
         return graph, int(expected)

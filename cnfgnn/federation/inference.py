@@ -12,7 +12,8 @@ last input step (``ends``):
 Models without a graph embedding (FedAvg, centralized GRU) skip steps 1-2: one round trip.
 Sensors that do not answer are reported as missing (docs/design.md §8); their forecasts are NaN.
 
-Robustness (docs/robustness.md): ``forecast(ends, silent=..., noise=...)`` silences chosen sensors (they
+Robustness (docs/robustness.md): ``forecast(ends, silent=..., noise=...)`` silences chosen
+sensors (they
 send nothing: the server neither receives their ``h_c`` nor sends them ``h_G``) and adds
 Gaussian noise to the inputs on every node. Silent sensors still get a forecast, made on the
 server without any of their current data (:meth:`Forecaster._fallback`):
@@ -100,19 +101,27 @@ def check_method(cfg: Any, source: str | Path, per_node_ok: bool = False) -> Non
     method = str(cfg.federation.method)
     if per_node_ok and method in PER_NODE_METHODS:
         if bool(cfg.model.graph_embedding):
-            raise bad_input(source, f"federation.method={method} with a graph embedding: the "
-                            "GN of a per-node run is not evaluated here",
-                            "evaluate cnfgnn, fedavg, central or local (GRU) runs")
+            raise bad_input(
+                source,
+                f"federation.method={method} with a graph embedding: the "
+                "GN of a per-node run is not evaluated here",
+                "evaluate cnfgnn, fedavg, central or local (GRU) runs",
+            )
         return
     if method not in GLOBAL_MODEL_METHODS and method not in PER_NODE_METHODS:
-        raise bad_input(source, f"unknown federation.method={method}",
-                        f"forecast with a run of one of {list(GLOBAL_MODEL_METHODS)}")
+        raise bad_input(
+            source,
+            f"unknown federation.method={method}",
+            f"forecast with a run of one of {list(GLOBAL_MODEL_METHODS)}",
+        )
     if method in PER_NODE_METHODS:
         raise bad_input(
-            source, f"federation.method={method} keeps a separate model on every node; the "
+            source,
+            f"federation.method={method} keeps a separate model on every node; the "
             "checkpoint has no global node model, so federated inference is not implemented "
             "for it (the per-node models live only on the nodes of the training run)",
-            f"forecast with a run of one of {list(GLOBAL_MODEL_METHODS)}")
+            f"forecast with a run of one of {list(GLOBAL_MODEL_METHODS)}",
+        )
 
 
 def load_trained(path: str | Path, cfg: Any, per_node_ok: bool = False) -> TrainedModel:
@@ -127,28 +136,44 @@ def load_trained(path: str | Path, cfg: Any, per_node_ok: bool = False) -> Train
     path = Path(path)
     check_method(cfg, path, per_node_ok)
     if not path.is_file():
-        raise bad_input(path, "checkpoint not found", "train the run first (cnfgnn ...) "
-                        "or pass a run directory that holds checkpoint.pt")
+        raise bad_input(
+            path,
+            "checkpoint not found",
+            "train the run first (cnfgnn ...) or pass a run directory that holds checkpoint.pt",
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         es = ckpt.get("early_stopping") or {}
         theta = es.get("best_theta", ckpt["theta"])
         server = es.get("best_server", ckpt.get("server"))
     except Exception as exc:  # unreadable, truncated, or not a cnfgnn checkpoint
-        raise bad_input(path, f"not a readable cnfgnn checkpoint ({type(exc).__name__}: "
-                        f"{exc})", "pass the checkpoint.pt written by a cnfgnn run") from None
+        raise bad_input(
+            path,
+            f"not a readable cnfgnn checkpoint ({type(exc).__name__}: {exc})",
+            "pass the checkpoint.pt written by a cnfgnn run",
+        ) from None
     gn = None
     if cfg.model.graph_embedding:
         if not server:
-            raise bad_input(path, "the model decodes with a graph embedding but the "
-                            "checkpoint holds no graph network", "retrain the run")
+            raise bad_input(
+                path,
+                "the model decodes with a graph embedding but the "
+                "checkpoint holds no graph network",
+                "retrain the run",
+            )
         gn = server["gn"] if "gn" in server else server
     sc = ckpt.get("scaler")
     scaler = None if sc is None else Scaler(np.asarray(sc["mean"]), np.asarray(sc["std"]))
     per_node = str(cfg.federation.method) in PER_NODE_METHODS
-    return TrainedModel({} if per_node else {k: np.asarray(v) for k, v in theta.items()}, gn,
-                        scaler, ckpt.get("graph"), int(es.get("best_round", ckpt.get("round", 0))),
-                        path, per_node)
+    return TrainedModel(
+        {} if per_node else {k: np.asarray(v) for k, v in theta.items()},
+        gn,
+        scaler,
+        ckpt.get("graph"),
+        int(es.get("best_round", ckpt.get("round", 0))),
+        path,
+        per_node,
+    )
 
 
 @dataclass
@@ -202,11 +227,21 @@ class ForecastResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
-        meta = {"sensor_ids": self.sensor_ids, "missing": self.missing,
-                "seconds": self.seconds, "bytes": self.bytes, "fallback": self.fallback,
-                "silent": None if self.silent is None else self.silent.tolist()}
-        np.savez(tmp, ends=self.ends, forecast=self.forecast, answered=self.answered,
-                 meta=np.asarray(json.dumps(meta)))
+        meta = {
+            "sensor_ids": self.sensor_ids,
+            "missing": self.missing,
+            "seconds": self.seconds,
+            "bytes": self.bytes,
+            "fallback": self.fallback,
+            "silent": None if self.silent is None else self.silent.tolist(),
+        }
+        np.savez(
+            tmp,
+            ends=self.ends,
+            forecast=self.forecast,
+            answered=self.answered,
+            meta=np.asarray(json.dumps(meta)),
+        )
         tmp.replace(path)
         return path
 
@@ -215,10 +250,17 @@ class ForecastResult:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             silent = meta.get("silent")
-            return cls(z["ends"], z["forecast"], meta["sensor_ids"], z["answered"],
-                       meta["missing"], meta["seconds"], meta["bytes"],
-                       None if silent is None else np.asarray(silent, bool),
-                       meta.get("fallback", ""))
+            return cls(
+                z["ends"],
+                z["forecast"],
+                meta["sensor_ids"],
+                z["answered"],
+                meta["missing"],
+                meta["seconds"],
+                meta["bytes"],
+                None if silent is None else np.asarray(silent, bool),
+                meta.get("fallback", ""),
+            )
 
 
 class Forecaster:
@@ -235,9 +277,16 @@ class Forecaster:
             to forecast silent sensors with the global node model.
     """
 
-    def __init__(self, cfg: Any, engine: Engine, graph: ServerGraph, trained: TrainedModel,
-                 device: torch.device | str = "cpu", progress: Callable[[str], None] = log.info,
-                 clock: np.ndarray | None = None):
+    def __init__(
+        self,
+        cfg: Any,
+        engine: Engine,
+        graph: ServerGraph,
+        trained: TrainedModel,
+        device: torch.device | str = "cpu",
+        progress: Callable[[str], None] = log.info,
+        clock: np.ndarray | None = None,
+    ):
         self.cfg, self.engine, self.graph, self.trained = cfg, engine, graph, trained
         self.progress = progress
         self.device = torch.device(device)
@@ -258,15 +307,18 @@ class Forecaster:
         self._graphs: dict[bytes, Any] = {}
 
     # ------------------------------------------------------------------ transport
-    def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
-              ) -> dict[int, P.Payload]:
+    def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]) -> dict[int, P.Payload]:
         """Send, count bytes and seconds; clients that fail are recorded as missing."""
         m, fed = self.cfg.model, self.cfg.federation
         limits = ReplyLimits(  # replies checked like training's (cnfgnn.federation.validate)
-            num_graph_nodes=len(self.graph.sensor_ids), windows={}, layers=int(m.num_layers),
-            hidden=int(m.hidden_size), horizon=int(self.cfg.dataset.out_steps),
+            num_graph_nodes=len(self.graph.sensor_ids),
+            windows={},
+            layers=int(m.num_layers),
+            hidden=int(m.hidden_size),
+            horizon=int(self.cfg.dataset.out_steps),
             weight_shapes={k: tuple(np.shape(v)) for k, v in self.trained.theta.items()},
-            max_abs=float(fed.get("reply_max_abs", DEFAULT_REPLY_MAX_ABS)))
+            max_abs=float(fed.get("reply_max_abs", DEFAULT_REPLY_MAX_ABS)),
+        )
 
         def check(cid: int, request: P.Payload, reply: P.Payload) -> P.Payload:
             k = len(self.client_nodes[cid]) if cid in self.client_nodes else None
@@ -280,8 +332,14 @@ class Forecaster:
             self.bytes[phase]["up"] += sum(ex.up)
         for cid, reason in ex.failed.items():
             nodes = self.client_nodes.get(cid, np.zeros(0, np.int64))
-            self.missing.append({"phase": phase, "client": cid, "reason": reason,
-                                 "sensors": [self.graph.sensor_ids[i] for i in nodes]})
+            self.missing.append(
+                {
+                    "phase": phase,
+                    "client": cid,
+                    "reason": reason,
+                    "sensors": [self.graph.sensor_ids[i] for i in nodes],
+                }
+            )
             self.progress(f"  client {cid} left out of {phase}: {reason}")
         return ex.replies
 
@@ -294,10 +352,15 @@ class Forecaster:
         for c, r in hello.items():
             nodes = np.asarray(r[P.NODES], np.int64)
             ids = str(r[P.SENSOR_IDS]).split(",") if len(nodes) else []
-            if len(nodes) and (nodes.min() < 0 or nodes.max() >= n or
-                               [self.graph.sensor_ids[i] for i in nodes] != ids):
-                raise FederationError(f"client {c} hosts sensors {ids[:5]} that are not at "
-                                      f"those positions in the server's graph of {n} sensors")
+            if len(nodes) and (
+                nodes.min() < 0
+                or nodes.max() >= n
+                or [self.graph.sensor_ids[i] for i in nodes] != ids
+            ):
+                raise FederationError(
+                    f"client {c} hosts sensors {ids[:5]} that are not at "
+                    f"those positions in the server's graph of {n} sensors"
+                )
             self.client_nodes[c] = nodes
         hosted = np.concatenate(list(self.client_nodes.values())) if hello else np.zeros(0)
         if len(np.unique(hosted)) != len(hosted):
@@ -305,16 +368,21 @@ class Forecaster:
         conf: P.Payload = {}
         if str(self.cfg.federation.scaling) == "global":
             scaler = self.trained.scaler or self._recompute_scaler()
-            conf = {P.SCALER_MEAN: np.asarray(scaler.mean, np.float64),
-                    P.SCALER_STD: np.asarray(scaler.std, np.float64)}
+            conf = {
+                P.SCALER_MEAN: np.asarray(scaler.mean, np.float64),
+                P.SCALER_STD: np.asarray(scaler.std, np.float64),
+            }
             self.scaler = scaler
         conf |= P.weights_to_payload(self.trained.theta)
         if self.trained.per_node:  # each node loads the model it kept at home
             conf[P.OWN_MODEL] = True
         self.hist_mean = self.training_means()  # the silent-sensor fallback's level
         self._send("setup", P.CONFIGURE, {c: dict(conf) for c in self.client_nodes})
-        self.client_nodes = {c: self.client_nodes[c] for c in self.client_nodes
-                             if not any(m["client"] == c for m in self.missing)}
+        self.client_nodes = {
+            c: self.client_nodes[c]
+            for c in self.client_nodes
+            if not any(m["client"] == c for m in self.missing)
+        }
         self.seconds["setup"] = time.perf_counter() - t0  # handshake, scaler, model
 
     def training_means(self) -> np.ndarray:
@@ -333,15 +401,24 @@ class Forecaster:
         """
         ratio = self.cfg.federation.inductive_ratio
         n = len(self.graph.sensor_ids)
-        train = (np.arange(n) if ratio is None else
-                 select_nodes(n, float(ratio), self.graph.locations, seed=int(self.cfg.seed)))
+        train = (
+            np.arange(n)
+            if ratio is None
+            else select_nodes(n, float(ratio), self.graph.locations, seed=int(self.cfg.seed))
+        )
         clients = [c for c, nodes in self.client_nodes.items() if np.isin(nodes, train).all()]
         stats = self._send("setup", P.STATS, {c: {} for c in clients})
         if not stats or len(stats) < len(clients):
-            raise FederationError("not every training sensor sent its statistics: the scaler "
-                                  "would differ from the run's; retry when all answer")
-        return global_scaler([{"sum": r[P.STAT_SUM], "sumsq": r[P.STAT_SUMSQ],
-                               "count": r[P.STAT_COUNT]} for r in stats.values()])
+            raise FederationError(
+                "not every training sensor sent its statistics: the scaler "
+                "would differ from the run's; retry when all answer"
+            )
+        return global_scaler(
+            [
+                {"sum": r[P.STAT_SUM], "sumsq": r[P.STAT_SUMSQ], "count": r[P.STAT_COUNT]}
+                for r in stats.values()
+            ]
+        )
 
     # ------------------------------------------------------------------ inference
     def _subgraph(self, nodes: np.ndarray) -> Any:
@@ -351,8 +428,14 @@ class Forecaster:
             self._graphs[key] = self.server.graph(self.graph.adjacency[np.ix_(nodes, nodes)])
         return self._graphs[key]
 
-    def _exchange(self, ends: np.ndarray, out: np.ndarray, got: np.ndarray,
-                  silent: np.ndarray, noise: float = 0.0) -> None:
+    def _exchange(
+        self,
+        ends: np.ndarray,
+        out: np.ndarray,
+        got: np.ndarray,
+        silent: np.ndarray,
+        noise: float = 0.0,
+    ) -> None:
         """One exchange for a chunk of windows: fills ``out[:, :, node]`` and ``got[node]``.
 
         Silent sensors (``silent`` ``[N]`` bool) take no part: a client hosting only silent
@@ -378,8 +461,9 @@ class Forecaster:
                 keep = ~silent[self.client_nodes[c]]
                 h_c[:, [col[int(g)] for g in self.client_nodes[c][keep]]] = r[P.H_C][:, keep]
             t0 = time.perf_counter()
-            h_g = self.server.embed_all(h_c, self._subgraph(nodes),
-                                        int(self.cfg.federation.server_eval_batch_size))
+            h_g = self.server.embed_all(
+                h_c, self._subgraph(nodes), int(self.cfg.federation.server_eval_batch_size)
+            )
             self.seconds["server"] += time.perf_counter() - t0
             self._h_c = (nodes, h_c)  # the answering nodes' encodings, for the fallback
             payloads = {}
@@ -409,11 +493,18 @@ class Forecaster:
         """The global node model stacked for ``k`` nodes (server side, no gradients)."""
         if k not in self._models:
             m = self.cfg.model
-            model = NodeSeq2Seq(num_nodes=k, input_size=m.input_size, output_size=m.output_size,
-                                hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                graph_embedding=m.graph_embedding, horizon=m.horizon)
-            model.load_global_state({n: torch.from_numpy(np.array(v))
-                                     for n, v in self.trained.theta.items()})
+            model = NodeSeq2Seq(
+                num_nodes=k,
+                input_size=m.input_size,
+                output_size=m.output_size,
+                hidden_size=m.hidden_size,
+                num_layers=m.num_layers,
+                graph_embedding=m.graph_embedding,
+                horizon=m.horizon,
+            )
+            model.load_global_state(
+                {n: torch.from_numpy(np.array(v)) for n, v in self.trained.theta.items()}
+            )
             self._models[k] = model.to(self.device).eval()
         return self._models[k]
 
@@ -430,21 +521,29 @@ class Forecaster:
         horizon = int(self.cfg.model.horizon)
         if self.trained.per_node:
             assert self.hist_mean is not None
-            return np.broadcast_to(self.hist_mean[silent].astype(np.float32),
-                                   (len(ends), horizon, len(silent))).copy()
+            return np.broadcast_to(
+                self.hist_mean[silent].astype(np.float32), (len(ends), horizon, len(silent))
+            ).copy()
         if self.scaler is None:
-            raise FederationError("silent sensors under federation.scaling=per_node: the server "
-                                  "does not know their scale. Fix: silence sensors only in "
-                                  "runs with federation.scaling=global")
+            raise FederationError(
+                "silent sensors under federation.scaling=per_node: the server "
+                "does not know their scale. Fix: silence sensors only in "
+                "runs with federation.scaling=global"
+            )
         if self.clock is None:
-            raise FederationError("silent sensors need the time of day of each step: pass "
-                                  "clock= (data.time_of_day()) to the Forecaster")
+            raise FederationError(
+                "silent sensors need the time of day of each step: pass "
+                "clock= (data.time_of_day()) to the Forecaster"
+            )
         in_steps, t_len = int(self.cfg.dataset.in_steps), len(self.clock)
         t_in = ends[:, None] + np.arange(1 - in_steps, 1)  # [W, T_in]
         t_out = ends[:, None] + np.arange(1, horizon + 1)  # [W, H]
         step = float(np.median(np.diff(self.clock.astype(np.float64)) % 1.0)) if t_len > 1 else 0.0
-        y_tod = np.where(t_out < t_len, self.clock[np.minimum(t_out, t_len - 1)],
-                         (self.clock[-1] + (t_out - (t_len - 1)) * step) % 1.0)
+        y_tod = np.where(
+            t_out < t_len,
+            self.clock[np.minimum(t_out, t_len - 1)],
+            (self.clock[-1] + (t_out - (t_len - 1)) * step) % 1.0,
+        )
         s, dev = len(silent), self.device
         level = np.zeros(s) if self.hist_mean is None else self.hist_mean[silent]
         level = np.nan_to_num(self.scaler.transform(level[None, :])[0], nan=0.0)  # [S] scaled
@@ -462,19 +561,22 @@ class Forecaster:
             order = np.argsort(full, kind="stable")
             h_all = np.concatenate([h_c, h_c_sil.cpu().numpy()], axis=1)[:, order]
             t0 = time.perf_counter()
-            h_g_all = self.server.embed_all(h_all, self._subgraph(full[order]),
-                                            int(self.cfg.federation.server_eval_batch_size))
+            h_g_all = self.server.embed_all(
+                h_all, self._subgraph(full[order]), int(self.cfg.federation.server_eval_batch_size)
+            )
             self.seconds["server"] += time.perf_counter() - t0
             pos = {int(g): i for i, g in enumerate(full[order])}
-            h_g = torch.as_tensor(np.ascontiguousarray(
-                h_g_all[:, [pos[int(g)] for g in silent]]), device=dev)
+            h_g = torch.as_tensor(
+                np.ascontiguousarray(h_g_all[:, [pos[int(g)] for g in silent]]), device=dev
+            )
         pred = model.decode(x[:, -1], y, h_c_sil, h_g)[..., 0]  # [W, H, S] scaled
         mean = np.broadcast_to(self.scaler.mean, (len(self.graph.sensor_ids),))[silent]
         std = np.broadcast_to(self.scaler.std, (len(self.graph.sensor_ids),))[silent]
         return (pred.cpu().numpy() * std + mean).astype(np.float32)
 
-    def forecast(self, ends: np.ndarray | list[int], silent: Any = None,
-                 noise: float = 0.0) -> ForecastResult:
+    def forecast(
+        self, ends: np.ndarray | list[int], silent: Any = None, noise: float = 0.0
+    ) -> ForecastResult:
         """Forecasts of every sensor for the windows ending at ``ends``.
 
         Windows go ``federation.eval_batch_size`` at a time (one exchange each). A sensor
@@ -506,11 +608,17 @@ class Forecaster:
         if not answered.any():
             raise FederationError("no sensor answered the forecast request")
         out[:, :, ~answered & ~quiet] = np.nan
-        return ForecastResult(ends, out, list(self.graph.sensor_ids), answered,
-                              list(self.missing), dict(self.seconds),
-                              {k: dict(v) for k, v in self.bytes.items()},
-                              quiet if silent is not None else None,
-                              self.fallback_name() if quiet.any() else "")
+        return ForecastResult(
+            ends,
+            out,
+            list(self.graph.sensor_ids),
+            answered,
+            list(self.missing),
+            dict(self.seconds),
+            {k: dict(v) for k, v in self.bytes.items()},
+            quiet if silent is not None else None,
+            self.fallback_name() if quiet.any() else "",
+        )
 
     def _silent_mask(self, silent: Any) -> np.ndarray:
         """``[N]`` bool from a mask, node indices or sensor ids (None: nobody silent)."""

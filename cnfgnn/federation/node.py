@@ -35,7 +35,6 @@ from cnfgnn.optim import make_adam
 from cnfgnn.privacy import dp
 from cnfgnn.results import forecasts_released, safe_name, write_node_forecast
 
-
 NODE_INIT = ("shared", "per_node")  # federation.node_init
 
 
@@ -61,9 +60,15 @@ def own_initial_state(cfg: Any, nodes: np.ndarray) -> dict[str, Tensor]:
     for seed in (u * float(1 << 53)).astype(np.int64):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            one = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
-                              hidden_size=m.hidden_size, num_layers=m.num_layers,
-                              graph_embedding=m.graph_embedding, horizon=m.horizon)
+            one = NodeSeq2Seq(
+                num_nodes=1,
+                input_size=m.input_size,
+                output_size=m.output_size,
+                hidden_size=m.hidden_size,
+                num_layers=m.num_layers,
+                graph_embedding=m.graph_embedding,
+                horizon=m.horizon,
+            )
         states.append(one.node_state(0))
     return {n: torch.stack([st[n] for st in states]) for n in states[0]}
 
@@ -97,16 +102,25 @@ class LocalSeries:
         mask: np.ndarray,
         time_of_day: np.ndarray,
         dataset_cfg: Any,
-    ) -> "LocalSeries":
+    ) -> LocalSeries:
         """Build from a client's columns and the dataset's window/split settings."""
         split = dataset_cfg.split
         starts = split_starts(
-            speed.shape[0], dataset_cfg.in_steps, dataset_cfg.out_steps,
-            split.train, split.val, split.test,
+            speed.shape[0],
+            dataset_cfg.in_steps,
+            dataset_cfg.out_steps,
+            split.train,
+            split.val,
+            split.test,
         )
-        return cls(np.asarray(nodes, dtype=np.int64), list(sensor_ids),
-                   speed.astype(np.float32), mask.astype(bool),
-                   time_of_day.astype(np.float32), starts)
+        return cls(
+            np.asarray(nodes, dtype=np.int64),
+            list(sensor_ids),
+            speed.astype(np.float32),
+            mask.astype(bool),
+            time_of_day.astype(np.float32),
+            starts,
+        )
 
 
 class NodeWorker:
@@ -122,19 +136,33 @@ class NodeWorker:
             there (``forecasts/<sensor>.npz``). Nothing in it goes to the server.
     """
 
-    def __init__(self, series: LocalSeries, cfg: Any, device: torch.device | str = "cpu",
-                 build_model: bool = True, store: str | Path | None = None):
+    def __init__(
+        self,
+        series: LocalSeries,
+        cfg: Any,
+        device: torch.device | str = "cpu",
+        build_model: bool = True,
+        store: str | Path | None = None,
+    ):
         self.series = series
         self.cfg = cfg
         self.device = torch.device(device)
         self.in_steps = int(cfg.dataset.in_steps)
         self.out_steps = int(cfg.dataset.out_steps)
         m = cfg.model
-        self.model = NodeSeq2Seq(  # build_model=False: data handling only (central baselines)
-            num_nodes=len(series.nodes), input_size=m.input_size, output_size=m.output_size,
-            hidden_size=m.hidden_size, num_layers=m.num_layers,
-            graph_embedding=m.graph_embedding, horizon=m.horizon,
-        ).to(self.device) if build_model else None
+        self.model = (
+            NodeSeq2Seq(  # build_model=False: data handling only (central baselines)
+                num_nodes=len(series.nodes),
+                input_size=m.input_size,
+                output_size=m.output_size,
+                hidden_size=m.hidden_size,
+                num_layers=m.num_layers,
+                graph_embedding=m.graph_embedding,
+                horizon=m.horizon,
+            ).to(self.device)
+            if build_model
+            else None
+        )
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: Scaler | None = None
         self.inputs: Tensor | None = None  # [K, T, F] scaled speed + time of day
@@ -151,12 +179,20 @@ class NodeWorker:
     def handle(self, message_type: str, payload: P.Payload) -> P.Payload:
         """Answer one message (the only entry point the engines call)."""
         handlers = {
-            P.HELLO: self.hello, P.STATS: self.stats, P.CONFIGURE: self.configure,
-            P.LOCAL_TRAIN: self.local_train, P.ENCODE: self.encode,
-            P.SPLIT_STEP: self.split_step, P.EMBED: self.embed, P.EVALUATE: self.evaluate,
-            P.KEEP_MODEL: self.keep_model, P.SL_ENCODE: self.sl_encode,
-            P.SL_DECODE: self.sl_decode, P.SL_BACKWARD: self.sl_backward,
-            P.PREDICT_ENCODE: self.predict_encode, P.PREDICT: self.predict,
+            P.HELLO: self.hello,
+            P.STATS: self.stats,
+            P.CONFIGURE: self.configure,
+            P.LOCAL_TRAIN: self.local_train,
+            P.ENCODE: self.encode,
+            P.SPLIT_STEP: self.split_step,
+            P.EMBED: self.embed,
+            P.EVALUATE: self.evaluate,
+            P.KEEP_MODEL: self.keep_model,
+            P.SL_ENCODE: self.sl_encode,
+            P.SL_DECODE: self.sl_decode,
+            P.SL_BACKWARD: self.sl_backward,
+            P.PREDICT_ENCODE: self.predict_encode,
+            P.PREDICT: self.predict,
         }
         # types, shapes, finite values, ranges, hosted sensors, order (raises MalformedMessage)
         payload = check_request(message_type, payload, self.limits())
@@ -165,16 +201,24 @@ class NodeWorker:
     def limits(self) -> NodeLimits:
         """What a request is checked against: sizes, window counts, current state."""
         m = self.cfg.model
-        shapes = None if self.model is None else {
-            n: tuple(p.shape[1:]) for n, p in self.model.named_parameters()}
+        shapes = (
+            None
+            if self.model is None
+            else {n: tuple(p.shape[1:]) for n, p in self.model.named_parameters()}
+        )
         return NodeLimits(
-            nodes=self.series.nodes, windows={s: len(self.series.starts[s]) for s in P.SPLITS},
-            num_steps=int(self.series.speed.shape[0]), in_steps=self.in_steps,
-            layers=int(m.num_layers), hidden=int(m.hidden_size),
-            graph_embedding=bool(m.graph_embedding), weight_shapes=shapes,
+            nodes=self.series.nodes,
+            windows={s: len(self.series.starts[s]) for s in P.SPLITS},
+            num_steps=int(self.series.speed.shape[0]),
+            in_steps=self.in_steps,
+            layers=int(m.num_layers),
+            hidden=int(m.hidden_size),
+            graph_embedding=bool(m.graph_embedding),
+            weight_shapes=shapes,
             configured=self.inputs is not None and self.scaler is not None,
             encoded={s: len(v) for s, v in self.h_c.items()},
-            pending_batch=None if self.sl_pending is None else len(self.sl_pending[P.BATCH]))
+            pending_batch=None if self.sl_pending is None else len(self.sl_pending[P.BATCH]),
+        )
 
     @property
     def num_nodes(self) -> int:
@@ -182,35 +226,49 @@ class NodeWorker:
 
     def hello(self, payload: P.Payload) -> P.Payload:
         counts = [len(self.series.starts[s]) for s in P.SPLITS]
-        first = [int(self.series.starts[s][0]) if len(self.series.starts[s]) else -1
-                 for s in P.SPLITS]
-        return {P.NODES: self.series.nodes.copy(), P.SENSOR_IDS: ",".join(self.series.sensor_ids),
-                P.NUM_WINDOWS: np.asarray(counts, dtype=np.int64),
-                P.FIRST_START: np.asarray(first, dtype=np.int64)}
+        first = [
+            int(self.series.starts[s][0]) if len(self.series.starts[s]) else -1 for s in P.SPLITS
+        ]
+        return {
+            P.NODES: self.series.nodes.copy(),
+            P.SENSOR_IDS: ",".join(self.series.sensor_ids),
+            P.NUM_WINDOWS: np.asarray(counts, dtype=np.int64),
+            P.FIRST_START: np.asarray(first, dtype=np.int64),
+        }
 
     def stats(self, payload: P.Payload) -> P.Payload:
         """Per-node sums of the training inputs (each step once per window covering it)."""
         st = self._input_stats()
-        return {P.STAT_SUM: np.asarray(st["sum"], np.float64),
-                P.STAT_SUMSQ: np.asarray(st["sumsq"], np.float64),
-                P.STAT_COUNT: np.asarray(st["count"], np.float64)}
+        return {
+            P.STAT_SUM: np.asarray(st["sum"], np.float64),
+            P.STAT_SUMSQ: np.asarray(st["sumsq"], np.float64),
+            P.STAT_COUNT: np.asarray(st["count"], np.float64),
+        }
 
     def _input_stats(self) -> dict[str, np.ndarray]:
-        return input_stats(self.series.speed, self.series.starts[P.TRAIN], self.in_steps,
-                           include_missing=self.cfg.federation.scaler_include_missing,
-                           mask=self.series.mask)
+        return input_stats(
+            self.series.speed,
+            self.series.starts[P.TRAIN],
+            self.in_steps,
+            include_missing=self.cfg.federation.scaler_include_missing,
+            mask=self.series.mask,
+        )
 
     def configure(self, payload: P.Payload) -> P.Payload:
         """Set the scaler and the initial global node model; scale the local inputs."""
         if P.SCALER_MEAN in payload:
-            self.scaler = Scaler(np.asarray(payload[P.SCALER_MEAN], np.float64),
-                                 np.asarray(payload[P.SCALER_STD], np.float64))
+            self.scaler = Scaler(
+                np.asarray(payload[P.SCALER_MEAN], np.float64),
+                np.asarray(payload[P.SCALER_STD], np.float64),
+            )
         else:  # per-node scaling: computed here, nothing leaves the node
             self.scaler = per_node_scaler(self._input_stats())
         scaled = self.scaler.transform(self.series.speed).astype(np.float32)  # [T, K]
         tod = np.broadcast_to(self.series.time_of_day[:, None], scaled.shape)
         feats = np.stack([scaled, tod], axis=-1)  # [T, K, 2]
-        self.inputs = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(self.device)
+        self.inputs = torch.from_numpy(np.ascontiguousarray(feats.transpose(1, 0, 2))).to(
+            self.device
+        )
         self.raw = torch.from_numpy(np.ascontiguousarray(self.series.speed.T)).to(self.device)
         self.observed = torch.from_numpy(np.ascontiguousarray(self.series.mask.T)).to(self.device)
         self._noisy = None
@@ -223,14 +281,17 @@ class NodeWorker:
         self._load_global(payload)
         s_train = len(self.series.starts[P.TRAIN])
         m = self.cfg.model
-        self.h_g_train = torch.zeros(s_train, self.num_nodes, m.num_layers, m.hidden_size,
-                                     device=self.device)  # round 1: h_G = 0
+        self.h_g_train = torch.zeros(
+            s_train, self.num_nodes, m.num_layers, m.hidden_size, device=self.device
+        )  # round 1: h_G = 0
         return {}
 
     def _load_global(self, payload: P.Payload) -> None:
         weights = P.weights_from_payload(payload)
         if weights:
-            self.model.load_global_state({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            self.model.load_global_state(
+                {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+            )
 
     # ------------------------------------------------------------------ batches
     def _gather(self, split: str, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -252,8 +313,14 @@ class NodeWorker:
     def _teacher(self, phase: str, step: int, batch: int) -> Tensor:
         """Scheduled-sampling coins ``[H, K]``: one draw per decoding step per node."""
         p = teacher_forcing_prob(step, float(self.cfg.model.cl_decay_steps))
-        u = rng.uniforms(self.cfg.seed, self.series.nodes, self.round, phase, self.out_steps,
-                         extra=step * 1_000_003 + batch)
+        u = rng.uniforms(
+            self.cfg.seed,
+            self.series.nodes,
+            self.round,
+            phase,
+            self.out_steps,
+            extra=step * 1_000_003 + batch,
+        )
         return torch.from_numpy(u.T <= p).to(self.device)
 
     def _loss(self, pred: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -275,13 +342,20 @@ class NodeWorker:
         self.round = int(payload[P.ROUND])
         step = int(payload[P.STEP])
         self._load_global(payload)
-        clip_update = (self.privacy is not None and self.privacy.fedavg.active
-                       and str(fed.aggregate) == "fedavg")
-        start = ({k: v.detach().clone() for k, v in self.model.stacked_state().items()}
-                 if clip_update else None)  # the global model every node starts from
+        clip_update = (
+            self.privacy is not None
+            and self.privacy.fedavg.active
+            and str(fed.aggregate) == "fedavg"
+        )
+        start = (
+            {k: v.detach().clone() for k, v in self.model.stacked_state().items()}
+            if clip_update
+            else None
+        )  # the global model every node starts from
         if self.optimizer is None or fed.reset_client_optimizer:
-            self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
-                                       weight_decay=fed.weight_decay)
+            self.optimizer = make_adam(
+                self.model.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
+            )
         s = len(self.series.starts[P.TRAIN])
         bs = int(fed.batch_size)
         loss_sum = torch.zeros(self.num_nodes, dtype=torch.float64, device=self.device)
@@ -291,8 +365,11 @@ class NodeWorker:
         fmtl = self._fmtl_term(payload)
         self.model.train()
         for epoch in range(int(fed.local_epochs)):
-            perm = torch.from_numpy(rng.permutations(self.cfg.seed, self.series.nodes, self.round,
-                                                     "local", s, extra=epoch)).to(self.device)
+            perm = torch.from_numpy(
+                rng.permutations(
+                    self.cfg.seed, self.series.nodes, self.round, "local", s, extra=epoch
+                )
+            ).to(self.device)
             for b in range(math.ceil(s / bs)):
                 idx = perm[:, b * bs : (b + 1) * bs]  # [K, B] per-node window positions
                 x, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
@@ -319,9 +396,11 @@ class NodeWorker:
                 state = dp.clip_updates(start, state, float(self.privacy.fedavg.clip))
                 if self.privacy.fedavg_noise_at == "node":  # and noised here (docs/privacy.md)
                     if P.DP_NODES not in payload:
-                        raise ValueError(f"{P.LOCAL_TRAIN} with privacy.fedavg.noise_at=node needs "
-                                         f"{P.DP_NODES!r} (the nodes asked this round): the "
-                                         "server runs another privacy config")
+                        raise ValueError(
+                            f"{P.LOCAL_TRAIN} with privacy.fedavg.noise_at=node needs "
+                            f"{P.DP_NODES!r} (the nodes asked this round): the "
+                            "server runs another privacy config"
+                        )
                     std = dp.node_update_noise_std(self.privacy.fedavg, int(payload[P.DP_NODES]))
                     state = dp.noise_updates(state, std, self._replay_seeds("fedavg_node", 0))
             out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in state.items()}
@@ -343,11 +422,20 @@ class NodeWorker:
             return None
         names = [name for name, _ in self.model.named_parameters()]
         if set(nbr) != set(names):
-            raise ValueError(f"FMTL neighbour weights do not match the node model: "
-                             f"missing {sorted(set(names) - set(nbr))}")
-        w_nbr = torch.cat([torch.as_tensor(np.asarray(nbr[name]), device=self.device)
-                           .flatten(1).double() for name in names], dim=1)  # [M, D]
-        a = torch.as_tensor(np.asarray(payload[P.NBR_WEIGHT]), device=self.device).double()  # [K, M]
+            raise ValueError(
+                f"FMTL neighbour weights do not match the node model: "
+                f"missing {sorted(set(names) - set(nbr))}"
+            )
+        w_nbr = torch.cat(
+            [
+                torch.as_tensor(np.asarray(nbr[name]), device=self.device).flatten(1).double()
+                for name in names
+            ],
+            dim=1,
+        )  # [M, D]
+        a = torch.as_tensor(
+            np.asarray(payload[P.NBR_WEIGHT]), device=self.device
+        ).double()  # [K, M]
         lam = float(self.cfg.federation.fmtl_lambda)
 
         def term() -> Tensor:
@@ -367,14 +455,18 @@ class NodeWorker:
             if self.store is not None:  # the node's own disk, for inference after training
                 self.store.mkdir(parents=True, exist_ok=True)
                 for k, sid in enumerate(self.series.sensor_ids):
-                    torch.save({n: v.cpu() for n, v in self.model.node_state(k).items()},
-                               self._own_file(sid))
+                    torch.save(
+                        {n: v.cpu() for n, v in self.model.node_state(k).items()},
+                        self._own_file(sid),
+                    )
         elif action == P.RESTORE_BEST:
             if self.best_model is None:
                 raise RuntimeError("restore_best before any keep_best")
             self.model.load_state_dict(self.best_model)
         else:
-            raise ValueError(f"unknown {P.ACTION} {action!r}; expected {P.KEEP_BEST} or {P.RESTORE_BEST}")
+            raise ValueError(
+                f"unknown {P.ACTION} {action!r}; expected {P.KEEP_BEST} or {P.RESTORE_BEST}"
+            )
         return {}
 
     def _own_file(self, sensor_id: str) -> Path:
@@ -384,16 +476,18 @@ class NodeWorker:
     @torch.no_grad()
     def _load_own(self) -> None:
         """Load every hosted sensor's own best model from the node's store."""
-        files = [self._own_file(s) if self.store is not None else None
-                 for s in self.series.sensor_ids]
+        files = [
+            self._own_file(s) if self.store is not None else None for s in self.series.sensor_ids
+        ]
         if any(f is None or not f.is_file() for f in files):
-            raise RuntimeError(f"{P.CONFIGURE} with {P.OWN_MODEL}: no kept model for sensors "
-                               f"{self.series.sensor_ids[:3]} in {self.store}. Fix: train the "
-                               "run with this version (it writes <run>/node_store/) and pass "
-                               "that store to the node")
+            raise RuntimeError(
+                f"{P.CONFIGURE} with {P.OWN_MODEL}: no kept model for sensors "
+                f"{self.series.sensor_ids[:3]} in {self.store}. Fix: train the "
+                "run with this version (it writes <run>/node_store/) and pass "
+                "that store to the node"
+            )
         states = [torch.load(f, map_location="cpu") for f in files]
-        self.model.load_stacked_state({n: torch.stack([st[n] for st in states])
-                                       for n in states[0]})
+        self.model.load_stacked_state({n: torch.stack([st[n] for st in states]) for n in states[0]})
 
     def _noisy_inputs(self, level: float) -> Tensor:
         """Inputs ``[K, T, F]`` with Gaussian noise on the observed speeds (inference only).
@@ -427,8 +521,9 @@ class NodeWorker:
         """Split learning, step 1: h_c of a batch with the node's current model."""
         self.model.eval()
         h_c = self.model.encode(self._sl_batch(payload)[0])
-        h_c = self._private("sl_h_c", h_c, int(payload.get(P.ROUND, self.round)),
-                            int(payload.get(P.STEP, 0)))
+        h_c = self._private(
+            "sl_h_c", h_c, int(payload.get(P.ROUND, self.round)), int(payload.get(P.STEP, 0))
+        )
         return {P.H_C: h_c.cpu().numpy()}
 
     def _sl_forward(self, h_c: Tensor, h_g: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -441,8 +536,11 @@ class NodeWorker:
     def sl_decode(self, payload: P.Payload) -> P.Payload:
         """Split learning, step 2: decode with the received h_G; return dL_k/dh_G."""
         self.round = int(payload[P.ROUND])
-        self.sl_pending = {P.BATCH: np.asarray(payload[P.BATCH]), P.STEP: int(payload[P.STEP]),
-                           P.H_G: torch.tensor(np.asarray(payload[P.H_G]), device=self.device)}
+        self.sl_pending = {
+            P.BATCH: np.asarray(payload[P.BATCH]),
+            P.STEP: int(payload[P.STEP]),
+            P.H_G: torch.tensor(np.asarray(payload[P.H_G]), device=self.device),
+        }
         with torch.no_grad():
             h_c = self.model.encode(self._sl_batch(self.sl_pending)[0])
         h_g = self.sl_pending[P.H_G].clone().requires_grad_(True)
@@ -460,8 +558,7 @@ class NodeWorker:
         mech = self.privacy.h_c if kind in ("h_c", "sl_h_c") else self.privacy.grad
         return dp.privatize(x, mech, self._replay_seeds(kind, counter, round_))
 
-    def _replay_seeds(self, kind: str, counter: int, round_: int | None = None
-                      ) -> list[int] | None:
+    def _replay_seeds(self, kind: str, counter: int, round_: int | None = None) -> list[int] | None:
         """None (OS-random noise), or with ``privacy.insecure_replayable_noise`` the config-keyed
         seeds of this release, one per node (anyone with the config can replay them)."""
         if self.privacy is None or not self.privacy.insecure_replayable_noise:
@@ -474,7 +571,10 @@ class NodeWorker:
         unless ``privacy.report_train_loss`` (they are released without noise)."""
         if self.privacy is not None and not self.privacy.report_train_loss:
             return {}
-        return {P.LOSS_SUM: sums.double().cpu().numpy(), P.LOSS_COUNT: counts.double().cpu().numpy()}
+        return {
+            P.LOSS_SUM: sums.double().cpu().numpy(),
+            P.LOSS_COUNT: counts.double().cpu().numpy(),
+        }
 
     def sl_backward(self, payload: P.Payload) -> P.Payload:
         """Split learning, step 3: backpropagate both paths into the node model and step.
@@ -487,8 +587,9 @@ class NodeWorker:
             raise RuntimeError(f"{P.SL_BACKWARD} without a pending {P.SL_DECODE}")
         fed = self.cfg.federation
         if self.optimizer is None:
-            self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
-                                       weight_decay=fed.weight_decay)
+            self.optimizer = make_adam(
+                self.model.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
+            )
         g = torch.as_tensor(np.asarray(payload[P.GRAD_H_C]), device=self.device)
         h_c = self.model.encode(self._sl_batch(self.sl_pending)[0])
         per_node, _, _ = self._sl_forward(h_c, self.sl_pending[P.H_G], self.sl_pending[P.STEP])
@@ -513,8 +614,11 @@ class NodeWorker:
             parts.append(self.model.encode(x))  # [B, K, L, H]
             progress.advance(idx.shape[1])
         m = self.cfg.model
-        self.h_c[split] = torch.cat(parts) if parts else torch.zeros(
-            0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
+        self.h_c[split] = (
+            torch.cat(parts)
+            if parts
+            else torch.zeros(0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
+        )
         up = self._private("h_c", self.h_c[split], self.round, P.SPLITS.index(split))
         return {P.H_C: up.cpu().numpy().copy()}  # the node decodes from its own clean h_c
 
@@ -555,13 +659,16 @@ class NodeWorker:
             raise PermissionError(
                 f"{P.EVALUATE}: the server asked for this node's forecasts, but this node's "
                 "config keeps them (predictions.release=false). Fix: run with "
-                "predictions.release=true on the server and the nodes, or not at all")
+                "predictions.release=true on the server and the nodes, or not at all"
+            )
         self._load_global(payload)
         if P.H_G in payload:  # CNFGNN: decode from the h_c this node sent up for this split
             h_g_all = torch.as_tensor(np.asarray(payload[P.H_G]), device=self.device)
             if split not in self.h_c or len(self.h_c[split]) != len(h_g_all):
-                raise ValueError(f"h_G for {len(h_g_all)} {split} windows, but this node "
-                                 f"encoded {len(self.h_c.get(split, []))}; send {P.ENCODE} first")
+                raise ValueError(
+                    f"h_G for {len(h_g_all)} {split} windows, but this node "
+                    f"encoded {len(self.h_c.get(split, []))}; send {P.ENCODE} first"
+                )
         else:  # no graph embedding: encode here with the current model
             h_g_all = None
             self.encode({P.SPLIT: split})
@@ -599,16 +706,20 @@ class NodeWorker:
         pos = {int(g): k for k, g in enumerate(self.series.nodes)}
         return np.asarray([pos[int(g)] for g in np.asarray(payload[P.REPORT_NODES])], np.int64)
 
-    def _keep_forecasts(self, split: str, report: np.ndarray, keep: np.ndarray,
-                        forecast: np.ndarray) -> None:
+    def _keep_forecasts(
+        self, split: str, report: np.ndarray, keep: np.ndarray, forecast: np.ndarray
+    ) -> None:
         """Write the kept forecasts ``[W, H, R]`` to this node's own disk, a file per sensor
         (:func:`cnfgnn.results.write_node_forecast`); without a store they are not kept."""
         if self.store is None:
             return
-        t_index = np.asarray(self.series.starts[split])[report] + self.in_steps  # first forecast step
+        t_index = (
+            np.asarray(self.series.starts[split])[report] + self.in_steps
+        )  # first forecast step
         for j, k in enumerate(keep.tolist()):
-            write_node_forecast(self.store, self.series.sensor_ids[k], split, t_index,
-                                forecast[:, :, j])
+            write_node_forecast(
+                self.store, self.series.sensor_ids[k], split, t_index, forecast[:, :, j]
+            )
 
     def batch_errors(self, pred: Tensor, y: Tensor, t: Tensor) -> dict[str, Tensor]:
         """Error sums ``[K, H]`` (both metric protocols) of scaled predictions ``[B, H, K]``
@@ -629,14 +740,17 @@ class NodeWorker:
         day of the forecast steps: from the series where known, extrapolated past its end).
         """
         if self.inputs is None or self.scaler is None:
-            raise RuntimeError(f"{P.PREDICT} before {P.CONFIGURE}: send the scaler and the "
-                               "node model first")
+            raise RuntimeError(
+                f"{P.PREDICT} before {P.CONFIGURE}: send the scaler and the node model first"
+            )
         ends = np.asarray(payload[P.ENDS], dtype=np.int64).reshape(-1)
         t_len = self.inputs.shape[1]
         bad = ends[(ends < self.in_steps - 1) | (ends >= t_len)]
         if bad.size:
-            raise ValueError(f"window ends {bad[:5].tolist()} outside [{self.in_steps - 1}, "
-                             f"{t_len - 1}]: a window needs {self.in_steps} steps of history")
+            raise ValueError(
+                f"window ends {bad[:5].tolist()} outside [{self.in_steps - 1}, "
+                f"{t_len - 1}]: a window needs {self.in_steps} steps of history"
+            )
         e = torch.as_tensor(ends, device=self.device)
         t_in = e[:, None] + torch.arange(1 - self.in_steps, 1, device=self.device)  # [W, T_in]
         level = float(payload.get(P.NOISE, 0.0))
@@ -675,12 +789,16 @@ class NodeWorker:
         h_g = None
         if self.cfg.model.graph_embedding:
             if P.H_G not in payload:
-                raise ValueError(f"{P.PREDICT}: this node model decodes with a graph "
-                                 f"embedding; send {P.H_G} for every window")
+                raise ValueError(
+                    f"{P.PREDICT}: this node model decodes with a graph "
+                    f"embedding; send {P.H_G} for every window"
+                )
             h_g = torch.as_tensor(np.asarray(payload[P.H_G]), device=self.device)
             if tuple(h_g.shape[:2]) != (len(x), self.num_nodes):
-                raise ValueError(f"{P.PREDICT}: h_G has shape {tuple(h_g.shape)} for "
-                                 f"{len(x)} windows of {self.num_nodes} nodes")
+                raise ValueError(
+                    f"{P.PREDICT}: h_G has shape {tuple(h_g.shape)} for "
+                    f"{len(x)} windows of {self.num_nodes} nodes"
+                )
         bs = int(self.cfg.federation.eval_batch_size)
         mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
         std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
@@ -688,8 +806,9 @@ class NodeWorker:
         out = []
         for b in range(0, len(x), bs):
             h_c = self.model.encode(x[b : b + bs])  # [B, K, L, H]
-            pred = self.model.decode(x_last[b : b + bs], y_tod[b : b + bs], h_c,
-                                     None if h_g is None else h_g[b : b + bs])[..., 0]
+            pred = self.model.decode(
+                x_last[b : b + bs], y_tod[b : b + bs], h_c, None if h_g is None else h_g[b : b + bs]
+            )[..., 0]
             out.append(pred * std + mean)  # [B, H, K] original units
         fc = torch.cat(out) if out else torch.zeros(0, self.out_steps, self.num_nodes)
         return {P.FORECAST: fc.cpu().numpy().astype(np.float32)}
@@ -702,29 +821,35 @@ class NodeWorker:
         same series and config, then :meth:`load_state_dict` is applied. Keep this in step
         with the attributes the handlers set.
         """
+
         def cpu(t: Tensor | None) -> Tensor | None:  # a snapshot, not a view
             return None if t is None else t.detach().to("cpu", copy=True)
 
         return {
             "model": {k: cpu(v) for k, v in self.model.state_dict().items()},
-            "optimizer": None if self.optimizer is None
+            "optimizer": None
+            if self.optimizer is None
             else copy.deepcopy(self.optimizer.state_dict()),
-            "scaler": None if self.scaler is None else (np.asarray(self.scaler.mean),
-                                                        np.asarray(self.scaler.std)),
+            "scaler": None
+            if self.scaler is None
+            else (np.asarray(self.scaler.mean), np.asarray(self.scaler.std)),
             "inputs": cpu(self.inputs),
             "raw": cpu(getattr(self, "raw", None)),
             "observed": cpu(getattr(self, "observed", None)),
             "h_c": {k: cpu(v) for k, v in self.h_c.items()},
             "h_g_train": cpu(self.h_g_train),
             "round": self.round,
-            "best_model": None if self.best_model is None
+            "best_model": None
+            if self.best_model is None
             else {k: cpu(v) for k, v in self.best_model.items()},
-            "sl_pending": None if self.sl_pending is None
+            "sl_pending": None
+            if self.sl_pending is None
             else {k: cpu(v) if isinstance(v, Tensor) else v for k, v in self.sl_pending.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (on this worker's device)."""
+
         def dev(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(self.device)
 
@@ -732,8 +857,9 @@ class NodeWorker:
         self.optimizer = None
         if state["optimizer"] is not None:
             fed = self.cfg.federation
-            self.optimizer = make_adam(self.model.parameters(), lr=fed.lr,
-                                       weight_decay=fed.weight_decay)
+            self.optimizer = make_adam(
+                self.model.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
+            )
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler = None if state["scaler"] is None else Scaler(*state["scaler"])
         self.inputs = dev(state["inputs"])
@@ -746,5 +872,8 @@ class NodeWorker:
         best = state.get("best_model")
         self.best_model = None if best is None else {k: dev(v) for k, v in best.items()}
         pend = state.get("sl_pending")
-        self.sl_pending = None if pend is None else {
-            k: dev(v) if isinstance(v, Tensor) else v for k, v in pend.items()}
+        self.sl_pending = (
+            None
+            if pend is None
+            else {k: dev(v) if isinstance(v, Tensor) else v for k, v in pend.items()}
+        )

@@ -37,7 +37,9 @@ SPLIT_STEP = "train.split"  # down: h_G for a server batch; up: dL/dh_G, loss su
 EMBED = "query.embed"  # down: h_G for every training window (cached for next round)
 EVALUATE = "evaluate.decode"  # down: h_G for a split; up: error sums per horizon
 # Methods whose nodes keep their own models (local, FMTL, AT w/o FedAvg, split learning):
-KEEP_MODEL = "query.keep"  # down: ACTION keep_best | restore_best (the best model stays on the node)
+KEEP_MODEL = (
+    "query.keep"  # down: ACTION keep_best | restore_best (the best model stays on the node)
+)
 # Split learning without alternation (docs/method.md §4.5): node and GN trained every step.
 SL_ENCODE = "train.sl_encode"  # down: BATCH; up: h_c [B, K, L, H] of the batch
 SL_DECODE = "train.sl_decode"  # down: h_G of the batch; up: dL/dh_G, loss sums
@@ -49,7 +51,9 @@ SL_BACKWARD = "train.sl_backward"  # down: dL/dh_c through the GN; the node step
 PREDICT_ENCODE = "query.predict_encode"  # down: ENDS; up: h_c [W, K, L, H]
 PREDICT = "query.predict"  # down: ENDS (+ h_G [W, K, L, H]); up: FORECAST [W, H, K] only
 ENDS = "ends"  # [W] int64 time index of each window's last input step
-NOISE = "noise"  # float: input-noise level (std = level x the sensor's training std), robustness only
+NOISE = (
+    "noise"  # float: input-noise level (std = level x the sensor's training std), robustness only
+)
 OWN_MODEL = "own_model"  # CONFIGURE, per-node methods: load the model the node kept at home
 
 # Flower transport only: answered by the ClientApp itself (no NodeWorker), so that the
@@ -83,7 +87,9 @@ LOSS_SUM = "loss_sum"  # [K] sum of squared scaled errors
 LOSS_COUNT = "loss_count"  # [K]
 ERR_PREFIX = "err."  # evaluation sums: "err.<name>" -> [K, horizon]
 NBR_PREFIX = "nbr."  # FMTL: out-neighbours' weights "nbr.<name>" -> [M, ...] (round snapshot)
-NBR_WEIGHT = "nbr_weight"  # FMTL: [K, M] float64 adjacency weights A_ij of hosted node i -> neighbour j
+NBR_WEIGHT = (
+    "nbr_weight"  # FMTL: [K, M] float64 adjacency weights A_ij of hosted node i -> neighbour j
+)
 ACTION = "action"  # str, KEEP_MODEL: keep_best | restore_best
 KEEP_BEST, RESTORE_BEST = "keep_best", "restore_best"
 GRAD_H_C = "grad_h_c"  # [B, K, L, H] d(sum of node losses)/dh_c through the GN (split learning)
@@ -128,19 +134,27 @@ class MessageType:
 MESSAGES: tuple[MessageType, ...] = (
     MessageType(HELLO, True, "-", "NODES, SENSOR_IDS, NUM_WINDOWS, FIRST_START"),
     MessageType(STATS, True, "-", "STAT_SUM, STAT_SUMSQ, STAT_COUNT [K]"),
-    MessageType(CONFIGURE, False, "scaler, node model, ACTIVE [K] (OWN_MODEL, FMTL NBR_*)",
-                "-"),
+    MessageType(CONFIGURE, False, "scaler, node model, ACTIVE [K] (OWN_MODEL, FMTL NBR_*)", "-"),
     MessageType(LOCAL_TRAIN, False, "STEP, ROUND (node model)", "weights [K, ...], NUM_EXAMPLES"),
     MessageType(ENCODE, False, "SPLIT (node model)", "H_C [S, K, L, H]"),
-    MessageType(SPLIT_STEP, True, "BATCH, H_G [B, K, L, H], ROUND, STEP",
-                "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]"),
+    MessageType(
+        SPLIT_STEP,
+        True,
+        "BATCH, H_G [B, K, L, H], ROUND, STEP",
+        "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]",
+    ),
     MessageType(EMBED, False, "H_G [S, K, L, H] of the train split", "-"),
-    MessageType(EVALUATE, False, "SPLIT (H_G, node model, REPORT)",
-                "err.* [K, horizon] (FORECAST [W, H, K])"),
+    MessageType(
+        EVALUATE,
+        False,
+        "SPLIT (H_G, node model, REPORT)",
+        "err.* [K, horizon] (FORECAST [W, H, K])",
+    ),
     MessageType(KEEP_MODEL, False, "ACTION keep_best | restore_best", "-"),
     MessageType(SL_ENCODE, True, "BATCH", "H_C [B, K, L, H]"),
-    MessageType(SL_DECODE, False, "BATCH, H_G [B, K, L, H]",
-                "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]"),
+    MessageType(
+        SL_DECODE, False, "BATCH, H_G [B, K, L, H]", "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]"
+    ),
     MessageType(SL_BACKWARD, False, "GRAD_H_C [B, K, L, H]", "-"),
     MessageType(PREDICT_ENCODE, True, "ENDS [W] (NOISE)", "H_C [W, K, L, H]"),
     MessageType(PREDICT, True, "ENDS [W] (H_G [W, K, L, H])", "FORECAST [W, H, K]"),

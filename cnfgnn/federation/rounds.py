@@ -13,9 +13,10 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +27,10 @@ from cnfgnn.data.scaler import global_scaler
 from cnfgnn.evaluation.metrics import SUM_KEYS, metrics_from_sums, node_mean_loss, per_horizon
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import Engine
-from cnfgnn.federation.node import node_init
 from cnfgnn.federation.exchange import exchange
+from cnfgnn.federation.node import node_init
 from cnfgnn.federation.server import GraphServer, fedavg
-from cnfgnn.federation.validate import (DEFAULT_REPLY_MAX_ABS, ReplyLimits,
-                                        check_reply)
+from cnfgnn.federation.validate import DEFAULT_REPLY_MAX_ABS, ReplyLimits, check_reply
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 from cnfgnn.privacy import dp
 from cnfgnn.results import NODE_FORECASTS, NODE_STORE, RunWriter, forecasts_released
@@ -60,10 +60,14 @@ class ServerGraph:
     interval_minutes: float | None = None
 
     @classmethod
-    def from_data(cls, data: Any) -> "ServerGraph":
+    def from_data(cls, data: Any) -> ServerGraph:
         """The server's view of a loaded :class:`~cnfgnn.data.dataset.SensorData`."""
-        return cls(np.asarray(data.adjacency), list(data.sensor_ids), data.locations,
-                   float(data.interval_minutes))
+        return cls(
+            np.asarray(data.adjacency),
+            list(data.sensor_ids),
+            data.locations,
+            float(data.interval_minutes),
+        )
 
 
 @contextmanager
@@ -78,14 +82,21 @@ def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
     """The global node model of round 0, from the experiment seed."""
     m = cfg.model
     with seeded(int(cfg.seed)):
-        model = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
-                            hidden_size=m.hidden_size, num_layers=m.num_layers,
-                            graph_embedding=m.graph_embedding, horizon=m.horizon)
+        model = NodeSeq2Seq(
+            num_nodes=1,
+            input_size=m.input_size,
+            output_size=m.output_size,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            graph_embedding=m.graph_embedding,
+            horizon=m.horizon,
+        )
     return {k: v.numpy() for k, v in model.node_state(0).items()}
 
 
-def report_selection(cfg: Any, num_nodes: int, num_test: int, interval_minutes: float | None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def report_selection(
+    cfg: Any, num_nodes: int, num_test: int, interval_minutes: float | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Test forecasts kept for plots: ``(node positions [S], window positions [W])``.
 
     ``predictions.sensors`` positions spread evenly over the ``num_nodes`` evaluated nodes,
@@ -103,8 +114,10 @@ def report_selection(cfg: Any, num_nodes: int, num_test: int, interval_minutes: 
         if not interval_minutes > 0:
             raise ValueError(f"interval_minutes must be positive, got {interval_minutes}")
         count = max(1, int(math.floor(float(pc.hours) * 60.0 / float(interval_minutes) + 1e-9)))
-    return (np.unique(np.linspace(0, num_nodes - 1, k).round().astype(np.int64)),
-            np.arange(min(num_test, count), dtype=np.int64))
+    return (
+        np.unique(np.linspace(0, num_nodes - 1, k).round().astype(np.int64)),
+        np.arange(min(num_test, count), dtype=np.int64),
+    )
 
 
 class Orchestrator:
@@ -118,9 +131,15 @@ class Orchestrator:
         progress: callable for one-line progress messages.
     """
 
-    def __init__(self, cfg: Any, engine: Engine, graph: ServerGraph,
-                 writer: RunWriter | None = None, progress: Callable[[str], None] = log.info,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cfg: Any,
+        engine: Engine,
+        graph: ServerGraph,
+        writer: RunWriter | None = None,
+        progress: Callable[[str], None] = log.info,
+        device: torch.device | str = "cpu",
+    ):
         self.cfg, self.engine, self.graph, self.writer = cfg, engine, graph, writer
         self.fed = cfg.federation
         self.progress = progress
@@ -138,32 +157,39 @@ class Orchestrator:
         self.client_nodes: dict[int, np.ndarray] = {}  # filled by the handshake
         self.aggregate = str(self.fed.aggregate)  # fedavg | none | fmtl
         if self.aggregate not in ("fedavg", "none", "fmtl"):
-            raise ValueError(f"federation.aggregate must be fedavg, none or fmtl, got {self.aggregate!r}")
+            raise ValueError(
+                f"federation.aggregate must be fedavg, none or fmtl, got {self.aggregate!r}"
+            )
         self.own_init = node_init(cfg) == "per_node"  # split learning: each node inits its own
         if self.own_init and self.aggregate != "none":
-            raise ValueError(f"federation.node_init=per_node needs federation.aggregate=none "
-                             f"(got {self.aggregate}): FedAvg and FMTL start every node from the "
-                             "global model. Fix: federation.node_init=shared")
+            raise ValueError(
+                f"federation.node_init=per_node needs federation.aggregate=none "
+                f"(got {self.aggregate}): FedAvg and FMTL start every node from the "
+                "global model. Fix: federation.node_init=shared"
+            )
         self.node_weights: dict[int, dict[str, np.ndarray]] = {}  # FMTL: each node's last upload
         self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: no DP (conf/privacy/none.yaml)
         self.releases: dict[str, int] = defaultdict(int)  # per training window, for the accountant
         self.fedavg_rounds: list[tuple[int, int]] = []  # (nodes answered, asked) per FedAvg round
-        if self.privacy is not None and self.privacy.secagg and not getattr(
-                engine, "secure_aggregation", False):  # docs/privacy.md: not wired yet
-            raise ValueError("privacy.secagg=true needs an engine that runs the FedAvg phase "
-                             "through SecAgg+; this one does not. Fix: privacy.secagg=false")
+        if (
+            self.privacy is not None
+            and self.privacy.secagg
+            and not getattr(engine, "secure_aggregation", False)
+        ):  # docs/privacy.md: not wired yet
+            raise ValueError(
+                "privacy.secagg=true needs an engine that runs the FedAvg phase "
+                "through SecAgg+; this one does not. Fix: privacy.secagg=false"
+            )
         self.num_windows: dict[str, int] = {}  # windows per split, from the handshake
 
     # ------------------------------------------------------------------ transport
-    def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]
-              ) -> dict[int, P.Payload]:
+    def _send(self, phase: str, mtype: str, payloads: dict[int, P.Payload]) -> dict[int, P.Payload]:
         """Send, measure bytes and time, drop failures, fail when too few answer."""
         limits = self._reply_limits()
 
         def check(cid: int, request: P.Payload, reply: P.Payload) -> P.Payload:
             nodes = self.client_nodes.get(cid)
-            return check_reply(mtype, request, reply, None if nodes is None else len(nodes),
-                               limits)
+            return check_reply(mtype, request, reply, None if nodes is None else len(nodes), limits)
 
         with progress.send(phase, mtype, payloads, self.num_windows, self.fed.local_epochs):
             ex = exchange(self.engine, mtype, payloads, check)
@@ -177,8 +203,15 @@ class Orchestrator:
         for cid, reason in ex.failed.items():
             nodes = self.client_nodes.get(cid, np.zeros(0, int))
             ids = [self.graph.sensor_ids[i] for i in nodes]
-            self.failures.append({"round": self.round, "phase": phase,
-                                  "client": cid, "reason": reason, "sensors": ids})
+            self.failures.append(
+                {
+                    "round": self.round,
+                    "phase": phase,
+                    "client": cid,
+                    "reason": reason,
+                    "sensors": ids,
+                }
+            )
             shown = ", ".join(ids[:8]) + (f" +{len(ids) - 8}" if len(ids) > 8 else "")
             self.progress(f"  client {cid} (sensors {shown}) left out of {phase}: {reason}")
         ok = ex.replies
@@ -188,7 +221,8 @@ class Orchestrator:
             if got < self.fed.min_answer_fraction * asked:
                 raise FederationError(
                     f"only {got}/{asked} nodes answered {mtype} in phase {phase}; "
-                    f"below federation.min_answer_fraction={self.fed.min_answer_fraction}")
+                    f"below federation.min_answer_fraction={self.fed.min_answer_fraction}"
+                )
         elif payloads and not ok:
             raise FederationError(f"no client answered {mtype}")
         return ok
@@ -197,13 +231,18 @@ class Orchestrator:
         """Sizes and bounds every reply is checked against (:mod:`validate`)."""
         m = self.cfg.model
         return ReplyLimits(
-            num_graph_nodes=len(self.graph.sensor_ids), windows=self.num_windows,
-            layers=int(m.num_layers), hidden=int(m.hidden_size),
+            num_graph_nodes=len(self.graph.sensor_ids),
+            windows=self.num_windows,
+            layers=int(m.num_layers),
+            hidden=int(m.hidden_size),
             horizon=int(self.cfg.dataset.out_steps),
             weight_shapes={k: tuple(np.shape(v)) for k, v in self.theta.items()},
             max_abs=float(self.fed.get("reply_max_abs", DEFAULT_REPLY_MAX_ABS)),
-            weights_up=self.aggregate != "none", local_epochs=int(self.fed.local_epochs),
-            batch_size=int(self.fed.batch_size), sum_keys=tuple(SUM_KEYS))
+            weights_up=self.aggregate != "none",
+            local_epochs=int(self.fed.local_epochs),
+            batch_size=int(self.fed.batch_size),
+            sum_keys=tuple(SUM_KEYS),
+        )
 
     def _with_model(self, cid: int, payload: P.Payload) -> P.Payload:
         """Attach the global node model when the client does not hold this version yet."""
@@ -230,14 +269,20 @@ class Orchestrator:
         if len(counts) != 1:
             raise FederationError(f"clients disagree on windows per split: {counts}")
         self.num_windows = dict(zip(P.SPLITS, counts.pop()))
-        self.first_start = dict(zip(P.SPLITS, np.asarray(next(iter(hello.values()))
-                                                         .get(P.FIRST_START, [-1, -1, -1])).tolist()))
+        self.first_start = dict(
+            zip(
+                P.SPLITS,
+                np.asarray(next(iter(hello.values())).get(P.FIRST_START, [-1, -1, -1])).tolist(),
+            )
+        )
         ratio = self.fed.inductive_ratio
         if ratio is not None and self.per_node_models:
             raise FederationError(
                 f"federation.method={self.fed.method} keeps one model per node, so unseen nodes "
-                "have no model: it cannot run inductively. Fix: set federation.inductive_ratio=null "
-                "or use a method with a global node model (cnfgnn, fedavg)")
+                "have no model: it cannot run inductively. Fix: set "
+                "federation.inductive_ratio=null "
+                "or use a method with a global node model (cnfgnn, fedavg)"
+            )
         if ratio is None:
             train = np.sort(hosted)
         else:
@@ -249,9 +294,13 @@ class Orchestrator:
             if all(inside):
                 self.train_clients.append(c)
             elif any(inside):
-                raise FederationError(f"client {c} mixes training and held-out nodes; "
-                                      "partition seen and unseen nodes separately")
-        self.train_nodes = np.sort(np.concatenate([self.client_nodes[c] for c in self.train_clients]))
+                raise FederationError(
+                    f"client {c} mixes training and held-out nodes; "
+                    "partition seen and unseen nodes separately"
+                )
+        self.train_nodes = np.sort(
+            np.concatenate([self.client_nodes[c] for c in self.train_clients])
+        )
         self.col = {int(g): i for i, g in enumerate(self.train_nodes)}  # global -> train column
         self.eval_nodes = np.sort(hosted)
         self.eval_col = {int(g): i for i, g in enumerate(self.eval_nodes)}
@@ -261,18 +310,27 @@ class Orchestrator:
         conf: P.Payload = {}
         if self.fed.scaling == "global":
             stats = self._send("setup", P.STATS, {c: {} for c in self.train_clients})
-            sc = global_scaler([{"sum": r[P.STAT_SUM], "sumsq": r[P.STAT_SUMSQ],
-                                 "count": r[P.STAT_COUNT]} for r in stats.values()])
-            conf = {P.SCALER_MEAN: np.asarray(sc.mean, np.float64),
-                    P.SCALER_STD: np.asarray(sc.std, np.float64)}
+            sc = global_scaler(
+                [
+                    {"sum": r[P.STAT_SUM], "sumsq": r[P.STAT_SUMSQ], "count": r[P.STAT_COUNT]}
+                    for r in stats.values()
+                ]
+            )
+            conf = {
+                P.SCALER_MEAN: np.asarray(sc.mean, np.float64),
+                P.SCALER_STD: np.asarray(sc.std, np.float64),
+            }
             self.scaler = sc
         if self.own_init:  # every node draws its own initial model: theta is not sent
             payloads = {c: conf | {P.NODES: nodes} for c, nodes in self.client_nodes.items()}
-            self.client_version.update({c: self.version for c in
-                                        self._send("setup", P.CONFIGURE, payloads)})
+            self.client_version.update(
+                {c: self.version for c in self._send("setup", P.CONFIGURE, payloads)}
+            )
             return
-        payloads = {c: self._with_model(c, conf | {P.NODES: nodes})  # the node checks NODES
-                    for c, nodes in self.client_nodes.items()}
+        payloads = {
+            c: self._with_model(c, conf | {P.NODES: nodes})  # the node checks NODES
+            for c, nodes in self.client_nodes.items()
+        }
         self._delivered(self._send("setup", P.CONFIGURE, payloads), payloads)
 
     # ------------------------------------------------------------------ helpers
@@ -306,8 +364,10 @@ class Orchestrator:
         if len(cols) == 0:
             return {}
         nbrs = self.train_nodes[cols]
-        out = {P.NBR_PREFIX + name: np.stack([self.node_weights[int(j)][name] for j in nbrs])
-               for name in self.theta}
+        out = {
+            P.NBR_PREFIX + name: np.stack([self.node_weights[int(j)][name] for j in nbrs])
+            for name in self.theta
+        }
         out[P.NBR_WEIGHT] = sub[:, cols].astype(np.float64)
         return out
 
@@ -318,10 +378,13 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ phases
     def local_phase(self) -> dict[str, float]:
-        payloads = {c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
-                    for c in self.train_clients}
-        dp_fedavg = (self.privacy is not None and self.privacy.fedavg.active
-                     and self.aggregate == "fedavg")
+        payloads = {
+            c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
+            for c in self.train_clients
+        }
+        dp_fedavg = (
+            self.privacy is not None and self.privacy.fedavg.active and self.aggregate == "fedavg"
+        )
         asked = sum(len(self.client_nodes[c]) for c in self.train_clients)
         if dp_fedavg:  # each node's share of the noise is sigma C / sqrt(asked)
             payloads = {c: p | {P.DP_NODES: asked} for c, p in payloads.items()}
@@ -332,16 +395,21 @@ class Orchestrator:
         replies = self._send("local", P.LOCAL_TRAIN, payloads)
         self._delivered(replies, payloads)
         if self.aggregate == "fedavg":
-            self.theta = fedavg([P.weights_from_payload(r) for r in replies.values()],
-                                [r[P.NUM_EXAMPLES] for r in replies.values()],  # DP: uniform
-                                "uniform" if dp_fedavg else self.fed.fedavg_weighting)
+            self.theta = fedavg(
+                [P.weights_from_payload(r) for r in replies.values()],
+                [r[P.NUM_EXAMPLES] for r in replies.values()],  # DP: uniform
+                "uniform" if dp_fedavg else self.fed.fedavg_weighting,
+            )
             if dp_fedavg:  # clipped (and with noise_at=node, noised) on the nodes
                 self.fedavg_rounds.append((sum(len(self.client_nodes[c]) for c in replies), asked))
             if dp_fedavg and self.privacy.fedavg_noise_at == "server":  # central DP
                 self.theta = dp.add_fedavg_noise(
-                    self.theta, self.privacy.fedavg, asked,
+                    self.theta,
+                    self.privacy.fedavg,
+                    asked,
                     int(self.cfg.seed) if self.privacy.insecure_replayable_noise else None,
-                    self.round)
+                    self.round,
+                )
             self.releases["fedavg"] += 1
             self.version += 1
         elif self.aggregate == "fmtl":  # nothing averaged: keep each node's weights
@@ -370,17 +438,24 @@ class Orchestrator:
         loss = count = 0.0
         for epoch in range(int(self.fed.server_epochs)):
             self.releases["grad"] += 1  # every training window lies in one batch per epoch
-            order = rng.permutations(int(self.cfg.seed), np.zeros(1, np.int64), self.round,
-                                     "server", s, extra=epoch)[0]
+            order = rng.permutations(
+                int(self.cfg.seed), np.zeros(1, np.int64), self.round, "server", s, extra=epoch
+            )[0]
             for b in range(math.ceil(s / bs)):
-                batch = np.sort(order[b * bs:(b + 1) * bs])
+                batch = np.sort(order[b * bs : (b + 1) * bs])
                 t0 = time.perf_counter()
                 h_g = self.server.forward(h_c[batch], self.train_graph)  # [B, N, L, H]
                 h_g_np = h_g.detach().cpu().numpy()
                 self.seconds["split_server"] += time.perf_counter() - t0
-                payloads = {c: {P.BATCH: batch.astype(np.int64), P.ROUND: self.round,
-                                P.STEP: self.step, P.H_G: self._slice(h_g_np, c, self.col)}
-                            for c in self.train_clients}
+                payloads = {
+                    c: {
+                        P.BATCH: batch.astype(np.int64),
+                        P.ROUND: self.round,
+                        P.STEP: self.step,
+                        P.H_G: self._slice(h_g_np, c, self.col),
+                    }
+                    for c in self.train_clients
+                }
                 replies = self._send("split", P.SPLIT_STEP, payloads)
                 t0 = time.perf_counter()
                 grad = self._assemble(replies, P.GRAD, self.col)  # missing nodes stay 0
@@ -407,26 +482,42 @@ class Orchestrator:
         self.releases["h_c"] += 1  # every training window: h_c and dL/dh_G once per epoch
         self.releases["grad"] += 1
         for b in range(math.ceil(s / bs)):
-            batch = np.sort(order[b * bs:(b + 1) * bs]).astype(np.int64)
+            batch = np.sort(order[b * bs : (b + 1) * bs]).astype(np.int64)
             req: P.Payload = {P.BATCH: batch}
             if self.privacy is not None:  # keys the nodes' noise for this release
                 req = req | {P.ROUND: self.round, P.STEP: self.step}
             enc = self._send("split", P.SL_ENCODE, {c: dict(req) for c in self.train_clients})
             t0 = time.perf_counter()
-            h_c = torch.tensor(self._assemble(enc, P.H_C, self.col), device=self.device,
-                               requires_grad=True)  # [B, N, L, H]
+            h_c = torch.tensor(
+                self._assemble(enc, P.H_C, self.col), device=self.device, requires_grad=True
+            )  # [B, N, L, H]
             h_g = self.server.forward(h_c, self.train_graph)
             h_g_np = h_g.detach().cpu().numpy()
             self.seconds["split_server"] += time.perf_counter() - t0
-            dec = self._send("split", P.SL_DECODE, {
-                c: {P.BATCH: batch, P.ROUND: self.round, P.STEP: self.step,
-                    P.H_G: self._slice(h_g_np, c, self.col)} for c in enc})
+            dec = self._send(
+                "split",
+                P.SL_DECODE,
+                {
+                    c: {
+                        P.BATCH: batch,
+                        P.ROUND: self.round,
+                        P.STEP: self.step,
+                        P.H_G: self._slice(h_g_np, c, self.col),
+                    }
+                    for c in enc
+                },
+            )
             t0 = time.perf_counter()
             answered = sum(len(self.client_nodes[c]) for c in dec)
-            g_hc = self.server.step_through(h_c, h_g, self._assemble(dec, P.GRAD, self.col), answered)
+            g_hc = self.server.step_through(
+                h_c, h_g, self._assemble(dec, P.GRAD, self.col), answered
+            )
             self.seconds["split_server"] += time.perf_counter() - t0
-            self._send("split", P.SL_BACKWARD,
-                       {c: {P.GRAD_H_C: self._slice(g_hc, c, self.col)} for c in dec})
+            self._send(
+                "split",
+                P.SL_BACKWARD,
+                {c: {P.GRAD_H_C: self._slice(g_hc, c, self.col)} for c in dec},
+            )
             loss += sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in dec.values())
             count += sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in dec.values())
             self.step += 1
@@ -440,8 +531,9 @@ class Orchestrator:
         payloads = {c: {P.H_G: self._slice(h_g, c, self.col)} for c in self.train_clients}
         self._send(phase, P.EMBED, payloads)
 
-    def evaluate(self, split: str, phase: str, report: dict[int, P.Payload] | None = None
-                 ) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
+    def evaluate(
+        self, split: str, phase: str, report: dict[int, P.Payload] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[int, P.Payload]]:
         """Encode up, ``h_G`` down, error sums up: ``(sums [N, H] per key, replies)``.
 
         ``report`` (client -> ``REPORT``/``REPORT_NODES``/``RELEASE`` entries, from
@@ -469,7 +561,7 @@ class Orchestrator:
             cols = [self.eval_col[int(g)] for g in self.client_nodes[c]]
             for k, v in r.items():
                 if k.startswith(P.ERR_PREFIX):
-                    name = k[len(P.ERR_PREFIX):]
+                    name = k[len(P.ERR_PREFIX) :]
                     sums.setdefault(name, np.zeros((n,) + v.shape[1:]))[cols] = v
         return sums, replies
 
@@ -480,18 +572,27 @@ class Orchestrator:
         from cnfgnn.data.graph import graph_fingerprint
 
         sc = getattr(self, "scaler", None)  # global scaling only (per-node stays on the nodes)
-        self.writer.save_checkpoint({
-            "round": self.round, "theta": self.theta, "version": self.version,
-            "step": self.step, "server": self.server.state_dict(), "early_stopping": es,
-            "bytes": {k: dict(v) for k, v in self.bytes.items()},
-            "seconds": dict(self.seconds), "failures": self.failures,
-            "seconds_total": self._elapsed(),  # wall time of every process so far
-            # for cnfgnn-forecast: the scaler and the network the model was trained on
-            "scaler": None if sc is None else {"mean": np.asarray(sc.mean),
-                                               "std": np.asarray(sc.std)},
-            "graph": graph_fingerprint(self.graph.adjacency, self.graph.sensor_ids),
-            "privacy_releases": dict(self.releases), "privacy_fedavg_rounds": self.fedavg_rounds,
-        })
+        self.writer.save_checkpoint(
+            {
+                "round": self.round,
+                "theta": self.theta,
+                "version": self.version,
+                "step": self.step,
+                "server": self.server.state_dict(),
+                "early_stopping": es,
+                "bytes": {k: dict(v) for k, v in self.bytes.items()},
+                "seconds": dict(self.seconds),
+                "failures": self.failures,
+                "seconds_total": self._elapsed(),  # wall time of every process so far
+                # for cnfgnn-forecast: the scaler and the network the model was trained on
+                "scaler": None
+                if sc is None
+                else {"mean": np.asarray(sc.mean), "std": np.asarray(sc.std)},
+                "graph": graph_fingerprint(self.graph.adjacency, self.graph.sensor_ids),
+                "privacy_releases": dict(self.releases),
+                "privacy_fedavg_rounds": self.fedavg_rounds,
+            }
+        )
 
     def _elapsed(self) -> float:
         """Seconds of this run: earlier processes' (from the checkpoint) plus this one's."""
@@ -506,19 +607,27 @@ class Orchestrator:
         """
         self.t_start, self.seconds_before = time.perf_counter(), 0.0
         if self.privacy is not None and self.privacy.insecure_replayable_noise:
-            self.progress("privacy: INSECURE: privacy.insecure_replayable_noise=true, the noise "
-                          "is keyed by the run config and anyone holding it can remove it")
+            self.progress(
+                "privacy: INSECURE: privacy.insecure_replayable_noise=true, the noise "
+                "is keyed by the run config and anyone holding it can remove it"
+            )
         self.round = 0
         self.setup()
-        es = {"best_loss": math.inf, "best_round": 0, "bad_rounds": 0,
-              "best_theta": copy.deepcopy(self.theta), "best_server": self.server.state_dict()}
+        es = {
+            "best_loss": math.inf,
+            "best_round": 0,
+            "bad_rounds": 0,
+            "best_theta": copy.deepcopy(self.theta),
+            "best_server": self.server.state_dict(),
+        }
         start_round = 1
         ckpt = self.writer.load_checkpoint() if (self.writer and self.cfg.resume) else None
         if ckpt is not None:
             if self.per_node_models:
                 raise FederationError(
                     f"resume is not supported for federation.method={self.fed.method}: its node "
-                    "models live on the nodes, not in the server checkpoint. Fix: start a new run")
+                    "models live on the nodes, not in the server checkpoint. Fix: start a new run"
+                )
             start_round = self._restore(ckpt)
             es = ckpt["early_stopping"]
         self.round = start_round - 1  # after the loop: the last round actually run
@@ -531,11 +640,22 @@ class Orchestrator:
             sums, _ = self.evaluate(P.VAL, "val")
             rec["seconds"] = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
             val = metrics_from_sums(sums)
-            rec.update({"val_loss": node_mean_loss(sums), "val_rmse": val["rmse"],
-                        "val_mae": val["mae"], "val_masked_mae": val["masked_mae"]})
+            rec.update(
+                {
+                    "val_loss": node_mean_loss(sums),
+                    "val_rmse": val["rmse"],
+                    "val_mae": val["mae"],
+                    "val_masked_mae": val["masked_mae"],
+                }
+            )
             if rec["val_loss"] < es["best_loss"]:
-                es.update(best_loss=rec["val_loss"], best_round=self.round, bad_rounds=0,
-                          best_theta=copy.deepcopy(self.theta), best_server=self.server.state_dict())
+                es.update(
+                    best_loss=rec["val_loss"],
+                    best_round=self.round,
+                    bad_rounds=0,
+                    best_theta=copy.deepcopy(self.theta),
+                    best_server=self.server.state_dict(),
+                )
                 self._keep(P.KEEP_BEST)
             else:
                 es["bad_rounds"] += 1
@@ -544,9 +664,11 @@ class Orchestrator:
                 self.writer.log_round(rec)
             self._checkpoint(es)
             if self.round % int(self.cfg.log_every) == 0:
-                self.progress(f"round {self.round:3d}  train {rec.get('train_loss', math.nan):.4f}"
-                              f"  val loss {rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}"
-                              f"  ({rec['seconds_round']:.1f}s)")
+                self.progress(
+                    f"round {self.round:3d}  train {rec.get('train_loss', math.nan):.4f}"
+                    f"  val loss {rec['val_loss']:.4f}  val RMSE {rec['val_rmse']:.3f}"
+                    f"  ({rec['seconds_round']:.1f}s)"
+                )
         return self.test(es, self._elapsed())
 
     def train_round(self) -> dict[str, Any]:
@@ -572,8 +694,10 @@ class Orchestrator:
         return rec
 
     def _totals(self) -> dict[str, Any]:
-        return {"bytes": {k: dict(v) for k, v in self.bytes.items()},
-                "failures": len(self.failures)}
+        return {
+            "bytes": {k: dict(v) for k, v in self.bytes.items()},
+            "failures": len(self.failures),
+        }
 
     def _restore(self, ckpt: dict[str, Any]) -> int:
         """Continue after ``ckpt['round']``: reload server state, rebuild the nodes' h_G.
@@ -593,8 +717,9 @@ class Orchestrator:
                 self.bytes["resume"][k] += v
         self.seconds = defaultdict(float, ckpt.get("seconds", {}))
         self.seconds["resume"] += sum(restart_seconds.values())
-        self.failures = list(ckpt.get("failures", [])) + [f | {"phase": "resume"}
-                                                          for f in restart_failures]
+        self.failures = list(ckpt.get("failures", [])) + [
+            f | {"phase": "resume"} for f in restart_failures
+        ]
         self.seconds_before = float(ckpt.get("seconds_total", 0.0))
         self.theta, self.version = ckpt["theta"], ckpt["version"] + 1
         self.step = ckpt["step"]
@@ -615,8 +740,9 @@ class Orchestrator:
         ``predictions.sensors`` sensors spread over the network, the first
         ``predictions.hours`` of the test split. The nodes write them to their own disks;
         they come to the server only with ``predictions.release=true`` (``RELEASE``)."""
-        pos, windows = report_selection(self.cfg, len(self.eval_nodes), self.num_windows[P.TEST],
-                                        self.graph.interval_minutes)
+        pos, windows = report_selection(
+            self.cfg, len(self.eval_nodes), self.num_windows[P.TEST], self.graph.interval_minutes
+        )
         chosen = set(self.eval_nodes[pos].tolist())
         self.report_nodes = sorted(chosen)
         if not len(windows):
@@ -629,8 +755,9 @@ class Orchestrator:
                 out[c] = {P.REPORT: windows, P.REPORT_NODES: np.asarray(mine, np.int64)} | release
         return out
 
-    def _predictions(self, report: dict[int, P.Payload], replies: dict[int, P.Payload]
-                     ) -> dict[str, Any] | None:
+    def _predictions(
+        self, report: dict[int, P.Payload], replies: dict[int, P.Payload]
+    ) -> dict[str, Any] | None:
         """Which sensors' test forecasts were kept, and where (``final.json``'s
         ``predictions``). By default they stay on the nodes (``node_store/forecasts/`` of
         each node's disk); with ``predictions.release=true`` they came up and are written
@@ -641,22 +768,31 @@ class Orchestrator:
         ids = [self.graph.sensor_ids[int(g)] for c in answered for g in report[c][P.REPORT_NODES]]
         windows = next(iter(report.values()))[P.REPORT]
         released = any(P.RELEASE in r for r in report.values())
-        out: dict[str, Any] = {"sensors": ids, "windows": len(windows),
-                               "released_to_server": released}
+        out: dict[str, Any] = {
+            "sensors": ids,
+            "windows": len(windows),
+            "released_to_server": released,
+        }
         if not released:
             out["kept_on_nodes"] = f"{NODE_STORE}/{NODE_FORECASTS}/<sensor>.npz on each node's disk"
             return out
-        cols = [replies[c][P.FORECAST][:, :, j] for c in answered
-                for j in range(len(report[c][P.REPORT_NODES]))]
+        cols = [
+            replies[c][P.FORECAST][:, :, j]
+            for c in answered
+            for j in range(len(report[c][P.REPORT_NODES]))
+        ]
         if not cols:
             return out
         first = int(self.first_start[P.TEST])
         t_index = first + windows + int(self.cfg.dataset.in_steps) if first >= 0 else windows
         if self.writer:
-            self.writer.write_predictions(np.asarray(ids), t_index.astype(np.int64),
-                                          np.stack(cols, axis=-1))
-        self.progress(f"predictions.release=true: test forecasts of {len(ids)} sensors were "
-                      "sent to the server (predictions.npz; marked in final.json)")
+            self.writer.write_predictions(
+                np.asarray(ids), t_index.astype(np.int64), np.stack(cols, axis=-1)
+            )
+        self.progress(
+            f"predictions.release=true: test forecasts of {len(ids)} sensors were "
+            "sent to the server (predictions.npz; marked in final.json)"
+        )
         out["file"] = "predictions.npz"
         return out
 
@@ -670,35 +806,47 @@ class Orchestrator:
         self.server.load_state_dict(es["best_server"])
         report = self._report_request()
         sums, replies = self.evaluate(P.TEST, "test", report)
-        final: dict[str, Any] = {"test": metrics_from_sums(sums),
-                                 "best_round": es["best_round"], "rounds_run": self.round,
-                                 "best_val_loss": es["best_loss"],
-                                 "test_per_horizon": per_horizon(sums)}
+        final: dict[str, Any] = {
+            "test": metrics_from_sums(sums),
+            "best_round": es["best_round"],
+            "rounds_run": self.round,
+            "best_val_loss": es["best_loss"],
+            "test_per_horizon": per_horizon(sums),
+        }
         per_node = np.sqrt(sums["sq"].sum(1) / np.maximum(sums["count"].sum(1), 1))
         per_node[sums["count"].sum(1) == 0] = np.nan  # did not answer (null in final.json)
-        final["test_rmse_per_node"] = dict(zip([self.graph.sensor_ids[i] for i in self.eval_nodes],
-                                               per_node.tolist()))
+        final["test_rmse_per_node"] = dict(
+            zip([self.graph.sensor_ids[i] for i in self.eval_nodes], per_node.tolist())
+        )
         if self.fed.inductive_ratio is not None:
             seen = np.isin(self.eval_nodes, self.train_nodes)
             final["test_seen"] = metrics_from_sums({k: v[seen] for k, v in sums.items()})
             final["test_unseen"] = metrics_from_sums({k: v[~seen] for k, v in sums.items()})
         final["predictions"] = self._predictions(report, replies)
-        final["parameters"] = {"node": int(sum(np.asarray(v).size for v in self.theta.values())),
-                               "server": self.server.num_parameters() if self.uses_gn else 0}
+        final["parameters"] = {
+            "node": int(sum(np.asarray(v).size for v in self.theta.values())),
+            "server": self.server.num_parameters() if self.uses_gn else 0,
+        }
         final.update(self._totals())
         final["bytes_total"] = int(sum(sum(v.values()) for v in self.bytes.values()))
         final["seconds_total"] = seconds
         final["seconds"] = dict(self.seconds)
         final["failures"] = self.failures
-        final["nodes"] = {"total": len(self.eval_nodes), "train": len(self.train_nodes),
-                          "clients": len(self.client_nodes)}
+        final["nodes"] = {
+            "total": len(self.eval_nodes),
+            "train": len(self.train_nodes),
+            "clients": len(self.client_nodes),
+        }
         if self.privacy is not None:
             from cnfgnn.privacy.accounting import describe, privacy_report
 
             final["privacy"] = privacy_report(
-                self.privacy, dict(self.releases), fedavg_rounds=self.fedavg_rounds,
+                self.privacy,
+                dict(self.releases),
+                fedavg_rounds=self.fedavg_rounds,
                 per_node_models=self.per_node_models,
-                global_scaling=str(self.fed.scaling) == "global")
+                global_scaling=str(self.fed.scaling) == "global",
+            )
             self.progress(describe(final["privacy"]))
         if self.writer:
             self.writer.write_final(final)

@@ -68,15 +68,22 @@ class GraphServer:
         chunk = gn.get("grad_chunk")
         self.grad_chunk = None if chunk is None else int(chunk)
         if self.grad_chunk is not None and (self.grad_chunk < 1 or float(gn.dropout) > 0):
-            raise ValueError(f"model.gn.grad_chunk={chunk} needs a positive chunk and "
-                             f"model.gn.dropout=0 (got {gn.dropout}): a recomputed forward "
-                             "must equal the first. Fix: set grad_chunk=null or dropout=0")
+            raise ValueError(
+                f"model.gn.grad_chunk={chunk} needs a positive chunk and "
+                f"model.gn.dropout=0 (got {gn.dropout}): a recomputed forward "
+                "must equal the first. Fix: set grad_chunk=null or dropout=0"
+            )
         self._pending: tuple[Tensor, tuple[Tensor, Tensor], Tensor] | None = None
         self.device = torch.device(device)
         self.gn = GraphNetwork(
-            node_size=model_cfg.hidden_size, edge_size=1, global_size=model_cfg.hidden_size,
-            mlp_hidden=gn.mlp_hidden, latent_size=gn.latent_size, num_blocks=gn.num_blocks,
-            output_size=model_cfg.hidden_size, dropout=gn.dropout,
+            node_size=model_cfg.hidden_size,
+            edge_size=1,
+            global_size=model_cfg.hidden_size,
+            mlp_hidden=gn.mlp_hidden,
+            latent_size=gn.latent_size,
+            num_blocks=gn.num_blocks,
+            output_size=model_cfg.hidden_size,
+            dropout=gn.dropout,
         ).to(self.device)
         self.optimizer = make_adam(self.gn.parameters(), lr=lr)
         self.output_size = int(model_cfg.hidden_size)
@@ -119,8 +126,9 @@ class GraphServer:
             h_g.backward(g)
         self.optimizer.step()
 
-    def step_through(self, h_c: Tensor, h_g: Tensor, grad_sum: np.ndarray, answered: int
-                     ) -> np.ndarray:
+    def step_through(
+        self, h_c: Tensor, h_g: Tensor, grad_sum: np.ndarray, answered: int
+    ) -> np.ndarray:
         """Split learning without alternation: one GN step and the gradient for the nodes.
 
         Args:

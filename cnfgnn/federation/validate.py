@@ -153,8 +153,9 @@ def _check_value(mtype: str, key: str, value: Any, spec: Spec) -> Any:
             raise _bad(mtype, key, "a boolean", _describe(value))
         return bool(value)
     if isinstance(spec, Num):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                         np.floating)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)
+        ):
             raise _bad(mtype, key, "a number", _describe(value))
         v = float(value)
         if not (math.isfinite(v) and spec.lo <= v <= spec.hi):
@@ -187,8 +188,12 @@ def _check_value(mtype: str, key: str, value: Any, spec: Spec) -> Any:
         high = out > spec.hi if spec.hi is not None else np.zeros(out.shape, bool)
         if low.any() or high.any():
             bad = out[low | high]
-            raise _bad(mtype, key, f"values in [{spec.lo}, {spec.hi}]{spec.hint}",
-                       f"{bad[:5].tolist()} out of range")
+            raise _bad(
+                mtype,
+                key,
+                f"values in [{spec.lo}, {spec.hi}]{spec.hint}",
+                f"{bad[:5].tolist()} out of range",
+            )
         return out
     # Floats
     if value.dtype.kind != "f":
@@ -206,21 +211,31 @@ def _check_value(mtype: str, key: str, value: Any, spec: Spec) -> Any:
             raise _bad(mtype, key, f"values that fit {np.dtype(spec.dtype).name}", "overflow")
         if out.size:
             if spec.max_abs is not None and float(np.abs(out).max()) > spec.max_abs:
-                raise _bad(mtype, key, f"|values| <= {spec.max_abs:g} (federation.reply_max_abs)",
-                           f"max |value| {float(np.abs(out).max()):.3g}")
+                raise _bad(
+                    mtype,
+                    key,
+                    f"|values| <= {spec.max_abs:g} (federation.reply_max_abs)",
+                    f"max |value| {float(np.abs(out).max()):.3g}",
+                )
             if spec.min_value is not None and float(out.min()) < spec.min_value:
-                raise _bad(mtype, key, f"values >= {spec.min_value:g}",
-                           f"min {float(out.min()):.3g}")
+                raise _bad(
+                    mtype, key, f"values >= {spec.min_value:g}", f"min {float(out.min()):.3g}"
+                )
             if spec.positive and float(out.min()) <= 0:
                 raise _bad(mtype, key, "values > 0", f"min {float(out.min()):.3g}")
             if spec.max_value is not None and float(out.max()) > spec.max_value:
-                raise _bad(mtype, key, f"values <= {spec.max_value:g}",
-                           f"max {float(out.max()):.3g}")
+                raise _bad(
+                    mtype, key, f"values <= {spec.max_value:g}", f"max {float(out.max()):.3g}"
+                )
     return out
 
 
-def _check_fields(mtype: str, payload: Any, required: Mapping[str, Spec],
-                  optional: Mapping[str, Spec] | None = None) -> dict[str, Any]:
+def _check_fields(
+    mtype: str,
+    payload: Any,
+    required: Mapping[str, Spec],
+    optional: Mapping[str, Spec] | None = None,
+) -> dict[str, Any]:
     """Every required key present, no unknown key, each value valid; normalised copy."""
     if not isinstance(payload, Mapping):
         raise _bad(mtype, "<payload>", "a dict of named values", _describe(payload))
@@ -230,8 +245,12 @@ def _check_fields(mtype: str, payload: Any, required: Mapping[str, Spec],
             raise _bad(mtype, repr(key), "string keys", type(key).__name__)
         if key not in required and key not in optional:
             known = sorted(set(required) | set(optional))
-            raise _bad(mtype, key, f"only the keys {known[:12]}{' ...' if len(known) > 12 else ''}",
-                       "an unknown key")
+            raise _bad(
+                mtype,
+                key,
+                f"only the keys {known[:12]}{' ...' if len(known) > 12 else ''}",
+                "an unknown key",
+            )
     out: dict[str, Any] = {}
     for key, spec in required.items():
         if key not in payload:
@@ -243,8 +262,12 @@ def _check_fields(mtype: str, payload: Any, required: Mapping[str, Spec],
     return out
 
 
-def _weights(shapes: Mapping[str, tuple[int, ...]] | None, prefix: str,
-             lead: tuple[int | None, ...] = (), max_abs: float | None = None) -> dict[str, Spec]:
+def _weights(
+    shapes: Mapping[str, tuple[int, ...]] | None,
+    prefix: str,
+    lead: tuple[int | None, ...] = (),
+    max_abs: float | None = None,
+) -> dict[str, Spec]:
     """Specs of a full set of node-model tensors ``prefix<name>`` -> ``[*lead, *shape]``."""
     if not shapes:
         return {}
@@ -256,8 +279,12 @@ def _all_or_none(mtype: str, payload: Mapping[str, Any], keys: list[str], what: 
     present = [k for k in keys if k in payload]
     if present and len(present) != len(keys):
         missing = sorted(set(keys) - set(present))
-        raise _bad(mtype, missing[0], f"the full {what} ({len(keys)} keys)",
-                   f"{len(present)} of them; missing {missing[:4]}")
+        raise _bad(
+            mtype,
+            missing[0],
+            f"the full {what} ({len(keys)} keys)",
+            f"{len(present)} of them; missing {missing[:4]}",
+        )
     return bool(present)
 
 
@@ -304,8 +331,14 @@ def _need(mtype: str, ok: bool, what: str) -> None:
 
 def _batch(lim: NodeLimits) -> Ints:
     s = lim.windows[P.TRAIN]
-    return Ints((None,), lo=0, hi=s - 1, min_len=1, max_len=s,
-                hint=f" (positions among the {s} training windows)")
+    return Ints(
+        (None,),
+        lo=0,
+        hi=s - 1,
+        min_len=1,
+        max_len=s,
+        hint=f" (positions among the {s} training windows)",
+    )
 
 
 def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
@@ -317,8 +350,9 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
             or a message that needs an earlier one (``configure``, ``encode``, ``sl_decode``).
     """
     if not isinstance(mtype, str) or mtype not in P.MESSAGE_TYPES:
-        raise MalformedMessage(f"unknown message type {mtype!r}; expected one of "
-                               f"{list(P.MESSAGE_TYPES)}")
+        raise MalformedMessage(
+            f"unknown message type {mtype!r}; expected one of {list(P.MESSAGE_TYPES)}"
+        )
     if not isinstance(payload, Mapping):
         raise _bad(mtype, "<payload>", "a dict of named values", _describe(payload))
     k, lay, hid = lim.k, lim.layers, lim.hidden
@@ -333,8 +367,11 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
     if mtype not in (P.HELLO, P.STATS, P.CONFIGURE):
         _need(mtype, lim.weight_shapes is not None, "this node holds data only, no node model")
     if needs_config:
-        _need(mtype, lim.configured, f"{mtype} before {P.CONFIGURE}: send the scaler and the "
-                                     "node model first")
+        _need(
+            mtype,
+            lim.configured,
+            f"{mtype} before {P.CONFIGURE}: send the scaler and the node model first",
+        )
     req: dict[str, Spec] = {}
     opt: dict[str, Spec] = dict(common)
     if mtype == P.CONFIGURE:
@@ -362,8 +399,11 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
         b = len(payload[P.BATCH]) if isinstance(payload.get(P.BATCH), np.ndarray) else -1
         req[P.H_G] = Floats((b, k, lay, hid))
         if mtype == P.SPLIT_STEP:
-            _need(mtype, lim.encoded.get(P.TRAIN) == lim.windows[P.TRAIN],
-                  f"{P.SPLIT_STEP} before {P.ENCODE} of the train split")
+            _need(
+                mtype,
+                lim.encoded.get(P.TRAIN) == lim.windows[P.TRAIN],
+                f"{P.SPLIT_STEP} before {P.ENCODE} of the train split",
+            )
     elif mtype == P.EMBED:
         _need(mtype, lim.graph_embedding, "this node model has no graph embedding")
         req = {P.H_G: Floats((lim.windows[P.TRAIN], k, lay, hid))}
@@ -376,9 +416,12 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
         opt[P.REPORT_NODES] = Ints((None,), lo=0, min_len=1, max_len=k)  # hosted: checked below
         opt[P.RELEASE] = Flag()
         if lim.graph_embedding:  # decode from the h_c this node sent up for the split
-            _need(mtype, s < 0 or lim.encoded.get(str(split)) == s,
-                  f"h_G for the {split} split, but this node has not encoded it; "
-                  f"send {P.ENCODE} first")
+            _need(
+                mtype,
+                s < 0 or lim.encoded.get(str(split)) == s,
+                f"h_G for the {split} split, but this node has not encoded it; "
+                f"send {P.ENCODE} first",
+            )
             req[P.H_G] = Floats((s, k, lay, hid))
     elif mtype == P.KEEP_MODEL:
         req = {P.ACTION: Str((P.KEEP_BEST, P.RESTORE_BEST))}
@@ -386,26 +429,38 @@ def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
         req = {P.BATCH: _batch(lim)}
         opt |= {P.ROUND: Int(), P.STEP: Int()}  # sent with privacy on: keys the noise
     elif mtype == P.SL_BACKWARD:
-        _need(mtype, lim.pending_batch is not None,
-              f"{P.SL_BACKWARD} without a pending {P.SL_DECODE}")
+        _need(
+            mtype, lim.pending_batch is not None, f"{P.SL_BACKWARD} without a pending {P.SL_DECODE}"
+        )
         req = {P.GRAD_H_C: Floats((lim.pending_batch, k, lay, hid))}
     elif mtype in (P.PREDICT_ENCODE, P.PREDICT):
         lo, hi = lim.in_steps - 1, lim.num_steps - 1
-        req = {P.ENDS: Ints((None,), lo=lo, hi=hi,
-                            hint=f": a window needs {lim.in_steps} steps of history")}
+        req = {
+            P.ENDS: Ints(
+                (None,), lo=lo, hi=hi, hint=f": a window needs {lim.in_steps} steps of history"
+            )
+        }
         opt[P.NOISE] = Num(0.0, 1e3)  # input-noise level (robustness experiments)
         if mtype == P.PREDICT and lim.graph_embedding:
             w = len(payload[P.ENDS]) if isinstance(payload.get(P.ENDS), np.ndarray) else -1
             req[P.H_G] = Floats((w, k, lay, hid))
     out = _check_fields(mtype, payload, req, opt)
     if P.NODES in out and not np.array_equal(out[P.NODES], lim.nodes):
-        raise _bad(mtype, P.NODES, f"the sensors this client hosts {lim.nodes[:8].tolist()}",
-                   f"{out[P.NODES][:8].tolist()} (sensors it does not host)")
+        raise _bad(
+            mtype,
+            P.NODES,
+            f"the sensors this client hosts {lim.nodes[:8].tolist()}",
+            f"{out[P.NODES][:8].tolist()} (sensors it does not host)",
+        )
     if P.REPORT_NODES in out:
         rep = out[P.REPORT_NODES]
         if len(np.unique(rep)) != len(rep) or not np.isin(rep, lim.nodes).all():
-            raise _bad(mtype, P.REPORT_NODES, f"distinct sensors this client hosts "
-                       f"{lim.nodes[:8].tolist()}", f"{rep[:8].tolist()}")
+            raise _bad(
+                mtype,
+                P.REPORT_NODES,
+                f"distinct sensors this client hosts {lim.nodes[:8].tolist()}",
+                f"{rep[:8].tolist()}",
+            )
     return out
 
 
@@ -438,8 +493,9 @@ class ReplyLimits:
     sum_keys: tuple[str, ...] = ()
 
 
-def check_reply(mtype: str, request: Mapping[str, Any], reply: Any, k: int | None,
-                lim: ReplyLimits) -> P.Payload:
+def check_reply(
+    mtype: str, request: Mapping[str, Any], reply: Any, k: int | None, lim: ReplyLimits
+) -> P.Payload:
     """Check a client's reply to ``request``; returns the normalised reply.
 
     Args:
@@ -460,26 +516,39 @@ def check_reply(mtype: str, request: Mapping[str, Any], reply: Any, k: int | Non
     opt: dict[str, Spec] = {}
     if mtype == P.HELLO:
         n = lim.num_graph_nodes
-        req = {P.NODES: Ints((None,), lo=0, hi=n - 1, min_len=1,
-                             hint=f" (positions in the server's graph of {n} sensors)"),
-               P.SENSOR_IDS: Str(), P.NUM_WINDOWS: Ints((3,), lo=0)}
+        req = {
+            P.NODES: Ints(
+                (None,),
+                lo=0,
+                hi=n - 1,
+                min_len=1,
+                hint=f" (positions in the server's graph of {n} sensors)",
+            ),
+            P.SENSOR_IDS: Str(),
+            P.NUM_WINDOWS: Ints((3,), lo=0),
+        }
         opt = {P.FIRST_START: Ints((3,), lo=-1)}
     elif mtype == P.STATS:
-        req = {P.STAT_SUM: Floats((kk,), np.float64),
-               P.STAT_SUMSQ: Floats((kk,), np.float64, min_value=0.0),
-               P.STAT_COUNT: Floats((kk,), np.float64, min_value=0.0)}
+        req = {
+            P.STAT_SUM: Floats((kk,), np.float64),
+            P.STAT_SUMSQ: Floats((kk,), np.float64, min_value=0.0),
+            P.STAT_COUNT: Floats((kk,), np.float64, min_value=0.0),
+        }
     elif mtype == P.LOCAL_TRAIN:
         s = lim.windows[P.TRAIN]
         epochs = int(lim.local_epochs)
         if lim.weights_up:
             req |= _weights(lim.weight_shapes, P.WEIGHTS_PREFIX, lead=(kk,), max_abs=big)
         step0 = int(request.get(P.STEP, 0))
-        req |= {P.NUM_EXAMPLES: Ints((kk,), lo=0, hi=s * epochs),
-                P.STEP: Int(step0, step0 + epochs * math.ceil(s / max(lim.batch_size, 1)))}
+        req |= {
+            P.NUM_EXAMPLES: Ints((kk,), lo=0, hi=s * epochs),
+            P.STEP: Int(step0, step0 + epochs * math.ceil(s / max(lim.batch_size, 1))),
+        }
         if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
-            req |= {P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
-                    P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0,
-                                         max_value=s * epochs * hz)}
+            req |= {
+                P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
+                P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=s * epochs * hz),
+            }
     elif mtype in (P.ENCODE, P.SL_ENCODE, P.PREDICT_ENCODE):
         if mtype == P.ENCODE:
             s = lim.windows[str(request[P.SPLIT])]
@@ -490,8 +559,10 @@ def check_reply(mtype: str, request: Mapping[str, Any], reply: Any, k: int | Non
         b = len(request[P.BATCH])
         req = {P.GRAD: Floats((b, kk, lay, hid), max_abs=big)}
         if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
-            req |= {P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
-                    P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=b * hz)}
+            req |= {
+                P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
+                P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=b * hz),
+            }
     elif mtype == P.EVALUATE:
         s = lim.windows[str(request[P.SPLIT])]
         for name in lim.sum_keys:

@@ -72,8 +72,10 @@ def _action(message_type: str) -> str:
 
 def _partition(context: Context) -> int:
     if PARTITION_ID not in context.node_config:
-        raise ValueError("node_config has no 'partition-id'; start the SuperNode with "
-                         "--node-config 'partition-id=<i> num-partitions=<n> data-dir=<shard>'")
+        raise ValueError(
+            "node_config has no 'partition-id'; start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n> data-dir=<shard>'"
+        )
     return int(context.node_config[PARTITION_ID])
 
 
@@ -81,8 +83,14 @@ def _series(cfg: Any, node_config: Any) -> LocalSeries:
     """This client's own series: its shard (deployment) or its columns (simulation)."""
     if DATA_DIR in node_config:
         shard = load_shard(Path(str(node_config[DATA_DIR])))
-        return LocalSeries.from_arrays(shard.node_indices, list(shard.sensor_ids), shard.speed,
-                                       shard.mask, shard.time_of_day(), cfg.dataset)
+        return LocalSeries.from_arrays(
+            shard.node_indices,
+            list(shard.sensor_ids),
+            shard.speed,
+            shard.mask,
+            shard.time_of_day(),
+            cfg.dataset,
+        )
     key = str(cfg.dataset)
     if key not in _DATA:
         _DATA.clear()  # one dataset per process at a time
@@ -92,12 +100,20 @@ def _series(cfg: Any, node_config: Any) -> LocalSeries:
     pid = int(node_config[PARTITION_ID])
     n = int(node_config.get(NUM_PARTITIONS, len(groups)))
     if n != len(groups) or not 0 <= pid < len(groups):
-        raise ValueError(f"partition {pid} of {n}, but federation.nodes_per_client="
-                         f"{cfg.federation.nodes_per_client} gives {len(groups)} clients; "
-                         f"start the simulation with num-supernodes={len(groups)}")
+        raise ValueError(
+            f"partition {pid} of {n}, but federation.nodes_per_client="
+            f"{cfg.federation.nodes_per_client} gives {len(groups)} clients; "
+            f"start the simulation with num-supernodes={len(groups)}"
+        )
     nodes = groups[pid]
-    return LocalSeries.from_arrays(nodes, [data.sensor_ids[i] for i in nodes],
-                                   data.speed[:, nodes], data.mask[:, nodes], tod, cfg.dataset)
+    return LocalSeries.from_arrays(
+        nodes,
+        [data.sensor_ids[i] for i in nodes],
+        data.speed[:, nodes],
+        data.mask[:, nodes],
+        tod,
+        cfg.dataset,
+    )
 
 
 def state_path(cfg: Any, context: Context) -> Path:
@@ -130,14 +146,22 @@ def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
     if cached is not None and version is not None and cached[0] == version:
         _WORKERS.move_to_end(key)
         return cached[1], version
-    worker = NodeWorker(_series(cfg, context.node_config), cfg, resolve_device(str(cfg.device)),
-                        store=node_store(cfg, context))
+    worker = NodeWorker(
+        _series(cfg, context.node_config),
+        cfg,
+        resolve_device(str(cfg.device)),
+        store=node_store(cfg, context),
+    )
     path = state_path(cfg, context)
     if path.exists():  # also after a SuperNode restart (fresh context, state on disk)
         saved = torch.load(path, map_location=worker.device, weights_only=False)
         if version is not None and saved[VERSION] != version:
-            log.warning("client %s: state on disk is version %s, context expects %s; "
-                        "using the disk", key[1], saved[VERSION], version)
+            log.warning(
+                "client %s: state on disk is version %s, context expects %s; using the disk",
+                key[1],
+                saved[VERSION],
+                version,
+            )
         worker.load_state_dict(saved["worker"])
         version = int(saved[VERSION])
     else:
@@ -203,8 +227,7 @@ def _handle(msg: Message, context: Context) -> Message:
             _save(cfg, context, worker, version + 1)
     except MalformedMessage as exc:  # refused before dispatch: the worker is unchanged
         log.warning("client %s refused a malformed %s: %s", pid, mtype, exc)
-        return Message(Error(code=MALFORMED_CODE, reason=f"MalformedMessage: {exc}"),
-                       reply_to=msg)
+        return Message(Error(code=MALFORMED_CODE, reason=f"MalformedMessage: {exc}"), reply_to=msg)
     except BaseException:
         _WORKERS.pop(key, None)  # the worker may be half-updated: reload next time
         raise

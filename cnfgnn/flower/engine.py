@@ -64,10 +64,16 @@ class FlowerEngine:
 
     MAX_IDENTIFY_TRIES = 3
 
-    def __init__(self, grid: Any, timeout_s: float = 600.0, poll_interval_s: float = 0.02,
-                 expected_clients: int | None = None, wait_for_nodes_s: float = 120.0,
-                 measure_wire_bytes: bool = True,
-                 progress: Callable[[str], None] = log.info):
+    def __init__(
+        self,
+        grid: Any,
+        timeout_s: float = 600.0,
+        poll_interval_s: float = 0.02,
+        expected_clients: int | None = None,
+        wait_for_nodes_s: float = 120.0,
+        measure_wire_bytes: bool = True,
+        progress: Callable[[str], None] = log.info,
+    ):
         self.grid = grid
         self.timeout_s = float(timeout_s)
         self.poll_interval_s = float(poll_interval_s)
@@ -85,15 +91,23 @@ class FlowerEngine:
         self._left: set[int] = set()  # clients whose node left the federation
 
     @classmethod
-    def from_config(cls, grid: Any, eng: Any, expected_clients: int | None,
-                    progress: Callable[[str], None] = log.info) -> FlowerEngine:
+    def from_config(
+        cls,
+        grid: Any,
+        eng: Any,
+        expected_clients: int | None,
+        progress: Callable[[str], None] = log.info,
+    ) -> FlowerEngine:
         """An engine with the settings of ``cfg.engine`` (``eng``)."""
-        return cls(grid, timeout_s=float(eng.get("timeout_s", 600)),
-                   poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
-                   expected_clients=expected_clients,
-                   wait_for_nodes_s=float(eng.get("wait_for_nodes_s", 120)),
-                   measure_wire_bytes=bool(eng.get("measure_wire_bytes", True)),
-                   progress=progress)
+        return cls(
+            grid,
+            timeout_s=float(eng.get("timeout_s", 600)),
+            poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
+            expected_clients=expected_clients,
+            wait_for_nodes_s=float(eng.get("wait_for_nodes_s", 120)),
+            measure_wire_bytes=bool(eng.get("measure_wire_bytes", True)),
+            progress=progress,
+        )
 
     # ------------------------------------------------------------------ Engine protocol
     def client_ids(self) -> list[int]:
@@ -102,12 +116,15 @@ class FlowerEngine:
         self._refresh()
         if self.expected_clients is not None and len(self.node_of) < self.expected_clients:
             missing = sorted(set(range(self.expected_clients)) - set(self.node_of))
-            raise FlowerError(f"{len(self.node_of)} of {self.expected_clients} clients "
-                              f"identified; missing partitions {missing[:20]}")
+            raise FlowerError(
+                f"{len(self.node_of)} of {self.expected_clients} clients "
+                f"identified; missing partitions {missing[:20]}"
+            )
         return sorted(self.node_of)
 
-    def send(self, message_type: str, payloads: dict[int, P.Payload]
-             ) -> dict[int, P.Payload | P.ClientFailure]:
+    def send(
+        self, message_type: str, payloads: dict[int, P.Payload]
+    ) -> dict[int, P.Payload | P.ClientFailure]:
         self._refresh()
         replies: dict[int, P.Payload | P.ClientFailure] = {}
         messages: dict[int, Message] = {}
@@ -119,8 +136,9 @@ class FlowerEngine:
             content = pack(payload)
             if self.measure_wire_bytes:
                 self.wire_bytes[message_type]["down"] += wire_nbytes(content)
-            messages[cid] = Message(content, dst_node_id=node, message_type=message_type,
-                                    ttl=self.timeout_s + 60.0)
+            messages[cid] = Message(
+                content, dst_node_id=node, message_type=message_type, ttl=self.timeout_s + 60.0
+            )
         t0 = time.perf_counter()
         raw = self._round_trip(messages)
         self.seconds[message_type] += time.perf_counter() - t0
@@ -130,7 +148,8 @@ class FlowerEngine:
                 replies[cid] = reply
             elif reply.has_error():
                 replies[cid] = P.ClientFailure(
-                    f"error reply (code {reply.error.code}): {_short(reply.error.reason)}")
+                    f"error reply (code {reply.error.code}): {_short(reply.error.reason)}"
+                )
             else:
                 if self.measure_wire_bytes:
                     self.wire_bytes[message_type]["up"] += wire_nbytes(reply.content)
@@ -138,8 +157,9 @@ class FlowerEngine:
         return replies
 
     # ------------------------------------------------------------------ transport
-    def _round_trip(self, messages: dict[int, Message], timeout_s: float | None = None
-                    ) -> dict[int, Message | P.ClientFailure]:
+    def _round_trip(
+        self, messages: dict[int, Message], timeout_s: float | None = None
+    ) -> dict[int, Message | P.ClientFailure]:
         """Push one message per client, pull until all replied or the timeout passed."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         out: dict[int, Message | P.ClientFailure] = {}
@@ -152,8 +172,9 @@ class FlowerEngine:
             ids = [str(r) if r else None for r in returned]
         else:  # a grid that drops refused messages from its answer
             accepted = {str(r) for r in returned if r}
-            ids = [m.metadata.message_id if m.metadata.message_id in accepted else None
-                   for m in msgs]
+            ids = [
+                m.metadata.message_id if m.metadata.message_id in accepted else None for m in msgs
+            ]
         pending: dict[str, int] = {}
         for cid, mid in zip(cids, ids):
             if mid is None:
@@ -190,8 +211,10 @@ class FlowerEngine:
                 return
             if now >= t_end:
                 if n == 0 or self.expected_clients is not None:
-                    raise FlowerError(f"{n} SuperNodes connected after {self.wait_for_nodes_s:g}"
-                                      f" s; expected {self.expected_clients or 'at least 1'}")
+                    raise FlowerError(
+                        f"{n} SuperNodes connected after {self.wait_for_nodes_s:g}"
+                        f" s; expected {self.expected_clients or 'at least 1'}"
+                    )
                 return
             time.sleep(0.1)
 
@@ -209,8 +232,10 @@ class FlowerEngine:
         self._seen.update(new)
         # the first identification may wait for cold workers (Ray actors start, torch imports)
         wait = max(self.timeout_s, self.wait_for_nodes_s) if not self.node_of else self.timeout_s
-        msgs = {node: Message(pack({}), dst_node_id=node, message_type=P.IDENTIFY,
-                              ttl=wait + 60.0) for node in new}
+        msgs = {
+            node: Message(pack({}), dst_node_id=node, message_type=P.IDENTIFY, ttl=wait + 60.0)
+            for node in new
+        }
         replies = self._round_trip(msgs, wait)
         for node, reply in replies.items():
             if isinstance(reply, P.ClientFailure) or reply.has_error():
@@ -223,8 +248,9 @@ class FlowerEngine:
             cid, n = int(info[P.PARTITION_ID]), int(info[P.NUM_PARTITIONS])
             if n >= 0:
                 if self.num_partitions is not None and n != self.num_partitions:
-                    raise FlowerError(f"node {node} says num-partitions={n}, others "
-                                      f"{self.num_partitions}")
+                    raise FlowerError(
+                        f"node {node} says num-partitions={n}, others {self.num_partitions}"
+                    )
                 self.num_partitions = n
             old = self.node_of.get(cid)
             if old is not None and old != node:  # a restarted SuperNode: the newest wins
@@ -232,15 +258,22 @@ class FlowerEngine:
             elif old is None and cid in self._left:  # it came back after it was dropped
                 self.progress(f"  client {cid} rejoined as node {node}")
             self.node_of[cid] = node
-        if (self.expected_clients is not None and self.num_partitions is not None
-                and self.num_partitions != self.expected_clients):
-            raise FlowerError(f"SuperNodes have num-partitions={self.num_partitions} but the "
-                              f"config gives {self.expected_clients} clients")
+        if (
+            self.expected_clients is not None
+            and self.num_partitions is not None
+            and self.num_partitions != self.expected_clients
+        ):
+            raise FlowerError(
+                f"SuperNodes have num-partitions={self.num_partitions} but the "
+                f"config gives {self.expected_clients} clients"
+            )
 
     # ------------------------------------------------------------------ accounting
     def stats(self) -> dict[str, Any]:
         """Serialized bytes per message type and direction, round trips, seconds."""
-        return {"wire_bytes": {k: dict(v) for k, v in self.wire_bytes.items()},
-                "wire_bytes_total": int(sum(sum(v.values()) for v in self.wire_bytes.values())),
-                "round_trips": dict(self.round_trips),
-                "round_trip_seconds": dict(self.seconds)}
+        return {
+            "wire_bytes": {k: dict(v) for k, v in self.wire_bytes.items()},
+            "wire_bytes_total": int(sum(sum(v.values()) for v in self.wire_bytes.values())),
+            "round_trips": dict(self.round_trips),
+            "round_trip_seconds": dict(self.seconds),
+        }

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf, open_dict
@@ -66,9 +65,13 @@ def _drop_node_state(cfg: Any, run_id: int | None) -> None:
         shutil.rmtree(state_root(cfg) / str(run_id), ignore_errors=True)
 
 
-def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
-               progress: Callable[[str], None] = _print,
-               engine_wrapper: EngineWrapper | None = None) -> dict[str, Any]:
+def run_server(
+    grid: Grid,
+    cfg: Any,
+    run_id: int | None = None,
+    progress: Callable[[str], None] = _print,
+    engine_wrapper: EngineWrapper | None = None,
+) -> dict[str, Any]:
     """Run one CNFGNN experiment over ``grid``; returns ``final.json``'s content.
 
     ``engine_wrapper`` wraps the :class:`FlowerEngine` the orchestration talks to (tests
@@ -81,15 +84,18 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
     engine = FlowerEngine.from_config(grid, eng, expected, progress)
     transport = engine_wrapper(engine) if engine_wrapper is not None else engine
     writer = FlowerRunWriter(cfg, cfg.run_dir, engine)
-    progress(f"{cfg.federation.method} on {cfg.dataset.name}: {len(graph.sensor_ids)} nodes, "
-             f"engine={eng.name} (Flower), device={device}, output={writer.dir}")
+    progress(
+        f"{cfg.federation.method} on {cfg.dataset.name}: {len(graph.sensor_ids)} nodes, "
+        f"engine={eng.name} (Flower), device={device}, output={writer.dir}"
+    )
     try:
         final = Orchestrator(cfg, transport, graph, writer, progress, device).run()
         final["method"] = str(cfg.federation.method)
         final["engine"] = str(eng.name)
         final["interval_minutes"] = graph.interval_minutes  # the data's step length
-        final["plots"] = [str(p) for p in plot_run(writer.dir, graph.locations,
-                                                   graph.interval_minutes)]
+        final["plots"] = [
+            str(p) for p in plot_run(writer.dir, graph.locations, graph.interval_minutes)
+        ]
         final.update(engine.stats())
         writer.write_final(final)
     finally:
@@ -97,9 +103,13 @@ def run_server(grid: Grid, cfg: Any, run_id: int | None = None,
     return final
 
 
-def run_forecast_server(grid: Any, cfg: Any, run_id: int | None = None,
-                        progress: Callable[[str], None] = _print,
-                        engine_wrapper: EngineWrapper | None = None) -> ForecastResult:
+def run_forecast_server(
+    grid: Any,
+    cfg: Any,
+    run_id: int | None = None,
+    progress: Callable[[str], None] = _print,
+    engine_wrapper: EngineWrapper | None = None,
+) -> ForecastResult:
     """The forecast mode: setup, one inference exchange, the result to ``forecast.out``.
 
     A config with a ``forecast`` section (``checkpoint``: the trained run's
@@ -117,8 +127,9 @@ def run_forecast_server(grid: Any, cfg: Any, run_id: int | None = None,
         transport.client_ids()  # wait for the SuperNodes (not counted as inference time)
         waited = time.perf_counter() - t0
         trained = load_trained(str(req.checkpoint), cfg)
-        forecaster = Forecaster(cfg, transport, graph, trained,
-                                resolve_device(str(cfg.device)), progress)
+        forecaster = Forecaster(
+            cfg, transport, graph, trained, resolve_device(str(cfg.device)), progress
+        )
         result = forecaster.forecast(list(req.ends))
         result.seconds["connect"] = waited
         result.bytes["wire"] = {"total": int(engine.stats()["wire_bytes_total"])}
@@ -132,13 +143,17 @@ def with_request(cfg: Any, checkpoint: str | Path, ends: list[int], out: str | P
     """A copy of ``cfg`` with the ``forecast`` section that selects the forecast mode."""
     new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(new):
-        new[FORECAST_KEY] = {"checkpoint": str(Path(checkpoint).resolve()),
-                             "ends": [int(e) for e in ends], "out": str(Path(out).resolve())}
+        new[FORECAST_KEY] = {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "ends": [int(e) for e in ends],
+            "out": str(Path(out).resolve()),
+        }
     return new
 
 
-def make_app(progress: Callable[[str], None] = _print,
-             engine_wrapper: EngineWrapper | None = None) -> ServerApp:
+def make_app(
+    progress: Callable[[str], None] = _print, engine_wrapper: EngineWrapper | None = None
+) -> ServerApp:
     """A ServerApp whose runs report to ``progress`` and talk through ``engine_wrapper``.
 
     ``flwr run .`` loads :data:`app` (the defaults); the simulation driver builds its own.

@@ -69,9 +69,13 @@ def backend_config(cfg: Any) -> dict[str, Any]:
     return backend
 
 
-def simulate(cfg: Any, num_clients: int, overrides: str,
-             progress: Callable[[str], None] = log.info,
-             engine_wrapper: Callable[[Any], Any] | None = None) -> None:
+def simulate(
+    cfg: Any,
+    num_clients: int,
+    overrides: str,
+    progress: Callable[[str], None] = log.info,
+    engine_wrapper: Callable[[Any], Any] | None = None,
+) -> None:
     """Run the cnfgnn ServerApp and ClientApp as a Flower simulation of ``num_clients``
     SuperNodes; ``overrides`` (the Hydra overrides both apps compose) go in the environment.
     """
@@ -80,8 +84,10 @@ def simulate(cfg: Any, num_clients: int, overrides: str,
     from flwr.simulation import run_simulation
 
     if ray.is_initialized():
-        raise RuntimeError("Ray is already initialised in this process; the simulation's "
-                           "actors would not see its configuration")
+        raise RuntimeError(
+            "Ray is already initialised in this process; the simulation's "
+            "actors would not see its configuration"
+        )
     env = flower_environment()
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
@@ -91,38 +97,56 @@ def simulate(cfg: Any, num_clients: int, overrides: str,
     propagate, flwr_log.propagate = flwr_log.propagate, False  # Flower prints its own log
     try:
         with _environ(env):
-            run_simulation(server_app=app, client_app=client_app.app,
-                           num_supernodes=num_clients, backend_config=backend_config(cfg))
+            run_simulation(
+                server_app=app,
+                client_app=client_app.app,
+                num_supernodes=num_clients,
+                backend_config=backend_config(cfg),
+            )
     finally:
         flwr_log.propagate = propagate
 
 
-def run_simulation_experiment(cfg: Any, num_clients: int, run_dir: str | Path | None = None,
-                              progress: Callable[[str], None] = log.info,
-                              engine_wrapper: Callable[[Any], Any] | None = None
-                              ) -> tuple[dict, RunWriter]:
+def run_simulation_experiment(
+    cfg: Any,
+    num_clients: int,
+    run_dir: str | Path | None = None,
+    progress: Callable[[str], None] = log.info,
+    engine_wrapper: Callable[[Any], Any] | None = None,
+) -> tuple[dict, RunWriter]:
     """Run ``cfg`` as a Flower simulation with one SuperNode per client.
 
     Returns ``(final metrics, writer)`` like the in-process path (``final`` as written to
     ``final.json``).
     """
     writer = RunWriter(cfg, run_dir)
-    progress(f"Flower simulation: {num_clients} SuperNodes, "
-             f"{cfg.federation.nodes_per_client} sensor(s) each; output={writer.dir}")
+    progress(
+        f"Flower simulation: {num_clients} SuperNodes, "
+        f"{cfg.federation.nodes_per_client} sensor(s) each; output={writer.dir}"
+    )
     started = time.time()
-    simulate(cfg, num_clients, overrides_for(cfg, writer.dir.resolve(), _cli_overrides()),
-             progress, engine_wrapper)
+    simulate(
+        cfg,
+        num_clients,
+        overrides_for(cfg, writer.dir.resolve(), _cli_overrides()),
+        progress,
+        engine_wrapper,
+    )
     final_path = writer.dir / "final.json"
     if not final_path.exists() or final_path.stat().st_mtime < started:
         raise RuntimeError(f"the Flower simulation ended without {final_path}; see its log above")
     return json.loads(final_path.read_text()), writer
 
 
-def run_forecast_simulation(cfg: Any, num_clients: int, checkpoint: str | Path,
-                            ends: list[int], out_dir: str | Path,
-                            progress: Callable[[str], None] = log.info,
-                            engine_wrapper: Callable[[Any], Any] | None = None
-                            ) -> tuple[ForecastResult, float]:
+def run_forecast_simulation(
+    cfg: Any,
+    num_clients: int,
+    checkpoint: str | Path,
+    ends: list[int],
+    out_dir: str | Path,
+    progress: Callable[[str], None] = log.info,
+    engine_wrapper: Callable[[Any], Any] | None = None,
+) -> tuple[ForecastResult, float]:
     """Forecast through a Flower simulation (one SuperNode per client).
 
     Returns ``(result, seconds)``: the seconds from starting the simulation to its end.
@@ -132,12 +156,14 @@ def run_forecast_simulation(cfg: Any, num_clients: int, checkpoint: str | Path,
     out = out_dir / f".forecast_{time.strftime('%Y%m%d-%H%M%S')}_{id(cfg)}.npz"
     request = server_app.with_request(cfg, checkpoint, ends, out)
     t0 = time.perf_counter()
-    simulate(request, num_clients, overrides_for(request, out_dir.resolve()), progress,
-             engine_wrapper)
+    simulate(
+        request, num_clients, overrides_for(request, out_dir.resolve()), progress, engine_wrapper
+    )
     seconds = time.perf_counter() - t0
     if not out.exists():
-        raise RuntimeError(f"the Flower simulation ended without its forecasts ({out}); "
-                           "see its log above")
+        raise RuntimeError(
+            f"the Flower simulation ended without its forecasts ({out}); see its log above"
+        )
     result = ForecastResult.load(out)
     out.unlink()
     return result, seconds

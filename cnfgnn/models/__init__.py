@@ -3,4 +3,11 @@
 from cnfgnn.models.graph_network import GNBlock, GraphNetwork
 from cnfgnn.models.node_seq2seq import GroupGRU, GroupLinear, NodeSeq2Seq, teacher_forcing_prob
 
-__all__ = ["GNBlock", "GraphNetwork", "GroupGRU", "GroupLinear", "NodeSeq2Seq", "teacher_forcing_prob"]
+__all__ = [
+    "GNBlock",
+    "GraphNetwork",
+    "GroupGRU",
+    "GroupLinear",
+    "NodeSeq2Seq",
+    "teacher_forcing_prob",
+]

@@ -31,8 +31,12 @@ class MLP(nn.Sequential):
 
     def __init__(self, in_size: int, hidden_size: int, out_size: int, dropout: float = 0.0):
         super().__init__(
-            nn.Linear(in_size, hidden_size), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(in_size, hidden_size),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(hidden_size, out_size),
         )
         self.reset_parameters()
@@ -78,8 +82,15 @@ class GNBlock(nn.Module):
           ``None`` when ``update_global=False``
     """
 
-    def __init__(self, node_in: int, edge_in: int, global_in: int, mlp_hidden: int,
-                 latent_size: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        node_in: int,
+        edge_in: int,
+        global_in: int,
+        mlp_hidden: int,
+        latent_size: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.sizes = (node_in, node_in, edge_in, global_in)
         self.edge_mlp = MLP(2 * node_in + edge_in + global_in, mlp_hidden, latent_size, dropout)
@@ -91,13 +102,22 @@ class GNBlock(nn.Module):
         for mlp in (self.edge_mlp, self.node_mlp, self.global_mlp):
             mlp.reset_parameters()
 
-    def forward(self, x: Tensor, e: Tensor | list[Tensor], u: Tensor, src: Tensor, dst: Tensor,
-                update_global: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(
+        self,
+        x: Tensor,
+        e: Tensor | list[Tensor],
+        u: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        update_global: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         n, m, _ = x.shape
         parts = [e] if isinstance(e, Tensor) else list(e)
         if sum(p.shape[-1] for p in parts) != self.sizes[2]:
-            raise ValueError(f"edge features have {sum(p.shape[-1] for p in parts)} columns, "
-                             f"this block takes {self.sizes[2]}")
+            raise ValueError(
+                f"edge features have {sum(p.shape[-1] for p in parts)} columns, "
+                f"this block takes {self.sizes[2]}"
+            )
         first = self.edge_mlp[0]
         assert isinstance(first, nn.Linear)
         w_src, w_dst, w_e, w_u = first.weight.split(self.sizes, dim=1)
@@ -153,9 +173,17 @@ class GraphNetwork(nn.Module):
         - **output:** h_G ``[B, N, L, output_size]``
     """
 
-    def __init__(self, node_size: int = 64, edge_size: int = 1, global_size: int = 64,
-                 mlp_hidden: int = 256, latent_size: int = 128, num_blocks: int = 2,
-                 output_size: int = 64, dropout: float = 0.0):
+    def __init__(
+        self,
+        node_size: int = 64,
+        edge_size: int = 1,
+        global_size: int = 64,
+        mlp_hidden: int = 256,
+        latent_size: int = 128,
+        num_blocks: int = 2,
+        output_size: int = 64,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.node_size, self.edge_size, self.global_size = node_size, edge_size, global_size
         self.latent_size, self.num_blocks, self.output_size = latent_size, num_blocks, output_size

@@ -106,8 +106,12 @@ class GroupGRU(nn.Module):
         g = 3 * hidden_size
         for layer in range(num_layers):
             in_l = input_size if layer == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(num_nodes, g, in_l)))
-            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(num_nodes, g, hidden_size)))
+            self.register_parameter(
+                f"weight_ih_l{layer}", nn.Parameter(torch.empty(num_nodes, g, in_l))
+            )
+            self.register_parameter(
+                f"weight_hh_l{layer}", nn.Parameter(torch.empty(num_nodes, g, hidden_size))
+            )
             self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(num_nodes, g)))
             self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(num_nodes, g)))
         self.reset_parameters()
@@ -119,8 +123,12 @@ class GroupGRU(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def _layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return (getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}"),
-                getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}"))
+        return (
+            getattr(self, f"weight_ih_l{layer}"),
+            getattr(self, f"weight_hh_l{layer}"),
+            getattr(self, f"bias_ih_l{layer}"),
+            getattr(self, f"bias_hh_l{layer}"),
+        )
 
     @staticmethod
     def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
@@ -150,7 +158,9 @@ class GroupGRU(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None = None) -> Tensor:
         """Run over the whole sequence x ``[K, B, T, in]``; return h_n ``[L, K, B, H]``."""
         k, b, t, _ = x.shape
-        h0s = [x.new_zeros(k, b, self.hidden_size)] * self.num_layers if h0 is None else h0.unbind(0)
+        h0s = (
+            [x.new_zeros(k, b, self.hidden_size)] * self.num_layers if h0 is None else h0.unbind(0)
+        )
         seq = x.transpose(1, 2)  # [K, T, B, in]: time-major rows, so every step is one slab
         h_n = []
         for layer in range(self.num_layers):  # layer by layer: input gates of all steps at once
@@ -167,8 +177,10 @@ class GroupGRU(nn.Module):
         return torch.stack(h_n)
 
     def extra_repr(self) -> str:
-        return (f"num_nodes={self.num_nodes}, input_size={self.input_size}, "
-                f"hidden_size={self.hidden_size}, num_layers={self.num_layers}")
+        return (
+            f"num_nodes={self.num_nodes}, input_size={self.input_size}, "
+            f"hidden_size={self.hidden_size}, num_layers={self.num_layers}"
+        )
 
 
 class GroupLinear(nn.Module):
@@ -202,8 +214,10 @@ class GroupLinear(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
     def extra_repr(self) -> str:
-        return (f"num_nodes={self.num_nodes}, in_features={self.in_features}, "
-                f"out_features={self.out_features}")
+        return (
+            f"num_nodes={self.num_nodes}, in_features={self.in_features}, "
+            f"out_features={self.out_features}"
+        )
 
 
 class NodeSeq2Seq(nn.Module):
@@ -242,13 +256,22 @@ class NodeSeq2Seq(nn.Module):
         - **forward / decode:** -> predictions ``[B, horizon, K, output_size]``
     """
 
-    def __init__(self, num_nodes: int, input_size: int = 2, output_size: int = 1,
-                 hidden_size: int = 64, num_layers: int = 1, graph_embedding: bool = True,
-                 horizon: int = 12):
+    def __init__(
+        self,
+        num_nodes: int,
+        input_size: int = 2,
+        output_size: int = 1,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        graph_embedding: bool = True,
+        horizon: int = 12,
+    ):
         super().__init__()
         if input_size != output_size + 1:
-            raise ValueError("decoder inputs are [prediction, time of day]: "
-                             f"input_size ({input_size}) must be output_size ({output_size}) + 1")
+            raise ValueError(
+                "decoder inputs are [prediction, time of day]: "
+                f"input_size ({input_size}) must be output_size ({output_size}) + 1"
+            )
         self.num_nodes, self.input_size, self.output_size = num_nodes, input_size, output_size
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.graph_embedding, self.horizon = graph_embedding, horizon
@@ -268,8 +291,15 @@ class NodeSeq2Seq(nn.Module):
         h_n = self.encoder(x.permute(2, 0, 1, 3))  # [K, B, T, F] -> [L, K, B, H]
         return h_n.permute(2, 1, 0, 3)
 
-    def decode(self, x_last: Tensor, y_tod: Tensor, h_c: Tensor, h_g: Tensor | None = None,
-               targets: Tensor | None = None, teacher: Tensor | None = None) -> Tensor:
+    def decode(
+        self,
+        x_last: Tensor,
+        y_tod: Tensor,
+        h_c: Tensor,
+        h_g: Tensor | None = None,
+        targets: Tensor | None = None,
+        teacher: Tensor | None = None,
+    ) -> Tensor:
         """Autoregressive decoding from the last observed input ``x_last`` ``[B, K, F]``.
 
         ``teacher[t, k]`` feeds ``targets[:, t, k]`` instead of node k's prediction after
@@ -297,10 +327,18 @@ class NodeSeq2Seq(nn.Module):
             if t + 1 < self.horizon:
                 fed = torch.where(mask[t], truth[t], y) if teacher is not None else y
                 inp = torch.cat([fed, tod[t]], dim=-1)
-        return torch.stack(preds, dim=2).permute(1, 2, 0, 3)  # [K, B, horizon, out] -> [B, horizon, K, out]
+        return torch.stack(preds, dim=2).permute(
+            1, 2, 0, 3
+        )  # [K, B, horizon, out] -> [B, horizon, K, out]
 
-    def forward(self, x: Tensor, y_tod: Tensor, h_g: Tensor | None = None,
-                targets: Tensor | None = None, teacher: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        y_tod: Tensor,
+        h_g: Tensor | None = None,
+        targets: Tensor | None = None,
+        teacher: Tensor | None = None,
+    ) -> Tensor:
         """Encode ``x`` ``[B, T_in, K, F]`` and decode ``horizon`` steps."""
         return self.decode(x[:, -1], y_tod, self.encode(x), h_g, targets, teacher)
 
@@ -316,8 +354,10 @@ class NodeSeq2Seq(nn.Module):
     def _check_keys(self, state: dict[str, Tensor]) -> dict[str, nn.Parameter]:
         params = dict(self.named_parameters())
         if set(state) != set(params):
-            raise KeyError(f"missing {sorted(set(params) - set(state))}, "
-                           f"unexpected {sorted(set(state) - set(params))}")
+            raise KeyError(
+                f"missing {sorted(set(params) - set(state))}, "
+                f"unexpected {sorted(set(state) - set(params))}"
+            )
         return params
 
     @torch.no_grad()

@@ -36,7 +36,8 @@ windows: epsilon is reported unbounded (None in final.json) with the reason.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,13 +45,17 @@ from cnfgnn.privacy.dp import Mechanism, PrivacySettings
 
 #: The unit epsilon is stated for (written into final.json).
 UNIT = "one training window of one node"
-ADJACENCY = ("replace-one (the windows per node are public: the handshake sends them); "
-             "sensitivity of every clipped release 2C")
+ADJACENCY = (
+    "replace-one (the windows per node are public: the handshake sends them); "
+    "sensitivity of every clipped release 2C"
+)
 SENSITIVITY_FACTOR = 2.0  # replace-one: a clipped quantity moves by at most 2C
-NOT_COVERED = ["time steps shared by overlapping windows (group privacy over up to "
-               "in_steps + out_steps windows, roughly k times epsilon for k windows)",
-               "validation and test windows (not the protected unit)",
-               "floating-point artefacts of the Gaussian sampler (not hardened)"]
+NOT_COVERED = [
+    "time steps shared by overlapping windows (group privacy over up to "
+    "in_steps + out_steps windows, roughly k times epsilon for k windows)",
+    "validation and test windows (not the protected unit)",
+    "floating-point artefacts of the Gaussian sampler (not hardened)",
+]
 
 
 def _orders() -> np.ndarray:
@@ -82,8 +87,9 @@ def rdp_epsilon(steps: Sequence[tuple[float, int]], delta: float) -> float:
     return float(np.nanmin(eps))
 
 
-def fedavg_multipliers(settings: PrivacySettings, rounds: Sequence[tuple[int, int]],
-                       against_server: bool) -> list[float]:
+def fedavg_multipliers(
+    settings: PrivacySettings, rounds: Sequence[tuple[int, int]], against_server: bool
+) -> list[float]:
     """Noise multiplier (std / 2C) of each FedAvg release, one per round.
 
     Args:
@@ -106,40 +112,57 @@ def fedavg_multipliers(settings: PrivacySettings, rounds: Sequence[tuple[int, in
     return out
 
 
-def _unbounded(settings: PrivacySettings, releases: dict[str, int], per_node_models: bool,
-               global_scaling: bool) -> list[str]:
+def _unbounded(
+    settings: PrivacySettings, releases: dict[str, int], per_node_models: bool, global_scaling: bool
+) -> list[str]:
     """Why no finite epsilon holds against anyone (empty: the accounting bounds the leak)."""
     why = []
-    mechs: dict[str, Mechanism] = {"h_c": settings.h_c, "grad": settings.grad,
-                                   "fedavg": settings.fedavg}
-    why += [f"{name} released without noise (clip or noise_multiplier unset)"
-            for name, m in mechs.items() if releases.get(name, 0) > 0 and not m.private]
+    mechs: dict[str, Mechanism] = {
+        "h_c": settings.h_c,
+        "grad": settings.grad,
+        "fedavg": settings.fedavg,
+    }
+    why += [
+        f"{name} released without noise (clip or noise_multiplier unset)"
+        for name, m in mechs.items()
+        if releases.get(name, 0) > 0 and not m.private
+    ]
     if releases.get("raw", 0) > 0:
         why.append("model weights uploaded without the fedavg mechanism (FMTL)")
     if per_node_models and (releases.get("h_c", 0) or releases.get("grad", 0)):
-        why.append("h_c / dL/dh_G computed by each node's own model, trained without noise on "
-                   "all its windows: a row's noise does not bound what one window leaks")
+        why.append(
+            "h_c / dL/dh_G computed by each node's own model, trained without noise on "
+            "all its windows: a row's noise does not bound what one window leaks"
+        )
     if per_node_models:
-        why.append("validation/test error sums computed by each node's own model, trained "
-                   "without noise on all its windows")
+        why.append(
+            "validation/test error sums computed by each node's own model, trained "
+            "without noise on all its windows"
+        )
     if settings.report_train_loss:
         why.append("training-loss sums sent without noise (privacy.report_train_loss=true)")
     if global_scaling:
-        why.append("global scaler statistics (per-node sums, sums of squares and counts of the "
-                   "training inputs) sent once at setup without noise; "
-                   "use federation.scaling=per_node")
+        why.append(
+            "global scaler statistics (per-node sums, sums of squares and counts of the "
+            "training inputs) sent once at setup without noise; "
+            "use federation.scaling=per_node"
+        )
     if settings.insecure_replayable_noise:
-        why.append("INSECURE: noise keyed by the run config "
-                   "(privacy.insecure_replayable_noise=true): anyone with the config removes it")
+        why.append(
+            "INSECURE: noise keyed by the run config "
+            "(privacy.insecure_replayable_noise=true): anyone with the config removes it"
+        )
     return why
 
 
 def unprotected(settings: PrivacySettings, global_scaling: bool) -> list[str]:
     """Everything data-dependent that leaves a node without noise."""
-    out = ["validation/test error sums and counts per node and horizon (every round / once)",
-           "sample counts per node (num_examples = training windows x local epochs; the window "
-           "counts are public from the handshake)",
-           "test forecasts of the sensors asked for predictions.npz"]
+    out = [
+        "validation/test error sums and counts per node and horizon (every round / once)",
+        "sample counts per node (num_examples = training windows x local epochs; the window "
+        "counts are public from the handshake)",
+        "test forecasts of the sensors asked for predictions.npz",
+    ]
     if settings.report_train_loss:
         out.insert(0, "training-loss sums and counts per node (privacy.report_train_loss=true)")
     if global_scaling:
@@ -147,10 +170,14 @@ def unprotected(settings: PrivacySettings, global_scaling: bool) -> list[str]:
     return out
 
 
-def privacy_report(settings: PrivacySettings, releases: dict[str, int], *,
-                   fedavg_rounds: Sequence[tuple[int, int]] = (),
-                   per_node_models: bool = False, global_scaling: bool = False
-                   ) -> dict[str, Any]:
+def privacy_report(
+    settings: PrivacySettings,
+    releases: dict[str, int],
+    *,
+    fedavg_rounds: Sequence[tuple[int, int]] = (),
+    per_node_models: bool = False,
+    global_scaling: bool = False,
+) -> dict[str, Any]:
     """The ``privacy`` block of ``final.json``.
 
     Args:
@@ -175,16 +202,20 @@ def privacy_report(settings: PrivacySettings, releases: dict[str, int], *,
         n = rounds[-1][1] if rounds else 1
         rounds += [(n, n)] * (releases.get("fedavg", 0) - len(rounds))
     f = SENSITIVITY_FACTOR
-    rows = {name: (m.noise_multiplier / f, releases.get(name, 0))
-            for name, m in (("h_c", settings.h_c), ("grad", settings.grad))}
+    rows = {
+        name: (m.noise_multiplier / f, releases.get(name, 0))
+        for name, m in (("h_c", settings.h_c), ("grad", settings.grad))
+    }
     why = _unbounded(settings, releases, per_node_models, global_scaling)
     central = settings.fedavg_noise_at == "server"
 
     def total(against_server: bool) -> tuple[float, dict[str, float]]:
         fed = [(z, 1) for z in fedavg_multipliers(settings, rounds, against_server)]
-        per = {"h_c": rdp_epsilon([rows["h_c"]], settings.delta),
-               "grad": rdp_epsilon([rows["grad"]], settings.delta),
-               "fedavg": rdp_epsilon(fed, settings.delta)}
+        per = {
+            "h_c": rdp_epsilon([rows["h_c"]], settings.delta),
+            "grad": rdp_epsilon([rows["grad"]], settings.delta),
+            "fedavg": rdp_epsilon(fed, settings.delta),
+        }
         if why:
             return math.inf, per
         return rdp_epsilon([rows["h_c"], rows["grad"], *fed], settings.delta), per
@@ -192,48 +223,72 @@ def privacy_report(settings: PrivacySettings, releases: dict[str, int], *,
     eps, per = total(against_server=False)
     eps_server, per_server = total(against_server=True)
     if central:
-        threat = ("central DP with a TRUSTED server: epsilon bounds what anyone who sees the "
-                  "trained models learns; the server itself sees every clipped update in the "
-                  "clear (epsilon_against_server is unbounded)")
+        threat = (
+            "central DP with a TRUSTED server: epsilon bounds what anyone who sees the "
+            "trained models learns; the server itself sees every clipped update in the "
+            "clear (epsilon_against_server is unbounded)"
+        )
     else:
-        threat = ("distributed DP: epsilon bounds what the server (honest-but-curious) and "
-                  "anyone it shares with learn" + (", the FedAvg phase under secure "
-                                                   "aggregation (the server sees only the sum)"
-                                                   if settings.secagg else
-                                                   "; no secure aggregation, so the server sees "
-                                                   "each node's update with its own share of "
-                                                   "the noise"))
+        threat = (
+            "distributed DP: epsilon bounds what the server (honest-but-curious) and "
+            "anyone it shares with learn"
+            + (
+                ", the FedAvg phase under secure aggregation (the server sees only the sum)"
+                if settings.secagg
+                else "; no secure aggregation, so the server sees "
+                "each node's update with its own share of "
+                "the noise"
+            )
+        )
         eps, per = eps_server, per_server
     m = settings.fedavg
     return {
-        "epsilon": eps, "delta": settings.delta, "threat_model": threat,
+        "epsilon": eps,
+        "delta": settings.delta,
+        "threat_model": threat,
         "epsilon_against_server": eps_server,
         "epsilon_per_mechanism": per,
         "not_private": why,
         "unprotected": unprotected(settings, global_scaling),
         "insecure_replayable_noise": settings.insecure_replayable_noise,
-        "noise_source": ("INSECURE: generators seeded from the run config (replayable)"
-                         if settings.insecure_replayable_noise else
-                         "os.urandom (the OS's CSPRNG), fresh per release, on the node"),
+        "noise_source": (
+            "INSECURE: generators seeded from the run config (replayable)"
+            if settings.insecure_replayable_noise
+            else "os.urandom (the OS's CSPRNG), fresh per release, on the node"
+        ),
         "fedavg": {
-            "noise_at": settings.fedavg_noise_at, "secagg": settings.secagg,
+            "noise_at": settings.fedavg_noise_at,
+            "secagg": settings.secagg,
             "weighting": "uniform over the nodes that answered (forced under privacy=dp)",
-            "noise": ("each of the N nodes asked adds N(0, (sigma C / sqrt N)^2) to its clipped "
-                      "update; the sum of the A answering carries N(0, sigma^2 C^2 A / N)"
-                      if not central else
-                      "the server adds N(0, (sigma C / N)^2) to the mean of the clipped updates"),
+            "noise": (
+                "each of the N nodes asked adds N(0, (sigma C / sqrt N)^2) to its clipped "
+                "update; the sum of the A answering carries N(0, sigma^2 C^2 A / N)"
+                if not central
+                else "the server adds N(0, (sigma C / N)^2) to the mean of the clipped updates"
+            ),
             "rounds_answered_asked": [list(r) for r in rounds],
             "multipliers_against_server": fedavg_multipliers(settings, rounds, True),
             "multipliers_released_model": fedavg_multipliers(settings, rounds, False),
-        } if m.active else None,
-        "mechanisms": {n: {"clip": mm.clip, "noise_multiplier": mm.noise_multiplier}
-                       for n, mm in (("h_c", settings.h_c), ("grad", settings.grad),
-                                     ("fedavg", settings.fedavg))},
+        }
+        if m.active
+        else None,
+        "mechanisms": {
+            n: {"clip": mm.clip, "noise_multiplier": mm.noise_multiplier}
+            for n, mm in (
+                ("h_c", settings.h_c),
+                ("grad", settings.grad),
+                ("fedavg", settings.fedavg),
+            )
+        },
         "releases_per_window": {k: int(v) for k, v in releases.items()},
-        "accountant": ("Renyi DP of the Gaussian mechanism at sample rate 1 over Opacus's "
-                       f"default orders (= opacus.accountants.RDPAccountant, opacus "
-                       f"{opacus.__version__}); noise multiplier = noise std / (2 C)"),
-        "unit": UNIT, "adjacency": ADJACENCY, "not_covered": NOT_COVERED,
+        "accountant": (
+            "Renyi DP of the Gaussian mechanism at sample rate 1 over Opacus's "
+            f"default orders (= opacus.accountants.RDPAccountant, opacus "
+            f"{opacus.__version__}); noise multiplier = noise std / (2 C)"
+        ),
+        "unit": UNIT,
+        "adjacency": ADJACENCY,
+        "not_covered": NOT_COVERED,
     }
 
 
@@ -242,8 +297,14 @@ def describe(report: dict[str, Any]) -> str:
     eps = report["epsilon"]
     warn = "INSECURE replayable noise; " if report.get("insecure_replayable_noise") else ""
     if eps is None or not math.isfinite(eps):
-        return (f"privacy: {warn}epsilon unbounded at delta={report['delta']:g} "
-                f"({'; '.join(report['not_private']) or 'against the server'})")
-    return (f"privacy: {warn}epsilon = {eps:.3g} at delta = {report['delta']:g} for {UNIT} "
-            f"({'central DP, trusted server' if report['fedavg'] and report['fedavg']['noise_at'] == 'server' else 'against the server'}); "
-            f"releases per window {report['releases_per_window']}")
+        return (
+            f"privacy: {warn}epsilon unbounded at delta={report['delta']:g} "
+            f"({'; '.join(report['not_private']) or 'against the server'})"
+        )
+    central = report["fedavg"] and report["fedavg"]["noise_at"] == "server"
+    whom = "central DP, trusted server" if central else "against the server"
+    return (
+        f"privacy: {warn}epsilon = {eps:.3g} at delta = {report['delta']:g} for {UNIT} "
+        f"({whom}); "
+        f"releases per window {report['releases_per_window']}"
+    )

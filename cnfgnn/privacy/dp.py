@@ -134,8 +134,10 @@ class PrivacySettings:
             if sigma < 0:
                 raise ValueError(f"privacy.{name}.noise_multiplier must be >= 0, got {sigma}")
             if clip is None and sigma > 0:
-                raise ValueError(f"privacy.{name}.noise_multiplier={sigma} needs a clip norm: "
-                                 f"noise is calibrated to it. Fix: set privacy.{name}.clip")
+                raise ValueError(
+                    f"privacy.{name}.noise_multiplier={sigma} needs a clip norm: "
+                    f"noise is calibrated to it. Fix: set privacy.{name}.clip"
+                )
             mech[name] = Mechanism(None if clip is None else float(clip), sigma)
         delta = float(p.get("delta", 1e-6))
         if not 0 < delta < 1:
@@ -148,27 +150,39 @@ class PrivacySettings:
             sa = dict(p.get("secagg_plus"))
             fields = set(SecAggSettings.__dataclass_fields__)
             if set(sa) != fields:
-                raise ValueError(f"privacy.secagg_plus needs exactly the keys {sorted(fields)}, "
-                                 f"got {sorted(sa)} (see conf/privacy/dp.yaml)")
+                raise ValueError(
+                    f"privacy.secagg_plus needs exactly the keys {sorted(fields)}, "
+                    f"got {sorted(sa)} (see conf/privacy/dp.yaml)"
+                )
             secagg_plus = SecAggSettings(**sa)
             if not 2 <= secagg_plus.reconstruction_threshold <= secagg_plus.num_shares:
-                raise ValueError("privacy.secagg_plus needs 2 <= reconstruction_threshold <= "
-                                 f"num_shares, got {secagg_plus}")
+                raise ValueError(
+                    "privacy.secagg_plus needs 2 <= reconstruction_threshold <= "
+                    f"num_shares, got {secagg_plus}"
+                )
         secagg = bool(p.get("secagg", False))
         if secagg and secagg_plus is None:
             raise ValueError("privacy.secagg=true needs privacy.secagg_plus (conf/privacy/dp.yaml)")
         if secagg and noise_at != "node":
-            raise ValueError("privacy.secagg=true hides the individual updates from the server, "
-                             "so the noise must be added on the nodes. Fix: "
-                             "privacy.fedavg.noise_at=node")
-        return cls(mech["h_c"], mech["grad"], mech["fedavg"], delta,
-                   insecure_replayable_noise=bool(p.get("insecure_replayable_noise", False)),
-                   fedavg_noise_at=noise_at, secagg=secagg, secagg_plus=secagg_plus,
-                   report_train_loss=bool(p.get("report_train_loss", False)))
+            raise ValueError(
+                "privacy.secagg=true hides the individual updates from the server, "
+                "so the noise must be added on the nodes. Fix: "
+                "privacy.fedavg.noise_at=node"
+            )
+        return cls(
+            mech["h_c"],
+            mech["grad"],
+            mech["fedavg"],
+            delta,
+            insecure_replayable_noise=bool(p.get("insecure_replayable_noise", False)),
+            fedavg_noise_at=noise_at,
+            secagg=secagg,
+            secagg_plus=secagg_plus,
+            report_train_loss=bool(p.get("report_train_loss", False)),
+        )
 
 
-def release_seeds(seed: int, nodes: np.ndarray, round_: int, kind: str, counter: int
-                  ) -> list[int]:
+def release_seeds(seed: int, nodes: np.ndarray, round_: int, kind: str, counter: int) -> list[int]:
     """One 53-bit generator seed per node for one release: ``[K]`` Python ints.
 
     Row k depends only on (seed, nodes[k], round_, kind, counter) (see :mod:`cnfgnn.rng`).
@@ -211,9 +225,14 @@ def secure_normal(shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(z.reshape(shape))
 
 
-def per_node_noise(shape: tuple[int, ...], std: float, seeds: list[int] | None, node_dim: int,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                   ) -> Tensor:
+def per_node_noise(
+    shape: tuple[int, ...],
+    std: float,
+    seeds: list[int] | None,
+    node_dim: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Gaussian noise of std ``std`` for a ``shape`` tensor whose ``node_dim`` indexes nodes.
 
     ``seeds`` None (the default of every run): OS-random (:func:`secure_normal`).
@@ -225,7 +244,7 @@ def per_node_noise(shape: tuple[int, ...], std: float, seeds: list[int] | None, 
         return (secure_normal(tuple(shape)) * std).to(device=device, dtype=dtype)
     if shape[node_dim] != len(seeds):
         raise ValueError(f"{len(seeds)} seeds for {shape[node_dim]} nodes along dim {node_dim}")
-    sub = shape[:node_dim] + shape[node_dim + 1:]
+    sub = shape[:node_dim] + shape[node_dim + 1 :]
     parts = []
     for s in seeds:
         g = torch.Generator().manual_seed(s)
@@ -243,13 +262,20 @@ def privatize(x: Tensor, mech: Mechanism, seeds: list[int] | None, node_dim: int
         return x
     out = clip_per_sample(x, float(mech.clip))
     if mech.noise_multiplier > 0:
-        out = out + per_node_noise(tuple(x.shape), mech.noise_multiplier * float(mech.clip),
-                                   seeds, node_dim, x.device, x.dtype)
+        out = out + per_node_noise(
+            tuple(x.shape),
+            mech.noise_multiplier * float(mech.clip),
+            seeds,
+            node_dim,
+            x.device,
+            x.dtype,
+        )
     return out
 
 
-def clip_updates(before: dict[str, Tensor], after: dict[str, Tensor], clip: float
-                 ) -> dict[str, Tensor]:
+def clip_updates(
+    before: dict[str, Tensor], after: dict[str, Tensor], clip: float
+) -> dict[str, Tensor]:
     """Clip each node's update to L2 norm ``clip`` over all its parameters.
 
     Args:
@@ -263,8 +289,10 @@ def clip_updates(before: dict[str, Tensor], after: dict[str, Tensor], clip: floa
     delta = {n: after[n].double() - before[n].double() for n in after}
     sq = sum(d.flatten(1).square().sum(1) for d in delta.values())  # [K]
     scale = (clip / sq.sqrt().clamp_min(1e-300)).clamp(max=1.0)  # [K]
-    return {n: (before[n].double() + d * scale.reshape((-1,) + (1,) * (d.dim() - 1)))
-            .to(after[n].dtype) for n, d in delta.items()}
+    return {
+        n: (before[n].double() + d * scale.reshape((-1,) + (1,) * (d.dim() - 1))).to(after[n].dtype)
+        for n, d in delta.items()
+    }
 
 
 def fedavg_noise_std(mech: Mechanism, num_sampled: int) -> float:
@@ -286,8 +314,9 @@ def node_update_noise_std(mech: Mechanism, num_sampled: int) -> float:
     return float(mech.noise_multiplier * float(mech.clip or 0.0) / math.sqrt(num_sampled))
 
 
-def noise_updates(state: dict[str, Tensor], std: float, seeds: list[int] | None
-                  ) -> dict[str, Tensor]:
+def noise_updates(
+    state: dict[str, Tensor], std: float, seeds: list[int] | None
+) -> dict[str, Tensor]:
     """Add N(0, std^2) to every weight of K nodes' models (node side, distributed DP).
 
     Args:
@@ -309,14 +338,16 @@ def noise_updates(state: dict[str, Tensor], std: float, seeds: list[int] | None
         for s in seeds:
             g = torch.Generator().manual_seed(s)
             for n in names:
-                rows[n].append(torch.randn(tuple(state[n].shape[1:]), generator=g,
-                                           dtype=torch.float64))
+                rows[n].append(
+                    torch.randn(tuple(state[n].shape[1:]), generator=g, dtype=torch.float64)
+                )
         noise = {n: torch.stack(rows[n]) for n in names}
     return {n: (v.double() + std * noise[n].to(v.device)).to(v.dtype) for n, v in state.items()}
 
 
-def add_fedavg_noise(theta: dict[str, np.ndarray], mech: Mechanism, num_sampled: int,
-                     seed: int | None, round_: int) -> dict[str, np.ndarray]:
+def add_fedavg_noise(
+    theta: dict[str, np.ndarray], mech: Mechanism, num_sampled: int, seed: int | None, round_: int
+) -> dict[str, np.ndarray]:
     """The averaged node model plus N(0, (sigma C / N)^2) on every weight (server side).
 
     Central DP (``privacy.fedavg.noise_at: server``): the server, trusted, saw the clipped
@@ -332,12 +363,20 @@ def add_fedavg_noise(theta: dict[str, np.ndarray], mech: Mechanism, num_sampled:
     std = fedavg_noise_std(mech, num_sampled)
     if std == 0:
         return theta
-    g = None if seed is None else torch.Generator().manual_seed(
-        release_seeds(seed, np.zeros(1, np.int64), round_, "fedavg", 0)[0])
+    g = (
+        None
+        if seed is None
+        else torch.Generator().manual_seed(
+            release_seeds(seed, np.zeros(1, np.int64), round_, "fedavg", 0)[0]
+        )
+    )
     out = {}
     for name in sorted(theta):  # fixed order: the draws do not depend on dict order
         v = np.asarray(theta[name])
-        z = (secure_normal(v.shape) if g is None
-             else torch.randn(v.shape, generator=g, dtype=torch.float64)).numpy()
+        z = (
+            secure_normal(v.shape)
+            if g is None
+            else torch.randn(v.shape, generator=g, dtype=torch.float64)
+        ).numpy()
         out[name] = (v.astype(np.float64) + std * z).astype(v.dtype)
     return {name: out[name] for name in theta}

@@ -10,7 +10,8 @@ noise multiplier of all three mechanisms (``h_c``, ``dL/dh_G``, FedAvg) set to `
 the clip norms of ``conf/privacy/dp.yaml`` (override them after ``--``). ``0`` clips
 without noise (epsilon unbounded). Epsilon is finite only with ``federation.scaling=per_node``
 after ``--`` (the global scaler's statistics go up without noise; docs/privacy.md), and the
-noise is OS-random, so two sweeps give different numbers (run several seeds). Each run is a child process (``python -m cnfgnn.cli``),
+noise is OS-random, so two sweeps give different numbers (run several seeds). Each run is a
+child process (``python -m cnfgnn.cli``),
 started and stopped by its PID; its ``final.json`` gives test RMSE/MAE and epsilon.
 Writes ``privacy_sweep.csv``, ``privacy_sweep.md`` and ``privacy_sweep.png`` (test RMSE
 and epsilon against the noise multiplier) under ``--out``.
@@ -42,30 +43,42 @@ def level_overrides(level: str) -> list[str]:
 
 
 def _row(level: str, run_dir: Path, rc: int, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"noise_multiplier": level, "returncode": rc,
-                           "seconds": round(seconds, 1), "run_dir": str(run_dir)}
+    row: dict[str, Any] = {
+        "noise_multiplier": level,
+        "returncode": rc,
+        "seconds": round(seconds, 1),
+        "run_dir": str(run_dir),
+    }
     final_path = run_dir / "final.json"
     if rc != 0 or not final_path.is_file():
         return row
     final = json.loads(final_path.read_text())
     test = final["test"]
-    row.update(test_rmse=test["rmse"], test_mae=test["mae"],
-               test_masked_mae=test.get("masked_mae"), rounds=final.get("rounds_run"))
+    row.update(
+        test_rmse=test["rmse"],
+        test_mae=test["mae"],
+        test_masked_mae=test.get("masked_mae"),
+        rounds=final.get("rounds_run"),
+    )
     pr = final.get("privacy")
     if pr is None:
         row.update(epsilon="no DP", delta="")
     else:
         eps = pr["epsilon"]
-        row.update(epsilon=math.inf if eps is None else eps, delta=pr["delta"],
-                   clip_h_c=pr["mechanisms"]["h_c"]["clip"],
-                   clip_grad=pr["mechanisms"]["grad"]["clip"],
-                   clip_fedavg=pr["mechanisms"]["fedavg"]["clip"],
-                   releases=json.dumps(pr["releases_per_window"], sort_keys=True))
+        row.update(
+            epsilon=math.inf if eps is None else eps,
+            delta=pr["delta"],
+            clip_h_c=pr["mechanisms"]["h_c"]["clip"],
+            clip_grad=pr["mechanisms"]["grad"]["clip"],
+            clip_fedavg=pr["mechanisms"]["fedavg"]["clip"],
+            releases=json.dumps(pr["releases_per_window"], sort_keys=True),
+        )
     return row
 
 
-def run_levels(levels: list[str], overrides: list[str], out: Path, parallel: int
-               ) -> list[dict[str, Any]]:
+def run_levels(
+    levels: list[str], overrides: list[str], out: Path, parallel: int
+) -> list[dict[str, Any]]:
     """Run every level (at most ``parallel`` at once); returns one row per level."""
     pending = list(levels)
     procs = ProcessSet(out, dict(os.environ))
@@ -77,9 +90,16 @@ def run_levels(levels: list[str], overrides: list[str], out: Path, parallel: int
                 level = pending.pop(0)
                 run_dir = out / f"noise_{level}"
                 run_dir.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "cnfgnn.cli", *overrides, *level_overrides(level),
-                       f"run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-                       "hydra.output_subdir=null"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "cnfgnn.cli",
+                    *overrides,
+                    *level_overrides(level),
+                    f"run_dir={run_dir}",
+                    f"hydra.run.dir={run_dir}",
+                    "hydra.output_subdir=null",
+                ]
                 proc = procs.start(level, cmd, cwd=Path.cwd(), log_path=run_dir / "sweep.log")
                 print(f"[{level}] started pid {proc.pid}: {run_dir}", flush=True)
                 running[level] = (proc, run_dir, time.perf_counter())
@@ -87,8 +107,7 @@ def run_levels(levels: list[str], overrides: list[str], out: Path, parallel: int
             for level, (proc, run_dir, t0) in list(running.items()):
                 if proc.alive():
                     continue
-                rows[level] = _row(level, run_dir, proc.popen.returncode,
-                                   time.perf_counter() - t0)
+                rows[level] = _row(level, run_dir, proc.popen.returncode, time.perf_counter() - t0)
                 print(f"[{level}] finished: {rows[level]}", flush=True)
                 del running[level]
     finally:  # stop exactly the process groups this sweep started
@@ -105,17 +124,29 @@ def _fmt(v: Any) -> str:
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     """``privacy_sweep.csv``, ``.md`` (table) and ``.png`` (RMSE and epsilon vs noise)."""
-    keys = ["noise_multiplier", "epsilon", "delta", "test_rmse", "test_mae", "test_masked_mae",
-            "rounds", "seconds", "clip_h_c", "clip_grad", "clip_fedavg", "releases",
-            "returncode", "run_dir"]
+    keys = [
+        "noise_multiplier",
+        "epsilon",
+        "delta",
+        "test_rmse",
+        "test_mae",
+        "test_masked_mae",
+        "rounds",
+        "seconds",
+        "clip_h_c",
+        "clip_grad",
+        "clip_fedavg",
+        "releases",
+        "returncode",
+        "run_dir",
+    ]
     with open(out / "privacy_sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in keys})
     shown = ["noise_multiplier", "epsilon", "delta", "test_rmse", "test_mae", "rounds", "seconds"]
-    lines = [f"**{title}**", "", "| " + " | ".join(shown) + " |",
-             "|" + "---|" * len(shown)]
+    lines = [f"**{title}**", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in shown) + " |")
     (out / "privacy_sweep.md").write_text("\n".join(lines) + "\n")
@@ -136,8 +167,11 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     ax[0].set_ylabel("test RMSE (unmasked)")
     ax[0].legend()
     ax[0].set_title(title)
-    finite = [(x, r["epsilon"]) for x, r in zip(xs, dp_rows)
-              if isinstance(r.get("epsilon"), float) and math.isfinite(r["epsilon"])]
+    finite = [
+        (x, r["epsilon"])
+        for x, r in zip(xs, dp_rows)
+        if isinstance(r.get("epsilon"), float) and math.isfinite(r["epsilon"])
+    ]
     if finite:
         ax[1].plot([x for x, _ in finite], [e for _, e in finite], "o-", color="C3")
         ax[1].set_yscale("log")
@@ -155,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides: list[str] = []
     if "--" in args:
         i = args.index("--")
-        args, overrides = args[:i], args[i + 1:]
+        args, overrides = args[:i], args[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--levels", default="none,0,0.5,1,2",
-                    help="comma-separated noise multipliers; 'none' = no DP")
+    ap.add_argument(
+        "--levels",
+        default="none,0,0.5,1,2",
+        help="comma-separated noise multipliers; 'none' = no DP",
+    )
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
     ap.add_argument("--title", default=None)
     a = ap.parse_args(args)

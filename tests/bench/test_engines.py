@@ -7,14 +7,20 @@ import json
 from cnfgnn.bench import engines as bench
 from tests.helpers import TINY
 
-CASES = ("bench.engines=[{name:central,engine:central},"
-         "{name:inprocess_all,engine:inprocess,nodes_per_client:null},"
-         "{name:inprocess_per_sensor,engine:inprocess,nodes_per_client:1}]")
+CASES = (
+    "bench.engines=[{name:central,engine:central},"
+    "{name:inprocess_all,engine:inprocess,nodes_per_client:null},"
+    "{name:inprocess_per_sensor,engine:inprocess,nodes_per_client:1}]"
+)
 
 
 def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     overrides = [o for o in TINY if not o.startswith("federation.rounds")] + [
-        f"output_root={tmp_path}", CASES, "bench.count_flops=true", "bench.rounds=1"]
+        f"output_root={tmp_path}",
+        CASES,
+        "bench.count_flops=true",
+        "bench.rounds=1",
+    ]
     bench.main(overrides)
     doc = json.loads(capsys.readouterr().out)
     written = list(tmp_path.glob("bench/*_engines/bench.json"))

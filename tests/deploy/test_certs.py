@@ -48,8 +48,9 @@ def test_server_certificate_chains_to_the_ca_for_loopback_names(made, tmp_path):
     with pytest.raises(VerificationError):  # a name it was not issued for
         _verify(server, ca, x509.DNSName("example.org"))
     with pytest.raises(VerificationError):  # another CA does not vouch for it
-        _verify(server, _cert(certs.generate(tmp_path / "other", 0).ca_cert),
-                x509.DNSName("localhost"))
+        _verify(
+            server, _cert(certs.generate(tmp_path / "other", 0).ca_cert), x509.DNSName("localhost")
+        )
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)
@@ -140,13 +141,13 @@ def test_secure_command_lines_and_connection(tmp_path, tiny_shards, monkeypatch)
         assert dep.client_tls_args() == ["--root-certificates", ca]  # SuperExec, SuperNodes
         for i in range(2):
             argv = dep.supernode_argv(i)
-            flower = argv[argv.index("--") + 1:]
+            flower = argv[argv.index("--") + 1 :]
             assert "--insecure" not in flower
             assert flower[flower.index("--root-certificates") + 1] == ca
             key = flower[flower.index("--auth-supernode-private-key") + 1]
             assert key == str(dep.certs.node_keys[i]) and key.endswith(f"supernode_{i}")
             assert "--warm-worker" in argv  # the warm worker stays (it talks to the SuperNode)
-            ours = argv[:argv.index("--")]  # preload now, connect after the key registration
+            ours = argv[: argv.index("--")]  # preload now, connect after the key registration
             assert ours[ours.index("--start-after") + 1] == str(dep.gate)
         conn = read_superlink_connection(dep.connection)
         assert dep.connection.endswith("-tls") and not conn.insecure
@@ -155,8 +156,15 @@ def test_secure_command_lines_and_connection(tmp_path, tiny_shards, monkeypatch)
         dep.stop()
     assert dep.connection not in (tmp_path / "flwr" / "config.toml").read_text()
 
-    plain = deploy.compose([*TINY, "engine.launch.secure=true", "engine.launch.worker=flower",
-                            "engine.launch.fast_waits=false", "engine.launch.heartbeat_s=null"])
+    plain = deploy.compose(
+        [
+            *TINY,
+            "engine.launch.secure=true",
+            "engine.launch.worker=flower",
+            "engine.launch.fast_waits=false",
+            "engine.launch.heartbeat_s=null",
+        ]
+    )
     dep = deploy.Deployment(plain, tmp_path / "run3", tiny_shards, progress=lambda s: None)
     try:  # Flower's own entry point cannot wait: it is started after the registration
         argv = dep.supernode_argv(1)
@@ -165,8 +173,9 @@ def test_secure_command_lines_and_connection(tmp_path, tiny_shards, monkeypatch)
     finally:
         dep.stop()
 
-    dep = deploy.Deployment(deploy.compose(list(TINY)), tmp_path / "run2", tiny_shards,
-                            progress=lambda s: None)
+    dep = deploy.Deployment(
+        deploy.compose(list(TINY)), tmp_path / "run2", tiny_shards, progress=lambda s: None
+    )
     try:  # the default stays insecure, with no certificates written
         assert not dep.secure and dep.superlink_security_args() == ["--insecure"]
         flower = dep.supernode_argv(0)

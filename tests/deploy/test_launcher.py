@@ -35,9 +35,11 @@ def test_fastwaits_patch_rebinds_only_the_supernode_waits():
         "assert sci.time.monotonic() > 0 and time.sleep is not sci.time.sleep\n"
         "assert sci.pull_objects.keywords == {'initial_backoff': 0.02}\n"
         "assert hb.HEARTBEAT_DEFAULT_INTERVAL == fhc.HEARTBEAT_DEFAULT_INTERVAL == 12.0\n"
-        "print(sorted(changed))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+        "print(sorted(changed))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "heartbeat_s" in out.stdout and "idle_poll_s" in out.stdout
 
@@ -117,7 +119,7 @@ def test_supernode_command_lines(tmp_path, tiny_shards, monkeypatch):
         assert dep.num_nodes == 3 and len(set(dep.node_ports + [dep.link_port])) == 4
         argv = dep.supernode_argv(2)
         assert argv[1:3] == ["-m", "cnfgnn.deploy.supernode"] and "--warm-worker" in argv
-        flower = argv[argv.index("--") + 1:]
+        flower = argv[argv.index("--") + 1 :]
         assert flower[flower.index("--superlink") + 1] == f"127.0.0.1:{dep.link_port}"
         assert flower[flower.index("--port") + 1] == str(dep.node_ports[2])
         node_config = flower[flower.index("--node-config") + 1]
@@ -126,8 +128,14 @@ def test_supernode_command_lines(tmp_path, tiny_shards, monkeypatch):
         assert "--heartbeat-s" in argv and "--idle-poll-s" in argv
     finally:
         dep.stop()
-    cfg = deploy.compose([*TINY, "engine.launch.worker=flower", "engine.launch.fast_waits=false",
-                          "engine.launch.heartbeat_s=null"])
+    cfg = deploy.compose(
+        [
+            *TINY,
+            "engine.launch.worker=flower",
+            "engine.launch.fast_waits=false",
+            "engine.launch.heartbeat_s=null",
+        ]
+    )
     dep = deploy.Deployment(cfg, tmp_path / "run2", tiny_shards, progress=lambda s: None)
     try:
         argv = dep.supernode_argv(0)
@@ -138,14 +146,34 @@ def test_supernode_command_lines(tmp_path, tiny_shards, monkeypatch):
 
 
 def test_summary_names_the_lost_sensors(tmp_path):
-    final = {"round_trips": {"train.split": 4}, "round_trip_seconds": {"train.split": 2.0},
-             "failures": [
-                 {"round": 2, "phase": "local", "client": 1, "reason": "node unavailable",
-                  "sensors": ["s2", "s3"]},
-                 {"round": 2, "phase": "encode", "client": 1, "reason": "client not connected",
-                  "sensors": ["s2", "s3"]}]}
+    final = {
+        "round_trips": {"train.split": 4},
+        "round_trip_seconds": {"train.split": 2.0},
+        "failures": [
+            {
+                "round": 2,
+                "phase": "local",
+                "client": 1,
+                "reason": "node unavailable",
+                "sensors": ["s2", "s3"],
+            },
+            {
+                "round": 2,
+                "phase": "encode",
+                "client": 1,
+                "reason": "client not connected",
+                "sensors": ["s2", "s3"],
+            },
+        ],
+    }
     info = deploy.summarize(tmp_path, final)
     assert info["round_trip_s"] == {"train.split": 0.5}
-    assert info["lost"] == {"1": {"sensors": ["s2", "s3"], "first_round": 2,
-                                  "first_phase": "local", "count": 2,
-                                  "reason": "node unavailable"}}
+    assert info["lost"] == {
+        "1": {
+            "sensors": ["s2", "s3"],
+            "first_round": 2,
+            "first_phase": "local",
+            "count": 2,
+            "reason": "node unavailable",
+        }
+    }

@@ -35,10 +35,15 @@ def test_clientworker_hands_over_to_flower_superexec(other_flower, monkeypatch, 
     with pytest.warns(RuntimeWarning, match="flwr 9.99.0.*flower-superexec"):
         with pytest.raises(SystemExit):
             clientworker.main(["--runtime-api-address", "127.0.0.1:9101", "--parent-pid", "4242"])
-    (exe, args), = calls
+    ((exe, args),) = calls
     assert exe.endswith("flower-superexec") and args[0] == exe
-    assert args[1:] == ["--runtime-api-address", "127.0.0.1:9101", "--insecure",
-                        "--parent-pid", "4242"]
+    assert args[1:] == [
+        "--runtime-api-address",
+        "127.0.0.1:9101",
+        "--insecure",
+        "--parent-pid",
+        "4242",
+    ]
     assert any(r.getMessage().startswith("ready") for r in caplog.records)  # launcher's cue
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from cnfgnn.results import read_predictions
 from cnfgnn.deploy import launcher as deploy
 from cnfgnn.experiment import run_experiment
 from cnfgnn.procs import cmdline_of
+from cnfgnn.results import read_predictions
 from tests.helpers import (
     TINY,
     kill_server,
@@ -34,14 +34,19 @@ pytestmark = pytest.mark.deployment
 
 METRICS = ("rmse", "mae", "masked_mae", "masked_rmse", "masked_mae_h3", "masked_rmse_h12")
 # TINY as 3 SuperNodes of 2 sensors, 2 server steps per round (few round trips)
-DEPLOY = (*TINY, "dataset.days=2", "federation.nodes_per_client=2",
-          "federation.server_batch_size=196")
+DEPLOY = (
+    *TINY,
+    "dataset.days=2",
+    "federation.nodes_per_client=2",
+    "federation.server_batch_size=196",
+)
 RUN_TIMEOUT_S = 900.0
 
 
 def _deploy(overrides, run_dir: Path, on_tick=None) -> deploy.RunResult:
-    result = deploy.deploy_experiment(list(overrides), run_dir=run_dir, progress=print,
-                                      on_tick=on_tick, timeout_s=RUN_TIMEOUT_S)
+    result = deploy.deploy_experiment(
+        list(overrides), run_dir=run_dir, progress=print, on_tick=on_tick, timeout_s=RUN_TIMEOUT_S
+    )
     assert result.info["leftover_pids"] == []
     return result
 
@@ -82,7 +87,9 @@ def test_demo_completes_and_equals_an_inprocess_run(tmp_path):
     assert result.info["startup_s"] > 0 and len(result.info["memory_peak_mb"]) >= 4
     assert "SuperNodes" in deploy.report(result)
     # the test forecasts stayed on the sites' own disks (their state dirs), none reached the server
-    kept = sorted(p.stem for p in (tmp_path / "deploy" / "node_state").glob("*/node_store/forecasts/*.npz"))
+    kept = sorted(
+        p.stem for p in (tmp_path / "deploy" / "node_state").glob("*/node_store/forecasts/*.npz")
+    )
     assert kept == sorted(final["predictions"]["sensors"]) and kept
     assert final["predictions"]["released_to_server"] is False
     assert read_predictions(tmp_path / "deploy") is None
@@ -150,8 +157,9 @@ def test_a_killed_superlink_resumes_from_the_checkpoint_to_the_same_result(tmp_p
     result = _deploy(overrides, run_dir, kill_after_checkpoint)
     assert killed and result.attempts == 2
     assert result.info["restarts"] == [{"superlink": True, "supernodes": [0, 1, 2]}]
-    rounds = [json.loads(line)["round"]
-              for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [
+        json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rounds == [1, 2]
     assert "resumed after round 1" in (run_dir / "logs" / "flwr_run.log").read_text()
     _assert_same_test_metrics(result.final, _inprocess(overrides, tmp_path))
@@ -211,9 +219,21 @@ def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
     out = tmp_path / "launcher.out"
     with open(out, "wb") as f:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "cnfgnn.deploy.launcher", "run", "--run-dir", str(run_dir),
-             *DEPLOY, "federation.rounds=3"], stdout=f, stderr=subprocess.STDOUT,
-            env=deploy.flower_env(), start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "cnfgnn.deploy.launcher",
+                "run",
+                "--run-dir",
+                str(run_dir),
+                *DEPLOY,
+                "federation.rounds=3",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=deploy.flower_env(),
+            start_new_session=True,
+        )
     seen: dict[int, int] = {}
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S

@@ -37,10 +37,17 @@ def test_deployment_forecast_equals_inprocess(trained, tmp_path):
     cfg, run_dir = trained
     data = load_dataset(cfg.dataset)
     d, s = cfg.dataset, cfg.dataset.split
-    ends = split_starts(data.num_steps, d.in_steps, d.out_steps, s.train, s.val,
-                        s.test)["test"][:4] + int(d.in_steps) - 1
-    argv = [str(run_dir), f"rolling.start={data.timestamps[ends[0]]}",
-            f"rolling.end={data.timestamps[ends[-1]]}", "save_forecasts=true"]
+    ends = (
+        split_starts(data.num_steps, d.in_steps, d.out_steps, s.train, s.val, s.test)["test"][:4]
+        + int(d.in_steps)
+        - 1
+    )
+    argv = [
+        str(run_dir),
+        f"rolling.start={data.timestamps[ends[0]]}",
+        f"rolling.end={data.timestamps[ends[-1]]}",
+        "save_forecasts=true",
+    ]
     a = cli.run(argv + [f"out={tmp_path / 'a'}"], progress=lambda s: None)
     b = cli.run(argv + [f"out={tmp_path / 'b'}", "engine=deployment"], progress=print)
 
@@ -58,8 +65,10 @@ def test_deployment_forecast_equals_inprocess(trained, tmp_path):
     # the outputs of the other engines, and the deployment's own logs
     base = tmp_path / "b" / "rolling_"
     assert {p.suffix for p in (tmp_path / "b").glob("rolling_*")} == {".csv", ".json", ".png"}
-    assert json.loads(next((tmp_path / "b").glob("rolling_*.json")).read_text())["engine"] \
-        == "deployment", base
+    assert (
+        json.loads(next((tmp_path / "b").glob("rolling_*.json")).read_text())["engine"]
+        == "deployment"
+    ), base
     work = next((tmp_path / "b" / "deployment").iterdir())
     logs = work / "logs"
     for i in range(2):  # each SuperNode answered from its own shard
@@ -69,17 +78,25 @@ def test_deployment_forecast_equals_inprocess(trained, tmp_path):
     assert not (work / "shards").exists()  # removed after the run (logs kept)
     sec = b["seconds"]
     assert sec["startup"] > 0 and sec["forecast"] > 0
-    print(f"deployment forecast: shards {sec['shards']:.2f} s, start-up {sec['startup']:.1f} s, "
-          f"flwr run {sec['forecast']:.1f} s (connect {sec.get('connect', 0):.1f}, setup "
-          f"{sec['setup']:.2f}, encode {sec['encode']:.2f}, server {sec['server']:.2f}, "
-          f"decode {sec['decode']:.2f}), total {sec['total']:.1f} s")
+    print(
+        f"deployment forecast: shards {sec['shards']:.2f} s, start-up {sec['startup']:.1f} s, "
+        f"flwr run {sec['forecast']:.1f} s (connect {sec.get('connect', 0):.1f}, setup "
+        f"{sec['setup']:.2f}, encode {sec['encode']:.2f}, server {sec['server']:.2f}, "
+        f"decode {sec['decode']:.2f}), total {sec['total']:.1f} s"
+    )
     assert processes_of(tmp_path) == [], "processes of this test still running"
 
 
 def test_a_failed_start_exits_2_and_stops_its_processes(trained, tmp_path, capsys):
     _, run_dir = trained
-    code = cli.main([str(run_dir), f"out={tmp_path}", "engine=deployment",
-                     "engine.launch.startup_timeout_s=0.5"])
+    code = cli.main(
+        [
+            str(run_dir),
+            f"out={tmp_path}",
+            "engine=deployment",
+            "engine.launch.startup_timeout_s=0.5",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "engine=deployment: not ready after 0.5 s" in err, err
     assert "Fix:" in err

@@ -20,8 +20,14 @@ from tests.helpers import TINY, kill_supernode, restart_supernode
 pytestmark = pytest.mark.deployment
 
 # TINY as 2 SuperNodes of 3 sensors, 1 round, 2 server steps per round
-SECURE = (*TINY, "dataset.days=2", "federation.nodes_per_client=3",
-          "federation.server_batch_size=196", "federation.rounds=1", "engine.launch.secure=true")
+SECURE = (
+    *TINY,
+    "dataset.days=2",
+    "federation.nodes_per_client=3",
+    "federation.server_batch_size=196",
+    "federation.rounds=1",
+    "engine.launch.secure=true",
+)
 REFUSAL_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 600.0
 
@@ -71,15 +77,34 @@ def test_only_registered_supernodes_join_a_secure_deployment(tmp_path):
         # three SuperNodes that must not join
         rogue = certs.write_node_key(tmp_path / "rogue_key")  # a valid key, never registered
         ports = deploy.free_ports(3, dep.host)
-        base = [deploy.BIN / "flower-supernode", "--superlink", f"{dep.host}:{dep.link_port}",
-                "--node-config", "partition-id=0 num-partitions=2"]
+        base = [
+            deploy.BIN / "flower-supernode",
+            "--superlink",
+            f"{dep.host}:{dep.link_port}",
+            "--node-config",
+            "partition-id=0 num-partitions=2",
+        ]
         intruders = {
-            "intruder_unregistered_key": [*base, "--root-certificates", ca,
-                                          "--auth-supernode-private-key", rogue,
-                                          "--port", ports[0]],
+            "intruder_unregistered_key": [
+                *base,
+                "--root-certificates",
+                ca,
+                "--auth-supernode-private-key",
+                rogue,
+                "--port",
+                ports[0],
+            ],
             "intruder_no_key": [*base, "--root-certificates", ca, "--port", ports[1]],
-            "intruder_plain_http": [*base, "--insecure", "--port", ports[2],
-                                    "--max-retries", "2", "--max-wait-time", "20"],
+            "intruder_plain_http": [
+                *base,
+                "--insecure",
+                "--port",
+                ports[2],
+                "--max-retries",
+                "2",
+                "--max-wait-time",
+                "20",
+            ],
         }
         t_refuse = time.monotonic()
         for name, argv in intruders.items():
@@ -104,9 +129,11 @@ def test_only_registered_supernodes_join_a_secure_deployment(tmp_path):
     for i in range(2):
         assert "completed" in (run_dir / "logs" / f"supernode_{i}.log").read_text()
     assert dep.info["leftover_pids"] == [] and dep.info["secure"]
-    print(f"secure deployment: start-up {startup:.1f} s (key registration "
-          f"{dep.info['register_s'][0]:.1f} s), refusals {refuse_s:.1f} s, round "
-          f"{result.info['seconds_per_round'][0]:.1f} s, test {time.monotonic() - t0:.1f} s")
+    print(
+        f"secure deployment: start-up {startup:.1f} s (key registration "
+        f"{dep.info['register_s'][0]:.1f} s), refusals {refuse_s:.1f} s, round "
+        f"{result.info['seconds_per_round'][0]:.1f} s, test {time.monotonic() - t0:.1f} s"
+    )
 
 
 def test_a_crashed_supernode_rejoins_a_secure_deployment_with_its_key(tmp_path):
@@ -121,8 +148,9 @@ def test_a_crashed_supernode_rejoins_a_secure_deployment_with_its_key(tmp_path):
         deploy.write_shards(overrides, run_dir / "shards", 3, setup)
     finally:
         setup.stop_all()
-    with deploy.Deployment(deploy.compose(overrides), run_dir, run_dir / "shards",
-                           progress=print) as dep:
+    with deploy.Deployment(
+        deploy.compose(overrides), run_dir, run_dir / "shards", progress=print
+    ) as dep:
         dep.start()
         before = _online_ids(dep)
         kill_supernode(dep, 1)
@@ -132,5 +160,6 @@ def test_a_crashed_supernode_rejoins_a_secure_deployment_with_its_key(tmp_path):
     node_log = (run_dir / "logs" / "supernode_1.log").read_text()
     attempts = node_log.count("start supernode_1:") - 1
     assert "SuperNode ID:" in node_log.rsplit("start supernode_1:", 1)[1]
-    print(f"secure rejoin: {restart_s:.1f} s, {attempts} start(s), "
-          f"test {time.monotonic() - t0:.1f} s")
+    print(
+        f"secure rejoin: {restart_s:.1f} s, {attempts} start(s), test {time.monotonic() - t0:.1f} s"
+    )

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from cnfgnn.results import read_predictions
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.windows import split_starts
 from cnfgnn.experiment import build_workers, run_experiment
@@ -24,6 +23,7 @@ from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+from cnfgnn.results import read_predictions
 from tests.helpers import ROOT, TINY, RecordingEngine, make_cfg
 
 QUIET = {"progress": lambda s: None}
@@ -35,14 +35,22 @@ def _run(tmp_path, *overrides, wrap=None):
 
 
 # ---------------------------------------------------------------------- configs
-@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "experiment").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf" / "experiment").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_every_experiment_file_composes_and_names_its_row(path):
     cfg = make_cfg(f"experiment={path.stem}")
     text = path.read_text()
     assert text.splitlines()[1].startswith("# "), "first comment line names the paper row"
-    assert cfg.federation.method in {"cnfgnn", "fedavg", "local", "fmtl", "at_no_fedavg",
-                                     "split_learning", "central"}
+    assert cfg.federation.method in {
+        "cnfgnn",
+        "fedavg",
+        "local",
+        "fmtl",
+        "at_no_fedavg",
+        "split_learning",
+        "central",
+    }
     if "gru_" in path.stem and "gn" not in path.stem:
         assert not cfg.model.graph_embedding
     if "727k" in path.stem:
@@ -54,8 +62,15 @@ def test_every_experiment_file_composes_and_names_its_row(path):
 def test_model_presets_have_the_paper_sizes():
     for preset, expected in (("gru_63k", 62_501), ("gru_727k", 727_401), ("cnfgnn", 63_873)):
         m = make_cfg(f"model={preset}").model
-        model = NodeSeq2Seq(1, m.input_size, m.output_size, m.hidden_size, m.num_layers,
-                            m.graph_embedding, m.horizon)
+        model = NodeSeq2Seq(
+            1,
+            m.input_size,
+            m.output_size,
+            m.hidden_size,
+            m.num_layers,
+            m.graph_embedding,
+            m.horizon,
+        )
         assert model.num_parameters_per_node() == expected, preset
 
 
@@ -68,8 +83,14 @@ def test_local_nodes_never_upload_weights_and_train_apart(tmp_path):
         rec["workers"] = engine.workers
         return rec["engine"]
 
-    final, _ = _run(tmp_path, "federation=local", "model=gru_63k", "federation.local_epochs=1",
-                    "federation.nodes_per_client=2", wrap=wrap)
+    final, _ = _run(
+        tmp_path,
+        "federation=local",
+        "model=gru_63k",
+        "federation.local_epochs=1",
+        "federation.nodes_per_client=2",
+        wrap=wrap,
+    )
     for mtype, reply in rec["engine"].received:
         assert not any(k.startswith(P.WEIGHTS_PREFIX) for k in reply), mtype
     assert final["bytes"]["local"]["up_tensor"] == 0
@@ -77,8 +98,13 @@ def test_local_nodes_never_upload_weights_and_train_apart(tmp_path):
     w = rec["workers"][0].model.stacked_state()["readout.weight"]
     assert not torch.allclose(w[0], w[1]), "two local nodes ended with the same model"
     # grouping does not matter: each node trains alone either way
-    alone, _ = _run(tmp_path / "b", "federation=local", "model=gru_63k",
-                    "federation.local_epochs=1", "federation.nodes_per_client=1")
+    alone, _ = _run(
+        tmp_path / "b",
+        "federation=local",
+        "model=gru_63k",
+        "federation.local_epochs=1",
+        "federation.nodes_per_client=1",
+    )
     assert alone["test"]["rmse"] == pytest.approx(final["test"]["rmse"], rel=1e-5)
 
 
@@ -106,9 +132,14 @@ def test_keep_and_restore_best_model_on_the_node(tiny_cfg):
 def _series(cfg, k: int) -> LocalSeries:
     data = load_dataset(cfg.dataset)
     nodes = np.arange(k)
-    return LocalSeries.from_arrays(nodes, [data.sensor_ids[i] for i in nodes],
-                                   data.speed[:, nodes], data.mask[:, nodes],
-                                   data.time_of_day(), cfg.dataset)
+    return LocalSeries.from_arrays(
+        nodes,
+        [data.sensor_ids[i] for i in nodes],
+        data.speed[:, nodes],
+        data.mask[:, nodes],
+        data.time_of_day(),
+        cfg.dataset,
+    )
 
 
 def test_fmtl_term_is_the_unsquared_graph_penalty(tiny_cfg):
@@ -116,8 +147,10 @@ def test_fmtl_term_is_the_unsquared_graph_penalty(tiny_cfg):
     worker = NodeWorker(_series(cfg, 2), cfg)
     names = [n for n, _ in worker.model.named_parameters()]
     gen = torch.Generator().manual_seed(0)
-    nbr = {n: torch.randn((3,) + p.shape[1:], generator=gen)
-           for n, p in worker.model.named_parameters()}
+    nbr = {
+        n: torch.randn((3,) + p.shape[1:], generator=gen)
+        for n, p in worker.model.named_parameters()
+    }
     a = np.array([[0.5, 0.0, 1.0], [0.2, 0.7, 0.0]])
     payload = {P.NBR_PREFIX + n: v.numpy() for n, v in nbr.items()} | {P.NBR_WEIGHT: a}
     term = worker._fmtl_term(payload)()
@@ -141,9 +174,16 @@ def test_fmtl_pulls_neighbours_together(tmp_path):
             rec["workers"] = engine.workers
             return engine
 
-        _run(tmp_path / method, f"federation={method}", "model=gru_63k",
-             "federation.local_epochs=1", "federation.rounds=3", f"federation.fmtl_lambda={lam}",
-             "federation.nodes_per_client=6", wrap=wrap)
+        _run(
+            tmp_path / method,
+            f"federation={method}",
+            "model=gru_63k",
+            "federation.local_epochs=1",
+            "federation.rounds=3",
+            f"federation.fmtl_lambda={lam}",
+            "federation.nodes_per_client=6",
+            wrap=wrap,
+        )
         return torch.cat([p.detach().flatten(1) for p in rec["workers"][0].model.parameters()], 1)
 
     adj = load_dataset(make_cfg(*TINY).dataset).adjacency
@@ -158,12 +198,21 @@ def test_fmtl_pulls_neighbours_together(tmp_path):
 # ---------------------------------------------------------------------- split learning
 def test_split_learning_gradients_equal_end_to_end_autograd(tiny_cfg):
     """One SL step through the 3-message protocol = autograd of encoder -> GN -> decoder."""
-    cfg = make_cfg(*TINY, "federation=split_learning", "federation.nodes_per_client=2",
-                   "federation.batch_size=100000")  # one batch: every training window
+    cfg = make_cfg(
+        *TINY,
+        "federation=split_learning",
+        "federation.nodes_per_client=2",
+        "federation.batch_size=100000",
+    )  # one batch: every training window
     data = load_dataset(cfg.dataset)
     workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(cfg, InProcessEngine(workers), ServerGraph(data.adjacency,
-                        list(data.sensor_ids)), None, **QUIET)
+    orch = Orchestrator(
+        cfg,
+        InProcessEngine(workers),
+        ServerGraph(data.adjacency, list(data.sensor_ids)),
+        None,
+        **QUIET,
+    )
     orch.round = 1
     orch.setup()
     gen = torch.Generator().manual_seed(1)  # nodes differ: no FedAvg in split learning
@@ -176,8 +225,12 @@ def test_split_learning_gradients_equal_end_to_end_autograd(tiny_cfg):
     # reference: all nodes in one model, end to end
     ref = NodeWorker(_series(cfg, data.num_nodes), cfg)
     ref.configure({P.SCALER_MEAN: orch.scaler.mean, P.SCALER_STD: orch.scaler.std})
-    ref.model.load_stacked_state({n: torch.cat([w.model.stacked_state()[n] for w in
-                                  workers.values()]) for n in workers[0].model.stacked_state()})
+    ref.model.load_stacked_state(
+        {
+            n: torch.cat([w.model.stacked_state()[n] for w in workers.values()])
+            for n in workers[0].model.stacked_state()
+        }
+    )
     gn = copy.deepcopy(orch.server.gn)
     s = len(ref.series.starts[P.TRAIN])
     x, x_last, y_tod, y, t = ref._gather(P.TRAIN, torch.arange(s).expand(data.num_nodes, -1))
@@ -188,8 +241,10 @@ def test_split_learning_gradients_equal_end_to_end_autograd(tiny_cfg):
     per_node.sum().backward()
 
     orch.sl_epoch()
-    got = {n: torch.cat([dict(w.model.named_parameters())[n].grad for w in workers.values()])
-           for n in workers[0].model.stacked_state()}
+    got = {
+        n: torch.cat([dict(w.model.named_parameters())[n].grad for w in workers.values()])
+        for n in workers[0].model.stacked_state()
+    }
     for n, p in ref.model.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), n
     n_nodes = data.num_nodes
@@ -230,13 +285,20 @@ def test_central_baselines_train_and_write_the_same_outputs(tmp_path, model):
 
 
 # ---------------------------------------------------------------------- metrics
-@pytest.mark.parametrize("method,model", [("fedavg", "gru_63k"), ("central", "gru_63k"),
-                                          ("cnfgnn", "cnfgnn")])
+@pytest.mark.parametrize(
+    "method,model", [("fedavg", "gru_63k"), ("central", "gru_63k"), ("cnfgnn", "cnfgnn")]
+)
 def test_federated_metrics_equal_pooled_computation(tmp_path, method, model):
     """Metrics summed per node and horizon = metrics computed from all forecasts at once."""
-    final, writer = _run(tmp_path, f"federation={method}", f"model={model}",
-                         "federation.rounds=1", "predictions.sensors=100", "predictions.hours=1000",
-                         "federation.nodes_per_client=2")
+    final, writer = _run(
+        tmp_path,
+        f"federation={method}",
+        f"model={model}",
+        "federation.rounds=1",
+        "predictions.sensors=100",
+        "predictions.hours=1000",
+        "federation.nodes_per_client=2",
+    )
     cfg = make_cfg(*TINY)
     data = load_dataset(cfg.dataset)
     # federated: each node's own file under node_store/ (nothing sent up); central: on the server
@@ -252,7 +314,7 @@ def test_federated_metrics_equal_pooled_computation(tmp_path, method, model):
     mask = data.mask[t_out]
     err = fc - truth
     test = final["test"]
-    assert test["rmse"] == pytest.approx(np.sqrt(np.mean(err ** 2)), rel=1e-5)
+    assert test["rmse"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-5)
     assert test["mae"] == pytest.approx(np.mean(np.abs(err)), rel=1e-5)
     assert test["masked_mae"] == pytest.approx(np.abs(err)[mask].mean(), rel=1e-5)
     for h in (3, 6, 12):
@@ -260,15 +322,18 @@ def test_federated_metrics_equal_pooled_computation(tmp_path, method, model):
         assert test[f"masked_mae_h{h}"] == pytest.approx(np.abs(err[:, h - 1])[m].mean(), rel=1e-5)
         nz = m & (truth[:, h - 1] != 0)
         assert test[f"masked_mape_h{h}"] == pytest.approx(
-            np.mean(np.abs(err[:, h - 1][nz] / truth[:, h - 1][nz])), rel=1e-5)
+            np.mean(np.abs(err[:, h - 1][nz] / truth[:, h - 1][nz])), rel=1e-5
+        )
     assert np.isfinite(test["masked_mape"])
 
 
 # ---------------------------------------------------------------------- Flower
-@pytest.mark.parametrize("method,model", [("local", "gru_63k"), ("fmtl", "gru_63k"),
-                                          ("split_learning", "cnfgnn")])
-def test_federated_baselines_through_the_flower_client_app(tmp_path, task_identity, monkeypatch,
-                                                           method, model):
+@pytest.mark.parametrize(
+    "method,model", [("local", "gru_63k"), ("fmtl", "gru_63k"), ("split_learning", "cnfgnn")]
+)
+def test_federated_baselines_through_the_flower_client_app(
+    tmp_path, task_identity, monkeypatch, method, model
+):
     """Every message of the baselines goes through the ClientApp (a fresh process per
     message, node state on disk) and gives the in-process result."""
     from cnfgnn.config import compose_cfg, overrides_for
@@ -276,8 +341,14 @@ def test_federated_baselines_through_the_flower_client_app(tmp_path, task_identi
     from tests.helpers import LoopbackGrid
 
     monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
-    args = (*TINY, f"federation={method}", f"model={model}", "federation.nodes_per_client=2",
-            "federation.local_epochs=1", "federation.rounds=2")
+    args = (
+        *TINY,
+        f"federation={method}",
+        f"model={model}",
+        "federation.nodes_per_client=2",
+        "federation.local_epochs=1",
+        "federation.rounds=2",
+    )
     ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp_path}/a"), **QUIET)
     cfg = make_cfg(*args, f"output_root={tmp_path}/b", "engine=simulation")
     overrides = overrides_for(cfg, tmp_path / "b" / "run")

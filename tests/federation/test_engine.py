@@ -39,9 +39,19 @@ def test_split_gradient_equals_end_to_end_autograd(tiny_cfg):
     h_c = orch._assemble(enc, P.H_C, orch.col)  # [S, N, L, H]
     batch = np.arange(5, 5 + 16)
     h_g = orch.server.forward(h_c[batch], orch.train_graph)
-    replies = orch._send("split", P.SPLIT_STEP, {
-        c: {P.BATCH: batch, P.ROUND: 1, P.STEP: NO_TEACHER,
-            P.H_G: orch._slice(h_g.detach().numpy(), c, orch.col)} for c in orch.train_clients})
+    replies = orch._send(
+        "split",
+        P.SPLIT_STEP,
+        {
+            c: {
+                P.BATCH: batch,
+                P.ROUND: 1,
+                P.STEP: NO_TEACHER,
+                P.H_G: orch._slice(h_g.detach().numpy(), c, orch.col),
+            }
+            for c in orch.train_clients
+        },
+    )
     grad = orch._assemble(replies, P.GRAD, orch.col) / data.num_nodes
     h_g.backward(torch.as_tensor(grad))
     split_grads = [p.grad.clone() for p in orch.server.gn.parameters() if p.grad is not None]
@@ -49,9 +59,15 @@ def test_split_gradient_equals_end_to_end_autograd(tiny_cfg):
     # reference: one model over all nodes, one loss = mean over nodes of each node's MSE
     orch.server.gn.zero_grad()
     cfgm = tiny_cfg.model
-    ref = NodeSeq2Seq(num_nodes=data.num_nodes, input_size=cfgm.input_size,
-                      output_size=cfgm.output_size, hidden_size=cfgm.hidden_size,
-                      num_layers=cfgm.num_layers, graph_embedding=True, horizon=cfgm.horizon)
+    ref = NodeSeq2Seq(
+        num_nodes=data.num_nodes,
+        input_size=cfgm.input_size,
+        output_size=cfgm.output_size,
+        hidden_size=cfgm.hidden_size,
+        num_layers=cfgm.num_layers,
+        graph_embedding=True,
+        horizon=cfgm.horizon,
+    )
     ref.load_global_state({k: torch.as_tensor(v) for k, v in orch.theta.items()})
     w0 = workers[0]
     starts = w0.series.starts[P.TRAIN][batch]
@@ -81,20 +97,29 @@ def test_fedavg_one_step_on_identical_data_equals_central_step(tiny_cfg):
         cfg.federation.batch_size = 100000  # one batch = all windows
     data = load_dataset(cfg.dataset)
     col = np.repeat(data.speed[:, :1], 3, axis=1)
-    series = LocalSeries.from_arrays(np.arange(3), ["a", "b", "c"], col,
-                                     np.ones_like(col, bool), data.time_of_day(), cfg.dataset)
+    series = LocalSeries.from_arrays(
+        np.arange(3), ["a", "b", "c"], col, np.ones_like(col, bool), data.time_of_day(), cfg.dataset
+    )
     worker = NodeWorker(series, cfg)
     theta0 = initial_node_model(cfg)
     mean, std = float(col.mean()), float(col.std())
-    worker.configure({P.SCALER_MEAN: np.float64(mean), P.SCALER_STD: np.float64(std)}
-                     | P.weights_to_payload(theta0))
+    worker.configure(
+        {P.SCALER_MEAN: np.float64(mean), P.SCALER_STD: np.float64(std)}
+        | P.weights_to_payload(theta0)
+    )
     reply = worker.local_train({P.ROUND: 1, P.STEP: NO_TEACHER})
     theta1 = fedavg([P.weights_from_payload(reply)], [reply[P.NUM_EXAMPLES]])
 
     m = cfg.model
-    central = NodeSeq2Seq(num_nodes=1, input_size=m.input_size, output_size=m.output_size,
-                          hidden_size=m.hidden_size, num_layers=m.num_layers,
-                          graph_embedding=False, horizon=m.horizon)
+    central = NodeSeq2Seq(
+        num_nodes=1,
+        input_size=m.input_size,
+        output_size=m.output_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        graph_embedding=False,
+        horizon=m.horizon,
+    )
     central.load_global_state({k: torch.as_tensor(v) for k, v in theta0.items()})
     opt = torch.optim.Adam(central.parameters(), lr=cfg.federation.lr)
     starts = series.starts[P.TRAIN]
@@ -132,8 +157,9 @@ def test_server_never_receives_series_or_targets(tiny_cfg):
     run_experiment(tiny_cfg, progress=lambda s: None, engine_wrapper=wrap)
     data = load_dataset(tiny_cfg.dataset)
     w = next(iter(rec["workers"].values()))
-    check_private(rec["engine"].received, data, w.scaler, TRAINING_UP,
-                  (P.WEIGHTS_PREFIX, P.ERR_PREFIX))
+    check_private(
+        rec["engine"].received, data, w.scaler, TRAINING_UP, (P.WEIGHTS_PREFIX, P.ERR_PREFIX)
+    )
 
 
 def test_measured_bytes_match_the_formula(tiny_cfg):
@@ -143,20 +169,24 @@ def test_measured_bytes_match_the_formula(tiny_cfg):
     theta = sum(v.size for v in initial_node_model(tiny_cfg).values())
     s = load_dataset(tiny_cfg.dataset)
     from cnfgnn.data.windows import split_starts
+
     sp = tiny_cfg.dataset.split
     s_train = len(split_starts(s.num_steps, 12, 12, sp.train, sp.val, sp.test)["train"])
     hidden = tiny_cfg.model.hidden_size
     r_s = tiny_cfg.federation.server_epochs
     floats_per_round = 2 * n * theta + (2 + 2 * r_s) * n * s_train * hidden
     last = rounds[-1]["bytes"]
-    measured = sum(last[p].get("down_tensor", 0) + last[p].get("up_tensor", 0)
-                   for p in ("local", "encode", "split", "embed"))
+    measured = sum(
+        last[p].get("down_tensor", 0) + last[p].get("up_tensor", 0)
+        for p in ("local", "encode", "split", "embed")
+    )
     assert measured == 4 * floats_per_round * len(rounds)
 
 
 def test_outputs_and_resume_give_the_same_result(tmp_path):
-    full, _ = run_experiment(make_cfg(*TINY, f"output_root={tmp_path}/a",
-                                      "federation.rounds=4"), progress=lambda s: None)
+    full, _ = run_experiment(
+        make_cfg(*TINY, f"output_root={tmp_path}/a", "federation.rounds=4"), progress=lambda s: None
+    )
     cut_cfg = make_cfg(*TINY, f"output_root={tmp_path}/b", "federation.rounds=2")
     _, writer = run_experiment(cut_cfg, progress=lambda s: None)
     for name in ("config.yaml", "metrics.jsonl", "final.json", "checkpoint.pt"):

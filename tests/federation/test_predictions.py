@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from cnfgnn import report
-from cnfgnn.federation import protocol as P
 from cnfgnn.experiment import run_experiment
+from cnfgnn.federation import protocol as P
 from cnfgnn.results import NODE_STORE, read_predictions
-from tests.helpers import TINY, make_cfg
-from tests.helpers import RecordingEngine
+from tests.helpers import TINY, RecordingEngine, make_cfg
 
 
 class SentAndReceived(RecordingEngine):
@@ -90,8 +89,15 @@ def test_a_node_refuses_a_release_its_config_does_not_allow(runs):
     store = runs["kept"]["dir"] / NODE_STORE / "forecasts"
     before = {p.name: p.read_bytes() for p in store.iterdir()}
     with pytest.raises(PermissionError, match="predictions.release"):
-        worker.handle(P.EVALUATE, {P.SPLIT: P.TEST, P.H_G: np.zeros(tuple(h_c.shape), np.float32),
-                                   P.REPORT: np.arange(3, dtype=np.int64), P.RELEASE: True})
+        worker.handle(
+            P.EVALUATE,
+            {
+                P.SPLIT: P.TEST,
+                P.H_G: np.zeros(tuple(h_c.shape), np.float32),
+                P.REPORT: np.arange(3, dtype=np.int64),
+                P.RELEASE: True,
+            },
+        )
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # refused before any work
 
 

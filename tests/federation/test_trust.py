@@ -18,11 +18,11 @@ import torch
 from omegaconf import open_dict
 
 from cnfgnn.data.loaders import load_dataset
+from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import own_initial_state
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
-from cnfgnn.experiment import build_workers, run_experiment
 from tests.helpers import ROOT, TINY, make_cfg
 
 QUIET = {"progress": lambda s: None}
@@ -51,8 +51,9 @@ def test_best_round_earlier_than_last_tests_that_rounds_model_and_gn(tmp_path):
     best = longer["best_round"]
     assert best < longer["rounds_run"] == 3  # else the test would prove nothing
     stopped, w_stop = _run(tmp_path / "stop", *UNSTEADY, f"federation.rounds={best}")
-    assert [r["val_loss"] for r in w_long.rounds()][:best] == \
-        [r["val_loss"] for r in w_stop.rounds()]  # the same trajectory up to there
+    assert [r["val_loss"] for r in w_long.rounds()][:best] == [
+        r["val_loss"] for r in w_stop.rounds()
+    ]  # the same trajectory up to there
     _same_test(longer, stopped)
     kept = w_long.load_checkpoint()["early_stopping"]["best_server"]["gn"]
     at_best = w_stop.load_checkpoint()["server"]["gn"]
@@ -63,8 +64,9 @@ def test_best_round_earlier_than_last_tests_that_rounds_model_and_gn(tmp_path):
 
 
 def test_rounds_run_counts_the_rounds_run_after_an_early_stop(tmp_path):
-    final, writer = _run(tmp_path, *UNSTEADY, "federation.rounds=4",
-                         "federation.early_stopping_patience=1")
+    final, writer = _run(
+        tmp_path, *UNSTEADY, "federation.rounds=4", "federation.early_stopping_patience=1"
+    )
     logged = [r["round"] for r in writer.rounds()]
     assert len(logged) < 4  # stopped early
     assert final["rounds_run"] == logged[-1] == len(logged)
@@ -73,8 +75,14 @@ def test_rounds_run_counts_the_rounds_run_after_an_early_stop(tmp_path):
 # ---------------------------------------------------------------------- resume
 def _start(args: list[str], log) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE", MPLBACKEND="Agg")
-    return subprocess.Popen([sys.executable, "-m", "cnfgnn.cli", *args], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnfgnn.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -133,6 +141,7 @@ def test_resume_after_sigkill_keeps_totals_and_results(tmp_path):
 def test_resume_keeps_the_totals_of_earlier_rounds(tmp_path):
     """Bytes, seconds and a client left out before the restart still count in
     ``final.json``; the restart's own traffic is counted apart, under ``resume``."""
+
     class FailRound1:
         def __init__(self, inner):
             self.inner, self.local_calls = inner, 0
@@ -148,8 +157,9 @@ def test_resume_keeps_the_totals_of_earlier_rounds(tmp_path):
 
     full, _ = _run(tmp_path / "full", "federation.rounds=2", wrap=FailRound1)
     cut, writer = _run(tmp_path / "cut", "federation.rounds=1", wrap=FailRound1)
-    resumed, _ = _run(tmp_path / "cut", "federation.rounds=2", "resume=true",
-                      run_dir=writer.dir, wrap=FailRound1)
+    resumed, _ = _run(
+        tmp_path / "cut", "federation.rounds=2", "resume=true", run_dir=writer.dir, wrap=FailRound1
+    )
     assert len(full["failures"]) == 1
     assert resumed["failures"] == full["failures"]
     assert resumed["test"] == full["test"]
@@ -165,8 +175,9 @@ def test_central_baseline_resumes_where_it_stopped(tmp_path):
     central = ("federation=central", "model=cnfgnn")
     full, w_full = _run(tmp_path / "full", *central, "federation.rounds=3")
     _, writer = _run(tmp_path / "cut", *central, "federation.rounds=1")
-    resumed, writer2 = _run(tmp_path / "cut", *central, "federation.rounds=3", "resume=true",
-                            run_dir=writer.dir)
+    resumed, writer2 = _run(
+        tmp_path / "cut", *central, "federation.rounds=3", "resume=true", run_dir=writer.dir
+    )
     assert [r["round"] for r in writer2.rounds()] == [1, 2, 3]  # not restarted at epoch 1
     for key in ("step", "train_loss", "val_loss"):
         assert [r[key] for r in writer2.rounds()] == [r[key] for r in w_full.rounds()], key
@@ -186,11 +197,19 @@ def test_split_learning_nodes_start_from_their_own_models_whatever_the_grouping(
         with open_dict(cfg):
             cfg.federation.nodes_per_client = k
         workers = build_workers(cfg, data, torch.device("cpu"))
-        orch = Orchestrator(cfg, InProcessEngine(workers),
-                            ServerGraph(data.adjacency, list(data.sensor_ids)), None, **QUIET)
+        orch = Orchestrator(
+            cfg,
+            InProcessEngine(workers),
+            ServerGraph(data.adjacency, list(data.sensor_ids)),
+            None,
+            **QUIET,
+        )
         orch.setup()
-        rows[k] = {int(g): w.model.node_state(i) for w in workers.values()
-                   for i, g in enumerate(w.series.nodes)}
+        rows[k] = {
+            int(g): w.model.node_state(i)
+            for w in workers.values()
+            for i, g in enumerate(w.series.nodes)
+        }
     name = "encoder.weight_hh_l0"
     assert not torch.equal(rows[1][0][name], rows[1][1][name])  # independent inits
     for k in (2, data.num_nodes):
@@ -205,8 +224,13 @@ def test_per_node_init_needs_nodes_that_keep_their_own_models():
     cfg = make_cfg(*TINY, "federation.node_init=per_node")  # CNFGNN: FedAvg
     data = load_dataset(cfg.dataset)
     with pytest.raises(ValueError, match="node_init=per_node needs federation.aggregate=none"):
-        Orchestrator(cfg, InProcessEngine(build_workers(cfg, data, torch.device("cpu"))),
-                     ServerGraph(data.adjacency, list(data.sensor_ids)), None, **QUIET)
+        Orchestrator(
+            cfg,
+            InProcessEngine(build_workers(cfg, data, torch.device("cpu"))),
+            ServerGraph(data.adjacency, list(data.sensor_ids)),
+            None,
+            **QUIET,
+        )
 
 
 # ---------------------------------------------------------------------- answers, FedAvg
@@ -215,8 +239,13 @@ def _orchestrator(cfg, nodes_per_client: int = 1):
         cfg.federation.nodes_per_client = nodes_per_client
     data = load_dataset(cfg.dataset)
     workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(cfg, InProcessEngine(workers),
-                        ServerGraph(data.adjacency, list(data.sensor_ids)), None, **QUIET)
+    orch = Orchestrator(
+        cfg,
+        InProcessEngine(workers),
+        ServerGraph(data.adjacency, list(data.sensor_ids)),
+        None,
+        **QUIET,
+    )
     orch.setup()
     orch.round = 1
     return workers, orch
@@ -229,10 +258,8 @@ def _break(worker) -> None:
     worker.local_train = boom
 
 
-@pytest.mark.parametrize("fraction,broken,fails", [(0.5, 3, False), (0.5, 4, True),
-                                                   (0.9, 1, True)])
-def test_min_answer_fraction_stops_the_run_with_a_clear_message(tiny_cfg, fraction, broken,
-                                                                fails):
+@pytest.mark.parametrize("fraction,broken,fails", [(0.5, 3, False), (0.5, 4, True), (0.9, 1, True)])
+def test_min_answer_fraction_stops_the_run_with_a_clear_message(tiny_cfg, fraction, broken, fails):
     with open_dict(tiny_cfg):
         tiny_cfg.federation.min_answer_fraction = fraction
     workers, orch = _orchestrator(tiny_cfg)
@@ -255,8 +282,11 @@ def test_a_run_with_too_few_answers_fails_naming_phase_and_fraction(tmp_path):
             _break(engine.workers[c])
         return engine
 
-    with pytest.raises(FederationError, match=r"only 2/6 nodes answered .* phase local; "
-                                              r"below federation.min_answer_fraction=0.5"):
+    with pytest.raises(
+        FederationError,
+        match=r"only 2/6 nodes answered .* phase local; "
+        r"below federation.min_answer_fraction=0.5",
+    ):
         _run(tmp_path, wrap=wrap)
 
 
@@ -291,12 +321,15 @@ def test_fedavg_weights_each_node_by_its_sample_count(tiny_cfg):
         if weighting == "uniform":
             n = np.ones_like(n)
         for name, got in orch.theta.items():
-            rows = np.concatenate([np.asarray(sent[c][P.WEIGHTS_PREFIX + name], np.float64)
-                                   for c in sorted(sent)])  # [N, ...] each node's weights
+            rows = np.concatenate(
+                [np.asarray(sent[c][P.WEIGHTS_PREFIX + name], np.float64) for c in sorted(sent)]
+            )  # [N, ...] each node's weights
             want = sum(n[i] * rows[i] for i in range(len(n))) / n.sum()
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
         if weighting == "samples":  # not the plain mean: the weighting matters here
             name = "encoder.weight_hh_l0"
-            plain = np.mean([np.asarray(sent[c][P.WEIGHTS_PREFIX + name], np.float64)
-                             for c in sorted(sent)], axis=(0, 1))
+            plain = np.mean(
+                [np.asarray(sent[c][P.WEIGHTS_PREFIX + name], np.float64) for c in sorted(sent)],
+                axis=(0, 1),
+            )
             assert not np.allclose(orch.theta[name], plain, rtol=1e-5, atol=1e-7)

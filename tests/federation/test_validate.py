@@ -34,8 +34,12 @@ from cnfgnn.federation.validate import (
 )
 from tests.helpers import TINY, make_cfg
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 # ---------------------------------------------------------------------- a tiny federation
@@ -43,12 +47,17 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
 def fed(tmp_path_factory):
     """6 sensors, 2 per client, set up; client 0 has encoded train and val, and holds a
     pending split-learning batch (so every message type has a valid request)."""
-    cfg = make_cfg(*TINY, f"output_root={tmp_path_factory.mktemp('v')}",
-                   "federation.nodes_per_client=2")
+    cfg = make_cfg(
+        *TINY, f"output_root={tmp_path_factory.mktemp('v')}", "federation.nodes_per_client=2"
+    )
     data = load_dataset(cfg.dataset)
     workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(cfg, InProcessEngine(workers), ServerGraph(
-        data.adjacency, list(data.sensor_ids), data.locations), progress=lambda s: None)
+    orch = Orchestrator(
+        cfg,
+        InProcessEngine(workers),
+        ServerGraph(data.adjacency, list(data.sensor_ids), data.locations),
+        progress=lambda s: None,
+    )
     orch.setup()
     w = workers[0]
     w.handle(P.ENCODE, {P.SPLIT: P.TRAIN})
@@ -56,8 +65,7 @@ def fed(tmp_path_factory):
     w.handle(P.KEEP_MODEL, {P.ACTION: P.KEEP_BEST})
     valid = _valid_requests(w, orch)
     w.handle(P.SL_DECODE, valid[P.SL_DECODE])  # leaves the pending batch for sl_backward
-    return {"cfg": cfg, "data": data, "workers": workers, "orch": orch, "worker": w,
-            "valid": valid}
+    return {"cfg": cfg, "data": data, "workers": workers, "orch": orch, "worker": w, "valid": valid}
 
 
 def _valid_requests(w, orch) -> dict[str, P.Payload]:
@@ -73,7 +81,8 @@ def _valid_requests(w, orch) -> dict[str, P.Payload]:
     ends = np.array([w.in_steps - 1, 100, w.series.speed.shape[0] - 1], np.int64)
     theta = P.weights_to_payload(orch.theta)
     return {
-        P.HELLO: {}, P.STATS: {},
+        P.HELLO: {},
+        P.STATS: {},
         P.CONFIGURE: {P.SCALER_MEAN: np.full(k, 50.0), P.SCALER_STD: np.full(k, 10.0)} | theta,
         P.LOCAL_TRAIN: {P.ROUND: 1, P.STEP: 0} | theta,
         P.ENCODE: {P.SPLIT: P.TRAIN} | theta,
@@ -92,21 +101,34 @@ def _valid_requests(w, orch) -> dict[str, P.Payload]:
 # keys whose removal alone makes the request malformed (others are optional, or one of a
 # group that must come whole: the scaler pair, the node-model tensors)
 REQUIRED = {
-    P.CONFIGURE: [P.SCALER_MEAN, P.SCALER_STD], P.LOCAL_TRAIN: [P.ROUND, P.STEP],
-    P.ENCODE: [P.SPLIT], P.SPLIT_STEP: [P.BATCH, P.ROUND, P.STEP, P.H_G], P.EMBED: [P.H_G],
-    P.EVALUATE: [P.SPLIT, P.H_G], P.KEEP_MODEL: [P.ACTION], P.SL_ENCODE: [P.BATCH],
-    P.SL_DECODE: [P.BATCH, P.ROUND, P.STEP, P.H_G], P.SL_BACKWARD: [P.GRAD_H_C],
-    P.PREDICT_ENCODE: [P.ENDS], P.PREDICT: [P.ENDS, P.H_G],
+    P.CONFIGURE: [P.SCALER_MEAN, P.SCALER_STD],
+    P.LOCAL_TRAIN: [P.ROUND, P.STEP],
+    P.ENCODE: [P.SPLIT],
+    P.SPLIT_STEP: [P.BATCH, P.ROUND, P.STEP, P.H_G],
+    P.EMBED: [P.H_G],
+    P.EVALUATE: [P.SPLIT, P.H_G],
+    P.KEEP_MODEL: [P.ACTION],
+    P.SL_ENCODE: [P.BATCH],
+    P.SL_DECODE: [P.BATCH, P.ROUND, P.STEP, P.H_G],
+    P.SL_BACKWARD: [P.GRAD_H_C],
+    P.PREDICT_ENCODE: [P.ENDS],
+    P.PREDICT: [P.ENDS, P.H_G],
 }
 # int-array keys whose empty value is valid (any number of windows may be asked for)
 EMPTY_OK = {P.REPORT, P.ENDS}
 # float keys whose shape may also be () (the scaler: one for all nodes, or one per node)
 SCALAR_OK = {P.SCALER_MEAN, P.SCALER_STD}
 
-JUNK = st.one_of(st.none(), st.text(max_size=5), st.integers(-5, 5), st.floats(),
-                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=2),
-                                                                      st.integers(), max_size=2),
-                 st.just(np.zeros(3, np.float32)), st.just(b"\x00\xff"))
+JUNK = st.one_of(
+    st.none(),
+    st.text(max_size=5),
+    st.integers(-5, 5),
+    st.floats(),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.just(np.zeros(3, np.float32)),
+    st.just(b"\x00\xff"),
+)
 
 
 @st.composite
@@ -118,10 +140,16 @@ def _malformed(draw, valid: dict[str, P.Payload], k: int):
     ops += ["retype"] * bool(base) + ["value"] * bool(base)
     op = draw(st.sampled_from(ops))
     if op == "junk_key":
-        name = draw(st.text(min_size=1, max_size=8).filter(lambda s: s not in base and s != P.NODES
-                                                          and not s.startswith(("w.", "nbr."))
-                                                          and s not in (P.REPORT, P.NOISE,
-                                                                        P.OWN_MODEL)))
+        name = draw(
+            st.text(min_size=1, max_size=8).filter(
+                lambda s: (
+                    s not in base
+                    and s != P.NODES
+                    and not s.startswith(("w.", "nbr."))
+                    and s not in (P.REPORT, P.NOISE, P.OWN_MODEL)
+                )
+            )
+        )
         base[name] = draw(JUNK)
         return mtype, base, f"junk key {name!r}"
     if op == "not_hosted":
@@ -135,13 +163,26 @@ def _malformed(draw, valid: dict[str, P.Payload], k: int):
     key = draw(st.sampled_from(sorted(base)))
     v = base[key]
     if op == "retype":
-        bad = draw(st.one_of(st.none(), st.text(max_size=4), st.lists(st.integers(), max_size=2),
-                             st.just({"a": 1})))
+        bad = draw(
+            st.one_of(
+                st.none(),
+                st.text(max_size=4),
+                st.lists(st.integers(), max_size=2),
+                st.just({"a": 1}),
+            )
+        )
         if isinstance(v, str):  # a string stays a string only if it is no valid choice
             bad = draw(st.one_of(st.none(), st.integers(), st.just(np.array(["x"]))))
         if isinstance(v, float):  # NOISE
-            bad = draw(st.one_of(st.text(max_size=3), st.just(float("nan")), st.just(-1.0),
-                                 st.just(True), st.just(np.array([0.5]))))
+            bad = draw(
+                st.one_of(
+                    st.text(max_size=3),
+                    st.just(float("nan")),
+                    st.just(-1.0),
+                    st.just(True),
+                    st.just(np.array([0.5])),
+                )
+            )
         base[key] = bad
         return mtype, base, f"retype {key} -> {type(bad).__name__}"
     # op == "value": wrong dtype, shape, NaN/inf, out-of-range, unknown choice
@@ -151,17 +192,28 @@ def _malformed(draw, valid: dict[str, P.Payload], k: int):
     elif isinstance(v, float):
         base[key] = draw(st.sampled_from([float("inf"), -0.1, 1e9]))
     elif isinstance(v, int):
-        base[key] = draw(st.one_of(st.integers(max_value=-1),
-                                   st.integers(min_value=MAX_COUNTER + 1),
-                                   st.floats(allow_nan=True), st.just(True), st.just("1"),
-                                   st.just(np.array([1]))))
+        base[key] = draw(
+            st.one_of(
+                st.integers(max_value=-1),
+                st.integers(min_value=MAX_COUNTER + 1),
+                st.floats(allow_nan=True),
+                st.just(True),
+                st.just("1"),
+                st.just(np.array([1])),
+            )
+        )
     elif v.dtype.kind == "f":
-        how = draw(st.sampled_from(["nonfinite", "dtype", "grow", "extra_axis", "drop_axis"]
-                                   + (["nonpositive"] if key == P.SCALER_STD else [])))
+        how = draw(
+            st.sampled_from(
+                ["nonfinite", "dtype", "grow", "extra_axis", "drop_axis"]
+                + (["nonpositive"] if key == P.SCALER_STD else [])
+            )
+        )
         if how == "nonfinite":
             flat = v.reshape(-1)
-            flat[draw(st.integers(0, flat.size - 1))] = draw(st.sampled_from(
-                [np.nan, np.inf, -np.inf]))
+            flat[draw(st.integers(0, flat.size - 1))] = draw(
+                st.sampled_from([np.nan, np.inf, -np.inf])
+            )
         elif how == "dtype":
             v = v.astype(draw(st.sampled_from([np.int64, np.int32, bool, np.complex64, "U3"])))
         elif how == "grow":
@@ -178,8 +230,9 @@ def _malformed(draw, valid: dict[str, P.Payload], k: int):
         base[key] = v
         return mtype, base, f"{how} {key}"
     else:  # int arrays: BATCH, REPORT, ENDS
-        how = draw(st.sampled_from(["high", "low", "float", "2d"]
-                                   + ([] if key in EMPTY_OK else ["empty"])))
+        how = draw(
+            st.sampled_from(["high", "low", "float", "2d"] + ([] if key in EMPTY_OK else ["empty"]))
+        )
         if how == "high":
             v[draw(st.integers(0, v.size - 1))] = 10**6 + draw(st.integers(0, 10**9))
         elif how == "low":
@@ -225,16 +278,25 @@ def test_malformed_requests_are_refused(fed):
 
 
 @FUZZ
-@given(mtype=st.one_of(st.text(max_size=20), st.integers(), st.none(),
-                       st.sampled_from(["query.Hello", "train.local ", P.IDENTIFY])))
+@given(
+    mtype=st.one_of(
+        st.text(max_size=20),
+        st.integers(),
+        st.none(),
+        st.sampled_from(["query.Hello", "train.local ", P.IDENTIFY]),
+    )
+)
 def test_unknown_message_types_are_refused(fed, mtype):
     with pytest.raises(MalformedMessage, match="unknown message type"):
         fed["worker"].handle(mtype, {})
 
 
 @FUZZ
-@given(payload=st.one_of(st.none(), st.text(max_size=5), st.lists(st.integers(), max_size=3),
-                         st.just(np.zeros(3))))
+@given(
+    payload=st.one_of(
+        st.none(), st.text(max_size=5), st.lists(st.integers(), max_size=3), st.just(np.zeros(3))
+    )
+)
 def test_a_payload_that_is_not_a_dict_is_refused(fed, payload):
     with pytest.raises(MalformedMessage):
         fed["worker"].handle(P.HELLO, payload)
@@ -265,8 +327,9 @@ def test_out_of_order_messages_are_refused(fed):
         fresh.handle(P.EVALUATE, valid[P.EVALUATE])
 
 
-def test_client_app_answers_malformed_with_an_error_reply(fed, tmp_path, monkeypatch,
-                                                           task_identity):  # noqa: F811
+def test_client_app_answers_malformed_with_an_error_reply(
+    fed, tmp_path, monkeypatch, task_identity
+):  # noqa: F811
     """The Flower path: the ClientApp returns an error Message instead of raising."""
     from flwr.app import Context, Message, RecordDict
 
@@ -275,13 +338,21 @@ def test_client_app_answers_malformed_with_an_error_reply(fed, tmp_path, monkeyp
     from cnfgnn.flower.codec import pack
 
     monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
-    cfg = make_cfg(*TINY, f"output_root={tmp_path}", "engine=simulation",
-                   "federation.nodes_per_client=2")
-    ctx = Context(run_id=task_identity, node_id=7, node_config={"partition-id": 0,
-                                                                "num-partitions": 3},
-                  state=RecordDict(), run_config={RUN_CONFIG_KEY: overrides_for(cfg, tmp_path)})
-    for mtype, payload in [(P.HELLO, {"junk": 1}), (P.ENCODE, {P.SPLIT: P.TRAIN}),
-                           (P.KEEP_MODEL, {P.ACTION: "drop_tables"})]:
+    cfg = make_cfg(
+        *TINY, f"output_root={tmp_path}", "engine=simulation", "federation.nodes_per_client=2"
+    )
+    ctx = Context(
+        run_id=task_identity,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={RUN_CONFIG_KEY: overrides_for(cfg, tmp_path)},
+    )
+    for mtype, payload in [
+        (P.HELLO, {"junk": 1}),
+        (P.ENCODE, {P.SPLIT: P.TRAIN}),
+        (P.KEEP_MODEL, {P.ACTION: "drop_tables"}),
+    ]:
         msg = Message(pack(payload), dst_node_id=7, message_type=mtype)
         reply = client_app.app(msg, ctx)
         assert reply.has_error(), mtype
@@ -297,11 +368,17 @@ def replies(fed):
     """Valid replies of client 0 to each request, with the request and its limits."""
     orch, w, valid = fed["orch"], fed["worker"], fed["valid"]
     lim = orch._reply_limits()
-    asked = {P.HELLO: {}, P.STATS: {},
-             P.LOCAL_TRAIN: {P.ROUND: 1, P.STEP: 0},
-             P.ENCODE: {P.SPLIT: P.TRAIN}, P.SPLIT_STEP: valid[P.SPLIT_STEP],
-             P.EVALUATE: valid[P.EVALUATE], P.SL_ENCODE: valid[P.SL_ENCODE],
-             P.PREDICT_ENCODE: valid[P.PREDICT_ENCODE], P.PREDICT: valid[P.PREDICT]}
+    asked = {
+        P.HELLO: {},
+        P.STATS: {},
+        P.LOCAL_TRAIN: {P.ROUND: 1, P.STEP: 0},
+        P.ENCODE: {P.SPLIT: P.TRAIN},
+        P.SPLIT_STEP: valid[P.SPLIT_STEP],
+        P.EVALUATE: valid[P.EVALUATE],
+        P.SL_ENCODE: valid[P.SL_ENCODE],
+        P.PREDICT_ENCODE: valid[P.PREDICT_ENCODE],
+        P.PREDICT: valid[P.PREDICT],
+    }
     state = w.state_dict()
     out = {m: (req, w.handle(m, req)) for m, req in asked.items()}
     w.load_state_dict(state)
@@ -340,15 +417,19 @@ def _bad_reply(draw, out):
     rep = {key: (v.copy() if isinstance(v, np.ndarray) else v) for key, v in rep.items()}
     key = draw(st.sampled_from(sorted(rep)))
     v = rep[key]
-    op = draw(st.sampled_from(["junk", "retype", "value"]
-                              + ([] if key == P.FIRST_START else ["drop"])))  # the one optional
+    op = draw(
+        st.sampled_from(["junk", "retype", "value"] + ([] if key == P.FIRST_START else ["drop"]))
+    )  # the one optional
     if op == "drop":
         del rep[key]
     elif op == "junk":
         rep["zz_" + draw(st.text(max_size=4))] = draw(JUNK)
     elif op == "retype":
-        rep[key] = draw(st.one_of(st.none(), st.just([1, 2]), st.just({"x": 1}))
-                        if not isinstance(v, str) else st.one_of(st.none(), st.integers()))
+        rep[key] = draw(
+            st.one_of(st.none(), st.just([1, 2]), st.just({"x": 1}))
+            if not isinstance(v, str)
+            else st.one_of(st.none(), st.integers())
+        )
     elif isinstance(v, np.ndarray) and v.dtype.kind == "f":
         how = draw(st.sampled_from(["nan", "huge", "negative", "shape"]))
         flat = v.reshape(-1)
@@ -357,8 +438,10 @@ def _bad_reply(draw, out):
             flat[i] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
         elif how == "huge":  # above federation.reply_max_abs (1e6), or beyond float32
             flat[i] = draw(st.sampled_from([1e30, -1e30, 2e6, 3e38]))
-        elif how == "negative" and (key.startswith(P.ERR_PREFIX) or key in
-                                    (P.LOSS_SUM, P.LOSS_COUNT, P.STAT_SUMSQ, P.STAT_COUNT)):
+        elif how == "negative" and (
+            key.startswith(P.ERR_PREFIX)
+            or key in (P.LOSS_SUM, P.LOSS_COUNT, P.STAT_SUMSQ, P.STAT_COUNT)
+        ):
             flat[i] = -1.0
         else:
             v = v[..., None]
@@ -414,18 +497,25 @@ class Hostile:
 
 def _scale(keys, factor):
     def poison(reply):
-        return {k: (v * np.float32(factor) if any(k.startswith(p) for p in keys) else v)
-                for k, v in reply.items()}
+        return {
+            k: (v * np.float32(factor) if any(k.startswith(p) for p in keys) else v)
+            for k, v in reply.items()
+        }
+
     return poison
 
 
-@pytest.mark.parametrize("mtype, poison, phase", [
-    (P.LOCAL_TRAIN, _scale([P.WEIGHTS_PREFIX], 1e30), "local"),
-    (P.SPLIT_STEP, _scale([P.GRAD], np.nan), "split"),
-])
+@pytest.mark.parametrize(
+    "mtype, poison, phase",
+    [
+        (P.LOCAL_TRAIN, _scale([P.WEIGHTS_PREFIX], 1e30), "local"),
+        (P.SPLIT_STEP, _scale([P.GRAD], np.nan), "split"),
+    ],
+)
 def test_hostile_client_is_left_out_and_the_run_says_so(tmp_path, mtype, poison, phase):
-    cfg = make_cfg(*TINY, f"output_root={tmp_path}", "federation.nodes_per_client=2",
-                   "federation.rounds=1")
+    cfg = make_cfg(
+        *TINY, f"output_root={tmp_path}", "federation.nodes_per_client=2", "federation.rounds=1"
+    )
     data = load_dataset(cfg.dataset)
     hostile = {}
 

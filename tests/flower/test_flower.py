@@ -50,7 +50,11 @@ def test_codec_round_trip_keeps_types_dtypes_and_shapes():
         P.SCALER_STD: np.float64(1.25),  # numpy scalar stays a numpy scalar
         P.NUM_EXAMPLES: np.zeros(0, np.int64),
         "w.fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
-        P.ROUND: 3, P.STEP: 10**12, P.SPLIT: P.VAL, P.SENSOR_IDS: "a,b,c", "flag": True,
+        P.ROUND: 3,
+        P.STEP: 10**12,
+        P.SPLIT: P.VAL,
+        P.SENSOR_IDS: "a,b,c",
+        "flag": True,
         "lr": 0.001,
     }
     back = unpack(pack(payload))
@@ -76,8 +80,10 @@ def test_client_app_has_one_handler_per_message_type():
 
 def test_pyproject_declares_the_flower_app():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert project["components"] == {"serverapp": "cnfgnn.flower.server_app:app",
-                                     "clientapp": "cnfgnn.flower.client_app:app"}
+    assert project["components"] == {
+        "serverapp": "cnfgnn.flower.server_app:app",
+        "clientapp": "cnfgnn.flower.client_app:app",
+    }
     assert project["config"] == {RUN_CONFIG_KEY: ""}
 
 
@@ -122,15 +128,18 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
     worker = workers[orch.train_clients[0]]
     batch = np.arange(3, 11)
     h_g = orch.server.forward(h_c[batch], orch.train_graph).detach().numpy()
-    payload = {P.BATCH: batch, P.ROUND: 1, P.STEP: 5,
-               P.H_G: orch._slice(h_g, orch.train_clients[0], orch.col)}
+    payload = {
+        P.BATCH: batch,
+        P.ROUND: 1,
+        P.STEP: 5,
+        P.H_G: orch._slice(h_g, orch.train_clients[0], orch.col),
+    }
     before = worker.state_dict()
     reply = worker.handle(P.SPLIT_STEP, payload)
     same_state(before, worker.state_dict())
     worker.handle(P.SL_ENCODE, {P.BATCH: batch})
     same_state(before, worker.state_dict())
-    assert {P.SPLIT_STEP, P.HELLO, P.STATS, P.PREDICT_ENCODE, P.PREDICT,
-            P.SL_ENCODE} >= P.READ_ONLY
+    assert {P.SPLIT_STEP, P.HELLO, P.STATS, P.PREDICT_ENCODE, P.PREDICT, P.SL_ENCODE} >= P.READ_ONLY
 
     fresh = build_workers(cfg, data, torch.device("cpu"))[orch.train_clients[0]]
     fresh.load_state_dict(worker.state_dict())
@@ -151,8 +160,9 @@ def test_client_app_over_loopback_grid_equals_inprocess(tmp_path, task_identity,
     cfg = make_cfg(*args, f"output_root={tmp_path}/b", "engine=simulation")
     overrides = overrides_for(cfg, tmp_path / "b" / "run")
     grid = LoopbackGrid(overrides, num_nodes=3, run_id=task_identity, fresh_process=True)
-    final = server_app.run_server(grid, compose_cfg(overrides), run_id=None,
-                                  progress=lambda s: None)
+    final = server_app.run_server(
+        grid, compose_cfg(overrides), run_id=None, progress=lambda s: None
+    )
     for key in METRICS:
         assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
     assert final["bytes"] == ref["bytes"]
@@ -172,15 +182,21 @@ def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
         rec["workers"] = engine.workers
         return engine
 
-    ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp}/a"), progress=lambda s: None,
-                            engine_wrapper=keep_workers)
+    ref, _ = run_experiment(
+        make_cfg(*args, f"output_root={tmp}/a"),
+        progress=lambda s: None,
+        engine_wrapper=keep_workers,
+    )
 
     def record(engine):
         rec["engine"] = RecordingEngine(engine)
         return rec["engine"]
 
-    final, writer = run_experiment(make_cfg(*args, f"output_root={tmp}/b", "engine=simulation"),
-                                   progress=lambda s: None, engine_wrapper=record)
+    final, writer = run_experiment(
+        make_cfg(*args, f"output_root={tmp}/b", "engine=simulation"),
+        progress=lambda s: None,
+        engine_wrapper=record,
+    )
     assert final["engine"] == "simulation" and final["nodes"]["clients"] == 3
     for key in METRICS:
         assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
@@ -191,8 +207,9 @@ def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
     for r in rounds:
         assert r["failures"] == 0
         assert r["wire_bytes"][P.LOCAL_TRAIN]["up"] > 0
-    assert final["wire_bytes_total"] >= sum(v.get("up_tensor", 0) + v.get("down_tensor", 0)
-                                            for v in final["bytes"].values())
+    assert final["wire_bytes_total"] >= sum(
+        v.get("up_tensor", 0) + v.get("down_tensor", 0) for v in final["bytes"].values()
+    )
     assert not (tmp / "state").exists() or not any((tmp / "state").iterdir())  # cleaned up
     data = load_dataset(make_cfg(*args).dataset)
     scaler = next(iter(rec["workers"].values())).scaler
@@ -200,8 +217,9 @@ def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
     kept = read_predictions(writer.dir)  # the simulated nodes kept them in <run>/node_store
     assert list(kept["sensor_ids"]) == final["predictions"]["sensors"]
     assert not (writer.dir / "predictions.npz").exists()
-    check_private(rec["engine"].received, data, scaler, TRAINING_UP,
-                  (P.WEIGHTS_PREFIX, P.ERR_PREFIX))
+    check_private(
+        rec["engine"].received, data, scaler, TRAINING_UP, (P.WEIGHTS_PREFIX, P.ERR_PREFIX)
+    )
 
 
 def test_simulation_leaves_out_failing_and_silent_clients(flower_env):
@@ -210,10 +228,19 @@ def test_simulation_leaves_out_failing_and_silent_clients(flower_env):
     The timeout leaves room for Ray's actors to start on a loaded 2-core machine (with 4 s,
     no client answered the first message under a load average of 19)."""
     tmp = flower_env
-    faults = ("++engine.fault=[{partition:1,message_type:train.local},"
-              "{partition:4,message_type:evaluate.decode,mode:sleep,seconds:40}]")
-    cfg = make_cfg(*TINY, f"output_root={tmp}", "engine=simulation", "federation.rounds=1",
-                   "federation.nodes_per_client=1", "engine.timeout_s=15", faults)
+    faults = (
+        "++engine.fault=[{partition:1,message_type:train.local},"
+        "{partition:4,message_type:evaluate.decode,mode:sleep,seconds:40}]"
+    )
+    cfg = make_cfg(
+        *TINY,
+        f"output_root={tmp}",
+        "engine=simulation",
+        "federation.rounds=1",
+        "federation.nodes_per_client=1",
+        "engine.timeout_s=15",
+        faults,
+    )
     final, writer = run_experiment(cfg, progress=lambda s: None)
     data = load_dataset(cfg.dataset)
     seen = {(f["client"], f["phase"]) for f in final["failures"]}
@@ -231,15 +258,30 @@ def test_simulation_leaves_out_failing_and_silent_clients(flower_env):
 def test_simulation_207_supernodes(flower_env):
     """One SuperNode per sensor at METR-LA's size: small data, one round, few server steps."""
     tmp = flower_env
-    cfg = make_cfg("dataset=synthetic", "dataset.num_nodes=207", "dataset.days=2",
-                   "model.hidden_size=16", "model.gn.mlp_hidden=32", "model.gn.latent_size=16",
-                   "federation.rounds=1", "federation.nodes_per_client=1",
-                   "federation.server_batch_size=256", "federation.eval_batch_size=512",
-                   f"output_root={tmp}", "engine=simulation")
+    cfg = make_cfg(
+        "dataset=synthetic",
+        "dataset.num_nodes=207",
+        "dataset.days=2",
+        "model.hidden_size=16",
+        "model.gn.mlp_hidden=32",
+        "model.gn.latent_size=16",
+        "federation.rounds=1",
+        "federation.nodes_per_client=1",
+        "federation.server_batch_size=256",
+        "federation.eval_batch_size=512",
+        f"output_root={tmp}",
+        "engine=simulation",
+    )
     final, writer = run_experiment(cfg, progress=print)
     assert final["nodes"] == {"total": 207, "train": 207, "clients": 207}
     assert final["failures"] == [] and np.isfinite(final["test"]["rmse"])
     assert final["round_trips"][P.SPLIT_STEP] >= 1
-    print(json.dumps({k: final[k] for k in ("round_trips", "round_trip_seconds",
-                                            "wire_bytes_total", "bytes_total")}))
+    print(
+        json.dumps(
+            {
+                k: final[k]
+                for k in ("round_trips", "round_trip_seconds", "wire_bytes_total", "bytes_total")
+            }
+        )
+    )
     assert os.path.exists(writer.dir / "final.json")

@@ -58,12 +58,27 @@ def _ts(run, i) -> str:
 # ---------------------------------------------------------------------- equal to evaluation
 def test_rolling_over_the_test_split_reproduces_the_runs_test_metrics(trained, tmp_path):
     ends = _test_ends(trained)
-    summary = cli.run([str(trained["dir"]), f"rolling.start={_ts(trained, ends[0])}",
-                       f"rolling.end={_ts(trained, ends[-1])}", f"out={tmp_path}"], **QUIET)
+    summary = cli.run(
+        [
+            str(trained["dir"]),
+            f"rolling.start={_ts(trained, ends[0])}",
+            f"rolling.end={_ts(trained, ends[-1])}",
+            f"out={tmp_path}",
+        ],
+        **QUIET,
+    )
     test = trained["final"]["test"]
     assert summary["period"]["windows"] == len(ends)
-    for key in ("rmse", "mae", "masked_mae", "masked_rmse", "masked_mape", "masked_mae_h3",
-                "masked_rmse_h12", "rmse_h6"):
+    for key in (
+        "rmse",
+        "mae",
+        "masked_mae",
+        "masked_rmse",
+        "masked_mape",
+        "masked_mae_h3",
+        "masked_rmse_h12",
+        "rmse_h6",
+    ):
         assert summary["metrics"][key] == pytest.approx(test[key], rel=1e-5), key
     ref = trained["final"]["test_per_horizon"]
     for key in ("masked_mae", "rmse"):
@@ -76,8 +91,14 @@ def test_rolling_over_the_test_split_reproduces_the_runs_test_metrics(trained, t
 @pytest.mark.parametrize("method", ["fedavg", "central"])
 def test_global_gru_baselines_forecast_in_one_round_trip(method, tmp_path):
     """No graph embedding: nodes encode and decode in one PREDICT; same test metrics."""
-    cfg = make_cfg(*ARGS, f"federation={method}", "model=gru_63k", "model.hidden_size=8",
-                   "federation.rounds=1", f"output_root={tmp_path}")
+    cfg = make_cfg(
+        *ARGS,
+        f"federation={method}",
+        "model=gru_63k",
+        "model.hidden_size=8",
+        "federation.rounds=1",
+        f"output_root={tmp_path}",
+    )
     final, writer = run_experiment(cfg, run_dir=tmp_path / "run", **QUIET)
     run = {"cfg": cfg, "data": load_dataset(cfg.dataset)}
     ends = _test_ends(run)
@@ -87,9 +108,16 @@ def test_global_gru_baselines_forecast_in_one_round_trip(method, tmp_path):
         rec["e"] = RecordingEngine(engine)
         return rec["e"]
 
-    summary = cli.run([str(writer.dir), f"rolling.start={_ts(run, ends[0])}",
-                       f"rolling.end={_ts(run, ends[-1])}", f"out={tmp_path}"],
-                      engine_wrapper=wrap, **QUIET)
+    summary = cli.run(
+        [
+            str(writer.dir),
+            f"rolling.start={_ts(run, ends[0])}",
+            f"rolling.end={_ts(run, ends[-1])}",
+            f"out={tmp_path}",
+        ],
+        engine_wrapper=wrap,
+        **QUIET,
+    )
     for key in ("rmse", "masked_mae", "masked_rmse_h12"):
         assert summary["metrics"][key] == pytest.approx(final["test"][key], rel=1e-5), key
     assert P.PREDICT_ENCODE not in {m for m, _ in rec["e"].received}
@@ -103,10 +131,11 @@ def test_forecasts_equal_the_evaluation_decoding_of_the_same_windows(trained):
     data = trained["data"]
     tm = fc.trained
     # reference: the evaluation path (ENCODE of the test split, GN, decode as evaluate does)
-    enc = {c: w.handle(P.ENCODE, {P.SPLIT: P.TEST} | P.weights_to_payload(tm.theta))
-           for c, w in workers.items()}
-    h_c = np.zeros((len(_test_ends(trained)), data.num_nodes) + enc[0][P.H_C].shape[2:],
-                   np.float32)
+    enc = {
+        c: w.handle(P.ENCODE, {P.SPLIT: P.TEST} | P.weights_to_payload(tm.theta))
+        for c, w in workers.items()
+    }
+    h_c = np.zeros((len(_test_ends(trained)), data.num_nodes) + enc[0][P.H_C].shape[2:], np.float32)
     for c, w in workers.items():
         h_c[:, w.series.nodes] = enc[c][P.H_C]
     h_g = fc.server.embed_all(h_c, fc.server.graph(data.adjacency), 128)
@@ -114,11 +143,13 @@ def test_forecasts_equal_the_evaluation_decoding_of_the_same_windows(trained):
     for w in workers.values():
         _, x_last, y_tod, _, _ = w._gather(P.TEST, pos.expand(w.num_nodes, -1))
         with torch.no_grad():
-            pred = w.model.decode(x_last, y_tod, w.h_c[P.TEST][pos],
-                                  torch.as_tensor(h_g[pos][:, w.series.nodes]))[..., 0]
+            pred = w.model.decode(
+                x_last, y_tod, w.h_c[P.TEST][pos], torch.as_tensor(h_g[pos][:, w.series.nodes])
+            )[..., 0]
         want = w.scaler.inverse_transform(pred).numpy()
-        np.testing.assert_allclose(result.forecast[:, :, w.series.nodes], want,
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            result.forecast[:, :, w.series.nodes], want, rtol=1e-5, atol=1e-4
+        )
     assert result.answered.all() and not result.missing
 
 
@@ -140,18 +171,19 @@ def test_predict_handlers_leave_the_node_state_unchanged(trained):
 def test_forecast_csv_png_and_observed_from_local_data(trained, tmp_path):
     data = trained["data"]
     at = 500
-    summary = cli.run([str(trained["dir"]), f"at={_ts(trained, at)}", f"out={tmp_path}"],
-                      **QUIET)
-    frame = pd.read_csv(tmp_path / f"forecast_{data.timestamps[at]:%Y%m%d-%H%M}.csv",
-                        parse_dates=["timestamp"])
+    summary = cli.run([str(trained["dir"]), f"at={_ts(trained, at)}", f"out={tmp_path}"], **QUIET)
+    frame = pd.read_csv(
+        tmp_path / f"forecast_{data.timestamps[at]:%Y%m%d-%H%M}.csv", parse_dates=["timestamp"]
+    )
     assert tuple(frame.columns) == COLUMNS and len(frame) == 12 * data.num_nodes
     first = frame[frame["sensor_id"] == data.sensor_ids[2]].sort_values("horizon")
     assert list(first["timestamp"]) == list(data.timestamps[at + 1 : at + 13])
     obs = np.where(data.mask[at + 1 : at + 13, 2], data.speed[at + 1 : at + 13, 2], np.nan)
     np.testing.assert_allclose(first["observed"].to_numpy(), obs, atol=1e-4)
     fc, _ = _forecaster(trained)
-    np.testing.assert_allclose(first["forecast"].to_numpy(),
-                               fc.forecast([at]).forecast[0, :, 2], atol=1e-4)
+    np.testing.assert_allclose(
+        first["forecast"].to_numpy(), fc.forecast([at]).forecast[0, :, 2], atol=1e-4
+    )
     assert (tmp_path / f"forecast_{data.timestamps[at]:%Y%m%d-%H%M}.png").stat().st_size > 10_000
     assert summary["answered"] == data.num_nodes and summary["missing_sensors"] == []
 
@@ -203,19 +235,25 @@ def test_simulation_equals_inprocess_and_the_server_sees_no_series(trained, flow
     """The same rolling forecasts through Flower simulation; every reply scanned."""
     tmp, data = flower_env, trained["data"]
     ends = _test_ends(trained)[:14]
-    argv = [str(trained["dir"]), f"rolling.start={_ts(trained, ends[0])}",
-            f"rolling.end={_ts(trained, ends[-1])}", "save_forecasts=true"]
+    argv = [
+        str(trained["dir"]),
+        f"rolling.start={_ts(trained, ends[0])}",
+        f"rolling.end={_ts(trained, ends[-1])}",
+        "save_forecasts=true",
+    ]
     rec = {}
 
     def record(name):
         def wrap(engine):
             rec[name] = RecordingEngine(engine)
             return rec[name]
+
         return wrap
 
     a = cli.run(argv + [f"out={tmp}/a"], engine_wrapper=record("inprocess"), **QUIET)
-    b = cli.run(argv + [f"out={tmp}/b", "engine=simulation"],
-                engine_wrapper=record("simulation"), **QUIET)
+    b = cli.run(
+        argv + [f"out={tmp}/b", "engine=simulation"], engine_wrapper=record("simulation"), **QUIET
+    )
     assert b["engine"] == "simulation" and b["answered"] == data.num_nodes
     fa = pd.read_csv(next((tmp / "a").glob("*_forecasts.csv")))
     fb = pd.read_csv(next((tmp / "b").glob("*_forecasts.csv")))
@@ -286,9 +324,11 @@ def test_bad_times_exit_2(trained, tmp_path, capsys):
     assert "only 6 steps of history" in err and str(ts[11]) in err
     assert "grid" in _fails(capsys, run, "at=2024-01-02 08:03", out)
     assert "not a time stamp" in _fails(capsys, run, "at=yesterday-ish", out)
-    assert "run past the end" in _fails(capsys, run, f"rolling.start={ts[-30]}",
-                                        f"rolling.end={ts[-5]}", out)
-    assert "either at=TIME or rolling.start" in _fails(capsys, run, f"at={ts[100]}",
-                                                        f"rolling.start={ts[100]}")
+    assert "run past the end" in _fails(
+        capsys, run, f"rolling.start={ts[-30]}", f"rolling.end={ts[-5]}", out
+    )
+    assert "either at=TIME or rolling.start" in _fails(
+        capsys, run, f"at={ts[100]}", f"rolling.start={ts[100]}"
+    )
     assert "no such engine config" in _fails(capsys, run, "engine=nosuch")
     assert not list(tmp_path.glob("*.csv"))  # nothing written for bad input

@@ -19,8 +19,13 @@ from cnfgnn.forecast import robustness
 from tests.helpers import TINY, make_cfg
 
 ARGS = (*TINY, "federation.nodes_per_client=2")  # 6 sensors on 3 clients
-LOCAL = ("federation=local", "model=gru_63k", *ARGS, "model.hidden_size=8",
-         "federation.local_epochs=1")
+LOCAL = (
+    "federation=local",
+    "model=gru_63k",
+    *ARGS,
+    "model.hidden_size=8",
+    "federation.local_epochs=1",
+)
 QUIET = dict(progress=lambda s: None)
 
 
@@ -36,6 +41,8 @@ class Asked:
     def send(self, mtype, payloads):
         self.log.append((mtype, set(payloads)))
         return self.inner.send(mtype, payloads)
+
+
 ENDS = np.array([300, 301, 450, 700])
 
 
@@ -173,8 +180,17 @@ def test_gru_local_forecasts_with_each_nodes_kept_model(local_run):
 
 def test_robustness_command_writes_csv_json_png(cnfgnn_run, local_run, tmp_path):
     out = tmp_path / "rob"
-    summary = robustness.run([str(cnfgnn_run["dir"]), str(local_run["dir"]), f"out={out}",
-                              "silence=0,0.5", "noise=0,0.5", "repeats=2"], **QUIET)
+    summary = robustness.run(
+        [
+            str(cnfgnn_run["dir"]),
+            str(local_run["dir"]),
+            f"out={out}",
+            "silence=0,0.5",
+            "noise=0,0.5",
+            "repeats=2",
+        ],
+        **QUIET,
+    )
     rows = pd.read_csv(out / "robustness.csv")
     assert set(rows.method) == {"CNFGNN", "GRU local"}
     zero = rows[(rows.kind == "silence") & (rows.level == 0) & (rows.subset == "all")]
@@ -203,8 +219,10 @@ def test_forecast_cli_silent_and_noise_options(cnfgnn_run, tmp_path):
     data = cnfgnn_run["data"]
     at = str(data.timestamps[400])
     sid = data.sensor_ids[3]
-    s = cli.run([str(cnfgnn_run["dir"]), f"at={at}", f"out={tmp_path}", f"silent={sid}",
-                 "noise=0.1"], progress=lambda m: None)
+    s = cli.run(
+        [str(cnfgnn_run["dir"]), f"at={at}", f"out={tmp_path}", f"silent={sid}", "noise=0.1"],
+        progress=lambda m: None,
+    )
     assert s["silent_sensors"] == [sid] and s["fallback"] == "global_model+gn"
     assert s["missing_sensors"] == [] and s["noise"] == 0.1
     frame = pd.read_csv(next(tmp_path.glob("forecast_*.csv")), dtype={"sensor_id": str})

@@ -13,8 +13,15 @@ from torch_geometric.utils import scatter
 
 from cnfgnn.models.graph_network import GNBlock, GraphNetwork
 
-SMALL = dict(node_size=6, edge_size=1, global_size=5, mlp_hidden=16, latent_size=7,
-             num_blocks=2, output_size=4)
+SMALL = dict(
+    node_size=6,
+    edge_size=1,
+    global_size=5,
+    mlp_hidden=16,
+    latent_size=7,
+    num_blocks=2,
+    output_size=4,
+)
 
 
 def small_gn(seed: int = 0, **kw) -> GraphNetwork:
@@ -70,8 +77,16 @@ def test_parameter_count_default():
     assert sum(p.numel() for p in gn.parameters()) == 1_237_312
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     b1, b2 = gn.blocks
-    assert [count(b1.edge_mlp), count(b1.node_mlp), count(b1.global_mlp)] == [148_352, 164_480, 180_864]
-    assert [count(b2.edge_mlp), count(b2.node_mlp), count(b2.global_mlp)] == [279_424, 230_016, 213_632]
+    assert [count(b1.edge_mlp), count(b1.node_mlp), count(b1.global_mlp)] == [
+        148_352,
+        164_480,
+        180_864,
+    ]
+    assert [count(b2.edge_mlp), count(b2.node_mlp), count(b2.global_mlp)] == [
+        279_424,
+        230_016,
+        213_632,
+    ]
     assert count(gn.output) == 20_544
 
 
@@ -89,8 +104,9 @@ def test_matches_metalayer_reference(num_blocks):
     gn = small_gn(num_blocks=num_blocks)
     edge_index, w = random_graph(8, 30, seed=1)
     h = torch.randn(3, 8, 2, 6, dtype=torch.float64)
-    torch.testing.assert_close(gn(h, edge_index, w), metalayer_reference(gn, h, edge_index, w),
-                               atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        gn(h, edge_index, w), metalayer_reference(gn, h, edge_index, w), atol=1e-10, rtol=1e-10
+    )
 
 
 def test_permutation_equivariance():
@@ -112,10 +128,14 @@ def test_batching_equivalence():
     h = torch.randn(5, 6, 2, 6, dtype=torch.float64)
     out = gn(h, edge_index, w)
     for b in range(5):
-        torch.testing.assert_close(out[b : b + 1], gn(h[b : b + 1], edge_index, w), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            out[b : b + 1], gn(h[b : b + 1], edge_index, w), atol=1e-12, rtol=0
+        )
         for layer in range(2):  # GRU layers are independent graphs too
             alone = gn(h[b : b + 1, :, layer : layer + 1], edge_index, w)
-            torch.testing.assert_close(out[b : b + 1, :, layer : layer + 1], alone, atol=1e-12, rtol=0)
+            torch.testing.assert_close(
+                out[b : b + 1, :, layer : layer + 1], alone, atol=1e-12, rtol=0
+            )
 
 
 def dependency(gn: GraphNetwork, h: Tensor, edge_index: Tensor, w: Tensor) -> Tensor:
@@ -190,7 +210,9 @@ def test_timing_metr_la_server_batch():
             gn(h, edge_index, w).square().mean().backward()
             times.append(time.perf_counter() - t0)
         times.sort()
-        print(f"\nGraphNetwork fwd+bwd B=48 N=207 E=1722, 2 threads: median "
-              f"{times[2] * 1e3:.0f} ms, min {times[0] * 1e3:.0f} ms")
+        print(
+            f"\nGraphNetwork fwd+bwd B=48 N=207 E=1722, 2 threads: median "
+            f"{times[2] * 1e3:.0f} ms, min {times[0] * 1e3:.0f} ms"
+        )
     finally:
         torch.set_num_threads(threads)

@@ -20,8 +20,9 @@ def test_gru_cell_gradcheck(k, b, h):
     gen = torch.Generator().manual_seed(11)
     gi, state = _randn(k, b, 3 * h, gen=gen), _randn(k, b, h, gen=gen)
     w_hh, b_hh = _randn(k, 3 * h, h, gen=gen), _randn(k, 3 * h, gen=gen)
-    assert torch.autograd.gradcheck(_GRUCell.apply, (gi, state, w_hh, b_hh), eps=1e-6,
-                                    atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        _GRUCell.apply, (gi, state, w_hh, b_hh), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 def test_gru_cell_gradcheck_saturated_gates():
@@ -32,8 +33,9 @@ def test_gru_cell_gradcheck_saturated_gates():
     state = _randn(k, b, h, gen=gen)
     w_hh = (2.0 * torch.randn(k, 3 * h, h, generator=gen, dtype=torch.float64)).requires_grad_(True)
     b_hh = _randn(k, 3 * h, gen=gen)
-    assert torch.autograd.gradcheck(_GRUCell.apply, (gi, state, w_hh, b_hh), eps=1e-6,
-                                    atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        _GRUCell.apply, (gi, state, w_hh, b_hh), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 def test_group_gru_sequence_gradcheck():
@@ -73,8 +75,13 @@ def test_group_gru_gradients_equal_torch_gru(layers):
         torch.testing.assert_close(h0.grad[:, node], h0_ref.grad, atol=1e-12, rtol=1e-10)
         for name, p in ref.named_parameters():
             assert p.grad.abs().max() > 0, name
-            torch.testing.assert_close(getattr(group, name).grad[node], p.grad,
-                                       atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                getattr(group, name).grad[node],
+                p.grad,
+                atol=1e-12,
+                rtol=1e-10,
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
 
 
 @pytest.mark.parametrize("graph_embedding,layers", [(True, 1), (True, 2), (False, 2)])
@@ -83,10 +90,12 @@ def test_seq2seq_gradients_equal_torch_gru(graph_embedding, layers):
     nn.GRU reference: gradients of every parameter, the inputs and ``h_G``."""
     torch.manual_seed(15)
     k, hidden = 2, 5
-    model = NodeSeq2Seq(k, hidden_size=hidden, num_layers=layers,
-                        graph_embedding=graph_embedding).double()
-    x, y_tod, targets, h_g, teacher = (v.double() if v.is_floating_point() else v
-                                       for v in make_data(3, k, hidden, layers, seed=16))
+    model = NodeSeq2Seq(
+        k, hidden_size=hidden, num_layers=layers, graph_embedding=graph_embedding
+    ).double()
+    x, y_tod, targets, h_g, teacher = (
+        v.double() if v.is_floating_point() else v for v in make_data(3, k, hidden, layers, seed=16)
+    )
     teacher[0], teacher[1] = True, False
     x.requires_grad_(True)
     h_g = h_g.requires_grad_(True) if graph_embedding else None
@@ -106,5 +115,10 @@ def test_seq2seq_gradients_equal_torch_gru(graph_embedding, layers):
         params = dict(model.named_parameters())
         for name, p in ref.named_parameters():
             assert p.grad.abs().max() > 0, name
-            torch.testing.assert_close(params[name].grad[node], p.grad, atol=1e-11, rtol=1e-9,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                params[name].grad[node],
+                p.grad,
+                atol=1e-11,
+                rtol=1e-9,
+                msg=lambda m, name=name: f"{name}: {m}",
+            )

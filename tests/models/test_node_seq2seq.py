@@ -65,13 +65,20 @@ def reference(model: NodeSeq2Seq, k: int, graph_embedding: bool) -> RefSeq2Seq:
 def test_teacher_forcing_prob():
     assert teacher_forcing_prob(0, 1000.0) == pytest.approx(1000 / 1001)
     assert teacher_forcing_prob(6880, 1000.0) == pytest.approx(1000 / (1000 + math.exp(6.88)))
-    assert teacher_forcing_prob(10, 1.0) < teacher_forcing_prob(1, 1.0) < teacher_forcing_prob(0, 1.0)
+    assert (
+        teacher_forcing_prob(10, 1.0) < teacher_forcing_prob(1, 1.0) < teacher_forcing_prob(0, 1.0)
+    )
     assert teacher_forcing_prob(10**6, 1.0) == 0.0  # exp overflow guarded
 
 
-@pytest.mark.parametrize("hidden,layers,graph_embedding,count", [
-    (64, 1, True, 63_873), (100, 1, False, 62_501), (200, 2, False, 727_401),
-])
+@pytest.mark.parametrize(
+    "hidden,layers,graph_embedding,count",
+    [
+        (64, 1, True, 63_873),
+        (100, 1, False, 62_501),
+        (200, 2, False, 727_401),
+    ],
+)
 def test_parameter_counts(hidden, layers, graph_embedding, count):
     model = NodeSeq2Seq(3, hidden_size=hidden, num_layers=layers, graph_embedding=graph_embedding)
     assert model.num_parameters_per_node() == count
@@ -79,7 +86,8 @@ def test_parameter_counts(hidden, layers, graph_embedding, count):
     ref = RefSeq2Seq(hidden, layers, graph_embedding)
     assert sum(p.numel() for p in ref.parameters()) == count
     assert {n: p.shape for n, p in ref.named_parameters()} == {
-        n: v.shape for n, v in model.node_state(0).items()}
+        n: v.shape for n, v in model.node_state(0).items()
+    }
 
 
 @pytest.mark.parametrize("hidden,layers,graph_embedding", CONFIGS)
@@ -101,14 +109,18 @@ def test_matches_torch_gru(hidden, layers, graph_embedding, k):
         for node in range(k):
             ref = reference(model, node, graph_embedding)
             hg = h_g[:, node] if graph_embedding else None
-            torch.testing.assert_close(h_c[:, node], ref.encode(x[:, :, node]).transpose(0, 1),
-                                       atol=1e-5, rtol=0)
-            torch.testing.assert_close(free[:, :, node], ref(x[:, :, node], y_tod[:, :, node], hg),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                h_c[:, node], ref.encode(x[:, :, node]).transpose(0, 1), atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                free[:, :, node], ref(x[:, :, node], y_tod[:, :, node], hg), atol=1e-5, rtol=0
+            )
             torch.testing.assert_close(
                 forced[:, :, node],
                 ref(x[:, :, node], y_tod[:, :, node], hg, targets[:, :, node], teacher[:, node]),
-                atol=1e-5, rtol=0)
+                atol=1e-5,
+                rtol=0,
+            )
 
 
 def test_group_gru_step_equals_forward():
@@ -158,8 +170,10 @@ def test_group_equals_alone(graph_embedding):
         alone = NodeSeq2Seq(1, hidden_size=hidden, graph_embedding=graph_embedding)
         alone.load_global_state(initial[i])
         sl = slice(i, i + 1)
-        own = [(x[:, :, sl], tod[:, :, sl], tg[:, :, sl], None if hg is None else hg[:, sl],
-                tm[:, sl]) for x, tod, tg, hg, tm in data]
+        own = [
+            (x[:, :, sl], tod[:, :, sl], tg[:, :, sl], None if hg is None else hg[:, sl], tm[:, sl])
+            for x, tod, tg, hg, tm in data
+        ]
         _train(alone, own, steps, lr=1e-2)
         for name, value in alone.node_state(0).items():
             assert not torch.allclose(value, initial[i][name])  # training moved it

@@ -13,17 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnfgnn.data.loaders import load_dataset
-from cnfgnn.federation import protocol as P
 from cnfgnn.experiment import build_workers, run_experiment
+from cnfgnn.federation import protocol as P
 from cnfgnn.federation.server import fedavg
 from cnfgnn.privacy import dp
 from cnfgnn.privacy.accounting import fedavg_multipliers, privacy_report, rdp_epsilon
-from tests.helpers import TINY, make_cfg
-from tests.helpers import RecordingEngine
+from tests.helpers import TINY, RecordingEngine, make_cfg
 
 QUIET = {"progress": lambda s: None}
-DP = ("privacy=dp", "privacy.h_c.clip=1.0", "privacy.grad.clip=0.01",
-      "privacy.fedavg.clip=0.5", "federation.rounds=1", "federation.scaling=per_node")
+DP = (
+    "privacy=dp",
+    "privacy.h_c.clip=1.0",
+    "privacy.grad.clip=0.01",
+    "privacy.fedavg.clip=0.5",
+    "federation.rounds=1",
+    "federation.scaling=per_node",
+)
 REPLAY = ("privacy.insecure_replayable_noise=true",)  # tests that need repeatable noise
 
 
@@ -33,8 +38,9 @@ def _run(tmp_path, *overrides, wrap=None):
 
 
 def _settings(sigma=2.0, **kw):
-    return dp.PrivacySettings(dp.Mechanism(1.0, sigma), dp.Mechanism(0.1, sigma),
-                              dp.Mechanism(0.5, sigma), 1e-6, **kw)
+    return dp.PrivacySettings(
+        dp.Mechanism(1.0, sigma), dp.Mechanism(0.1, sigma), dp.Mechanism(0.5, sigma), 1e-6, **kw
+    )
 
 
 # ---------------------------------------------------------------------- mechanisms
@@ -73,8 +79,9 @@ def test_noise_has_std_sigma_times_clip_default_fresh_replayable_keyed_per_node(
     out = dp.privatize(x, mech, seeds)
     _std_ok(out, 0.75)
     # node 7's noise is the same when it is hosted alone (grouping does not matter)
-    alone = dp.privatize(torch.zeros(400, 1, 1, 64), mech,
-                         dp.release_seeds(42, np.array([7]), 3, "h_c", 0))
+    alone = dp.privatize(
+        torch.zeros(400, 1, 1, 64), mech, dp.release_seeds(42, np.array([7]), 3, "h_c", 0)
+    )
     torch.testing.assert_close(alone[:, 0], out[:, 1])
     # another round, kind or counter draws fresh noise
     for key in [(4, "h_c", 0), (3, "grad", 0), (3, "h_c", 1)]:
@@ -103,8 +110,9 @@ def test_settings_reject_bad_privacy_configs():
     with pytest.raises(ValueError, match="privacy.fedavg.noise_at"):
         dp.PrivacySettings.from_cfg(make_cfg("privacy=dp", "privacy.fedavg.noise_at=cloud"))
     with pytest.raises(ValueError, match="noise_at=node"):
-        dp.PrivacySettings.from_cfg(make_cfg("privacy=dp", "privacy.secagg=true",
-                                             "privacy.fedavg.noise_at=server"))
+        dp.PrivacySettings.from_cfg(
+            make_cfg("privacy=dp", "privacy.secagg=true", "privacy.fedavg.noise_at=server")
+        )
     assert dp.PrivacySettings.from_cfg(make_cfg()) is None  # default: off
     s = dp.PrivacySettings.from_cfg(make_cfg("privacy=dp"))
     assert not s.insecure_replayable_noise and s.fedavg_noise_at == "node"
@@ -125,16 +133,21 @@ def test_server_cannot_replay_default_noise_but_can_replay_insecure_noise(tmp_pa
     insecure flag the residual is ~0: the server recovers the clipped value exactly."""
     sigma, rnd = 1.0, 3  # conf/privacy/dp.yaml's noise multipliers
     for flag, expect in (("false", True), ("true", False)):
-        cfg = make_cfg(*TINY, *DP, f"privacy.insecure_replayable_noise={flag}",
-                       "federation.nodes_per_client=3")
+        cfg = make_cfg(
+            *TINY, *DP, f"privacy.insecure_replayable_noise={flag}", "federation.nodes_per_client=3"
+        )
         w = build_workers(cfg, load_dataset(cfg.dataset), torch.device("cpu"))[0]
         w.round = rnd
         clean = torch.randn(500, 3, 1, 8, generator=torch.Generator().manual_seed(1))
         for kind, mech in (("h_c", w.privacy.h_c), ("grad", w.privacy.grad)):
             up = w._private(kind, clean, rnd, 7)  # what leaves the node
             c = float(mech.clip)
-            replay = dp.per_node_noise(tuple(clean.shape), sigma * c, dp.release_seeds(
-                int(cfg.seed), w.series.nodes, rnd, kind, 7), node_dim=1)
+            replay = dp.per_node_noise(
+                tuple(clean.shape),
+                sigma * c,
+                dp.release_seeds(int(cfg.seed), w.series.nodes, rnd, kind, 7),
+                node_dim=1,
+            )
             resid = (up - replay - dp.clip_per_sample(clean, c)).double()
             if expect:
                 _std_ok(resid, math.sqrt(2) * sigma * c)
@@ -144,8 +157,9 @@ def test_server_cannot_replay_default_noise_but_can_replay_insecure_noise(tmp_pa
         state = {"a": torch.zeros(3, 4000), "b": torch.zeros(3, 10, 100)}
         std = dp.node_update_noise_std(w.privacy.fedavg, 6)
         up = dp.noise_updates(state, std, w._replay_seeds("fedavg_node", 0))
-        replay = dp.noise_updates(state, std, dp.release_seeds(
-            int(cfg.seed), w.series.nodes, rnd, "fedavg_node", 0))
+        replay = dp.noise_updates(
+            state, std, dp.release_seeds(int(cfg.seed), w.series.nodes, rnd, "fedavg_node", 0)
+        )
         resid = torch.cat([(up[n] - replay[n]).flatten() for n in state]).double()
         if expect:
             _std_ok(resid, math.sqrt(2) * std)
@@ -155,19 +169,28 @@ def test_server_cannot_replay_default_noise_but_can_replay_insecure_noise(tmp_pa
 
 # ---------------------------------------------------------------------- FedAvg
 def test_fedavg_clip_and_server_noise_equal_flowers_helpers():
-    from flwr.supercore.differential_privacy import (compute_clip_model_update, compute_stdv,
-                                                     get_norm)
+    from flwr.supercore.differential_privacy import (
+        compute_clip_model_update,
+        compute_stdv,
+        get_norm,
+    )
 
     rng = np.random.default_rng(1)
     shapes = {"a": (5, 3), "b": (4,), "c": (2, 2, 2)}
     k = 4
     before = {n: rng.normal(size=(k,) + s).astype(np.float32) for n, s in shapes.items()}
     scale = np.array([0.01, 0.3, 1.0, 5.0])  # some updates below the clip, some above
-    after = {n: v + scale.reshape((-1,) + (1,) * len(shapes[n])) *
-             rng.normal(size=v.shape).astype(np.float32) for n, v in before.items()}
+    after = {
+        n: v
+        + scale.reshape((-1,) + (1,) * len(shapes[n])) * rng.normal(size=v.shape).astype(np.float32)
+        for n, v in before.items()
+    }
     clip = 0.8
-    ours = dp.clip_updates({n: torch.from_numpy(v) for n, v in before.items()},
-                           {n: torch.from_numpy(v) for n, v in after.items()}, clip)
+    ours = dp.clip_updates(
+        {n: torch.from_numpy(v) for n, v in before.items()},
+        {n: torch.from_numpy(v) for n, v in after.items()},
+        clip,
+    )
     names = list(shapes)
     clipped_any = False
     for node in range(k):
@@ -199,16 +222,19 @@ def test_node_noise_in_the_aggregate_has_the_std_the_accountant_assumes(answered
     the sum. Its std must be 2C x the accountant's multiplier for the released model, and
     one upload's noise 2C x its multiplier against the server (no secure aggregation)."""
     sigma, clip, d = 1.7, 0.5, 50_000
-    s = dp.PrivacySettings(dp.Mechanism(1.0, 1.0), dp.Mechanism(1.0, 1.0),
-                           dp.Mechanism(clip, sigma), 1e-6)
+    s = dp.PrivacySettings(
+        dp.Mechanism(1.0, 1.0), dp.Mechanism(1.0, 1.0), dp.Mechanism(clip, sigma), 1e-6
+    )
     g = torch.Generator().manual_seed(0)
     start = {"w": torch.randn(1, d, generator=g, dtype=torch.float64).expand(answered, d)}
     trained = {"w": start["w"] + torch.randn(answered, d, generator=g, dtype=torch.float64)}
     clipped = dp.clip_updates(start, trained, clip)  # every node started from the global model
     noised = dp.noise_updates(clipped, dp.node_update_noise_std(s.fedavg, asked), None)
     mean = fedavg([{"w": noised["w"].numpy()}], [np.ones(answered)], "uniform")["w"]
-    sum_noise = answered * (mean.astype(np.float64) - start["w"][0].numpy()) - \
-        (clipped["w"] - start["w"]).sum(0).numpy()
+    sum_noise = (
+        answered * (mean.astype(np.float64) - start["w"][0].numpy())
+        - (clipped["w"] - start["w"]).sum(0).numpy()
+    )
     released = fedavg_multipliers(s, [(answered, asked)], against_server=False)[0]
     _std_ok(sum_noise, released * 2 * clip)
     assert released * 2 * clip == pytest.approx(sigma * clip * math.sqrt(answered / asked))
@@ -236,8 +262,7 @@ DELTA = st.sampled_from([1e-5, 1e-6, 1e-8])
 
 
 @settings(max_examples=40, deadline=None)
-@given(steps=st.lists(st.tuples(SIGMA, st.integers(1, 40)), min_size=1, max_size=4),
-       delta=DELTA)
+@given(steps=st.lists(st.tuples(SIGMA, st.integers(1, 40)), min_size=1, max_size=4), delta=DELTA)
 def test_epsilon_equals_opacus_rdp_accountant_for_the_composition(steps, delta):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,8 +270,13 @@ def test_epsilon_equals_opacus_rdp_accountant_for_the_composition(steps, delta):
 
 
 @settings(max_examples=40, deadline=None)
-@given(sigma=SIGMA, rounds=st.integers(1, 100), extra=st.integers(1, 50), delta=DELTA,
-       more=st.floats(1.05, 4.0))
+@given(
+    sigma=SIGMA,
+    rounds=st.integers(1, 100),
+    extra=st.integers(1, 50),
+    delta=DELTA,
+    more=st.floats(1.05, 4.0),
+)
 def test_epsilon_grows_with_rounds_and_falls_with_sigma(sigma, rounds, extra, delta, more):
     s = _settings(sigma, fedavg_noise_at="node", secagg=True)
     per_round = {"h_c": 1, "grad": 2, "fedavg": 1}
@@ -266,37 +296,44 @@ def test_report_composes_every_release_at_sensitivity_2c():
     s = _settings(2.0)
     rel = {"h_c": 5, "grad": 10, "fedavg": 5}
     rounds = [(6, 6)] * 4 + [(4, 6)]  # one round with two nodes silent
-    secure = privacy_report(dp.PrivacySettings(s.h_c, s.grad, s.fedavg, s.delta, secagg=True),
-                            rel, fedavg_rounds=rounds)
+    secure = privacy_report(
+        dp.PrivacySettings(s.h_c, s.grad, s.fedavg, s.delta, secagg=True), rel, fedavg_rounds=rounds
+    )
     fed = [(1.0, 4), (1.0 * math.sqrt(4 / 6), 1)]
     assert secure["epsilon"] == pytest.approx(rdp_epsilon([(1.0, 15), *fed], 1e-6))
     assert secure["epsilon"] > max(secure["epsilon_per_mechanism"].values())
     plain = privacy_report(s, rel, fedavg_rounds=rounds)  # the server sees each update
     assert plain["epsilon"] == pytest.approx(
-        rdp_epsilon([(1.0, 15), (1.0 / math.sqrt(6), 5)], 1e-6))
+        rdp_epsilon([(1.0, 15), (1.0 / math.sqrt(6), 5)], 1e-6)
+    )
     assert plain["epsilon"] > secure["epsilon"]
     central = privacy_report(_settings(2.0, fedavg_noise_at="server"), rel, fedavg_rounds=rounds)
     assert "TRUSTED server" in central["threat_model"]
     assert math.isinf(central["epsilon_against_server"])
-    assert central["epsilon"] == pytest.approx(
-        rdp_epsilon([(1.0, 15), (1.0, 4), (4 / 6, 1)], 1e-6))
+    assert central["epsilon"] == pytest.approx(rdp_epsilon([(1.0, 15), (1.0, 4), (4 / 6, 1)], 1e-6))
 
 
-@pytest.mark.parametrize("kw,releases,reason", [
-    ({"per_node_models": True}, {"h_c": 1, "grad": 1}, "own model"),
-    ({"global_scaling": True}, {"h_c": 1, "grad": 1, "fedavg": 1}, "scaler statistics"),
-    ({}, {"h_c": 1, "raw": 1}, "FMTL"),
-])
+@pytest.mark.parametrize(
+    "kw,releases,reason",
+    [
+        ({"per_node_models": True}, {"h_c": 1, "grad": 1}, "own model"),
+        ({"global_scaling": True}, {"h_c": 1, "grad": 1, "fedavg": 1}, "scaler statistics"),
+        ({}, {"h_c": 1, "raw": 1}, "FMTL"),
+    ],
+)
 def test_unbounded_releases_give_no_finite_epsilon(kw, releases, reason):
     r = privacy_report(_settings(), releases, **kw)
     assert math.isinf(r["epsilon"]) and math.isinf(r["epsilon_against_server"])
     assert any(reason in w for w in r["not_private"])
-    for s, why in ((_settings(report_train_loss=True), "training-loss"),
-                   (_settings(insecure_replayable_noise=True), "INSECURE")):
+    for s, why in (
+        (_settings(report_train_loss=True), "training-loss"),
+        (_settings(insecure_replayable_noise=True), "INSECURE"),
+    ):
         r = privacy_report(s, {"h_c": 1})
         assert math.isinf(r["epsilon"]) and any(why in w for w in r["not_private"])
-    clip_only = dp.PrivacySettings(dp.Mechanism(1.0, 0.0), dp.Mechanism(0.1, 1.0),
-                                   dp.Mechanism(0.5, 1.0), 1e-6)
+    clip_only = dp.PrivacySettings(
+        dp.Mechanism(1.0, 0.0), dp.Mechanism(0.1, 1.0), dp.Mechanism(0.5, 1.0), 1e-6
+    )
     assert math.isinf(privacy_report(clip_only, {"h_c": 1})["epsilon"])
 
 
@@ -325,19 +362,28 @@ def test_uploads_are_clipped_no_loss_sums_and_run_reports_epsilon(tmp_path):
         return rec["engine"]
 
     # clip only (sigma = 0): every uploaded window's h_c and dL/dh_G has norm <= C exactly
-    final, writer = _run(tmp_path / "clip", *DP, "privacy.h_c.noise_multiplier=0",
-                         "privacy.grad.noise_multiplier=0", "privacy.fedavg.noise_multiplier=0",
-                         wrap=wrap)
+    final, writer = _run(
+        tmp_path / "clip",
+        *DP,
+        "privacy.h_c.noise_multiplier=0",
+        "privacy.grad.noise_multiplier=0",
+        "privacy.fedavg.noise_multiplier=0",
+        wrap=wrap,
+    )
     seen = set()
-    for mtype, reply in rec["engine"].received:
+    for _mtype, reply in rec["engine"].received:
         assert P.LOSS_SUM not in reply and P.LOSS_COUNT not in reply  # privacy=dp: no loss sums
         if P.H_C in reply:
-            assert np.linalg.norm(reply[P.H_C].reshape(*reply[P.H_C].shape[:2], -1),
-                                  axis=-1).max() <= 1.0 + 1e-5
+            assert (
+                np.linalg.norm(reply[P.H_C].reshape(*reply[P.H_C].shape[:2], -1), axis=-1).max()
+                <= 1.0 + 1e-5
+            )
             seen.add("h_c")
         if P.GRAD in reply:
-            assert np.linalg.norm(reply[P.GRAD].reshape(*reply[P.GRAD].shape[:2], -1),
-                                  axis=-1).max() <= 0.01 + 1e-6
+            assert (
+                np.linalg.norm(reply[P.GRAD].reshape(*reply[P.GRAD].shape[:2], -1), axis=-1).max()
+                <= 0.01 + 1e-6
+            )
             seen.add("grad")
     assert seen == {"h_c", "grad"}
     assert final["privacy"]["epsilon"] is None or math.isinf(final["privacy"]["epsilon"])
@@ -349,8 +395,7 @@ def test_uploads_are_clipped_no_loss_sums_and_run_reports_epsilon(tmp_path):
     saved = json.loads((writer.dir / "final.json").read_text())["privacy"]
     assert saved["releases_per_window"] == {"fedavg": 1, "h_c": 1, "grad": 1}
     assert saved["fedavg"]["rounds_answered_asked"] == [[6, 6]]
-    assert saved["epsilon"] == pytest.approx(
-        rdp_epsilon([(0.5, 2), (0.5 / math.sqrt(6), 1)], 1e-6))
+    assert saved["epsilon"] == pytest.approx(rdp_epsilon([(0.5, 2), (0.5 / math.sqrt(6), 1)], 1e-6))
     assert saved["insecure_replayable_noise"] is False and saved["not_private"] == []
     assert any("error sums" in u for u in saved["unprotected"])
     assert saved["delta"] == 1e-6 and math.isfinite(final["test"]["rmse"])
@@ -361,8 +406,7 @@ def test_uploads_are_clipped_no_loss_sums_and_run_reports_epsilon(tmp_path):
 
 def test_insecure_flag_is_marked_and_loss_sums_come_back_when_asked(tmp_path):
     lines = []
-    cfg = make_cfg(*TINY, f"output_root={tmp_path}", *DP, *REPLAY,
-                   "privacy.report_train_loss=true")
+    cfg = make_cfg(*TINY, f"output_root={tmp_path}", *DP, *REPLAY, "privacy.report_train_loss=true")
     final, writer = run_experiment(cfg, progress=lines.append)
     assert final["privacy"]["insecure_replayable_noise"] is True
     assert any("INSECURE" in line for line in lines[:2])  # said before training starts
@@ -382,8 +426,14 @@ def test_dp_noise_does_not_depend_on_grouping(tmp_path):
 
 
 def test_split_learning_with_dp_reports_unbounded_epsilon_with_the_reason(tmp_path):
-    final, _ = _run(tmp_path, *DP, "federation=split_learning", "federation.rounds=2",
-                    "federation.nodes_per_client=3", "federation.scaling=per_node")
+    final, _ = _run(
+        tmp_path,
+        *DP,
+        "federation=split_learning",
+        "federation.rounds=2",
+        "federation.nodes_per_client=3",
+        "federation.scaling=per_node",
+    )
     pr = final["privacy"]
     assert pr["releases_per_window"] == {"h_c": 2, "grad": 2}
     assert pr["epsilon"] is None or math.isinf(pr["epsilon"])
