@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     """A tiny CNFGNN run trained through the API, where a comparison would put it."""
     out = tmp_path_factory.mktemp("api")
     cfg = cnfgnn.compose([*TINY, f"output_root={out}"])
-    run = cnfgnn.train(cfg, run_dir=out / "cmp" / "cnfgnn", progress=False)
+    run = cnfgnn.train(cfg, run_dir=out / "cmp" / "cnfgnn" / "seed42", progress=False)
     return {"run": run, "out": out}
 
 

@@ -74,7 +74,7 @@ def test_seeds_default_to_the_runs_own_seed_and_are_checked():
     conf, runs = compare.compare_config(["compare.seeds=[42,43,44]"])
     assert compare.seeds_of(conf, runs) == [42, 43, 44]
     for bad in ("compare.seeds=[1,1]", "compare.seeds=[]", "compare.seeds=[a]"):
-        with pytest.raises(SystemExit, match="distinct whole numbers"):
+        with pytest.raises(UsageError, match="distinct whole numbers"):
             compare.compare_config([bad])
 
 
