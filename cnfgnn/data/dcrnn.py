@@ -157,7 +157,7 @@ def load_dcrnn_npz(dir: str | Path, adj_pkl_path: str | Path,
                    locations_path: str | Path | None = None, start: str = "2012-03-01",
                    interval_minutes: float | None = None, name: str = "dcrnn-npz",
                    missing_value: float | None = 0.0,
-                   split: Sequence[float] | None = (0.7, 0.1, 0.2)) -> SensorData:
+                   split: tuple[float, float, float] | None = (0.7, 0.1, 0.2)) -> SensorData:
     """Rebuild the continuous series from the authors' ``{train,val,test}.npz`` windows.
 
     Args:
@@ -174,7 +174,8 @@ def load_dcrnn_npz(dir: str | Path, adj_pkl_path: str | Path,
     d = Path(dir)
     ids, _, adj = load_adj_pkl(adj_pkl_path)
     files = {s: d / f"{s}.npz" for s in SPLITS}
-    firsts, counts, shape = [], {}, None
+    firsts, counts = [], {}
+    shape: tuple[int, ...] | None = None
     for s in SPLITS:  # pass 1: the first step of every window (one array in memory at a time)
         x = _npz_array(files[s], "x")
         if shape is not None and x.shape[1:] != shape:
@@ -185,6 +186,8 @@ def load_dcrnn_npz(dir: str | Path, adj_pkl_path: str | Path,
         counts[s] = len(x)
         tail_x = x[-1, 1:].copy()
         del x
+    if shape is None:  # unreachable: SPLITS is not empty
+        raise DataError(f"{d}: no window files read")
     n_in, n = shape[0], shape[1]
     if n != len(ids):
         raise bad_input(files["train"], f"{n} sensors but {Path(adj_pkl_path).name} has "

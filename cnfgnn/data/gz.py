@@ -7,8 +7,8 @@ pandas' readers decompress ``*.gz`` by name themselves.
 from __future__ import annotations
 
 import gzip
+from io import BufferedIOBase
 from pathlib import Path
-from typing import IO
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -19,7 +19,7 @@ def is_gzip(path: str | Path) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def open_bytes(path: str | Path) -> IO[bytes]:
+def open_bytes(path: str | Path) -> BufferedIOBase:
     """The file's (decompressed) bytes as a binary stream."""
     p = Path(path)
     return gzip.open(p, "rb") if is_gzip(p) else p.open("rb")

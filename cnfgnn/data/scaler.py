@@ -46,8 +46,8 @@ class Scaler:
             return (torch.as_tensor(self.mean, dtype=dtype, device=x.device),
                     torch.as_tensor(self.std, dtype=dtype, device=x.device))
         x = np.asarray(x)
-        dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
-        return self.mean.astype(dtype), self.std.astype(dtype)
+        np_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+        return self.mean.astype(np_dtype), self.std.astype(np_dtype)
 
     def transform(self, x: Any) -> Any:
         """Scale ``x`` (numpy array or torch tensor, ``[..., N]`` or any shape if global)."""

@@ -44,6 +44,7 @@ loop is vectorised over sensors (207 sensors x 28 days in about a second).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,6 +232,13 @@ def simulate_speeds(net: RoadNetwork, timestamps: pd.DatetimeIndex, interval: fl
     return np.clip(speed, min_speed_mph, v_free + over_free_mph)[warmup_steps:]
 
 
+def _pair(value: Sequence[float], key: str) -> tuple[float, float]:
+    """A ``(low, high)`` range from the config (a list there) as a tuple."""
+    if len(value) != 2:
+        raise bad_input("synthetic dataset", f"{key}={list(value)}", f"give {key} as [low, high]")
+    return value[0], value[1]
+
+
 def _missing_mask(rng: np.random.Generator, steps: int, n: int, rate: float,
                   interval: float, outage_hours: float = 2.0) -> np.ndarray:
     """``[steps, n]`` bool observed-mask: isolated drop-outs and outages, ``rate`` in total."""
@@ -324,10 +332,10 @@ def generate_synthetic(
         turn_share=turn_share, wave_kmh=wave_kmh, queue_wave_kmh=queue_wave_kmh,
         queue_km_per_unit=queue_km_per_unit, fluctuation_minutes=fluctuation_minutes,
         fluctuation_sd=fluctuation_sd, day_sd=day_sd, bottleneck_share=bottleneck_share,
-        bottleneck_capacity=tuple(bottleneck_capacity),
+        bottleneck_capacity=_pair(bottleneck_capacity, "bottleneck_capacity"),
         incidents_per_node_week=incidents_per_node_week,
-        free_speed_mph=tuple(free_speed_mph), noise_mph=noise_mph,
-        demand_level=tuple(demand_level), near_capacity_drop=near_capacity_drop)
+        free_speed_mph=_pair(free_speed_mph, "free_speed_mph"), noise_mph=noise_mph,
+        demand_level=_pair(demand_level, "demand_level"), near_capacity_drop=near_capacity_drop)
     mask = _missing_mask(rng, steps, net.num_nodes, missing_rate, interval_minutes)
     return SensorData(
         name=name, speed=np.where(mask, speed, 0.0).astype(np.float32), mask=mask,

@@ -133,6 +133,7 @@ def load_csv(series_csv: PathLike, adjacency: PathLike | None = None,
         src, dst, d = read_distances_csv(dp)
         adj = gaussian_kernel_adjacency(distance_matrix(src, dst, d, ids, dp), threshold)
     else:
+        assert locations is not None  # exactly one graph file is given (checked above)
         loc = load_locations(require_file(locations, "sensor locations", "dataset.locations"),
                              ids)
         adj = gaussian_kernel_adjacency(haversine_km(loc[:, 0], loc[:, 1]), threshold)

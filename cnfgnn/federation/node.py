@@ -224,6 +224,30 @@ class NodeWorker:
     def num_nodes(self) -> int:
         return len(self.series.nodes)
 
+    @property
+    def net(self) -> NodeSeq2Seq:
+        """The stacked node models; raises on a worker built with ``build_model=False``."""
+        if self.model is None:
+            raise RuntimeError(
+                "this NodeWorker was built with build_model=False (data handling only) "
+                "and has no node model; build it with build_model=True to train or predict"
+            )
+        return self.model
+
+    @property
+    def fitted_scaler(self) -> Scaler:
+        """The scaler set by ``CONFIGURE``; raises before it."""
+        if self.scaler is None:
+            raise RuntimeError(f"no scaler yet: send {P.CONFIGURE} first")
+        return self.scaler
+
+    @property
+    def scaled_inputs(self) -> Tensor:
+        """The scaled inputs ``[K, T, F]`` set by ``CONFIGURE``; raises before it."""
+        if self.inputs is None:
+            raise RuntimeError(f"no inputs yet: send {P.CONFIGURE} first")
+        return self.inputs
+
     def hello(self, payload: P.Payload) -> P.Payload:
         counts = [len(self.series.starts[s]) for s in P.SPLITS]
         first = [
@@ -277,7 +301,7 @@ class NodeWorker:
         if payload.get(P.OWN_MODEL):
             self._load_own()
         elif node_init(self.cfg) == "per_node":  # split learning: each node its own init
-            self.model.load_stacked_state(own_initial_state(self.cfg, self.series.nodes))
+            self.net.load_stacked_state(own_initial_state(self.cfg, self.series.nodes))
         self._load_global(payload)
         s_train = len(self.series.starts[P.TRAIN])
         m = self.cfg.model
@@ -289,7 +313,7 @@ class NodeWorker:
     def _load_global(self, payload: P.Payload) -> None:
         weights = P.weights_from_payload(payload)
         if weights:
-            self.model.load_global_state(
+            self.net.load_global_state(
                 {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
             )
 
@@ -342,28 +366,34 @@ class NodeWorker:
         self.round = int(payload[P.ROUND])
         step = int(payload[P.STEP])
         self._load_global(payload)
-        clip_update = (
-            self.privacy is not None
+        dp_fedavg = (  # the privacy settings when the FedAvg uploads are clipped, else None
+            self.privacy
+            if self.privacy is not None
             and self.privacy.fedavg.active
             and str(fed.aggregate) == "fedavg"
+            else None
         )
+        clip_norm = None if dp_fedavg is None else dp_fedavg.fedavg.clip  # C of the updates
         start = (
-            {k: v.detach().clone() for k, v in self.model.stacked_state().items()}
-            if clip_update
+            {k: v.detach().clone() for k, v in self.net.stacked_state().items()}
+            if clip_norm is not None
             else None
         )  # the global model every node starts from
         if self.optimizer is None or fed.reset_client_optimizer:
             self.optimizer = make_adam(
-                self.model.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
+                self.net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
             )
         s = len(self.series.starts[P.TRAIN])
         bs = int(fed.batch_size)
         loss_sum = torch.zeros(self.num_nodes, dtype=torch.float64, device=self.device)
         count = torch.zeros_like(loss_sum)
         use_hg = self.cfg.model.graph_embedding
+        h_g_train = self.h_g_train if use_hg else None  # [S_train, K, L, H]
+        if use_hg and h_g_train is None:
+            raise RuntimeError(f"{P.LOCAL_TRAIN} before {P.CONFIGURE}: no h_G for the windows")
         k_ar = torch.arange(self.num_nodes, device=self.device)[:, None]
         fmtl = self._fmtl_term(payload)
-        self.model.train()
+        self.net.train()
         for epoch in range(int(fed.local_epochs)):
             perm = torch.from_numpy(
                 rng.permutations(
@@ -373,9 +403,11 @@ class NodeWorker:
             for b in range(math.ceil(s / bs)):
                 idx = perm[:, b * bs : (b + 1) * bs]  # [K, B] per-node window positions
                 x, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
-                h_g = self.h_g_train[idx, k_ar].transpose(0, 1) if use_hg else None  # [B, K, L, H]
+                h_g = (
+                    h_g_train[idx, k_ar].transpose(0, 1) if h_g_train is not None else None
+                )  # [B, K, L, H]
                 teacher = self._teacher("local", step, b)
-                pred = self.model(x, y_tod, h_g, targets=y, teacher=teacher)
+                pred = self.net(x, y_tod, h_g, targets=y, teacher=teacher)
                 per_node, sums, counts = self._loss(pred, y, t)
                 if fmtl is not None:
                     per_node = per_node + fmtl()
@@ -386,22 +418,23 @@ class NodeWorker:
                 count += counts.double()
                 step += 1
                 progress.advance(idx.shape[1])
-        self.model.zero_grad(set_to_none=True)  # keep only the weights between messages:
+        self.net.zero_grad(set_to_none=True)  # keep only the weights between messages:
         if fed.reset_client_optimizer:  # grads + Adam moments were 3/4 of a node's memory
             self.optimizer = None
         out: P.Payload = {}
         if str(fed.aggregate) != "none":  # local / AT w/o FedAvg keep their models at home
-            state = self.model.stacked_state()
-            if start is not None:  # DP: each node's update w_k - w_global clipped to C
-                state = dp.clip_updates(start, state, float(self.privacy.fedavg.clip))
-                if self.privacy.fedavg_noise_at == "node":  # and noised here (docs/privacy.md)
+            state = self.net.stacked_state()
+            if dp_fedavg is not None and clip_norm is not None and start is not None:
+                # DP: each node's update w_k - w_global clipped to C
+                state = dp.clip_updates(start, state, float(clip_norm))
+                if dp_fedavg.fedavg_noise_at == "node":  # and noised here (docs/privacy.md)
                     if P.DP_NODES not in payload:
                         raise ValueError(
                             f"{P.LOCAL_TRAIN} with privacy.fedavg.noise_at=node needs "
                             f"{P.DP_NODES!r} (the nodes asked this round): the "
                             "server runs another privacy config"
                         )
-                    std = dp.node_update_noise_std(self.privacy.fedavg, int(payload[P.DP_NODES]))
+                    std = dp.node_update_noise_std(dp_fedavg.fedavg, int(payload[P.DP_NODES]))
                     state = dp.noise_updates(state, std, self._replay_seeds("fedavg_node", 0))
             out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in state.items()}
         out[P.NUM_EXAMPLES] = np.full(self.num_nodes, s * int(fed.local_epochs), np.int64)
@@ -420,7 +453,7 @@ class NodeWorker:
         nbr = {k[n:]: v for k, v in payload.items() if k.startswith(P.NBR_PREFIX)}
         if not nbr:
             return None
-        names = [name for name, _ in self.model.named_parameters()]
+        names = [name for name, _ in self.net.named_parameters()]
         if set(nbr) != set(names):
             raise ValueError(
                 f"FMTL neighbour weights do not match the node model: "
@@ -439,7 +472,7 @@ class NodeWorker:
         lam = float(self.cfg.federation.fmtl_lambda)
 
         def term() -> Tensor:
-            w = torch.cat([p.flatten(1) for p in self.model.parameters()], dim=1).double()  # [K, D]
+            w = torch.cat([p.flatten(1) for p in self.net.parameters()], dim=1).double()  # [K, D]
             # pairwise differences, not the |w|^2 + |w_m|^2 - 2 w.w_m expansion: exactly 0 at
             # w_k == w_m (round 1, all nodes equal), where cdist's gradient is 0 (a subgradient)
             dist = torch.cdist(w, w_nbr, compute_mode="donot_use_mm_for_euclid_dist")  # [K, M]
@@ -451,18 +484,18 @@ class NodeWorker:
         """Methods whose nodes keep their own models: remember or restore the best one."""
         action = str(payload[P.ACTION])
         if action == P.KEEP_BEST:
-            self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_model = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
             if self.store is not None:  # the node's own disk, for inference after training
                 self.store.mkdir(parents=True, exist_ok=True)
                 for k, sid in enumerate(self.series.sensor_ids):
                     torch.save(
-                        {n: v.cpu() for n, v in self.model.node_state(k).items()},
+                        {n: v.cpu() for n, v in self.net.node_state(k).items()},
                         self._own_file(sid),
                     )
         elif action == P.RESTORE_BEST:
             if self.best_model is None:
                 raise RuntimeError("restore_best before any keep_best")
-            self.model.load_state_dict(self.best_model)
+            self.net.load_state_dict(self.best_model)
         else:
             raise ValueError(
                 f"unknown {P.ACTION} {action!r}; expected {P.KEEP_BEST} or {P.RESTORE_BEST}"
@@ -476,10 +509,10 @@ class NodeWorker:
     @torch.no_grad()
     def _load_own(self) -> None:
         """Load every hosted sensor's own best model from the node's store."""
-        files = [
-            self._own_file(s) if self.store is not None else None for s in self.series.sensor_ids
-        ]
-        if any(f is None or not f.is_file() for f in files):
+        files = (
+            [self._own_file(s) for s in self.series.sensor_ids] if self.store is not None else []
+        )
+        if self.store is None or not all(f.is_file() for f in files):
             raise RuntimeError(
                 f"{P.CONFIGURE} with {P.OWN_MODEL}: no kept model for sensors "
                 f"{self.series.sensor_ids[:3]} in {self.store}. Fix: train the "
@@ -487,7 +520,7 @@ class NodeWorker:
                 "that store to the node"
             )
         states = [torch.load(f, map_location="cpu") for f in files]
-        self.model.load_stacked_state({n: torch.stack([st[n] for st in states]) for n in states[0]})
+        self.net.load_stacked_state({n: torch.stack([st[n] for st in states]) for n in states[0]})
 
     def _noisy_inputs(self, level: float) -> Tensor:
         """Inputs ``[K, T, F]`` with Gaussian noise on the observed speeds (inference only).
@@ -502,11 +535,12 @@ class NodeWorker:
         count = np.maximum(np.asarray(st["count"], np.float64), 1.0)
         mean = np.asarray(st["sum"], np.float64) / count
         std = np.sqrt(np.maximum(np.asarray(st["sumsq"], np.float64) / count - mean**2, 0.0))
-        t_len = self.inputs.shape[1]
+        inputs = self.scaled_inputs
+        t_len = inputs.shape[1]
         z = rng.normals(int(self.cfg.seed), self.series.nodes, 0, "noise", t_len)  # [K, T]
-        sigma = level * std / np.broadcast_to(self.scaler.std, std.shape)  # scaled units [K]
+        sigma = level * std / np.broadcast_to(self.fitted_scaler.std, std.shape)  # scaled units [K]
         noise = (z * sigma[:, None] * self.series.mask.T).astype(np.float32)  # observed only
-        noisy = self.inputs.clone()
+        noisy = inputs.clone()
         noisy[..., 0] += torch.from_numpy(noise).to(self.device)
         self._noisy = (level, noisy)
         return noisy
@@ -519,18 +553,20 @@ class NodeWorker:
     @torch.no_grad()
     def sl_encode(self, payload: P.Payload) -> P.Payload:
         """Split learning, step 1: h_c of a batch with the node's current model."""
-        self.model.eval()
-        h_c = self.model.encode(self._sl_batch(payload)[0])
+        self.net.eval()
+        h_c = self.net.encode(self._sl_batch(payload)[0])
         h_c = self._private(
             "sl_h_c", h_c, int(payload.get(P.ROUND, self.round)), int(payload.get(P.STEP, 0))
         )
         return {P.H_C: h_c.cpu().numpy()}
 
     def _sl_forward(self, h_c: Tensor, h_g: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.sl_pending is None:
+            raise RuntimeError(f"split-learning decode without a pending {P.SL_DECODE} batch")
         x, x_last, y_tod, y, t = self._sl_batch(self.sl_pending)
         teacher = self._teacher("sl", step, 0)
-        self.model.train()
-        pred = self.model.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
+        self.net.train()
+        pred = self.net.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
         return self._loss(pred, y, t)
 
     def sl_decode(self, payload: P.Payload) -> P.Payload:
@@ -542,7 +578,7 @@ class NodeWorker:
             P.H_G: torch.tensor(np.asarray(payload[P.H_G]), device=self.device),
         }
         with torch.no_grad():
-            h_c = self.model.encode(self._sl_batch(self.sl_pending)[0])
+            h_c = self.net.encode(self._sl_batch(self.sl_pending)[0])
         h_g = self.sl_pending[P.H_G].clone().requires_grad_(True)
         per_node, sums, counts = self._sl_forward(h_c, h_g, self.sl_pending[P.STEP])
         (grad,) = torch.autograd.grad(per_node.sum(), h_g)
@@ -588,10 +624,10 @@ class NodeWorker:
         fed = self.cfg.federation
         if self.optimizer is None:
             self.optimizer = make_adam(
-                self.model.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
+                self.net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
             )
         g = torch.as_tensor(np.asarray(payload[P.GRAD_H_C]), device=self.device)
-        h_c = self.model.encode(self._sl_batch(self.sl_pending)[0])
+        h_c = self.net.encode(self._sl_batch(self.sl_pending)[0])
         per_node, _, _ = self._sl_forward(h_c, self.sl_pending[P.H_G], self.sl_pending[P.STEP])
         self.optimizer.zero_grad(set_to_none=True)
         (per_node.sum() + (h_c * g).sum()).backward()
@@ -605,13 +641,13 @@ class NodeWorker:
         self._load_global(payload)
         split = str(payload[P.SPLIT])
         s = len(self.series.starts[split])
-        self.model.eval()
+        self.net.eval()
         parts = []
         bs = int(self.cfg.federation.eval_batch_size)
         for b in range(0, s, bs):
             idx = torch.arange(b, min(b + bs, s), device=self.device).expand(self.num_nodes, -1)
             x = self._gather(split, idx)[0]
-            parts.append(self.model.encode(x))  # [B, K, L, H]
+            parts.append(self.net.encode(x))  # [B, K, L, H]
             progress.advance(idx.shape[1])
         m = self.cfg.model
         self.h_c[split] = (
@@ -632,8 +668,8 @@ class NodeWorker:
         _, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
         h_c = self.h_c[P.TRAIN][batch]  # [B, K, L, H], node model frozen here
         teacher = self._teacher("split", step, 0)
-        self.model.train()
-        pred = self.model.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
+        self.net.train()
+        pred = self.net.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
         per_node, sums, counts = self._loss(pred, y, t)
         (grad,) = torch.autograd.grad(per_node.sum(), h_g)  # row k: d(loss_k)/d(h_G,k)
         grad = self._private("grad", grad, self.round, step)
@@ -674,9 +710,9 @@ class NodeWorker:
             self.encode({P.SPLIT: split})
         s = len(self.series.starts[split])
         bs = int(self.cfg.federation.eval_batch_size)
-        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
-        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
-        self.model.eval()
+        mean = torch.as_tensor(self.fitted_scaler.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.fitted_scaler.std, dtype=torch.float32, device=self.device)
+        self.net.eval()
         total: dict[str, Tensor] = {}
         report = np.asarray(payload.get(P.REPORT, np.zeros(0, np.int64)), np.int64)  # [W]
         keep = self._report_columns(payload)  # [R] hosted positions whose forecasts are kept
@@ -685,7 +721,7 @@ class NodeWorker:
             batch = torch.arange(b, min(b + bs, s), device=self.device)
             _, x_last, y_tod, y, t = self._gather(split, batch.expand(self.num_nodes, -1))
             h_g = h_g_all[batch] if h_g_all is not None else None
-            pred = self.model.decode(x_last, y_tod, self.h_c[split][batch], h_g)[..., 0]
+            pred = self.net.decode(x_last, y_tod, self.h_c[split][batch], h_g)[..., 0]
             wanted = (report >= b) & (report < b + len(batch))
             if wanted.any():  # kept on this node (sent up only with predictions.release)
                 forecast[wanted] = (pred[report[wanted] - b] * std + mean)[..., keep].cpu().numpy()
@@ -724,8 +760,8 @@ class NodeWorker:
     def batch_errors(self, pred: Tensor, y: Tensor, t: Tensor) -> dict[str, Tensor]:
         """Error sums ``[K, H]`` (both metric protocols) of scaled predictions ``[B, H, K]``
         against the windows ``t`` ``[K, B, T_in + H]`` from :meth:`_gather`."""
-        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
-        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
+        mean = torch.as_tensor(self.fitted_scaler.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.fitted_scaler.std, dtype=torch.float32, device=self.device)
         k_ar = torch.arange(self.num_nodes, device=self.device)[:, None, None]
         t_out = t[:, :, self.in_steps :]  # [K, B, H]
         target = self.raw[k_ar, t_out].permute(1, 2, 0)  # [B, H, K]
@@ -770,8 +806,8 @@ class NodeWorker:
         """h_c ``[W, K, L, H]`` of the windows ending at ``ENDS`` (inference, step 1)."""
         x = self._windows_ending(payload)[0]
         bs = int(self.cfg.federation.eval_batch_size)
-        self.model.eval()
-        h_c = [self.model.encode(x[b : b + bs]) for b in range(0, len(x), bs)]
+        self.net.eval()
+        h_c = [self.net.encode(x[b : b + bs]) for b in range(0, len(x), bs)]
         if not h_c:  # no windows asked: an empty [0, K, L, H]
             m = self.cfg.model
             return {P.H_C: np.zeros((0, self.num_nodes, m.num_layers, m.hidden_size), np.float32)}
@@ -800,13 +836,13 @@ class NodeWorker:
                     f"{len(x)} windows of {self.num_nodes} nodes"
                 )
         bs = int(self.cfg.federation.eval_batch_size)
-        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
-        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
-        self.model.eval()
+        mean = torch.as_tensor(self.fitted_scaler.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.fitted_scaler.std, dtype=torch.float32, device=self.device)
+        self.net.eval()
         out = []
         for b in range(0, len(x), bs):
-            h_c = self.model.encode(x[b : b + bs])  # [B, K, L, H]
-            pred = self.model.decode(
+            h_c = self.net.encode(x[b : b + bs])  # [B, K, L, H]
+            pred = self.net.decode(
                 x_last[b : b + bs], y_tod[b : b + bs], h_c, None if h_g is None else h_g[b : b + bs]
             )[..., 0]
             out.append(pred * std + mean)  # [B, H, K] original units
@@ -826,7 +862,7 @@ class NodeWorker:
             return None if t is None else t.detach().to("cpu", copy=True)
 
         return {
-            "model": {k: cpu(v) for k, v in self.model.state_dict().items()},
+            "model": {k: cpu(v) for k, v in self.net.state_dict().items()},
             "optimizer": None
             if self.optimizer is None
             else copy.deepcopy(self.optimizer.state_dict()),
@@ -850,24 +886,27 @@ class NodeWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (on this worker's device)."""
 
-        def dev(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(self.device)
+        def dev(t: Tensor) -> Tensor:
+            return t.to(self.device)
 
-        self.model.load_state_dict(state["model"])
+        def dev_or_none(t: Tensor | None) -> Tensor | None:
+            return None if t is None else dev(t)
+
+        self.net.load_state_dict(state["model"])
         self.optimizer = None
         if state["optimizer"] is not None:
             fed = self.cfg.federation
             self.optimizer = make_adam(
-                self.model.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
+                self.net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
             )
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler = None if state["scaler"] is None else Scaler(*state["scaler"])
-        self.inputs = dev(state["inputs"])
+        self.inputs = dev_or_none(state["inputs"])
         for name in ("raw", "observed"):
             if state[name] is not None:
                 setattr(self, name, dev(state[name]))
         self.h_c = {k: dev(v) for k, v in state["h_c"].items()}
-        self.h_g_train = dev(state["h_g_train"])
+        self.h_g_train = dev_or_none(state["h_g_train"])
         self.round = int(state["round"])
         best = state.get("best_model")
         self.best_model = None if best is None else {k: dev(v) for k, v in best.items()}

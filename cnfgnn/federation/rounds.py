@@ -382,11 +382,15 @@ class Orchestrator:
             c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
             for c in self.train_clients
         }
-        dp_fedavg = (
-            self.privacy is not None and self.privacy.fedavg.active and self.aggregate == "fedavg"
+        dp_fedavg = (  # the privacy settings when the FedAvg uploads are clipped, else None
+            self.privacy
+            if self.privacy is not None
+            and self.privacy.fedavg.active
+            and self.aggregate == "fedavg"
+            else None
         )
         asked = sum(len(self.client_nodes[c]) for c in self.train_clients)
-        if dp_fedavg:  # each node's share of the noise is sigma C / sqrt(asked)
+        if dp_fedavg is not None:  # each node's share of the noise is sigma C / sqrt(asked)
             payloads = {c: p | {P.DP_NODES: asked} for c, p in payloads.items()}
         if self.aggregate == "fmtl":
             if not self.node_weights:  # round 1: every node starts from theta
@@ -398,16 +402,16 @@ class Orchestrator:
             self.theta = fedavg(
                 [P.weights_from_payload(r) for r in replies.values()],
                 [r[P.NUM_EXAMPLES] for r in replies.values()],  # DP: uniform
-                "uniform" if dp_fedavg else self.fed.fedavg_weighting,
+                "uniform" if dp_fedavg is not None else self.fed.fedavg_weighting,
             )
-            if dp_fedavg:  # clipped (and with noise_at=node, noised) on the nodes
+            if dp_fedavg is not None:  # clipped (and with noise_at=node, noised) on the nodes
                 self.fedavg_rounds.append((sum(len(self.client_nodes[c]) for c in replies), asked))
-            if dp_fedavg and self.privacy.fedavg_noise_at == "server":  # central DP
+            if dp_fedavg is not None and dp_fedavg.fedavg_noise_at == "server":  # central DP
                 self.theta = dp.add_fedavg_noise(
                     self.theta,
-                    self.privacy.fedavg,
+                    dp_fedavg.fedavg,
                     asked,
-                    int(self.cfg.seed) if self.privacy.insecure_replayable_noise else None,
+                    int(self.cfg.seed) if dp_fedavg.insecure_replayable_noise else None,
                     self.round,
                 )
             self.releases["fedavg"] += 1
@@ -613,7 +617,7 @@ class Orchestrator:
             )
         self.round = 0
         self.setup()
-        es = {
+        es: dict[str, Any] = {
             "best_loss": math.inf,
             "best_round": 0,
             "bad_rounds": 0,

@@ -311,12 +311,12 @@ class NodeSeq2Seq(nn.Module):
             h_c = torch.cat([h_c, h_g], dim=-1)  # [B, K, L, 2H]
         elif h_g is not None:
             raise ValueError("graph_embedding=False takes no h_g")
-        if teacher is not None and targets is None:
-            raise ValueError("teacher forcing needs targets")
         h = list(h_c.permute(2, 1, 0, 3).unbind(0))  # L x [K, B, Hd]
         inp = x_last.transpose(0, 1)  # [K, B, F]
         tod = y_tod.permute(1, 2, 0).unsqueeze(-1)  # [horizon, K, B, 1]
         if teacher is not None:
+            if targets is None:
+                raise ValueError("teacher forcing needs targets")
             truth = targets.permute(1, 2, 0).unsqueeze(-1)  # [horizon, K, B, 1]
             mask = teacher.to(torch.bool)[:, :, None, None]  # [horizon, K, 1, 1]
         preds = []
