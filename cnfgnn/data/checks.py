@@ -44,24 +44,40 @@ def check_adjacency(adj: np.ndarray, source: Source, num_nodes: int | None = Non
     """
     a = np.asarray(adj)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise bad_input(source, f"adjacency has shape {a.shape}, not square N x N",
-                        "write one row and one column per sensor, in the same order")
+        raise bad_input(
+            source,
+            f"adjacency has shape {a.shape}, not square N x N",
+            "write one row and one column per sensor, in the same order",
+        )
     if not np.issubdtype(a.dtype, np.number):
-        raise bad_input(source, f"adjacency holds non-numeric values (dtype {a.dtype})",
-                        "write plain numbers (0 for no edge)")
+        raise bad_input(
+            source,
+            f"adjacency holds non-numeric values (dtype {a.dtype})",
+            "write plain numbers (0 for no edge)",
+        )
     a = a.astype(np.float32)
     bad = np.argwhere(~np.isfinite(a))
     if len(bad):
-        raise bad_input(source, f"adjacency has {len(bad)} NaN/inf entries, first at "
-                        f"(row {bad[0][0]}, column {bad[0][1]})", "write 0 for no edge")
+        raise bad_input(
+            source,
+            f"adjacency has {len(bad)} NaN/inf entries, first at "
+            f"(row {bad[0][0]}, column {bad[0][1]})",
+            "write 0 for no edge",
+        )
     neg = np.argwhere(a < 0)
     if len(neg):
-        raise bad_input(source, f"adjacency has {len(neg)} negative weights, first "
-                        f"{a[tuple(neg[0])]} at (row {neg[0][0]}, column {neg[0][1]})",
-                        "edge weights must be >= 0 (0 = no edge)")
+        raise bad_input(
+            source,
+            f"adjacency has {len(neg)} negative weights, first "
+            f"{a[tuple(neg[0])]} at (row {neg[0][0]}, column {neg[0][1]})",
+            "edge weights must be >= 0 (0 = no edge)",
+        )
     if num_nodes is not None and a.shape[0] != num_nodes:
-        raise bad_input(source, f"adjacency is {a.shape[0]} x {a.shape[0]} but the series has "
-                        f"{num_nodes} sensors", "give one row/column per sensor of the series")
+        raise bad_input(
+            source,
+            f"adjacency is {a.shape[0]} x {a.shape[0]} but the series has {num_nodes} sensors",
+            "give one row/column per sensor of the series",
+        )
     return a
 
 
@@ -95,10 +111,12 @@ def series_from_values(
     bad = np.argwhere(~np.isfinite(v) & ~missing)
     if len(bad):
         marker = "none" if missing_value is None else repr(missing_value)
-        raise bad_input(source, f"{len(bad)} NaN/inf readings, first {v[tuple(bad[0])]} at "
-                        f"{_cell(bad[0], columns)} (declared missing marker: {marker})",
-                        "leave missing readings empty, or declare the marker with "
-                        "dataset.missing_value")
+        raise bad_input(
+            source,
+            f"{len(bad)} NaN/inf readings, first {v[tuple(bad[0])]} at "
+            f"{_cell(bad[0], columns)} (declared missing marker: {marker})",
+            "leave missing readings empty, or declare the marker with dataset.missing_value",
+        )
     speed = np.where(missing, 0.0, v).astype(np.float32)
     return speed, ~missing
 
@@ -117,29 +135,42 @@ def check_timestamps(ts: pd.DatetimeIndex, source: Source) -> float:
     d = np.diff(ns)
     dup = np.flatnonzero(d == 0)
     if len(dup):
-        raise bad_input(source, f"duplicate timestamp {ts[dup[0]]} (rows {dup[0]} and "
-                        f"{dup[0] + 1}); {len(dup)} duplicate(s) in all",
-                        "keep one row per time step")
+        raise bad_input(
+            source,
+            f"duplicate timestamp {ts[dup[0]]} (rows {dup[0]} and "
+            f"{dup[0] + 1}); {len(dup)} duplicate(s) in all",
+            "keep one row per time step",
+        )
     back = np.flatnonzero(d < 0)
     if len(back):
-        raise bad_input(source, f"timestamps go backwards at row {back[0] + 1} "
-                        f"({ts[back[0]]} then {ts[back[0] + 1]})", "sort the rows by time")
+        raise bad_input(
+            source,
+            f"timestamps go backwards at row {back[0] + 1} ({ts[back[0]]} then {ts[back[0] + 1]})",
+            "sort the rows by time",
+        )
     step = int(np.median(d))
     odd = np.flatnonzero(d != step)
     if len(odd):
         i = odd[0]
-        raise bad_input(source, f"irregular interval: {len(odd)} step(s) differ from "
-                        f"{step / 6e10:g} min, first {ts[i]} -> {ts[i + 1]} at row {i + 1}",
-                        "resample to a regular grid and leave the readings of inserted "
-                        "rows empty (missing)")
+        raise bad_input(
+            source,
+            f"irregular interval: {len(odd)} step(s) differ from "
+            f"{step / 6e10:g} min, first {ts[i]} -> {ts[i + 1]} at row {i + 1}",
+            "resample to a regular grid and leave the readings of inserted rows empty (missing)",
+        )
     return step / 6e10
 
 
-def regular_timestamps(start: str | pd.Timestamp, num_steps: int,
-                       interval_minutes: float) -> pd.DatetimeIndex:
+def regular_timestamps(
+    start: str | pd.Timestamp, num_steps: int, interval_minutes: float
+) -> pd.DatetimeIndex:
     """``num_steps`` timestamps from ``start`` every ``interval_minutes``."""
-    return pd.date_range(pd.Timestamp(start), periods=num_steps,
-                         freq=pd.Timedelta(minutes=float(interval_minutes)), unit="ns")
+    return pd.date_range(
+        pd.Timestamp(start),
+        periods=num_steps,
+        freq=pd.Timedelta(minutes=float(interval_minutes)),
+        unit="ns",
+    )
 
 
 def timestamps_from_tod(
@@ -167,30 +198,42 @@ def timestamps_from_tod(
     tod = np.asarray(tod, dtype=np.float64)
     if interval_minutes is None:
         if len(tod) < 2:
-            raise bad_input(source, "cannot infer the interval from one step",
-                            "set dataset.interval_minutes")
+            raise bad_input(
+                source, "cannot infer the interval from one step", "set dataset.interval_minutes"
+            )
         steps = np.mod(np.diff(tod), 1.0)
         interval_minutes = float(np.round(np.median(steps) * 1440.0, 6))
         if interval_minutes <= 0:
-            raise bad_input(source, "time-of-day channel does not advance",
-                            "check that channel 1 holds the time of day")
+            raise bad_input(
+                source,
+                "time-of-day channel does not advance",
+                "check that channel 1 holds the time of day",
+            )
     day = pd.Timestamp(start_date).normalize()
-    first = day + pd.Timedelta(minutes=round(tod[0] * 1440.0 / interval_minutes)
-                               * interval_minutes)
+    first = day + pd.Timedelta(minutes=round(tod[0] * 1440.0 / interval_minutes) * interval_minutes)
     ts = regular_timestamps(first, len(tod), interval_minutes)
     expect = (ts.asi8 - ts.normalize().asi8) / 86_400e9
     err = np.abs(np.mod(expect - tod + 0.5, 1.0) - 0.5)
     bad = np.flatnonzero(err > atol)
     if len(bad):
         i = bad[0]
-        raise bad_input(source, f"time-of-day channel is not a regular {interval_minutes:g}-min "
-                        f"clock: step {i} has {tod[i]:.5f}, expected {expect[i]:.5f}",
-                        "the series must be consecutive (stride-1 windows, no gaps)")
+        raise bad_input(
+            source,
+            f"time-of-day channel is not a regular {interval_minutes:g}-min "
+            f"clock: step {i} has {tod[i]:.5f}, expected {expect[i]:.5f}",
+            "the series must be consecutive (stride-1 windows, no gaps)",
+        )
     return ts, float(interval_minutes)
 
 
-def match_ids(found: Sequence[str], expected: Sequence[str], source: Source,
-              what: str, against: str, allow_extra: bool = False) -> np.ndarray:
+def match_ids(
+    found: Sequence[str],
+    expected: Sequence[str],
+    source: Source,
+    what: str,
+    against: str,
+    allow_extra: bool = False,
+) -> np.ndarray:
     """Positions of ``expected`` ids within ``found``; error if the two id sets differ.
 
     Args:
@@ -213,8 +256,11 @@ def match_ids(found: Sequence[str], expected: Sequence[str], source: Source,
     missing = [s for s in expected if s not in pos]
     extra = [] if allow_extra else sorted(set(found) - set(expected))
     if missing or extra:
-        raise bad_input(source, f"{what} ({len(found)} sensors) do not match {against} "
-                        f"({len(expected)} sensors): missing {preview(missing)}, "
-                        f"unexpected {preview(extra)}",
-                        "use files that belong together (the same sensor ids)")
+        raise bad_input(
+            source,
+            f"{what} ({len(found)} sensors) do not match {against} "
+            f"({len(expected)} sensors): missing {preview(missing)}, "
+            f"unexpected {preview(extra)}",
+            "use files that belong together (the same sensor ids)",
+        )
     return np.asarray([pos[s] for s in expected], dtype=np.int64)

@@ -24,7 +24,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cnfgnn.config import compose, conf_dir
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.windows import split_starts
@@ -44,14 +43,24 @@ def summary(data: SensorData, dataset_cfg: Any) -> dict[str, Any]:
     from cnfgnn.data.loaders import graph_label
 
     split = dataset_cfg.split
-    starts = split_starts(data.num_steps, int(dataset_cfg.in_steps), int(dataset_cfg.out_steps),
-                          float(split.train), float(split.val), float(split.test),
-                          source=data.where)
+    starts = split_starts(
+        data.num_steps,
+        int(dataset_cfg.in_steps),
+        int(dataset_cfg.out_steps),
+        float(split.train),
+        float(split.val),
+        float(split.test),
+        source=data.where,
+    )
     return {
-        "name": data.name, "kind": str(dataset_cfg.kind), "graph": graph_label(dataset_cfg),
+        "name": data.name,
+        "kind": str(dataset_cfg.kind),
+        "graph": graph_label(dataset_cfg),
         "nodes": data.num_nodes,
-        "steps": data.num_steps, "interval_minutes": data.interval_minutes,
-        "start": str(data.timestamps[0]), "end": str(data.timestamps[-1]),
+        "steps": data.num_steps,
+        "interval_minutes": data.interval_minutes,
+        "start": str(data.timestamps[0]),
+        "end": str(data.timestamps[-1]),
         "missing_fraction": round(data.missing_fraction(), 6),
         "edges": int((data.adjacency != 0).sum()),
         "self_loops": int((data.adjacency.diagonal() != 0).sum()),
@@ -91,13 +100,23 @@ def cmd_shard(args: Sequence[str]) -> int:
     try:
         k = int(extra.get("nodes_per_client", "1"))
     except ValueError:
-        raise DataError(f"cnfgnn-data shard: nodes_per_client={extra['nodes_per_client']!r} "
-                        "is not an integer. Fix: e.g. nodes_per_client=8") from None
+        raise DataError(
+            f"cnfgnn-data shard: nodes_per_client={extra['nodes_per_client']!r} "
+            "is not an integer. Fix: e.g. nodes_per_client=8"
+        ) from None
     cfg = compose_dataset(overrides)
     out = write_shards(load_dataset(cfg), extra["out"], k)
     manifest = json.loads((out / "manifest.json").read_text())
-    print(json.dumps({"out": str(out), "clients": manifest["num_clients"],
-                      "nodes": manifest["num_nodes"], "nodes_per_client": k}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "clients": manifest["num_clients"],
+                "nodes": manifest["num_nodes"],
+                "nodes_per_client": k,
+            }
+        )
+    )
     return 0
 
 
@@ -109,15 +128,24 @@ def cmd_fetch(args: Sequence[str]) -> int:
     p.add_argument("dataset", choices=sorted(DATASETS))
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--dest", default="data")
-    p.add_argument("--sha256", default=None,
-                   help="the archive's SHA-256 (required: none is pinned; without it the "
-                        "archive is downloaded and its SHA-256 and MD5 are printed)")
+    p.add_argument(
+        "--sha256",
+        default=None,
+        help="the archive's SHA-256 (required: none is pinned; without it the "
+        "archive is downloaded and its SHA-256 and MD5 are printed)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(list(args))
-    target = fetch(a.dataset, url=a.url, dest=a.dest, sha256=a.sha256,
-                   progress=not a.no_progress)
-    print(json.dumps({"dataset": a.dataset, "dir": str(target),
-                      "files": sorted(f.name for f in target.iterdir())}))
+    target = fetch(a.dataset, url=a.url, dest=a.dest, sha256=a.sha256, progress=not a.no_progress)
+    print(
+        json.dumps(
+            {
+                "dataset": a.dataset,
+                "dir": str(target),
+                "files": sorted(f.name for f in target.iterdir()),
+            }
+        )
+    )
     return 0
 
 

@@ -70,8 +70,11 @@ class SensorData:
         if self.locations is not None and n is not None and self.locations.shape != (n, 2):
             problems.append(f"locations shape {self.locations.shape}, expected ({n}, 2)")
         if problems:
-            raise bad_input(self.where, "inconsistent dataset: " + "; ".join(problems),
-                            "build SensorData from arrays of matching shapes")
+            raise bad_input(
+                self.where,
+                "inconsistent dataset: " + "; ".join(problems),
+                "build SensorData from arrays of matching shapes",
+            )
 
     @property
     def where(self) -> str:
@@ -119,9 +122,12 @@ class SensorData:
         """
         idx = np.asarray(nodes, dtype=np.int64)
         if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= self.num_nodes)):
-            raise bad_input(self.where, f"subset indices must be a 1-D array in "
-                            f"[0, {self.num_nodes}), got {idx.tolist()[:10]}",
-                            "pass node indices of this dataset")
+            raise bad_input(
+                self.where,
+                f"subset indices must be a 1-D array in "
+                f"[0, {self.num_nodes}), got {idx.tolist()[:10]}",
+                "pass node indices of this dataset",
+            )
         return SensorData(
             name=self.name,
             speed=self.speed[:, idx],

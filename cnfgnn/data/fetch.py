@@ -19,8 +19,8 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from http.client import HTTPException
+from pathlib import Path
 from typing import IO
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
@@ -51,24 +51,38 @@ class ArchiveSpec:
 
 
 DATASETS = {
-    "metr-la": ArchiveSpec("metr-la", ("METR-LA/train.npz", "METR-LA/val.npz",
-                                       "METR-LA/test.npz", "sensor_graph/adj_mx.pkl"),
-                           ("sensor_graph/graph_sensor_locations.csv",
-                            "sensor_graph/graph_sensor_ids.txt",
-                            "sensor_graph/METR-LA_partial_nodes.npz")),
-    "pems-bay": ArchiveSpec("pems-bay", ("PEMS-BAY/train.npz", "PEMS-BAY/val.npz",
-                                         "PEMS-BAY/test.npz", "sensor_graph/adj_mx_bay.pkl"),
-                            ("sensor_graph/graph_sensor_locations_bay.csv",
-                             "sensor_graph/distances_bay_2017.csv",
-                             "sensor_graph/PEMS-BAY_partial_nodes.npz")),
+    "metr-la": ArchiveSpec(
+        "metr-la",
+        ("METR-LA/train.npz", "METR-LA/val.npz", "METR-LA/test.npz", "sensor_graph/adj_mx.pkl"),
+        (
+            "sensor_graph/graph_sensor_locations.csv",
+            "sensor_graph/graph_sensor_ids.txt",
+            "sensor_graph/METR-LA_partial_nodes.npz",
+        ),
+    ),
+    "pems-bay": ArchiveSpec(
+        "pems-bay",
+        (
+            "PEMS-BAY/train.npz",
+            "PEMS-BAY/val.npz",
+            "PEMS-BAY/test.npz",
+            "sensor_graph/adj_mx_bay.pkl",
+        ),
+        (
+            "sensor_graph/graph_sensor_locations_bay.csv",
+            "sensor_graph/distances_bay_2017.csv",
+            "sensor_graph/PEMS-BAY_partial_nodes.npz",
+        ),
+    ),
 }
 
 
 class Progress:
     """A one-line progress bar on a stream (stderr by default), redrawn at most 10x/s."""
 
-    def __init__(self, total: int | None, done: int = 0, stream: IO[str] | None = None,
-                 width: int = 30):
+    def __init__(
+        self, total: int | None, done: int = 0, stream: IO[str] | None = None, width: int = 30
+    ):
         self.total, self.done, self.width = total, done, width
         self.stream = stream or sys.stderr
         self._last = 0.0
@@ -97,8 +111,9 @@ class Progress:
         self.stream.flush()
 
 
-def download(url: str, path: Path, progress: bool = True, timeout: float = 60.0,
-             chunk: int = 1 << 16) -> Path:
+def download(
+    url: str, path: Path, progress: bool = True, timeout: float = 60.0, chunk: int = 1 << 16
+) -> Path:
     """Download ``url`` to ``path`` via ``path.part``, resuming a partial ``.part``.
 
     Returns:
@@ -113,18 +128,27 @@ def download(url: str, path: Path, progress: bool = True, timeout: float = 60.0,
         if e.code == 416 and have:  # nothing left to send: the .part is complete
             part.rename(path)
             return path
-        raise bad_input(url, f"download failed: HTTP {e.code} {e.reason}",
-                        "check --url; run again later to resume") from None
+        raise bad_input(
+            url,
+            f"download failed: HTTP {e.code} {e.reason}",
+            "check --url; run again later to resume",
+        ) from None
     except (URLError, OSError) as e:
-        raise bad_input(url, f"download failed ({getattr(e, 'reason', e)})",
-                        "check the network and --url; run again to resume") from None
+        raise bad_input(
+            url,
+            f"download failed ({getattr(e, 'reason', e)})",
+            "check the network and --url; run again to resume",
+        ) from None
     with resp:
         length = resp.headers.get("Content-Length")
         if have and resp.status == 206:
             start = resp.headers.get("Content-Range", "").split(" ")[-1].split("-")[0]
             if start != str(have):
-                raise bad_input(url, f"server resumed at byte {start}, expected {have}",
-                                f"delete {part} and run again")
+                raise bad_input(
+                    url,
+                    f"server resumed at byte {start}, expected {have}",
+                    f"delete {part} and run again",
+                )
         else:
             have = 0  # the server sent the whole file
         total = have + int(length) if length is not None else None
@@ -136,16 +160,21 @@ def download(url: str, path: Path, progress: bool = True, timeout: float = 60.0,
                     if bar:
                         bar.update(len(block))
         except (HTTPException, OSError) as e:
-            raise bad_input(url, f"download interrupted ({type(e).__name__}) after "
-                            f"{part.stat().st_size} bytes",
-                            "run the same command again to resume") from None
+            raise bad_input(
+                url,
+                f"download interrupted ({type(e).__name__}) after {part.stat().st_size} bytes",
+                "run the same command again to resume",
+            ) from None
         finally:
             if bar:
                 bar.close()
     size = part.stat().st_size
     if total is not None and size != total:
-        raise bad_input(url, f"download incomplete ({size} of {total} bytes)",
-                        "run the same command again to resume")
+        raise bad_input(
+            url,
+            f"download incomplete ({size} of {total} bytes)",
+            "run the same command again to resume",
+        )
     part.rename(path)
     return path
 
@@ -190,13 +219,19 @@ def unpack(archive: Path, spec: ArchiveSpec, staging: Path) -> list[str]:
                     shutil.copyfileobj(src, dst)
                 found[w] = m.name
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise bad_input(archive, f"not a valid bz2 tar archive ({type(e).__name__}: {e})",
-                        "the file is corrupt or not the CNFGNN archive; run again to "
-                        "re-download, or check --url") from None
+        raise bad_input(
+            archive,
+            f"not a valid bz2 tar archive ({type(e).__name__}: {e})",
+            "the file is corrupt or not the CNFGNN archive; run again to "
+            "re-download, or check --url",
+        ) from None
     absent = [w for w in spec.required if w not in found]
     if absent:
-        raise bad_input(archive, f"archive lacks {absent}",
-                        "use the CNFGNN authors' data.tar.bz2 (Zenodo record 4521262)")
+        raise bad_input(
+            archive,
+            f"archive lacks {absent}",
+            "use the CNFGNN authors' data.tar.bz2 (Zenodo record 4521262)",
+        )
     for w in spec.required:
         if w.endswith(".npz"):
             try:
@@ -205,13 +240,21 @@ def unpack(archive: Path, spec: ArchiveSpec, staging: Path) -> list[str]:
             except (OSError, ValueError, zipfile.BadZipFile):
                 ok = False
             if not ok:
-                raise bad_input(archive, f"member {found[w]} is not an npz with x and y",
-                                "re-download the archive")
+                raise bad_input(
+                    archive,
+                    f"member {found[w]} is not an npz with x and y",
+                    "re-download the archive",
+                )
     return sorted(Path(w).name for w in found)
 
 
-def fetch(dataset: str, url: str = DEFAULT_URL, dest: str | Path = "data",
-          sha256: str | None = None, progress: bool = True) -> Path:
+def fetch(
+    dataset: str,
+    url: str = DEFAULT_URL,
+    dest: str | Path = "data",
+    sha256: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Download (or reuse) the archive and unpack ``dataset`` into ``dest/<dataset>/``.
 
     Args:
@@ -227,13 +270,18 @@ def fetch(dataset: str, url: str = DEFAULT_URL, dest: str | Path = "data",
         The dataset directory.
     """
     expected = sha256 if sha256 is not None else PINNED_SHA256.get(url)
-    if expected is not None and not (len(expected) == 64 and
-                                     all(c in "0123456789abcdefABCDEF" for c in expected)):
-        raise bad_input("cnfgnn-data fetch", f"--sha256 {expected!r} is not 64 hex digits",
-                        "pass the archive's SHA-256 as printed by sha256sum")
+    if expected is not None and not (
+        len(expected) == 64 and all(c in "0123456789abcdefABCDEF" for c in expected)
+    ):
+        raise bad_input(
+            "cnfgnn-data fetch",
+            f"--sha256 {expected!r} is not 64 hex digits",
+            "pass the archive's SHA-256 as printed by sha256sum",
+        )
     if dataset not in DATASETS:
-        raise bad_input("cnfgnn-data fetch", f"unknown dataset {dataset!r}",
-                        f"use one of {sorted(DATASETS)}")
+        raise bad_input(
+            "cnfgnn-data fetch", f"unknown dataset {dataset!r}", f"use one of {sorted(DATASETS)}"
+        )
     spec = DATASETS[dataset]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -245,15 +293,20 @@ def fetch(dataset: str, url: str = DEFAULT_URL, dest: str | Path = "data",
         download(url, archive, progress=progress)
     if expected is None:
         got, md5 = sha256sum(archive), sha256sum(archive, algorithm="md5")
-        raise bad_input(archive, f"no SHA-256 is pinned for {url} (the authors publish none), "
-                        f"so it was downloaded but not unpacked. Its SHA-256 is {got}, its MD5 "
-                        f"{md5}", f"compare the MD5 with the one on {RECORD_URL}; if they "
-                        f"agree, run again with --sha256 {got}")
+        raise bad_input(
+            archive,
+            f"no SHA-256 is pinned for {url} (the authors publish none), "
+            f"so it was downloaded but not unpacked. Its SHA-256 is {got}, its MD5 "
+            f"{md5}",
+            f"compare the MD5 with the one on {RECORD_URL}; if they "
+            f"agree, run again with --sha256 {got}",
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.dirname}.tmp-", dir=dest))
     try:
         if sha256sum(archive) != expected.lower():
-            raise bad_input(archive, "sha256 mismatch", "run again to re-download, or check "
-                            "--sha256")
+            raise bad_input(
+                archive, "sha256 mismatch", "run again to re-download, or check --sha256"
+            )
         unpack(archive, spec, staging)
         staging.rename(target)
     except DataError:

@@ -17,8 +17,9 @@ from cnfgnn.data.errors import bad_input
 EARTH_RADIUS_KM = 6371.0088
 
 
-def gaussian_kernel_adjacency(dist: np.ndarray, threshold: float = 0.1,
-                              self_loops: bool = True) -> np.ndarray:
+def gaussian_kernel_adjacency(
+    dist: np.ndarray, threshold: float = 0.1, self_loops: bool = True
+) -> np.ndarray:
     """Thresholded Gaussian kernel of a directed distance matrix.
 
     Args:
@@ -50,8 +51,13 @@ def haversine_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
 
 
-def distance_matrix(src: Sequence[str], dst: Sequence[str], dist: np.ndarray,
-                    sensor_ids: Sequence[str], source: Source) -> np.ndarray:
+def distance_matrix(
+    src: Sequence[str],
+    dst: Sequence[str],
+    dist: np.ndarray,
+    sensor_ids: Sequence[str],
+    source: Source,
+) -> np.ndarray:
     """Dense ``[N, N]`` float32 distances from ``from,to,distance`` rows (``inf`` = unlisted).
 
     Rows naming sensors outside ``sensor_ids`` are skipped (as DCRNN does); a later row for the
@@ -60,17 +66,24 @@ def distance_matrix(src: Sequence[str], dst: Sequence[str], dist: np.ndarray,
     d = np.asarray(dist, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(d) | (d < 0))
     if len(bad):
-        raise bad_input(source, f"{len(bad)} distances are negative, NaN or inf, first "
-                        f"{d[bad[0]]} in row {bad[0]} ({src[bad[0]]} -> {dst[bad[0]]})",
-                        "distances must be finite and >= 0; leave unknown pairs out")
+        raise bad_input(
+            source,
+            f"{len(bad)} distances are negative, NaN or inf, first "
+            f"{d[bad[0]]} in row {bad[0]} ({src[bad[0]]} -> {dst[bad[0]]})",
+            "distances must be finite and >= 0; leave unknown pairs out",
+        )
     pos = {s: i for i, s in enumerate(map(str, sensor_ids))}
     i = np.asarray([pos.get(str(s), -1) for s in src])
     j = np.asarray([pos.get(str(s), -1) for s in dst])
     ok = (i >= 0) & (j >= 0)
     if not ok.any():
-        raise bad_input(source, f"none of the {len(d)} rows names two sensors of the series "
-                        f"(series ids start {list(sensor_ids)[:3]}, file ids start "
-                        f"{list(src)[:3]})", "use the sensor ids of the series header")
+        raise bad_input(
+            source,
+            f"none of the {len(d)} rows names two sensors of the series "
+            f"(series ids start {list(sensor_ids)[:3]}, file ids start "
+            f"{list(src)[:3]})",
+            "use the sensor ids of the series header",
+        )
     n = len(sensor_ids)
     out = np.full((n, n), np.inf, dtype=np.float32)
     out[i[ok], j[ok]] = d[ok]
@@ -91,5 +104,8 @@ def graph_fingerprint(adjacency: np.ndarray, sensor_ids: Sequence[str]) -> dict:
         ``{"sensor_ids": [N] str, "num_edges": int, "adjacency_sha256": str}``.
     """
     adj = np.ascontiguousarray(adjacency, dtype=np.float32)
-    return {"sensor_ids": [str(s) for s in sensor_ids], "num_edges": int((adj != 0).sum()),
-            "adjacency_sha256": hashlib.sha256(adj.tobytes()).hexdigest()}
+    return {
+        "sensor_ids": [str(s) for s in sensor_ids],
+        "num_edges": int((adj != 0).sum()),
+        "adjacency_sha256": hashlib.sha256(adj.tobytes()).hexdigest(),
+    }

@@ -35,17 +35,37 @@ from cnfgnn.data.synthetic import generate_synthetic
 from cnfgnn.data.tabular import load_csv, load_los_loop, load_metrla_json
 from cnfgnn.data.windows import split_starts
 
-__all__ = ["load_dataset", "check_windows", "graph_label", "load_adj_pkl", "load_dcrnn_h5", "load_dcrnn_npz", "load_los_loop",
-           "load_csv", "load_metrla_json", "generate_synthetic", "LOADERS"]
+__all__ = [
+    "load_dataset",
+    "check_windows",
+    "graph_label",
+    "load_adj_pkl",
+    "load_dcrnn_h5",
+    "load_dcrnn_npz",
+    "load_los_loop",
+    "load_csv",
+    "load_metrla_json",
+    "generate_synthetic",
+    "LOADERS",
+]
 
 # kind -> (loader, {config key: loader argument})
 LOADERS: dict[str, tuple[Callable[..., SensorData], dict[str, str]]] = {
     "synthetic": (generate_synthetic, {}),
-    "dcrnn_h5": (load_dcrnn_h5, {"h5": "h5_path", "adj_pkl": "adj_pkl_path",
-                                 "locations": "locations_path"}),
+    "dcrnn_h5": (
+        load_dcrnn_h5,
+        {"h5": "h5_path", "adj_pkl": "adj_pkl_path", "locations": "locations_path"},
+    ),
     "dcrnn_npz": (load_dcrnn_npz, {"adj_pkl": "adj_pkl_path", "locations": "locations_path"}),
-    "los_loop": (load_los_loop, {"speed": "speed_csv", "adjacency": "adj_csv",
-                                 "adj_pkl": "adj_pkl_path", "locations": "locations_path"}),
+    "los_loop": (
+        load_los_loop,
+        {
+            "speed": "speed_csv",
+            "adjacency": "adj_csv",
+            "adj_pkl": "adj_pkl_path",
+            "locations": "locations_path",
+        },
+    ),
     "csv": (load_csv, {"series": "series_csv"}),
     "metrla_json": (load_metrla_json, {"locations": "locations_path"}),
 }
@@ -55,13 +75,20 @@ WINDOW_KEYS = ("in_steps", "out_steps", "split")
 def _plain(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         try:
-            return dict(OmegaConf.to_container(cfg, resolve=True,  # type: ignore[arg-type]
-                                               throw_on_missing=True))
+            return dict(
+                OmegaConf.to_container(
+                    cfg,
+                    resolve=True,  # type: ignore[arg-type]
+                    throw_on_missing=True,
+                )
+            )
         except MissingMandatoryValue as e:
             key = getattr(e, "full_key", None) or "a required value"
-            raise bad_input(f"dataset config {cfg.get('name', '?')!r}", f"{key} is not set",
-                            f"set it on the command line, e.g. dataset.{str(key).split('.')[-1]}"
-                            "=PATH") from None
+            raise bad_input(
+                f"dataset config {cfg.get('name', '?')!r}",
+                f"{key} is not set",
+                f"set it on the command line, e.g. dataset.{str(key).split('.')[-1]}=PATH",
+            ) from None
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise TypeError(f"dataset config must be a mapping, got {type(cfg).__name__}")
@@ -72,8 +99,11 @@ def loader_kwargs(cfg: Any) -> tuple[Callable[..., SensorData], dict[str, Any]]:
     c = _plain(cfg)
     kind = c.pop("kind", None)
     if kind not in LOADERS:
-        raise bad_input(f"dataset config {c.get('name', '?')!r}", f"unknown kind {kind!r}",
-                        f"set dataset.kind to one of {sorted(LOADERS)}")
+        raise bad_input(
+            f"dataset config {c.get('name', '?')!r}",
+            f"unknown kind {kind!r}",
+            f"set dataset.kind to one of {sorted(LOADERS)}",
+        )
     fn, alias = LOADERS[kind]
     split = c.pop("split", None)
     for k in WINDOW_KEYS:
@@ -85,16 +115,21 @@ def loader_kwargs(cfg: Any) -> tuple[Callable[..., SensorData], dict[str, Any]]:
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         known = sorted({next((k for k, v in alias.items() if v == p), p) for p in params})
-        raise bad_input(f"dataset config {c.get('name', kind)!r}",
-                        f"unknown option(s) {unknown} for kind {kind!r}",
-                        f"use only {known} (and {list(WINDOW_KEYS)})")
-    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty
-               and p not in kwargs]
+        raise bad_input(
+            f"dataset config {c.get('name', kind)!r}",
+            f"unknown option(s) {unknown} for kind {kind!r}",
+            f"use only {known} (and {list(WINDOW_KEYS)})",
+        )
+    missing = [
+        p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs
+    ]
     if missing:
         inv = {v: k for k, v in alias.items()}
-        raise bad_input(f"dataset config {c.get('name', kind)!r}",
-                        f"kind {kind!r} needs {[inv.get(p, p) for p in missing]}",
-                        "set them, e.g. dataset." + inv.get(missing[0], missing[0]) + "=PATH")
+        raise bad_input(
+            f"dataset config {c.get('name', kind)!r}",
+            f"kind {kind!r} needs {[inv.get(p, p) for p in missing]}",
+            "set them, e.g. dataset." + inv.get(missing[0], missing[0]) + "=PATH",
+        )
     for k in ("free_speed_mph", "bottleneck_capacity", "demand_level"):
         if k in kwargs and isinstance(kwargs[k], list):
             kwargs[k] = tuple(kwargs[k])
@@ -110,8 +145,10 @@ def graph_label(cfg: Any) -> str:
     """
     c = cfg if isinstance(cfg, Mapping) else {}
     if isinstance(cfg, DictConfig):
-        c = {k: cfg.get(k) for k in ("kind", "graph", "adj_pkl", "adjacency", "distances",
-                                     "locations")}
+        c = {
+            k: cfg.get(k)
+            for k in ("kind", "graph", "adj_pkl", "adjacency", "distances", "locations")
+        }
     kind = str(c.get("kind"))
     if c.get("graph"):
         return str(c["graph"])
@@ -134,8 +171,15 @@ def check_windows(data: SensorData, cfg: Any) -> None:
     if not all(k in c for k in WINDOW_KEYS):
         return
     s = c["split"]
-    split_starts(data.num_steps, int(c["in_steps"]), int(c["out_steps"]), float(s["train"]),
-                 float(s["val"]), float(s["test"]), source=data.where)
+    split_starts(
+        data.num_steps,
+        int(c["in_steps"]),
+        int(c["out_steps"]),
+        float(s["train"]),
+        float(s["val"]),
+        float(s["test"]),
+        source=data.where,
+    )
 
 
 def load_dataset(cfg: Any, windows: bool = True) -> SensorData:

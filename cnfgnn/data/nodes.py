@@ -1,7 +1,8 @@
 """Training-node selection for the inductive setting, and the node -> client partition.
 
-The paper (docs/method.md §1.3, Appendix A) trains on the westernmost fraction of the sensors: sort by
-longitude ascending and keep the first ``np.round(N * ratio)`` (round half to even).
+The paper (docs/method.md §1.3, Appendix A) trains on the westernmost fraction of the
+sensors: sort by longitude ascending and keep the first ``np.round(N * ratio)`` (round half
+to even).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import bad_input
 
 
-def select_nodes(num_nodes: int, ratio: float, locations: np.ndarray | None = None,
-                 seed: int = 0) -> np.ndarray:
+def select_nodes(
+    num_nodes: int, ratio: float, locations: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
     """Indices of the training nodes, sorted ascending.
 
     Args:
@@ -29,17 +31,26 @@ def select_nodes(num_nodes: int, ratio: float, locations: np.ndarray | None = No
         ``[np.round(N * ratio)]`` int64 sorted node indices.
     """
     if not 0.0 < ratio <= 1.0:
-        raise bad_input("inductive node selection", f"ratio {ratio} is not in (0, 1]",
-                        "set federation.inductive_ratio to e.g. 0.25, 0.5 or 0.75")
+        raise bad_input(
+            "inductive node selection",
+            f"ratio {ratio} is not in (0, 1]",
+            "set federation.inductive_ratio to e.g. 0.25, 0.5 or 0.75",
+        )
     k = int(np.round(num_nodes * ratio))
     if k < 1:
-        raise bad_input("inductive node selection", f"ratio {ratio} of {num_nodes} nodes "
-                        "keeps no node", "use a larger ratio")
+        raise bad_input(
+            "inductive node selection",
+            f"ratio {ratio} of {num_nodes} nodes keeps no node",
+            "use a larger ratio",
+        )
     if locations is not None:
         loc = np.asarray(locations, dtype=np.float64)
         if loc.shape != (num_nodes, 2):
-            raise bad_input("inductive node selection", f"locations shape {loc.shape}, "
-                            f"expected ({num_nodes}, 2)", "give (lat, lon) per node")
+            raise bad_input(
+                "inductive node selection",
+                f"locations shape {loc.shape}, expected ({num_nodes}, 2)",
+                "give (lat, lon) per node",
+            )
         order = np.argsort(loc[:, 1], kind="stable")
     else:
         order = np.random.default_rng(seed).permutation(num_nodes)
@@ -57,11 +68,14 @@ def partition(nodes: np.ndarray, nodes_per_client: int) -> list[np.ndarray]:
         ``ceil(M / K)`` int64 arrays.
     """
     if int(nodes_per_client) < 1:
-        raise bad_input("partition", f"nodes_per_client={nodes_per_client}",
-                        "use a positive number of sensors per client")
+        raise bad_input(
+            "partition",
+            f"nodes_per_client={nodes_per_client}",
+            "use a positive number of sensors per client",
+        )
     nodes = np.asarray(nodes, dtype=np.int64)
     k = int(nodes_per_client)
-    return [nodes[i:i + k] for i in range(0, len(nodes), k)]
+    return [nodes[i : i + k] for i in range(0, len(nodes), k)]
 
 
 def client_groups(cfg: Any, data: SensorData) -> list[np.ndarray]:

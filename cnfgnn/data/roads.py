@@ -55,8 +55,9 @@ class RoadNetwork:
         return np.stack([lat, lon], axis=1)
 
 
-def _layout(num_nodes: int, roads_per_sqrt_node: float = 1 / 3,
-            min_per_carriageway: int = 3) -> tuple[int, int, list[int]]:
+def _layout(
+    num_nodes: int, roads_per_sqrt_node: float = 1 / 3, min_per_carriageway: int = 3
+) -> tuple[int, int, list[int]]:
     """(horizontal roads, vertical roads, sensors per carriageway)."""
     n_roads = max(1, int(round(np.sqrt(num_nodes) * roads_per_sqrt_node)))
     while n_roads > 1 and num_nodes // (2 * n_roads) < min_per_carriageway:
@@ -66,10 +67,15 @@ def _layout(num_nodes: int, roads_per_sqrt_node: float = 1 / 3,
     return (n_roads + 1) // 2, n_roads // 2, per
 
 
-def road_network(num_nodes: int, spacing_km: float, rng: np.random.Generator,
-                 road_jitter: float = 0.15, sensor_jitter: float = 0.3,
-                 carriageway_gap_km: float = 0.04,
-                 rush_weights: tuple[float, float] = (1.0, 0.6)) -> RoadNetwork:
+def road_network(
+    num_nodes: int,
+    spacing_km: float,
+    rng: np.random.Generator,
+    road_jitter: float = 0.15,
+    sensor_jitter: float = 0.3,
+    carriageway_gap_km: float = 0.04,
+    rush_weights: tuple[float, float] = (1.0, 0.6),
+) -> RoadNetwork:
     """Build the grid of roads and place ``num_nodes`` sensors on it.
 
     Args:
@@ -96,12 +102,16 @@ def road_network(num_nodes: int, spacing_km: float, rng: np.random.Generator,
     for k, m in enumerate(per):
         road, direction = k // 2, (1 if k % 2 == 0 else -1)
         horizontal, off = roads[road]
-        s = (np.arange(m) + 0.5) * size / m \
-            + rng.uniform(-sensor_jitter, sensor_jitter, m) * spacing_km
-        s = np.sort(np.clip(s, 0.0, size))[:: direction]  # in driving order
+        s = (np.arange(m) + 0.5) * size / m + rng.uniform(
+            -sensor_jitter, sensor_jitter, m
+        ) * spacing_km
+        s = np.sort(np.clip(s, 0.0, size))[::direction]  # in driving order
         lateral = off + carriageway_gap_km / 2 * direction
-        xy = np.stack([s, np.full(m, lateral)], 1) if horizontal else \
-            np.stack([np.full(m, lateral), s], 1)
+        xy = (
+            np.stack([s, np.full(m, lateral)], 1)
+            if horizontal
+            else np.stack([np.full(m, lateral), s], 1)
+        )
         ids = np.arange(node, node + m)
         node += m
         pos.append(xy)
@@ -131,10 +141,14 @@ def road_network(num_nodes: int, spacing_km: float, rng: np.random.Generator,
                 turn.append(True)
     return RoadNetwork(
         pos_km=np.concatenate(pos) if pos else np.zeros((0, 2)),
-        carriageway=np.asarray(cw, np.int64), peak_weights=np.asarray(peak, np.float64),
-        entry=np.asarray(entry, bool), src=np.asarray(src, np.int64),
-        dst=np.asarray(dst, np.int64), length_km=np.asarray(length, np.float64),
-        turn=np.asarray(turn, bool))
+        carriageway=np.asarray(cw, np.int64),
+        peak_weights=np.asarray(peak, np.float64),
+        entry=np.asarray(entry, bool),
+        src=np.asarray(src, np.int64),
+        dst=np.asarray(dst, np.int64),
+        length_km=np.asarray(length, np.float64),
+        turn=np.asarray(turn, bool),
+    )
 
 
 def road_distances(net: RoadNetwork, cutoff_km: float) -> np.ndarray:

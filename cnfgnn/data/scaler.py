@@ -43,8 +43,10 @@ class Scaler:
     def _params(self, x: Any) -> tuple[Any, Any]:
         if torch is not None and isinstance(x, torch.Tensor):
             dtype = x.dtype if x.is_floating_point() else torch.float32
-            return (torch.as_tensor(self.mean, dtype=dtype, device=x.device),
-                    torch.as_tensor(self.std, dtype=dtype, device=x.device))
+            return (
+                torch.as_tensor(self.mean, dtype=dtype, device=x.device),
+                torch.as_tensor(self.std, dtype=dtype, device=x.device),
+            )
         x = np.asarray(x)
         np_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
         return self.mean.astype(np_dtype), self.std.astype(np_dtype)
@@ -96,6 +98,7 @@ def input_stats(
         if mask is None:
             raise ValueError("input_stats(include_missing=False) needs the mask")
         w = c[:, None] * np.asarray(mask, dtype=np.float64)
+
     def per_node(a: np.ndarray) -> np.ndarray:
         # each node's row summed on its own (contiguous): bit-identical for any grouping
         return np.ascontiguousarray(a.T).sum(axis=1)
@@ -124,14 +127,17 @@ def global_scaler(stats_list: Iterable[dict[str, np.ndarray]]) -> Scaler:
     tot = {k: math.fsum(v) for k, v in parts.items()}
     if tot["count"] <= 0:
         raise ValueError("global_scaler: no observations in the training inputs")
-    mean, std = _mean_std(np.asarray(tot["sum"]), np.asarray(tot["sumsq"]),
-                          np.asarray(tot["count"]))
+    mean, std = _mean_std(
+        np.asarray(tot["sum"]), np.asarray(tot["sumsq"]), np.asarray(tot["count"])
+    )
     return Scaler(mean, std)
 
 
 def per_node_scaler(stats: dict[str, np.ndarray]) -> Scaler:
     """Per-node ``[K]`` mean/std from :func:`input_stats` (nodes without data get 0/1)."""
-    mean, std = _mean_std(np.asarray(stats["sum"], np.float64),
-                          np.asarray(stats["sumsq"], np.float64),
-                          np.asarray(stats["count"], np.float64))
+    mean, std = _mean_std(
+        np.asarray(stats["sum"], np.float64),
+        np.asarray(stats["sumsq"], np.float64),
+        np.asarray(stats["count"], np.float64),
+    )
     return Scaler(mean, std)

@@ -62,8 +62,9 @@ class NodeShard:
         return (np.mod(ns, NS_PER_DAY) / NS_PER_DAY).astype(np.float32)
 
 
-def write_shards(data: SensorData, out_dir: str | Path, nodes_per_client: int,
-                 nodes: np.ndarray | None = None) -> Path:
+def write_shards(
+    data: SensorData, out_dir: str | Path, nodes_per_client: int, nodes: np.ndarray | None = None
+) -> Path:
     """Write one directory per client plus the server's graph and a manifest.
 
     Args:
@@ -77,13 +78,23 @@ def write_shards(data: SensorData, out_dir: str | Path, nodes_per_client: int,
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise bad_input(out, "output exists and is not an empty directory",
-                        "choose a new out=DIR or remove the old shards first")
+        raise bad_input(
+            out,
+            "output exists and is not an empty directory",
+            "choose a new out=DIR or remove the old shards first",
+        )
     sel = np.arange(data.num_nodes) if nodes is None else np.asarray(nodes, dtype=np.int64)
-    if sel.size == 0 or sel.min() < 0 or sel.max() >= data.num_nodes \
-            or len(np.unique(sel)) != len(sel):
-        raise bad_input(data.where, f"node indices must be unique and in [0, {data.num_nodes})",
-                        "pass valid node indices")
+    if (
+        sel.size == 0
+        or sel.min() < 0
+        or sel.max() >= data.num_nodes
+        or len(np.unique(sel)) != len(sel)
+    ):
+        raise bad_input(
+            data.where,
+            f"node indices must be unique and in [0, {data.num_nodes})",
+            "pass valid node indices",
+        )
     groups = partition(sel, nodes_per_client)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -94,21 +105,37 @@ def write_shards(data: SensorData, out_dir: str | Path, nodes_per_client: int,
             d = tmp / client_dir_name(c)
             d.mkdir()
             ids = [data.sensor_ids[i] for i in g]
-            np.savez(d / SERIES_FILE, speed=data.speed[:, g], mask=data.mask[:, g],
-                     node_indices=g, sensor_ids=np.asarray(ids, dtype=str), timestamps=ts_ns,
-                     interval_minutes=np.float64(data.interval_minutes))
+            np.savez(
+                d / SERIES_FILE,
+                speed=data.speed[:, g],
+                mask=data.mask[:, g],
+                node_indices=g,
+                sensor_ids=np.asarray(ids, dtype=str),
+                timestamps=ts_ns,
+                interval_minutes=np.float64(data.interval_minutes),
+            )
             clients.append({"client": c, "dir": d.name, "nodes": g.tolist(), "sensor_ids": ids})
         (tmp / "server").mkdir()
-        loc = data.locations if data.locations is not None else np.full((data.num_nodes, 2),
-                                                                         np.nan)
-        np.savez(tmp / GRAPH_FILE, adjacency=data.adjacency,
-                 sensor_ids=np.asarray(data.sensor_ids, dtype=str), locations=loc,
-                 has_locations=np.bool_(data.locations is not None))
-        manifest = {"dataset": data.name, "num_nodes": data.num_nodes,
-                    "num_steps": data.num_steps, "interval_minutes": data.interval_minutes,
-                    "start": str(data.timestamps[0]), "end": str(data.timestamps[-1]),
-                    "nodes_per_client": int(nodes_per_client), "num_clients": len(clients),
-                    "server": str(GRAPH_FILE), "clients": clients}
+        loc = data.locations if data.locations is not None else np.full((data.num_nodes, 2), np.nan)
+        np.savez(
+            tmp / GRAPH_FILE,
+            adjacency=data.adjacency,
+            sensor_ids=np.asarray(data.sensor_ids, dtype=str),
+            locations=loc,
+            has_locations=np.bool_(data.locations is not None),
+        )
+        manifest = {
+            "dataset": data.name,
+            "num_nodes": data.num_nodes,
+            "num_steps": data.num_steps,
+            "interval_minutes": data.interval_minutes,
+            "start": str(data.timestamps[0]),
+            "end": str(data.timestamps[-1]),
+            "nodes_per_client": int(nodes_per_client),
+            "num_clients": len(clients),
+            "server": str(GRAPH_FILE),
+            "clients": clients,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             out.rmdir()
@@ -145,32 +172,49 @@ def load_shard(client_dir: str | Path) -> NodeShard:
         raise bad_input(p, f"speed is {speed.dtype} {speed.shape}, not numbers [T, K]", fix)
     t, k = speed.shape
     if not np.isfinite(speed).all():
-        raise bad_input(p, "speed holds NaN or infinite values (missing readings are 0 with "
-                        "mask False)", fix)
+        raise bad_input(
+            p, "speed holds NaN or infinite values (missing readings are 0 with mask False)", fix
+        )
     if mask.shape != (t, k) or mask.dtype.kind not in "biu":
         raise bad_input(p, f"mask is {mask.dtype} {mask.shape}, not bool {(t, k)}", fix)
-    if nodes.shape != (k,) or nodes.dtype.kind not in "iu" or (nodes < 0).any() \
-            or len(np.unique(nodes)) != k:
-        raise bad_input(p, f"node_indices is {nodes.dtype} {nodes.shape}, not {k} distinct "
-                        "node indices >= 0", fix)
+    if (
+        nodes.shape != (k,)
+        or nodes.dtype.kind not in "iu"
+        or (nodes < 0).any()
+        or len(np.unique(nodes)) != k
+    ):
+        raise bad_input(
+            p,
+            f"node_indices is {nodes.dtype} {nodes.shape}, not {k} distinct node indices >= 0",
+            fix,
+        )
     if arr["sensor_ids"].shape != (k,):
         raise bad_input(p, f"sensor_ids has shape {arr['sensor_ids'].shape}, not ({k},)", fix)
     ts, interval = arr["timestamps"], arr["interval_minutes"]
     if ts.shape != (t,) or ts.dtype.kind not in "iuM":
         raise bad_input(p, f"timestamps is {ts.dtype} {ts.shape}, not {t} int64 ns", fix)
-    if interval.shape != () or interval.dtype.kind not in "fiu" or \
-            not (np.isfinite(interval) and interval > 0):
+    if (
+        interval.shape != ()
+        or interval.dtype.kind not in "fiu"
+        or not (np.isfinite(interval) and interval > 0)
+    ):
         raise bad_input(p, f"interval_minutes is {interval!r}, not a positive number", fix)
     return NodeShard(
-        speed=speed.astype(np.float32), mask=mask.astype(bool),
-        node_indices=nodes.astype(np.int64), sensor_ids=[str(s) for s in arr["sensor_ids"]],
+        speed=speed.astype(np.float32),
+        mask=mask.astype(bool),
+        node_indices=nodes.astype(np.int64),
+        sensor_ids=[str(s) for s in arr["sensor_ids"]],
         timestamps=pd.DatetimeIndex(ts.astype("datetime64[ns]")),
-        interval_minutes=float(interval))
+        interval_minutes=float(interval),
+    )
 
 
 def load_server_graph(out_dir: str | Path) -> dict[str, np.ndarray | list[str] | None]:
     """The server's shard: ``adjacency [N, N]``, ``sensor_ids``, ``locations [N, 2]`` or None."""
     p = require_file(Path(out_dir) / GRAPH_FILE, "server graph")
     with np.load(p) as z:
-        return {"adjacency": z["adjacency"], "sensor_ids": [str(s) for s in z["sensor_ids"]],
-                "locations": z["locations"] if bool(z["has_locations"]) else None}
+        return {
+            "adjacency": z["adjacency"],
+            "sensor_ids": [str(s) for s in z["sensor_ids"]],
+            "locations": z["locations"] if bool(z["has_locations"]) else None,
+        }

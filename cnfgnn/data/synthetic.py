@@ -90,8 +90,9 @@ class DemandShape:
     sunday_factor: float = 0.9
 
 
-def demand_profile(timestamps: pd.DatetimeIndex, peak_weights: np.ndarray,
-                   shape: DemandShape = DemandShape()) -> np.ndarray:
+def demand_profile(
+    timestamps: pd.DatetimeIndex, peak_weights: np.ndarray, shape: DemandShape = DemandShape()
+) -> np.ndarray:
     """Daily/weekly demand shape ``P`` per step and sensor.
 
     Args:
@@ -105,16 +106,20 @@ def demand_profile(timestamps: pd.DatetimeIndex, peak_weights: np.ndarray,
     c = shape
     h = ((timestamps.hour + timestamps.minute / 60.0).to_numpy(np.float64))[:, None]
     dow = timestamps.day_of_week.to_numpy()[:, None]
-    day = c.night + c.day * _sigmoid((h - c.day_start[0]) / c.day_start[1]) \
-        * _sigmoid((c.day_end[0] - h) / c.day_end[1])
+    day = c.night + c.day * _sigmoid((h - c.day_start[0]) / c.day_start[1]) * _sigmoid(
+        (c.day_end[0] - h) / c.day_end[1]
+    )
     am, pm = peak_weights[None, :, 0], peak_weights[None, :, 1]
     weekday = day + c.peak * (am * _gauss(h, *c.am) + pm * _gauss(h, *c.pm))
     friday = 1.0 + c.friday[0] * _gauss(h, *c.friday[1:])
     weekday = weekday * np.where(dow == 4, friday, 1.0)
-    weekend = c.weekend_night + c.weekend_day \
-        * _sigmoid((h - c.weekend_start[0]) / c.weekend_start[1]) \
-        * _sigmoid((c.day_end[0] - h) / c.day_end[1]) \
+    weekend = (
+        c.weekend_night
+        + c.weekend_day
+        * _sigmoid((h - c.weekend_start[0]) / c.weekend_start[1])
+        * _sigmoid((c.day_end[0] - h) / c.day_end[1])
         + c.weekend_hump[0] * _gauss(h, *c.weekend_hump[1:])
+    )
     weekend = weekend * np.where(dow == 6, c.sunday_factor, 1.0)
     return np.where(dow >= 5, weekend, weekday)
 
@@ -137,9 +142,16 @@ def _lags(length_km: np.ndarray, speed_kmh: float, interval: float) -> tuple[np.
     return lo, 1.0 - frac, frac
 
 
-def _incidents(rng: np.random.Generator, steps: int, n: int, rate_week: float,
-               interval: float, min_minutes: float = 15.0, mean_extra_minutes: float = 30.0,
-               severity: tuple[float, float] = (0.3, 0.7)) -> tuple[np.ndarray, np.ndarray]:
+def _incidents(
+    rng: np.random.Generator,
+    steps: int,
+    n: int,
+    rate_week: float,
+    interval: float,
+    min_minutes: float = 15.0,
+    mean_extra_minutes: float = 30.0,
+    severity: tuple[float, float] = (0.3, 0.7),
+) -> tuple[np.ndarray, np.ndarray]:
     """Capacity multiplier and incident severity at each sensor, both ``[steps, n]``.
 
     Incidents start as a Poisson process (``rate_week`` per sensor and week), last
@@ -149,12 +161,13 @@ def _incidents(rng: np.random.Generator, steps: int, n: int, rate_week: float,
     sev = np.zeros((steps, n))
     per_step = rate_week / (7 * MINUTES_PER_DAY / interval)
     hits = np.argwhere(rng.random((steps, n)) < per_step)
-    dur = np.ceil((min_minutes + rng.exponential(mean_extra_minutes, len(hits)))
-                  / interval).astype(np.int64)
+    dur = np.ceil((min_minutes + rng.exponential(mean_extra_minutes, len(hits))) / interval).astype(
+        np.int64
+    )
     s = rng.uniform(*severity, len(hits))
     for (t0, v), d, sv in zip(hits, dur, s, strict=True):
-        cap_mult[t0:t0 + d, v] = np.minimum(cap_mult[t0:t0 + d, v], 1.0 - sv)
-        sev[t0:t0 + d, v] = np.maximum(sev[t0:t0 + d, v], sv)
+        cap_mult[t0 : t0 + d, v] = np.minimum(cap_mult[t0 : t0 + d, v], 1.0 - sv)
+        sev[t0 : t0 + d, v] = np.maximum(sev[t0 : t0 + d, v], sv)
     return cap_mult, sev
 
 
@@ -166,18 +179,37 @@ def _route_shares(net: RoadNetwork, exit_share: float, turn_share: float) -> np.
     return share
 
 
-def simulate_speeds(net: RoadNetwork, timestamps: pd.DatetimeIndex, interval: float,
-                    rng: np.random.Generator, warmup_steps: int, *, exit_share: float,
-                    turn_share: float, wave_kmh: float, queue_wave_kmh: float,
-                    queue_km_per_unit: float, fluctuation_minutes: float,
-                    fluctuation_sd: float, day_sd: float, bottleneck_share: float,
-                    bottleneck_capacity: tuple[float, float], incidents_per_node_week: float,
-                    free_speed_mph: tuple[float, float], noise_mph: float,
-                    demand_level: tuple[float, float], near_capacity_drop: float,
-                    max_congestion: float = 0.85, queue_scale_km: float = 0.5,
-                    flow_drop: float = 0.08, capacity_knee: tuple[float, float] = (0.95, 0.04),
-                    incident_slowdown: float = 0.25, min_speed_mph: float = 3.0,
-                    over_free_mph: float = 5.0, max_load: float = 1.3) -> np.ndarray:
+def simulate_speeds(
+    net: RoadNetwork,
+    timestamps: pd.DatetimeIndex,
+    interval: float,
+    rng: np.random.Generator,
+    warmup_steps: int,
+    *,
+    exit_share: float,
+    turn_share: float,
+    wave_kmh: float,
+    queue_wave_kmh: float,
+    queue_km_per_unit: float,
+    fluctuation_minutes: float,
+    fluctuation_sd: float,
+    day_sd: float,
+    bottleneck_share: float,
+    bottleneck_capacity: tuple[float, float],
+    incidents_per_node_week: float,
+    free_speed_mph: tuple[float, float],
+    noise_mph: float,
+    demand_level: tuple[float, float],
+    near_capacity_drop: float,
+    max_congestion: float = 0.85,
+    queue_scale_km: float = 0.5,
+    flow_drop: float = 0.08,
+    capacity_knee: tuple[float, float] = (0.95, 0.04),
+    incident_slowdown: float = 0.25,
+    min_speed_mph: float = 3.0,
+    over_free_mph: float = 5.0,
+    max_load: float = 1.3,
+) -> np.ndarray:
     """Run the traffic model; returns ``[T, N]`` float64 speeds (mph), warm-up dropped.
 
     The keyword-only arguments are those of :func:`generate_synthetic`; the defaulted ones
@@ -193,10 +225,10 @@ def simulate_speeds(net: RoadNetwork, timestamps: pd.DatetimeIndex, interval: fl
     days = (timestamps.normalize() - timestamps[0].normalize()).days.to_numpy()
     day_factor = rng.standard_normal((days.max() + 1, 1)) * day_sd
     corridor = _ar1(rng, steps, int(net.carriageway.max()) + 1, phi, fluctuation_sd)
-    local = np.where(net.entry, corridor[:, net.carriageway], _ar1(rng, steps, n, phi,
-                                                                    fluctuation_sd))
-    demand = level * demand_profile(timestamps, net.peak_weights) \
-        * np.exp(local + day_factor[days])
+    local = np.where(
+        net.entry, corridor[:, net.carriageway], _ar1(rng, steps, n, phi, fluctuation_sd)
+    )
+    demand = level * demand_profile(timestamps, net.peak_weights) * np.exp(local + day_factor[days])
     exo = np.where(net.entry, 1.0, exit_share) * demand  # entering + on-ramp flow [T, N]
     cap = np.where(rng.random(n) < bottleneck_share, rng.uniform(*bottleneck_capacity, n), 1.0)
     cap_mult, sev = _incidents(rng, steps, n, incidents_per_node_week, interval)
@@ -225,8 +257,9 @@ def simulate_speeds(net: RoadNetwork, timestamps: pd.DatetimeIndex, interval: fl
     congestion = max_congestion * (1.0 - np.exp(-ext[pad:] / queue_scale_km))
     v_free = rng.uniform(*free_speed_mph, n)
     a = np.minimum(arrivals, max_load)
-    drop = flow_drop * a**2 + near_capacity_drop * _sigmoid((a - capacity_knee[0])
-                                                             / capacity_knee[1])
+    drop = flow_drop * a**2 + near_capacity_drop * _sigmoid(
+        (a - capacity_knee[0]) / capacity_knee[1]
+    )
     speed = v_free * (1.0 - drop) * (1.0 - congestion) * (1.0 - incident_slowdown * sev)
     speed += rng.standard_normal(speed.shape) * noise_mph
     return np.clip(speed, min_speed_mph, v_free + over_free_mph)[warmup_steps:]
@@ -239,15 +272,21 @@ def _pair(value: Sequence[float], key: str) -> tuple[float, float]:
     return value[0], value[1]
 
 
-def _missing_mask(rng: np.random.Generator, steps: int, n: int, rate: float,
-                  interval: float, outage_hours: float = 2.0) -> np.ndarray:
+def _missing_mask(
+    rng: np.random.Generator,
+    steps: int,
+    n: int,
+    rate: float,
+    interval: float,
+    outage_hours: float = 2.0,
+) -> np.ndarray:
     """``[steps, n]`` bool observed-mask: isolated drop-outs and outages, ``rate`` in total."""
     observed = rng.random((steps, n)) >= rate / 2
     mean_len = max(outage_hours * 60.0 / interval, 1.0)
     starts = np.argwhere(rng.random((steps, n)) < rate / 2 / mean_len)
     lengths = rng.geometric(1.0 / mean_len, len(starts))
     for (t0, v), d in zip(starts, lengths, strict=True):
-        observed[t0:t0 + d, v] = False
+        observed[t0 : t0 + d, v] = False
     return observed
 
 
@@ -316,29 +355,48 @@ def generate_synthetic(
     """
     steps = int(round(days * MINUTES_PER_DAY / interval_minutes))
     if num_nodes < 1 or steps < 1 or not 0.0 <= missing_rate < 1.0:
-        raise bad_input("synthetic dataset", f"num_nodes={num_nodes}, days={days}, "
-                        f"missing_rate={missing_rate}",
-                        "use num_nodes >= 1, days > 0 and 0 <= missing_rate < 1")
+        raise bad_input(
+            "synthetic dataset",
+            f"num_nodes={num_nodes}, days={days}, missing_rate={missing_rate}",
+            "use num_nodes >= 1, days > 0 and 0 <= missing_rate < 1",
+        )
     rng = np.random.default_rng(seed)
     net = road_network(int(num_nodes), spacing_km, rng)
-    dist = road_distances(net, cutoff_km if cutoff_km is not None
-                          else cutoff_spacings * spacing_km)
+    dist = road_distances(net, cutoff_km if cutoff_km is not None else cutoff_spacings * spacing_km)
     adjacency = gaussian_kernel_adjacency(dist, threshold)
     warm = int(round(warmup_days * MINUTES_PER_DAY / interval_minutes))
     t0 = pd.Timestamp(start) - pd.Timedelta(minutes=warm * interval_minutes)
     ts_all = regular_timestamps(t0, warm + steps, interval_minutes)
     speed = simulate_speeds(
-        net, ts_all, interval_minutes, rng, warm, exit_share=exit_share,
-        turn_share=turn_share, wave_kmh=wave_kmh, queue_wave_kmh=queue_wave_kmh,
-        queue_km_per_unit=queue_km_per_unit, fluctuation_minutes=fluctuation_minutes,
-        fluctuation_sd=fluctuation_sd, day_sd=day_sd, bottleneck_share=bottleneck_share,
+        net,
+        ts_all,
+        interval_minutes,
+        rng,
+        warm,
+        exit_share=exit_share,
+        turn_share=turn_share,
+        wave_kmh=wave_kmh,
+        queue_wave_kmh=queue_wave_kmh,
+        queue_km_per_unit=queue_km_per_unit,
+        fluctuation_minutes=fluctuation_minutes,
+        fluctuation_sd=fluctuation_sd,
+        day_sd=day_sd,
+        bottleneck_share=bottleneck_share,
         bottleneck_capacity=_pair(bottleneck_capacity, "bottleneck_capacity"),
         incidents_per_node_week=incidents_per_node_week,
-        free_speed_mph=_pair(free_speed_mph, "free_speed_mph"), noise_mph=noise_mph,
-        demand_level=_pair(demand_level, "demand_level"), near_capacity_drop=near_capacity_drop)
+        free_speed_mph=_pair(free_speed_mph, "free_speed_mph"),
+        noise_mph=noise_mph,
+        demand_level=_pair(demand_level, "demand_level"),
+        near_capacity_drop=near_capacity_drop,
+    )
     mask = _missing_mask(rng, steps, net.num_nodes, missing_rate, interval_minutes)
     return SensorData(
-        name=name, speed=np.where(mask, speed, 0.0).astype(np.float32), mask=mask,
-        timestamps=ts_all[warm:], interval_minutes=interval_minutes,
-        sensor_ids=[f"S{i:04d}" for i in range(net.num_nodes)], adjacency=adjacency,
-        locations=net.latlon())
+        name=name,
+        speed=np.where(mask, speed, 0.0).astype(np.float32),
+        mask=mask,
+        timestamps=ts_all[warm:],
+        interval_minutes=interval_minutes,
+        sensor_ids=[f"S{i:04d}" for i in range(net.num_nodes)],
+        adjacency=adjacency,
+        locations=net.latlon(),
+    )

@@ -44,27 +44,37 @@ def split_starts(
         ``{"train": [S_tr], "val": [S_va], "test": [S_te]}`` int64 start indices.
     """
     if in_steps < 1 or out_steps < 1:
-        raise bad_input(source, f"in_steps={in_steps}, out_steps={out_steps}",
-                        "both must be >= 1")
+        raise bad_input(source, f"in_steps={in_steps}, out_steps={out_steps}", "both must be >= 1")
     if min(train, val, test) < 0 or abs(train + val + test - 1.0) > 1e-6:
-        raise bad_input(source, f"split fractions train={train}, val={val}, test={test} "
-                        "must be >= 0 and sum to 1", "fix dataset.split")
+        raise bad_input(
+            source,
+            f"split fractions train={train}, val={val}, test={test} must be >= 0 and sum to 1",
+            "fix dataset.split",
+        )
     s = num_windows(num_steps, in_steps, out_steps)
     if s < 1:
-        raise bad_input(source, f"{num_steps} time steps are fewer than one window of "
-                        f"{in_steps} + {out_steps} steps",
-                        "use a longer series or shorter dataset.in_steps/out_steps")
+        raise bad_input(
+            source,
+            f"{num_steps} time steps are fewer than one window of {in_steps} + {out_steps} steps",
+            "use a longer series or shorter dataset.in_steps/out_steps",
+        )
     n_test = int(round(test * s))
     n_train = int(round(train * s))
     n_val = s - n_train - n_test
     counts = {"train": n_train, "val": n_val, "test": n_test}
     empty = [k for k, c in counts.items() if c <= 0]
     if empty:
-        raise bad_input(source, f"{s} windows give an empty {'/'.join(empty)} split "
-                        f"({counts})", "use a longer series or change dataset.split")
+        raise bad_input(
+            source,
+            f"{s} windows give an empty {'/'.join(empty)} split ({counts})",
+            "use a longer series or change dataset.split",
+        )
     starts = np.arange(s, dtype=np.int64)
-    return {"train": starts[:n_train], "val": starts[n_train:n_train + n_val],
-            "test": starts[n_train + n_val:]}
+    return {
+        "train": starts[:n_train],
+        "val": starts[n_train : n_train + n_val],
+        "test": starts[n_train + n_val :],
+    }
 
 
 def gather_windows(series: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
@@ -80,7 +90,9 @@ def gather_windows(series: np.ndarray, starts: np.ndarray, length: int) -> np.nd
     """
     starts = np.asarray(starts, dtype=np.int64)
     if starts.size and (starts.min() < 0 or starts.max() + length > len(series)):
-        raise IndexError(f"windows [{starts.min()}, {starts.max() + length}) exceed the "
-                         f"series length {len(series)}")
+        raise IndexError(
+            f"windows [{starts.min()}, {starts.max() + length}) exceed the "
+            f"series length {len(series)}"
+        )
     idx = starts[:, None] + np.arange(length, dtype=np.int64)[None, :]  # [S, length]
     return series[idx]

@@ -22,8 +22,9 @@ def series(t: int = 60, n: int = 4, seed: int = 0, start: str = "2020-03-01") ->
     v[3, 1] = 0.0
     v[10, 2] = 0.0
     idx = pd.date_range(start, periods=t, freq="5min")
-    return pd.DataFrame(v, index=idx, columns=IDS[:n] if n <= len(IDS) else
-                        [f"s{i}" for i in range(n)])
+    return pd.DataFrame(
+        v, index=idx, columns=IDS[:n] if n <= len(IDS) else [f"s{i}" for i in range(n)]
+    )
 
 
 def adjacency(n: int = 4) -> np.ndarray:
@@ -41,8 +42,9 @@ def write_pkl(path: Path, ids: list[str], adj: np.ndarray) -> Path:
     return path
 
 
-def write_npz_splits(folder: Path, values: np.ndarray, tod: np.ndarray,
-                     in_steps: int = 12, out_steps: int = 12) -> dict[str, np.ndarray]:
+def write_npz_splits(
+    folder: Path, values: np.ndarray, tod: np.ndarray, in_steps: int = 12, out_steps: int = 12
+) -> dict[str, np.ndarray]:
     """DCRNN ``generate_training_data``-style ``{train,val,test}.npz`` from a ``[T, N]`` series.
 
     Returns the ``x`` arrays per split (for comparison).
@@ -54,9 +56,13 @@ def write_npz_splits(folder: Path, values: np.ndarray, tod: np.ndarray,
     for name, st in split_starts(t, in_steps, out_steps).items():
         x = gather_windows(feats, st, in_steps)
         y = gather_windows(feats, st + in_steps, out_steps)
-        np.savez_compressed(folder / f"{name}.npz", x=x, y=y,
-                            x_offsets=np.arange(-in_steps + 1, 1)[:, None],
-                            y_offsets=np.arange(1, out_steps + 1)[:, None])
+        np.savez_compressed(
+            folder / f"{name}.npz",
+            x=x,
+            y=y,
+            x_offsets=np.arange(-in_steps + 1, 1)[:, None],
+            y_offsets=np.arange(1, out_steps + 1)[:, None],
+        )
         out[name] = x
     return out
 

@@ -36,15 +36,24 @@ def test_info_synthetic(capsys):
 def test_info_csv_and_h5(capsys, tmp_path):
     write_wide_csv(tmp_path / "s.csv", series(t=100), blank=[(0, 0)])
     np.savetxt(tmp_path / "a.csv", adjacency(), delimiter=",")
-    s = info(capsys, "dataset=csv", f"dataset.series={tmp_path / 's.csv'}",
-             f"dataset.adjacency={tmp_path / 'a.csv'}")
+    s = info(
+        capsys,
+        "dataset=csv",
+        f"dataset.series={tmp_path / 's.csv'}",
+        f"dataset.adjacency={tmp_path / 'a.csv'}",
+    )
     assert (s["nodes"], s["steps"], s["edges"]) == (4, 100, 7)
     assert s["missing_fraction"] == pytest.approx(1 / 400)
     assert s["windows"] == {"train": 54, "val": 8, "test": 15}
     series(t=100).to_hdf(tmp_path / "x.h5", key="df")
     write_pkl(tmp_path / "adj.pkl", list(series().columns), adjacency())
-    s = info(capsys, "dataset=metr_la", f"dataset.h5={tmp_path / 'x.h5'}",
-             f"dataset.adj_pkl={tmp_path / 'adj.pkl'}", "dataset.locations=null")
+    s = info(
+        capsys,
+        "dataset=metr_la",
+        f"dataset.h5={tmp_path / 'x.h5'}",
+        f"dataset.adj_pkl={tmp_path / 'adj.pkl'}",
+        "dataset.locations=null",
+    )
     assert (s["nodes"], s["steps"], s["kind"]) == (4, 100, "dcrnn_h5")
     assert s["missing_fraction"] == pytest.approx(2 / 400)  # the zeros
 
@@ -62,16 +71,27 @@ def test_info_real_files(capsys, monkeypatch, tmp_path):
 
 
 def test_shard_command(capsys, tmp_path):
-    code, out, err = run(capsys, "shard", "dataset.num_nodes=5", "dataset.days=1",
-                         f"out={tmp_path / 'sh'}", "nodes_per_client=2")
+    code, out, err = run(
+        capsys,
+        "shard",
+        "dataset.num_nodes=5",
+        "dataset.days=1",
+        f"out={tmp_path / 'sh'}",
+        "nodes_per_client=2",
+    )
     assert code == 0, err
     assert json.loads(out)["clients"] == 3
     assert (tmp_path / "sh" / "client_0002" / "series.npz").exists()
 
 
 def test_errors_are_one_line_with_status_2(capsys, tmp_path):
-    code, _, err = run(capsys, "info", "dataset=csv", f"dataset.series={tmp_path / 'no.csv'}",
-                       f"dataset.adjacency={tmp_path / 'a.csv'}")
+    code, _, err = run(
+        capsys,
+        "info",
+        "dataset=csv",
+        f"dataset.series={tmp_path / 'no.csv'}",
+        f"dataset.adjacency={tmp_path / 'a.csv'}",
+    )
     assert code == 2 and "no.csv" in err and "not found" in err and "Fix:" in err
     code, _, err = run(capsys, "shard", "dataset.num_nodes=5")
     assert code == 2 and "out=DIR" in err
@@ -89,8 +109,12 @@ def test_console_script(tmp_path):
     exe = Path(sys.executable).parent / "cnfgnn-data"
     if not exe.exists() and shutil.which("cnfgnn-data") is None:
         pytest.skip("console script not installed")
-    cmd = [str(exe) if exe.exists() else "cnfgnn-data", "info", "dataset.num_nodes=4",
-           "dataset.days=1"]
+    cmd = [
+        str(exe) if exe.exists() else "cnfgnn-data",
+        "info",
+        "dataset.num_nodes=4",
+        "dataset.days=1",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["nodes"] == 4

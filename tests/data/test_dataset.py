@@ -13,16 +13,23 @@ from cnfgnn.data.errors import DataError
 def _data(t=6, n=3):
     rng = np.random.default_rng(0)
     adj = np.array([[1, 0.5, 0], [0, 1, 0.2], [0.7, 0, 1]], np.float32)[:n, :n]
-    return SensorData("toy", rng.uniform(0, 70, (t, n)), np.ones((t, n), bool),
-                      pd.date_range("2020-01-01 23:50", periods=t, freq="5min"), 5,
-                      ["a", "b", "c"][:n], adj, np.array([[34, -118], [34.1, -118.2],
-                                                          [34.2, -118.1]])[:n])
+    return SensorData(
+        "toy",
+        rng.uniform(0, 70, (t, n)),
+        np.ones((t, n), bool),
+        pd.date_range("2020-01-01 23:50", periods=t, freq="5min"),
+        5,
+        ["a", "b", "c"][:n],
+        adj,
+        np.array([[34, -118], [34.1, -118.2], [34.2, -118.1]])[:n],
+    )
 
 
 def test_time_of_day_and_features():
     d = _data()
-    np.testing.assert_allclose(d.time_of_day()[:4], [1430 / 1440, 1435 / 1440, 0.0, 5 / 1440],
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        d.time_of_day()[:4], [1430 / 1440, 1435 / 1440, 0.0, 5 / 1440], atol=1e-7
+    )
     f = d.features()
     assert f.shape == (6, 3, 2) and f.dtype == np.float32
     np.testing.assert_array_equal(f[..., 0], d.speed)

@@ -21,14 +21,23 @@ WINDOWS = {"in_steps": 12, "out_steps": 12, "split": {"train": 0.7, "val": 0.1, 
 def csv_config(folder, steps: int) -> dict:
     write_wide_csv(folder / "mine.csv", series(t=steps))
     np.savetxt(folder / "adj.csv", adjacency(), delimiter=",")
-    return {"kind": "csv", "name": "csv", "series": str(folder / "mine.csv"),
-            "adjacency": str(folder / "adj.csv"), **WINDOWS}
+    return {
+        "kind": "csv",
+        "name": "csv",
+        "series": str(folder / "mine.csv"),
+        "adjacency": str(folder / "adj.csv"),
+        **WINDOWS,
+    }
 
 
 def test_a_too_short_series_names_its_file(tmp_path):
     cfg = csv_config(tmp_path, steps=19)
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'mine.csv'}: 19 time steps are "
-                                                  "fewer than one window of 12 + 12 steps")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{tmp_path / 'mine.csv'}: 19 time steps are fewer than one window of 12 + 12 steps"
+        ),
+    ):
         load_dataset(cfg)
     data = load_dataset(cfg, windows=False)  # data only for a forecast: no windows needed
     assert data.num_steps == 19 and data.where == str(tmp_path / "mine.csv")
@@ -44,9 +53,13 @@ def test_every_loader_records_its_file(tmp_path):
     df = series()
     write_wide_csv(tmp_path / "s.csv", df)
     np.savetxt(tmp_path / "a.csv", adjacency(), delimiter=",")
-    assert load_csv(tmp_path / "s.csv", adjacency=tmp_path / "a.csv").where == str(tmp_path / "s.csv")
+    assert load_csv(tmp_path / "s.csv", adjacency=tmp_path / "a.csv").where == str(
+        tmp_path / "s.csv"
+    )
     df.to_csv(tmp_path / "los.csv", index=False)
-    assert load_los_loop(tmp_path / "los.csv", tmp_path / "a.csv").source == str(tmp_path / "los.csv")
+    assert load_los_loop(tmp_path / "los.csv", tmp_path / "a.csv").source == str(
+        tmp_path / "los.csv"
+    )
     df.to_hdf(tmp_path / "speed.h5", key="df")
     write_pkl(tmp_path / "adj.pkl", IDS, adjacency())
     h5 = load_dcrnn_h5(tmp_path / "speed.h5", tmp_path / "adj.pkl")

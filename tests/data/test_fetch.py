@@ -29,14 +29,16 @@ def _archive(tmp_path: Path, with_graph: bool = True, both: bool = False) -> byt
     if with_graph:
         write_pkl(root / "sensor_graph" / "adj_mx.pkl", IDS, adjacency())
     (root / "sensor_graph" / "graph_sensor_locations.csv").write_text(
-        "index,sensor_id,latitude,longitude\n" + "".join(
-            f"{i},{s},34.{i},-118.{i}\n" for i, s in enumerate(IDS)))
+        "index,sensor_id,latitude,longitude\n"
+        + "".join(f"{i},{s},34.{i},-118.{i}\n" for i, s in enumerate(IDS))
+    )
     if both:  # PEMS-BAY: 3 sensors, locations without a header (as DCRNN's)
         bay = series(t=80, n=3, seed=1)
         write_npz_splits(root / "PEMS-BAY", bay.to_numpy(), tod)
         write_pkl(root / "sensor_graph" / "adj_mx_bay.pkl", IDS[:3], adjacency(3))
         (root / "sensor_graph" / "graph_sensor_locations_bay.csv").write_text(
-            "".join(f"{s},37.{i},-121.{i}\n" for i, s in enumerate(IDS[:3])))
+            "".join(f"{s},37.{i},-121.{i}\n" for i, s in enumerate(IDS[:3]))
+        )
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:bz2") as tar:
         tar.add(src / "data", arcname="data")
@@ -62,8 +64,10 @@ class Server:
                     return
                 self.send_response(206 if rng else 200)
                 if rng:
-                    self.send_header("Content-Range",
-                                     f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}")
+                    self.send_header(
+                        "Content-Range",
+                        f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}",
+                    )
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if outer.truncate_next:  # drop the connection half way
@@ -103,18 +107,40 @@ def _only(dest: Path) -> list[str]:
 
 def test_fetch_unpacks_and_loads(server, tmp_path, capsys):
     dest = tmp_path / "data"
-    code = main(["fetch", "metr-la", "--url", server.url, "--dest", str(dest),
-                 "--sha256", _sha(server.payload)])
+    code = main(
+        [
+            "fetch",
+            "metr-la",
+            "--url",
+            server.url,
+            "--dest",
+            str(dest),
+            "--sha256",
+            _sha(server.payload),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert "100.0%" in err  # the progress bar
     assert _only(dest) == ["data.tar.bz2", "metr-la"]
-    assert _only(dest / "metr-la") == ["adj_mx.pkl", "graph_sensor_locations.csv",
-                                       "test.npz", "train.npz", "val.npz"]
-    d = load_dataset({"kind": "dcrnn_npz", "name": "metr-la", "dir": str(dest / "metr-la"),
-                      "adj_pkl": str(dest / "metr-la" / "adj_mx.pkl"),
-                      "locations": str(dest / "metr-la" / "graph_sensor_locations.csv"),
-                      "start": "2020-03-01", "split": {"train": 0.7, "val": 0.1, "test": 0.2}})
+    assert _only(dest / "metr-la") == [
+        "adj_mx.pkl",
+        "graph_sensor_locations.csv",
+        "test.npz",
+        "train.npz",
+        "val.npz",
+    ]
+    d = load_dataset(
+        {
+            "kind": "dcrnn_npz",
+            "name": "metr-la",
+            "dir": str(dest / "metr-la"),
+            "adj_pkl": str(dest / "metr-la" / "adj_mx.pkl"),
+            "locations": str(dest / "metr-la" / "graph_sensor_locations.csv"),
+            "start": "2020-03-01",
+            "split": {"train": 0.7, "val": 0.1, "test": 0.2},
+        }
+    )
     np.testing.assert_allclose(d.speed, series(t=80).to_numpy(), rtol=1e-6)
     assert d.locations.shape == (4, 2)
     with pytest.raises(DataError, match="already exists"):
@@ -148,14 +174,25 @@ def test_interrupted_download_resumes_next_time(server, tmp_path):
 def test_corrupt_archive_leaves_nothing(server, tmp_path):
     dest = tmp_path / "data"
     payload = bytearray(server.payload)
-    payload[len(payload) // 2:] = bytes(len(payload) - len(payload) // 2)  # zeroed tail
+    payload[len(payload) // 2 :] = bytes(len(payload) - len(payload) // 2)  # zeroed tail
     server.payload = bytes(payload)
     with pytest.raises(DataError, match="data.tar.bz2.*not a valid bz2 tar"):
         fetch("metr-la", url=server.url, dest=dest, sha256=_sha(server.payload), progress=False)
     assert _only(dest) == []
     server.payload = b"<html>not found</html>"
-    code = main(["fetch", "metr-la", "--url", server.url, "--dest", str(dest), "--no-progress",
-                 "--sha256", _sha(server.payload)])
+    code = main(
+        [
+            "fetch",
+            "metr-la",
+            "--url",
+            server.url,
+            "--dest",
+            str(dest),
+            "--no-progress",
+            "--sha256",
+            _sha(server.payload),
+        ]
+    )
     assert code == 2 and _only(dest) == []
 
 
@@ -189,8 +226,9 @@ def test_without_sha256_downloads_but_refuses_to_unpack(server, tmp_path, capsys
     assert _only(dest) == ["data.tar.bz2"]  # kept for the rerun, nothing unpacked
     with pytest.raises(DataError, match="not 64 hex digits"):
         fetch("metr-la", url=server.url, dest=dest, sha256="abc", progress=False)
-    assert fetch("metr-la", url=server.url, dest=dest, sha256=_sha(server.payload),
-                 progress=False).is_dir()
+    assert fetch(
+        "metr-la", url=server.url, dest=dest, sha256=_sha(server.payload), progress=False
+    ).is_dir()
     assert server.ranges == [None]  # the kept archive was reused, not downloaded again
 
 

@@ -27,10 +27,12 @@ from cnfgnn.data.shards import load_shard, write_shards
 from cnfgnn.data.tabular import load_csv, load_los_loop, load_metrla_json
 from tests.data._helpers import IDS, adjacency, series, write_npz_splits, write_pkl, write_wide_csv
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
-SLOW_FUZZ = settings(max_examples=15, deadline=None, derandomize=True,
-                     suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+SLOW_FUZZ = settings(
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _sound_or_data_error(load, *paths: Path):
@@ -57,11 +59,17 @@ def _spliced(draw, text: str) -> str:
         op = draw(st.sampled_from(["insert", "delete", "drop_line", "truncate"]))
         i = draw(st.integers(0, len(text)))
         if op == "insert":
-            junk = draw(st.one_of(st.text(max_size=8), st.sampled_from(
-                ["nan", "inf", "-inf", ",", "\n", '"', "1e999", "NaN,NaN", "\x00"])))
+            junk = draw(
+                st.one_of(
+                    st.text(max_size=8),
+                    st.sampled_from(
+                        ["nan", "inf", "-inf", ",", "\n", '"', "1e999", "NaN,NaN", "\x00"]
+                    ),
+                )
+            )
             text = text[:i] + junk + text[i:]
         elif op == "delete":
-            text = text[:i] + text[i + draw(st.integers(1, 20)):]
+            text = text[:i] + text[i + draw(st.integers(1, 20)) :]
         elif op == "drop_line":
             lines = text.split("\n")
             del lines[draw(st.integers(0, len(lines) - 1))]
@@ -90,8 +98,12 @@ def test_corrupted_series_csv(text):
 
 
 @FUZZ
-@given(col=st.integers(0, 3), value=st.sampled_from([np.nan, np.inf, -np.inf]),
-       whole=st.booleans(), missing=st.sampled_from([None, 0.0, "NA"]))
+@given(
+    col=st.integers(0, 3),
+    value=st.sampled_from([np.nan, np.inf, -np.inf]),
+    whole=st.booleans(),
+    missing=st.sampled_from([None, 0.0, "NA"]),
+)
 def test_nan_and_inf_columns_in_csv(col, value, whole, missing):
     df = series(t=40)
     if whole:
@@ -106,8 +118,13 @@ def test_nan_and_inf_columns_in_csv(col, value, whole, missing):
 
 
 @FUZZ
-@given(adj=hnp.arrays(np.float64, st.tuples(st.integers(0, 6), st.integers(0, 6)),
-                      elements=st.one_of(st.floats(-2, 2), st.just(np.nan), st.just(np.inf))))
+@given(
+    adj=hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(0, 6), st.integers(0, 6)),
+        elements=st.one_of(st.floats(-2, 2), st.just(np.nan), st.just(np.inf)),
+    )
+)
 def test_adjacency_of_any_shape_and_value(adj):
     """An adjacency CSV that does not match the 4 sensors, or holds NaN/inf/negatives."""
     with tempfile.TemporaryDirectory() as d:
@@ -126,8 +143,21 @@ def test_adjacency_of_any_shape_and_value(adj):
 def _npz_case(draw):
     """Which file of the three, and how it is broken."""
     split = draw(st.sampled_from(["train", "val", "test"]))
-    how = draw(st.sampled_from(["empty_file", "garbage", "missing_key", "wrong_ndim",
-                                "wrong_dtype", "nan", "shape", "no_windows", "object"]))
+    how = draw(
+        st.sampled_from(
+            [
+                "empty_file",
+                "garbage",
+                "missing_key",
+                "wrong_ndim",
+                "wrong_dtype",
+                "nan",
+                "shape",
+                "no_windows",
+                "object",
+            ]
+        )
+    )
     seed = draw(st.integers(0, 2**16))
     return split, how, seed
 
@@ -173,14 +203,28 @@ def test_corrupted_npz_windows(case):
 
 
 @FUZZ
-@given(obj=st.one_of(
-    st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=4),
-    st.tuples(st.lists(st.text(max_size=3), max_size=4), st.dictionaries(
-        st.text(max_size=3), st.integers(-2, 5), max_size=4),
-        hnp.arrays(np.float64, st.tuples(st.integers(0, 5), st.integers(0, 5)),
-                   elements=st.one_of(st.floats(-1, 1), st.just(np.nan)))),
-    st.tuples(st.just(IDS), st.just({s: i for i, s in enumerate(IDS)}),
-              st.sampled_from([None, "adj", [[1.0]], np.ones((4, 3))]))))
+@given(
+    obj=st.one_of(
+        st.none(),
+        st.integers(),
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=4),
+        st.tuples(
+            st.lists(st.text(max_size=3), max_size=4),
+            st.dictionaries(st.text(max_size=3), st.integers(-2, 5), max_size=4),
+            hnp.arrays(
+                np.float64,
+                st.tuples(st.integers(0, 5), st.integers(0, 5)),
+                elements=st.one_of(st.floats(-1, 1), st.just(np.nan)),
+            ),
+        ),
+        st.tuples(
+            st.just(IDS),
+            st.just({s: i for i, s in enumerate(IDS)}),
+            st.sampled_from([None, "adj", [[1.0]], np.ones((4, 3))]),
+        ),
+    )
+)
 def test_adjacency_pickle_of_any_content(obj):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "adj.pkl"
@@ -196,9 +240,21 @@ def test_adjacency_pickle_of_any_content(obj):
 
 # ---------------------------------------------------------------------- HDF5
 @SLOW_FUZZ
-@given(how=st.sampled_from(["nan_column", "inf_cell", "text_index", "fewer_columns",
-                            "other_ids", "empty", "duplicate_time", "object_column"]),
-       col=st.integers(0, 3))
+@given(
+    how=st.sampled_from(
+        [
+            "nan_column",
+            "inf_cell",
+            "text_index",
+            "fewer_columns",
+            "other_ids",
+            "empty",
+            "duplicate_time",
+            "object_column",
+        ]
+    ),
+    col=st.integers(0, 3),
+)
 def test_corrupted_hdf5(how, col):
     pytest.importorskip("tables")
     df = series(t=40)
@@ -228,19 +284,25 @@ def test_corrupted_hdf5(how, col):
 
 # ---------------------------------------------------------------------- JSON
 @FUZZ
-@given(obj=st.one_of(
-    st.none(), st.lists(st.integers(), max_size=3), st.text(max_size=5),
-    st.fixed_dictionaries({"edges": st.lists(st.lists(st.integers(-2, 4), min_size=0, max_size=3),
-                                             max_size=4),
-                           "weights": st.lists(st.one_of(st.floats(0, 1), st.text(max_size=2)),
-                                               max_size=4),
-                           "time_periods": st.one_of(st.integers(-1, 3), st.text(max_size=3),
-                                                     st.none())},
-                          optional={"0": st.lists(st.lists(st.floats(0, 1), max_size=3),
-                                                  max_size=3),
-                                    "1": st.lists(st.lists(st.floats(0, 1), max_size=3),
-                                                  max_size=3),
-                                    "2": st.just("x")})))
+@given(
+    obj=st.one_of(
+        st.none(),
+        st.lists(st.integers(), max_size=3),
+        st.text(max_size=5),
+        st.fixed_dictionaries(
+            {
+                "edges": st.lists(st.lists(st.integers(-2, 4), min_size=0, max_size=3), max_size=4),
+                "weights": st.lists(st.one_of(st.floats(0, 1), st.text(max_size=2)), max_size=4),
+                "time_periods": st.one_of(st.integers(-1, 3), st.text(max_size=3), st.none()),
+            },
+            optional={
+                "0": st.lists(st.lists(st.floats(0, 1), max_size=3), max_size=3),
+                "1": st.lists(st.lists(st.floats(0, 1), max_size=3), max_size=3),
+                "2": st.just("x"),
+            },
+        ),
+    )
+)
 def test_metrla_json_of_any_content(obj):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "METRLA.json"
@@ -254,15 +316,26 @@ def shard_dir(tmp_path_factory):
     from cnfgnn.data.dataset import SensorData
 
     df = series(t=40)
-    data = SensorData("t", df.to_numpy(np.float32), np.ones(df.shape, bool), df.index, 5.0,
-                      list(df.columns), adjacency(), None)
+    data = SensorData(
+        "t",
+        df.to_numpy(np.float32),
+        np.ones(df.shape, bool),
+        df.index,
+        5.0,
+        list(df.columns),
+        adjacency(),
+        None,
+    )
     return write_shards(data, tmp_path_factory.mktemp("sh") / "shards", 2) / "client_0000"
 
 
 @FUZZ
-@given(how=st.sampled_from(["drop", "nan", "shape", "dtype", "garbage", "empty", "ids"]),
-       key=st.sampled_from(["speed", "mask", "node_indices", "sensor_ids", "timestamps",
-                            "interval_minutes"]))
+@given(
+    how=st.sampled_from(["drop", "nan", "shape", "dtype", "garbage", "empty", "ids"]),
+    key=st.sampled_from(
+        ["speed", "mask", "node_indices", "sensor_ids", "timestamps", "interval_minutes"]
+    ),
+)
 def test_corrupted_shard(shard_dir, how, key):
     src = next(shard_dir.glob("*.npz"))
     with np.load(src) as z:

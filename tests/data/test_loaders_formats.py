@@ -31,8 +31,14 @@ def test_dcrnn_h5_reorders_columns_to_the_pkl(tmp_path):
     assert d.sensor_ids == IDS and d.interval_minutes == 5.0
     np.testing.assert_allclose(d.speed, df.to_numpy(), rtol=1e-6)
     assert not d.mask[3, 1] and not d.mask[10, 2] and d.mask.sum() == d.speed.size - 2
-    cfg = {"kind": "dcrnn_h5", "name": "toy", "h5": str(tmp_path / "speed.h5"),
-           "adj_pkl": str(tmp_path / "adj.pkl"), "key": None, **WINDOW}
+    cfg = {
+        "kind": "dcrnn_h5",
+        "name": "toy",
+        "h5": str(tmp_path / "speed.h5"),
+        "adj_pkl": str(tmp_path / "adj.pkl"),
+        "key": None,
+        **WINDOW,
+    }
     np.testing.assert_array_equal(load_dataset(cfg).speed, d.speed)
 
 
@@ -72,7 +78,8 @@ def test_csv_with_adjacency(tmp_path, form):
     else:
         ids = [IDS[i] for i in perm]
         pd.DataFrame(adj[np.ix_(perm, perm)], index=ids, columns=ids).to_csv(
-            tmp_path / "a.csv", index=form == "header_and_index")
+            tmp_path / "a.csv", index=form == "header_and_index"
+        )
     d = load_csv(tmp_path / "s.csv", adjacency=tmp_path / "a.csv")
     np.testing.assert_allclose(d.adjacency, adj)
     assert not d.mask[5, 0] and d.speed[5, 0] == 0 and d.mask.sum() == d.speed.size - 1
@@ -83,13 +90,17 @@ def test_csv_with_adjacency(tmp_path, form):
 
 def test_csv_with_distances_follows_dcrnn(tmp_path):
     write_wide_csv(tmp_path / "s.csv", series())
-    rows = [("s10", "s20", 1.0), ("s20", "s30", 2.0), ("s30", "s40", 1.5), ("s10", "s30", 3.0),
-            ("s99", "s10", 0.5)]  # unknown sensors are skipped
-    pd.DataFrame(rows, columns=["from", "to", "distance"]).to_csv(tmp_path / "d.csv",
-                                                                   index=False)
+    rows = [
+        ("s10", "s20", 1.0),
+        ("s20", "s30", 2.0),
+        ("s30", "s40", 1.5),
+        ("s10", "s30", 3.0),
+        ("s99", "s10", 0.5),
+    ]  # unknown sensors are skipped
+    pd.DataFrame(rows, columns=["from", "to", "distance"]).to_csv(tmp_path / "d.csv", index=False)
     d = load_csv(tmp_path / "s.csv", distances=tmp_path / "d.csv")
     sigma = np.std([1.0, 2.0, 1.5, 3.0])
-    assert d.adjacency[0, 1] == pytest.approx(np.exp(-(1.0 / sigma) ** 2), rel=1e-6)
+    assert d.adjacency[0, 1] == pytest.approx(np.exp(-((1.0 / sigma) ** 2)), rel=1e-6)
     assert d.adjacency[0, 2] == 0.0  # exp(-(3/sigma)^2) < 0.1 is dropped
     assert d.adjacency[1, 0] == 0.0  # directed
     np.testing.assert_array_equal(np.diag(d.adjacency), 1.0)
@@ -99,7 +110,8 @@ def test_csv_with_locations(tmp_path):
     write_wide_csv(tmp_path / "s.csv", series())
     loc = np.array([[34.0, -118.0], [34.01, -118.0], [34.02, -118.0], [34.5, -118.0]])
     pd.DataFrame({"sensor_id": IDS[::-1], "lat": loc[::-1, 0], "lon": loc[::-1, 1]}).to_csv(
-        tmp_path / "l.csv", index=False, header=False)
+        tmp_path / "l.csv", index=False, header=False
+    )
     d = load_csv(tmp_path / "s.csv", locations=tmp_path / "l.csv")
     np.testing.assert_allclose(d.locations, loc)
     km = haversine_km(loc[:, 0], loc[:, 1])
@@ -110,11 +122,16 @@ def test_csv_with_locations(tmp_path):
 def test_metrla_json_format(tmp_path):
     rng = np.random.default_rng(0)
     t, n = 30, 3
-    frames = {str(k): [[float(rng.uniform(40, 70)) if (k, i) != (2, 1) else 0.0, k / 288]
-                       for i in range(n)] for k in range(t)}
+    frames = {
+        str(k): [
+            [float(rng.uniform(40, 70)) if (k, i) != (2, 1) else 0.0, k / 288] for i in range(n)
+        ]
+        for k in range(t)
+    }
     edges, weights = [[0, 0], [0, 1], [1, 1], [2, 2], [2, 0]], [1.0, 0.4, 1.0, 1.0, 0.3]
-    (tmp_path / "M.json").write_text(json.dumps({"edges": edges, "weights": weights,
-                                                 "time_periods": t, **frames}))
+    (tmp_path / "M.json").write_text(
+        json.dumps({"edges": edges, "weights": weights, "time_periods": t, **frames})
+    )
     d = load_metrla_json(tmp_path / "M.json")
     assert d.speed.shape == (t, n) and not d.mask[2, 1] and d.mask.sum() == t * n - 1
     assert d.adjacency[0, 1] == pytest.approx(0.4) and d.adjacency[1, 0] == 0

@@ -15,9 +15,9 @@ from cnfgnn.data.gz import read_text
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.tabular import load_los_loop, load_metrla_json
 from cnfgnn.paths import data_dir, data_file
-from tests.helpers import make_cfg
 from tests.data._helpers import BUNDLED_DATA as D
 from tests.data._helpers import adjacency, write_pkl
+from tests.helpers import make_cfg
 
 LOS = D / "los_loop"
 MLA = D / "metr_la"
@@ -26,8 +26,11 @@ BAY = D / "pems_bay"
 
 def test_bundled_files_match_the_sha256_in_data_readme():
     """Each shipped file decompresses to the original whose SHA-256 data/README.md states."""
-    rows = re.findall(r"^\| `([\w/.-]+\.gz)` \|.*\| ([0-9a-f]{64}) \|",
-                      (D / "README.md").read_text(), flags=re.MULTILINE)
+    rows = re.findall(
+        r"^\| `([\w/.-]+\.gz)` \|.*\| ([0-9a-f]{64}) \|",
+        (D / "README.md").read_text(),
+        flags=re.MULTILINE,
+    )
     shipped = sorted(str(p.relative_to(D)) for p in D.glob("*/*.gz"))
     assert sorted(r[0] for r in rows) == shipped and len(shipped) == 9
     for rel, sha in rows:
@@ -53,8 +56,11 @@ def test_metr_la_adj_pkl():
 
 
 def test_los_loop():
-    d = load_los_loop(LOS / "los_speed.csv.gz", LOS / "los_adj.csv.gz",
-                      locations_path=MLA / "graph_sensor_locations.csv.gz")
+    d = load_los_loop(
+        LOS / "los_speed.csv.gz",
+        LOS / "los_adj.csv.gz",
+        locations_path=MLA / "graph_sensor_locations.csv.gz",
+    )
     assert d.speed.shape == (2016, 207) and d.mask.all()
     assert str(d.timestamps[0]) == "2012-03-01 00:00:00"
     assert str(d.timestamps[-1]) == "2012-03-07 23:55:00"
@@ -64,8 +70,7 @@ def test_los_loop():
     assert d.locations.shape == (207, 2) and d.locations[0].tolist() == [34.15497, -118.31829]
 
 
-@pytest.mark.parametrize("graph,nnz,symmetric", [("metr_la", 1722, False),
-                                                 ("los_adj", 2833, True)])
+@pytest.mark.parametrize("graph,nnz,symmetric", [("metr_la", 1722, False), ("los_adj", 2833, True)])
 def test_los_loop_graph_choice(graph, nnz, symmetric):
     """``dataset.graph`` picks the directed DCRNN graph (default) or T-GCN's symmetric one;
     either way rows and columns follow the speed CSV's sensor order."""

@@ -23,7 +23,7 @@ def test_global_scaler_equals_materialised_train_inputs():
     x = gather_windows(speed, starts, 12)  # train['x'][..., 0]: [S, 12, N]
     per_node = input_stats(speed, starts, 12)
     # one stats dict per node, as if every node were its own client
-    stats = [{k: v[i:i + 1] for k, v in per_node.items()} for i in range(speed.shape[1])]
+    stats = [{k: v[i : i + 1] for k, v in per_node.items()} for i in range(speed.shape[1])]
     sc = global_scaler(stats)
     assert sc.mean.shape == () and sc.std.shape == ()
     np.testing.assert_allclose(sc.mean, x.astype(np.float64).mean(), rtol=1e-10)
@@ -40,8 +40,9 @@ def test_per_node_and_masked_stats():
     np.testing.assert_allclose(sc.std, x.std(axis=(0, 1)))
     st_m = input_stats(speed, starts, 12, include_missing=False, mask=mask)
     np.testing.assert_allclose(st_m["count"], m.sum(axis=(0, 1)))
-    np.testing.assert_allclose(st_m["sum"] / st_m["count"],
-                               (x * m).sum(axis=(0, 1)) / m.sum(axis=(0, 1)))
+    np.testing.assert_allclose(
+        st_m["sum"] / st_m["count"], (x * m).sum(axis=(0, 1)) / m.sum(axis=(0, 1))
+    )
     with pytest.raises(ValueError, match="mask"):
         input_stats(speed, starts, 12, include_missing=False)
 
@@ -53,8 +54,10 @@ def test_coverage_counts_windows():
 
 def test_round_trip_numpy_and_torch():
     speed, _ = _speed()
-    for sc in (Scaler(np.float64(50.0), np.float64(12.5)),
-               per_node_scaler(input_stats(speed, np.arange(100), 12))):
+    for sc in (
+        Scaler(np.float64(50.0), np.float64(12.5)),
+        per_node_scaler(input_stats(speed, np.arange(100), 12)),
+    ):
         z = sc.transform(speed)
         assert z.dtype == np.float32
         np.testing.assert_allclose(sc.inverse_transform(z), speed, atol=1e-4)
@@ -85,6 +88,6 @@ def test_input_stats_do_not_depend_on_the_grouping():
     starts = split_starts(3000)["train"]
     together = input_stats(speed, starts, 12)
     for k in range(6):
-        alone = input_stats(speed[:, k:k + 1], starts, 12)
+        alone = input_stats(speed[:, k : k + 1], starts, 12)
         for key in together:
             assert alone[key][0] == together[key][k]  # bit-identical

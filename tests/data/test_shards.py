@@ -35,8 +35,13 @@ def test_write_and_load(tmp_path, data):
     np.testing.assert_allclose(graph["locations"], data.locations)
     with np.load(out / "server" / "graph.npz") as z:  # the server's shard holds no series
         assert set(z.files) == {"adjacency", "sensor_ids", "locations", "has_locations"}
-    assert sorted(p.name for p in out.iterdir()) == ["client_0000", "client_0001",
-                                                     "client_0002", "manifest.json", "server"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "client_0000",
+        "client_0001",
+        "client_0002",
+        "manifest.json",
+        "server",
+    ]
 
 
 def test_subset_of_nodes_in_given_order(tmp_path, data):

@@ -112,8 +112,10 @@ def test_upstream_neighbours_carry_information():
     d = generate_synthetic(num_nodes=24, days=28, seed=0)
     up = neighbour_gain(d, upstream=True)
     down = neighbour_gain(d, upstream=False)
-    print(f"\nneighbour gain (24 nodes x 28 days, held-out MSE reduction): "
-          f"upstream {100 * up:.1f}%, downstream {100 * down:.1f}%")
+    print(
+        f"\nneighbour gain (24 nodes x 28 days, held-out MSE reduction): "
+        f"upstream {100 * up:.1f}%, downstream {100 * down:.1f}%"
+    )
     assert up >= 0.05
 
 

@@ -7,10 +7,13 @@ from cnfgnn.data.errors import DataError
 from cnfgnn.data.windows import gather_windows, num_windows, split_starts
 
 
-@pytest.mark.parametrize("steps, counts", [
-    (34_272, (23_974, 3_425, 6_850)),   # METR-LA
-    (52_116, (36_465, 5_209, 10_419)),  # PEMS-BAY
-])
+@pytest.mark.parametrize(
+    "steps, counts",
+    [
+        (34_272, (23_974, 3_425, 6_850)),  # METR-LA
+        (52_116, (36_465, 5_209, 10_419)),  # PEMS-BAY
+    ],
+)
 def test_dcrnn_window_counts(steps, counts):
     st = split_starts(steps)
     assert tuple(len(st[k]) for k in ("train", "val", "test")) == counts
@@ -26,8 +29,8 @@ def test_window_contents_and_gather():
     y = gather_windows(series, st["val"] + 4, 2)
     assert x.shape == (len(st["val"]), 4, 3) and y.shape == (len(st["val"]), 2, 3)
     for k, t0 in enumerate(st["val"]):
-        np.testing.assert_array_equal(x[k], series[t0:t0 + 4])
-        np.testing.assert_array_equal(y[k], series[t0 + 4:t0 + 6])
+        np.testing.assert_array_equal(x[k], series[t0 : t0 + 4])
+        np.testing.assert_array_equal(y[k], series[t0 + 4 : t0 + 6])
     with pytest.raises(IndexError):
         gather_windows(series, np.array([48]), 4)
 
