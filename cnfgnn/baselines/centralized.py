@@ -31,7 +31,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import report_selection, seeded
 from cnfgnn.federation.server import GraphServer
-from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
+from cnfgnn.models.node_seq2seq import build_node_model, teacher_forcing_prob
 from cnfgnn.results import RunWriter
 
 
@@ -46,15 +46,7 @@ class CentralModel(torch.nn.Module):
         super().__init__()
         m = cfg.model
         with seeded(int(cfg.seed)):  # the same initial node model as the federated runs
-            self.node = NodeSeq2Seq(
-                num_nodes=1,
-                input_size=m.input_size,
-                output_size=m.output_size,
-                hidden_size=m.hidden_size,
-                num_layers=m.num_layers,
-                graph_embedding=m.graph_embedding,
-                horizon=m.horizon,
-            )
+            self.node = build_node_model(m, 1)
             self.server = (
                 GraphServer(m, lr=cfg.federation.server_lr, device=device)
                 if m.graph_embedding

@@ -37,7 +37,7 @@ from cnfgnn.data.windows import split_starts
 from cnfgnn.evaluation.metrics import error_sums, metrics_from_sums, node_mean_loss
 from cnfgnn.federation.rounds import initial_node_model, seeded
 from cnfgnn.federation.server import GraphServer
-from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
+from cnfgnn.models.node_seq2seq import build_node_model, teacher_forcing_prob
 from cnfgnn.optim import make_adam
 
 
@@ -84,15 +84,7 @@ class CentralCNFGNN:
         self.raw = torch.from_numpy(np.ascontiguousarray(data.speed.T)).to(self.device)  # [N, T]
         self.observed = torch.from_numpy(np.ascontiguousarray(data.mask.T)).to(self.device)
         n = data.num_nodes
-        self.model = NodeSeq2Seq(
-            n,
-            m.input_size,
-            m.output_size,
-            m.hidden_size,
-            m.num_layers,
-            m.graph_embedding,
-            m.horizon,
-        ).to(self.device)
+        self.model = build_node_model(m, n).to(self.device)
         self.model.load_global_state(
             {k: torch.from_numpy(v) for k, v in initial_node_model(cfg).items()}
         )

@@ -59,7 +59,7 @@ from cnfgnn.federation.validate import (
     ReplyLimits,
     check_reply,
 )
-from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+from cnfgnn.models.node_seq2seq import build_node_model
 
 log = logging.getLogger(__name__)
 
@@ -493,15 +493,7 @@ class Forecaster:
         """The global node model stacked for ``k`` nodes (server side, no gradients)."""
         if k not in self._models:
             m = self.cfg.model
-            model = NodeSeq2Seq(
-                num_nodes=k,
-                input_size=m.input_size,
-                output_size=m.output_size,
-                hidden_size=m.hidden_size,
-                num_layers=m.num_layers,
-                graph_embedding=m.graph_embedding,
-                horizon=m.horizon,
-            )
+            model = build_node_model(m, k)
             model.load_global_state(
                 {n: torch.from_numpy(np.array(v)) for n, v in self.trained.theta.items()}
             )

@@ -30,7 +30,7 @@ from cnfgnn.data.windows import split_starts
 from cnfgnn.evaluation.metrics import error_sums
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.validate import NodeLimits, check_request
-from cnfgnn.models.node_seq2seq import NodeSeq2Seq, teacher_forcing_prob
+from cnfgnn.models.node_seq2seq import NodeSeq2Seq, build_node_model, teacher_forcing_prob
 from cnfgnn.optim import make_adam
 from cnfgnn.privacy import dp
 from cnfgnn.results import forecasts_released, safe_name, write_node_forecast
@@ -60,15 +60,7 @@ def own_initial_state(cfg: Any, nodes: np.ndarray) -> dict[str, Tensor]:
     for seed in (u * float(1 << 53)).astype(np.int64):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            one = NodeSeq2Seq(
-                num_nodes=1,
-                input_size=m.input_size,
-                output_size=m.output_size,
-                hidden_size=m.hidden_size,
-                num_layers=m.num_layers,
-                graph_embedding=m.graph_embedding,
-                horizon=m.horizon,
-            )
+            one = build_node_model(m, 1)
         states.append(one.node_state(0))
     return {n: torch.stack([st[n] for st in states]) for n in states[0]}
 
@@ -151,18 +143,8 @@ class NodeWorker:
         self.out_steps = int(cfg.dataset.out_steps)
         m = cfg.model
         self.model = (
-            NodeSeq2Seq(  # build_model=False: data handling only (central baselines)
-                num_nodes=len(series.nodes),
-                input_size=m.input_size,
-                output_size=m.output_size,
-                hidden_size=m.hidden_size,
-                num_layers=m.num_layers,
-                graph_embedding=m.graph_embedding,
-                horizon=m.horizon,
-            ).to(self.device)
-            if build_model
-            else None
-        )
+            build_node_model(m, len(series.nodes)).to(self.device) if build_model else None
+        )  # False: data handling only
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: Scaler | None = None
         self.inputs: Tensor | None = None  # [K, T, F] scaled speed + time of day

@@ -31,7 +31,7 @@ from cnfgnn.federation.exchange import exchange
 from cnfgnn.federation.node import node_init
 from cnfgnn.federation.server import GraphServer, fedavg
 from cnfgnn.federation.validate import DEFAULT_REPLY_MAX_ABS, ReplyLimits, check_reply
-from cnfgnn.models.node_seq2seq import NodeSeq2Seq
+from cnfgnn.models.node_seq2seq import build_node_model
 from cnfgnn.privacy import dp
 from cnfgnn.results import NODE_FORECASTS, NODE_STORE, RunWriter, forecasts_released
 
@@ -82,15 +82,7 @@ def initial_node_model(cfg: Any) -> dict[str, np.ndarray]:
     """The global node model of round 0, from the experiment seed."""
     m = cfg.model
     with seeded(int(cfg.seed)):
-        model = NodeSeq2Seq(
-            num_nodes=1,
-            input_size=m.input_size,
-            output_size=m.output_size,
-            hidden_size=m.hidden_size,
-            num_layers=m.num_layers,
-            graph_embedding=m.graph_embedding,
-            horizon=m.horizon,
-        )
+        model = build_node_model(m, 1)
     return {k: v.numpy() for k, v in model.node_state(0).items()}
 
 

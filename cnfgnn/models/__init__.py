@@ -1,7 +1,13 @@
 """cnfgnn.models: the per-node GRU seq2seq (grouped) and the server Graph Network."""
 
 from cnfgnn.models.graph_network import GNBlock, GraphNetwork
-from cnfgnn.models.node_seq2seq import GroupGRU, GroupLinear, NodeSeq2Seq, teacher_forcing_prob
+from cnfgnn.models.node_seq2seq import (
+    GroupGRU,
+    GroupLinear,
+    NodeSeq2Seq,
+    build_node_model,
+    teacher_forcing_prob,
+)
 
 __all__ = [
     "GNBlock",
@@ -9,5 +15,6 @@ __all__ = [
     "GroupGRU",
     "GroupLinear",
     "NodeSeq2Seq",
+    "build_node_model",
     "teacher_forcing_prob",
 ]

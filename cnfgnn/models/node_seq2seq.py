@@ -381,3 +381,18 @@ class NodeSeq2Seq(nn.Module):
     def num_parameters_per_node(self) -> int:
         """Trainable parameters of one node (63,873 for the CNFGNN default)."""
         return sum(p[0].numel() for p in self.parameters())
+
+
+def build_node_model(model: Any, num_nodes: int = 1) -> NodeSeq2Seq:
+    """The node model of a ``model`` config group (``conf/model/*.yaml``) for ``num_nodes``
+    nodes: the one place that maps the config's keys to :class:`NodeSeq2Seq`'s arguments.
+    Initialised from torch's global generator (callers seed it)."""
+    return NodeSeq2Seq(
+        num_nodes=num_nodes,
+        input_size=int(model.input_size),
+        output_size=int(model.output_size),
+        hidden_size=int(model.hidden_size),
+        num_layers=int(model.num_layers),
+        graph_embedding=bool(model.graph_embedding),
+        horizon=int(model.horizon),
+    )
