@@ -26,6 +26,7 @@ from cnfgnn.data.nodes import select_nodes
 from cnfgnn.data.scaler import global_scaler
 from cnfgnn.evaluation.metrics import SUM_KEYS, metrics_from_sums, node_mean_loss, per_horizon
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation import secure
 from cnfgnn.federation.engines import Engine
 from cnfgnn.federation.exchange import exchange
 from cnfgnn.federation.node import node_init
@@ -163,14 +164,13 @@ class Orchestrator:
         self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: no DP (conf/privacy/none.yaml)
         self.releases: dict[str, int] = defaultdict(int)  # per training window, for the accountant
         self.fedavg_rounds: list[tuple[int, int]] = []  # (nodes answered, asked) per FedAvg round
-        if (
-            self.privacy is not None
-            and self.privacy.secagg
-            and not getattr(engine, "secure_aggregation", False)
-        ):  # docs/privacy.md: not wired yet
+        self.secagg = self.privacy is not None and self.privacy.secagg
+        if self.secagg and not getattr(engine, "secure_aggregation", False):  # docs/privacy.md
             raise ValueError(
                 "privacy.secagg=true needs an engine that runs the FedAvg phase "
-                "through SecAgg+; this one does not. Fix: privacy.secagg=false"
+                "through SecAgg+ (engine=simulation or engine=deployment); the "
+                "in-process engine has no server/client boundary to protect and "
+                "refuses it. Fix: engine=simulation, or privacy.secagg=false"
             )
         self.num_windows: dict[str, int] = {}  # windows per split, from the handshake
 
@@ -388,6 +388,8 @@ class Orchestrator:
             if not self.node_weights:  # round 1: every node starts from theta
                 self.node_weights = {int(g): self.theta for g in self.train_nodes}
             payloads = {c: p | self._fmtl_payload(c) for c, p in payloads.items()}
+        if dp_fedavg and self.secagg:  # docs/privacy.md: the server sees only the sum
+            return self._secure_local_phase(payloads, asked)
         replies = self._send("local", P.LOCAL_TRAIN, payloads)
         self._delivered(replies, payloads)
         if self.aggregate == "fedavg":
@@ -418,6 +420,65 @@ class Orchestrator:
         loss = sum(np.sum(r.get(P.LOSS_SUM, np.nan)) for r in replies.values())  # DP: NaN
         count = sum(np.sum(r.get(P.LOSS_COUNT, 0.0)) for r in replies.values())
         return {"train_loss": float(loss / max(count, 1))}
+
+    def _secure_local_phase(self, payloads: dict[int, P.Payload], asked: int) -> dict[str, float]:
+        """FedAvg through the engine's secure aggregation (``privacy.secagg``).
+
+        Every request carries the global model (each client's contribution is its nodes'
+        update ``w_k - theta``, :mod:`cnfgnn.federation.secure`); the engine returns only
+        the mean of the contributions. No loss sums come back: NaN train loss.
+        """
+        priv = self.privacy
+        fa = None if priv is None else priv.fedavg
+        sa = None if priv is None else priv.secagg_plus
+        secure_mean = getattr(self.engine, "secure_mean", None)
+        if fa is None or fa.clip is None or sa is None or secure_mean is None:
+            raise FederationError(
+                "the secure FedAvg phase needs privacy=dp with privacy.fedavg clipping, "
+                "privacy.secagg=true and an engine with secure aggregation"
+            )
+        k_max = max(len(self.client_nodes[c]) for c in payloads)
+        secure.check_secagg_range(
+            float(fa.clip),
+            float(fa.noise_multiplier),
+            k_max,
+            asked,
+            len(payloads),
+            sa.clipping_range,
+            sa.quantization_range,
+            sa.modulus_range,
+        )
+        payloads = {c: p | P.weights_to_payload(self.theta) for c, p in payloads.items()}
+        result = secure_mean(P.LOCAL_TRAIN, payloads, sa)
+        self.seconds["local"] += result.seconds
+        self.bytes["local"]["down_other"] += result.bytes_down  # SecAgg+: serialized bytes
+        self.bytes["local"]["up_other"] += result.bytes_up
+        for cid, reason in result.failures.items():
+            ids = [self.graph.sensor_ids[i] for i in self.client_nodes.get(cid, [])]
+            self.failures.append(
+                {
+                    "round": self.round,
+                    "phase": "local",
+                    "client": cid,
+                    "reason": reason,
+                    "sensors": ids,
+                }
+            )
+            self.progress(f"  client {cid} left out of the secure FedAvg sum: {reason}")
+        got = sum(len(self.client_nodes[c]) for c in result.clients)
+        if got < self.fed.min_answer_fraction * asked or not result.clients:
+            raise FederationError(
+                f"only {got}/{asked} nodes reached the secure FedAvg sum; below "
+                f"federation.min_answer_fraction={self.fed.min_answer_fraction}"
+            )
+        for cid in result.clients:  # each now holds its own trained model, not theta
+            self.client_version.pop(cid, None)
+        self.theta = secure.apply_secure_mean(self.theta, result, got)
+        self.fedavg_rounds.append((got, asked))
+        self.releases["fedavg"] += 1
+        self.version += 1
+        self.step = max(self.step, int(result.step))
+        return {"train_loss": float("nan")}
 
     def encode_phase(self, split: str, clients: list[int], phase: str) -> dict[int, P.Payload]:
         payloads = {c: self._with_model(c, {P.SPLIT: split}) for c in clients}

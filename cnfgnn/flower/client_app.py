@@ -32,12 +32,15 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.compat.common import recorddict_compat as compat
 from omegaconf import OmegaConf
 
 from cnfgnn.config import compose_cfg, overrides_from_run_config, state_root
@@ -46,13 +49,17 @@ from cnfgnn.data.nodes import client_groups
 from cnfgnn.data.shards import load_shard
 from cnfgnn.device import resolve_device
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation import secure
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.validate import MALFORMED_CODE, MalformedMessage
+from cnfgnn.flower import secagg
 from cnfgnn.flower.codec import pack, unpack
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+# secaggplus_mod acts on legacy "train" messages only (the FedAvg phase under
+# privacy.secagg, cnfgnn/flower/secagg.py); every other message passes through it untouched.
+app = ClientApp(mods=[secaggplus_mod])
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -191,7 +198,8 @@ def _save(cfg: Any, context: Context, worker: NodeWorker, version: int) -> None:
 def _inject_fault(cfg: Any, partition: int, message_type: str) -> None:
     """Fault injection for tests and demos (off unless ``engine.fault`` is set), e.g.
     ``++engine.fault={partition:2,message_type:train.local}`` (raise) or a list of
-    ``{partition, message_type, mode: sleep, seconds}`` entries."""
+    ``{partition, message_type, mode: sleep, seconds}`` entries. ``marker: <path>`` touches
+    that file when the fault fires (a test then knows the node is inside the phase)."""
     faults = cfg.engine.get("fault")
     if not faults:
         return
@@ -200,29 +208,39 @@ def _inject_fault(cfg: Any, partition: int, message_type: str) -> None:
             continue
         if fault.get("message_type") not in (None, message_type):
             continue
+        if fault.get("marker"):
+            Path(str(fault.marker)).touch()
         if fault.get("mode", "raise") == "sleep":
             time.sleep(float(fault.get("seconds", 60)))
         else:
             raise RuntimeError(f"injected fault: partition {partition} on {message_type}")
 
 
-def _handle(msg: Message, context: Context) -> Message:
-    """Compose the config, get the worker, answer the message, persist what changed."""
+def _answer(
+    msg: Message,
+    context: Context,
+    mtype: str,
+    decode: Callable[[RecordDict], P.Payload],
+    encode: Callable[[P.Payload, P.Payload], RecordDict],
+) -> Message:
+    """Compose the config, get the worker, answer the message, persist what changed.
+
+    ``decode`` turns the content into a payload, ``encode(request, reply)`` the worker's
+    reply into the content sent back."""
     cfg = compose_cfg(overrides_from_run_config(context.run_config))
     threads = int(cfg.engine.get("client_threads", 1))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    mtype = msg.metadata.message_type
     pid = _partition(context)
-    _inject_fault(cfg, pid, mtype)
+    _inject_fault(cfg, pid, msg.metadata.message_type)
     worker, version = _worker(cfg, context)
     key = (int(context.run_id), pid)
     try:
         try:
-            payload = unpack(msg.content)
+            payload = decode(msg.content)
         except Exception as exc:  # a RecordDict that is not a packed payload
             raise MalformedMessage(f"{mtype}: cannot unpack the content: {exc!r}") from exc
-        reply = pack(worker.handle(mtype, payload))
+        reply = encode(payload, worker.handle(mtype, payload))
         if mtype not in P.READ_ONLY:
             _save(cfg, context, worker, version + 1)
     except MalformedMessage as exc:  # refused before dispatch: the worker is unchanged
@@ -232,6 +250,36 @@ def _handle(msg: Message, context: Context) -> Message:
         _WORKERS.pop(key, None)  # the worker may be half-updated: reload next time
         raise
     return Message(reply, reply_to=msg)
+
+
+def _handle(msg: Message, context: Context) -> Message:
+    """One message of the table: a packed payload in, a packed payload out."""
+    return _answer(
+        msg, context, msg.metadata.message_type, unpack, lambda request, reply: pack(reply)
+    )
+
+
+def _secure_reply(request: P.Payload, reply: P.Payload) -> RecordDict:
+    """The client's FedAvg contribution as a legacy FitRes (``secaggplus_mod`` masks it)."""
+    res = secagg.contribution_fitres(secure.client_contribution(request, reply), int(reply[P.STEP]))
+    return compat.fitres_to_recorddict(res, keep_input=True)
+
+
+@app.train()
+def secure_train(msg: Message, context: Context) -> Message:
+    """The FedAvg phase under ``privacy.secagg`` (legacy ``"train"``, through SecAgg+).
+
+    ``secaggplus_mod`` runs the protocol's key stages itself and calls this handler once,
+    in its masked-vector stage, with our ``train.local`` request as a legacy ``FitIns``."""
+    return _answer(
+        msg,
+        context,
+        P.LOCAL_TRAIN,
+        lambda content: secagg.fitins_to_payload(
+            compat.recorddict_to_fitins(content, keep_input=True)
+        ),
+        _secure_reply,
+    )
 
 
 # ---------------------------------------------------------------------- handlers

@@ -27,6 +27,8 @@ from flwr.app import Message
 
 from cnfgnn import progress
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation.secure import SecureSum
+from cnfgnn.flower import secagg
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class FlowerEngine:
     """
 
     MAX_IDENTIFY_TRIES = 3
+    #: The FedAvg phase can go through Flower's SecAgg+ (:meth:`secure_mean`).
+    secure_aggregation = True
 
     def __init__(
         self,
@@ -155,6 +159,26 @@ class FlowerEngine:
                     self.wire_bytes[message_type]["up"] += wire_nbytes(reply.content)
                 replies[cid] = unpack(reply.content)
         return replies
+
+    def secure_mean(
+        self, message_type: str, payloads: dict[int, P.Payload], settings: Any
+    ) -> SecureSum:
+        """The mean of the clients' FedAvg contributions through SecAgg+ (the server never
+        sees one); see :mod:`cnfgnn.flower.secagg`. Bytes and seconds are counted under the
+        legacy message type ``train`` that carries the phase."""
+        if message_type != P.LOCAL_TRAIN:
+            raise ValueError(f"secure aggregation carries {P.LOCAL_TRAIN} only, not {message_type}")
+        self._refresh()
+        round_no = int(next(iter(payloads.values())).get(P.ROUND, 0))
+        result = secagg.secure_mean(
+            self.grid, self.node_of, payloads, settings, round_no, self.timeout_s
+        )
+        if self.measure_wire_bytes:
+            self.wire_bytes[secagg.SECAGG_TYPE]["down"] += result.bytes_down
+            self.wire_bytes[secagg.SECAGG_TYPE]["up"] += result.bytes_up
+        self.seconds[secagg.SECAGG_TYPE] += result.seconds
+        self.round_trips[secagg.SECAGG_TYPE] += result.round_trips
+        return result
 
     # ------------------------------------------------------------------ transport
     def _round_trip(

@@ -23,7 +23,7 @@ from cnfgnn.config import RUN_CONFIG_KEY, compose_cfg, overrides_for
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.flower import client_app, server_app
+from cnfgnn.flower import client_app, secagg, server_app
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 from cnfgnn.results import read_predictions
 from tests.helpers import (
@@ -75,7 +75,7 @@ def test_codec_round_trip_keeps_types_dtypes_and_shapes():
 
 def test_client_app_has_one_handler_per_message_type():
     registered = set(client_app.app._registered_funcs)  # noqa: SLF001 (Flower keeps them here)
-    assert registered == set(P.MESSAGE_TYPES) | {P.IDENTIFY}
+    assert registered == set(P.MESSAGE_TYPES) | {P.IDENTIFY, f"{secagg.SECAGG_TYPE}.default"}
 
 
 def test_pyproject_declares_the_flower_app():
