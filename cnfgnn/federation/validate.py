@@ -1,6 +1,11 @@
 """Validation of every CNFGNN message: requests on the node, replies on the server.
 
-One schema per message type of :mod:`cnfgnn.federation.protocol`, checked in one place:
+The schemas come from the message table ``protocol.MESSAGES``: each row names its request
+schema (a key of :data:`REQUEST_SCHEMAS`), its reply schema (:data:`REPLY_SCHEMAS`) and its
+preconditions (``needs_model``, ``needs_config``). A schema is a small function of the payload
+and the limits that returns the specs of every key allowed; the generic rules below (keys,
+dtypes, shapes, ranges, finiteness, hosted sensors) apply the same way to every type. A new
+message type with an existing payload layout needs no edit here. Checked in one place:
 
 * :func:`check_request` (node side, before :meth:`NodeWorker.handle` dispatches): known
   message type; required keys present, no unknown keys; integers where integers belong,
