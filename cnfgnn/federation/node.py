@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,26 +160,14 @@ class NodeWorker:
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, message_type: str, payload: P.Payload) -> P.Payload:
-        """Answer one message (the only entry point the engines call)."""
-        handlers = {
-            P.HELLO: self.hello,
-            P.STATS: self.stats,
-            P.CONFIGURE: self.configure,
-            P.LOCAL_TRAIN: self.local_train,
-            P.ENCODE: self.encode,
-            P.SPLIT_STEP: self.split_step,
-            P.EMBED: self.embed,
-            P.EVALUATE: self.evaluate,
-            P.KEEP_MODEL: self.keep_model,
-            P.SL_ENCODE: self.sl_encode,
-            P.SL_DECODE: self.sl_decode,
-            P.SL_BACKWARD: self.sl_backward,
-            P.PREDICT_ENCODE: self.predict_encode,
-            P.PREDICT: self.predict,
-        }
+        """Answer one message (the only entry point the engines call): check it against
+        its row of ``protocol.MESSAGES``, then call the method that row names."""
         # types, shapes, finite values, ranges, hosted sensors, order (raises MalformedMessage)
         payload = check_request(message_type, payload, self.limits())
-        return handlers[message_type](payload)
+        row = P.message(message_type)
+        assert row is not None  # check_request refuses a type without a row
+        handler: Callable[[P.Payload], P.Payload] = getattr(self, row.method)
+        return handler(payload)
 
     def limits(self) -> NodeLimits:
         """What a request is checked against: sizes, window counts, current state."""

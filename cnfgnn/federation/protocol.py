@@ -7,12 +7,13 @@ the in-process engine hands them over as they are. Neither side uses string lite
 message types or keys: they are the constants below.
 
 :data:`MESSAGES` is the table of message types: name, whether answering it leaves the node's
-state unchanged (``read_only``), and what travels down and up. The ClientApp registers one
-handler per row; ``NodeWorker.handle`` dispatches each to its method.
+state unchanged (``read_only``), what travels down and up, the ``NodeWorker`` method that
+answers it and the names of its request and reply schemas. The ClientApp registers one
+handler per row; ``NodeWorker.handle`` dispatches each to the row's method.
 
-Strict schemas: :mod:`cnfgnn.federation.validate` declares, per message type, every key a
-request or reply may carry (with dtype and shape); anything else is refused as malformed.
-A new key must be added there too.
+Strict schemas: :mod:`cnfgnn.federation.validate` checks each message against the schemas its
+row names: every key a request or reply may carry (with dtype and shape); anything else is
+refused as malformed. A new payload layout is a new named schema there.
 
 What crosses the wire (docs/design.md §5): node-model weights, temporal encodings ``h_c``,
 graph embeddings ``h_G``, gradients ``dL/dh_G``, and sums/counts. Never inputs or targets.
@@ -113,12 +114,22 @@ class MessageType:
             saves the state nor counts a new version).
         down: what the server sends.
         up: what the node answers.
+        method: the ``NodeWorker`` method that answers it (``NodeWorker.handle``).
+        request: the request schema, a key of ``validate.REQUEST_SCHEMAS`` (node side).
+        reply: the reply schema, a key of ``validate.REPLY_SCHEMAS`` (server side).
+        needs_model: refused by a node built without a node model (data handling only).
+        needs_config: refused before ``CONFIGURE`` (reads the scaled series).
     """
 
     name: str
     read_only: bool
     down: str
     up: str
+    method: str
+    request: str
+    reply: str
+    needs_model: bool = True
+    needs_config: bool = True
 
     @property
     def category(self) -> str:
@@ -130,38 +141,152 @@ class MessageType:
         return self.name.split(".", 1)[1]
 
 
-#: Every message type a node answers (``NodeWorker.handle``), in protocol order.
+#: Every message type a node answers (``NodeWorker.handle``), in protocol order. A new
+#: type is one row here plus one ``NodeWorker`` method; its schemas are named rules of
+#: :mod:`cnfgnn.federation.validate` (a new rule only for a new payload layout).
 MESSAGES: tuple[MessageType, ...] = (
-    MessageType(HELLO, True, "-", "NODES, SENSOR_IDS, NUM_WINDOWS, FIRST_START"),
-    MessageType(STATS, True, "-", "STAT_SUM, STAT_SUMSQ, STAT_COUNT [K]"),
-    MessageType(CONFIGURE, False, "scaler, node model, ACTIVE [K] (OWN_MODEL, FMTL NBR_*)", "-"),
-    MessageType(LOCAL_TRAIN, False, "STEP, ROUND (node model)", "weights [K, ...], NUM_EXAMPLES"),
-    MessageType(ENCODE, False, "SPLIT (node model)", "H_C [S, K, L, H]"),
+    MessageType(
+        HELLO,
+        True,
+        "-",
+        "NODES, SENSOR_IDS, NUM_WINDOWS, FIRST_START",
+        method="hello",
+        request="empty",
+        reply="hello",
+        needs_model=False,
+        needs_config=False,
+    ),
+    MessageType(
+        STATS,
+        True,
+        "-",
+        "STAT_SUM, STAT_SUMSQ, STAT_COUNT [K]",
+        method="stats",
+        request="empty",
+        reply="stats",
+        needs_model=False,
+        needs_config=False,
+    ),
+    MessageType(
+        CONFIGURE,
+        False,
+        "scaler, node model, ACTIVE [K] (OWN_MODEL, FMTL NBR_*)",
+        "-",
+        method="configure",
+        request="configure",
+        reply="empty",
+        needs_model=False,
+        needs_config=False,
+    ),
+    MessageType(
+        LOCAL_TRAIN,
+        False,
+        "STEP, ROUND (node model)",
+        "weights [K, ...], NUM_EXAMPLES",
+        method="local_train",
+        request="local_train",
+        reply="local_train",
+    ),
+    MessageType(
+        ENCODE,
+        False,
+        "SPLIT (node model)",
+        "H_C [S, K, L, H]",
+        method="encode",
+        request="encode",
+        reply="h_c_of_split",
+    ),
     MessageType(
         SPLIT_STEP,
         True,
         "BATCH, H_G [B, K, L, H], ROUND, STEP",
         "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]",
+        method="split_step",
+        request="split_step",
+        reply="grad_of_batch",
     ),
-    MessageType(EMBED, False, "H_G [S, K, L, H] of the train split", "-"),
+    MessageType(
+        EMBED,
+        False,
+        "H_G [S, K, L, H] of the train split",
+        "-",
+        method="embed",
+        request="embed",
+        reply="empty",
+    ),
     MessageType(
         EVALUATE,
         False,
         "SPLIT (H_G, node model, REPORT)",
         "err.* [K, horizon] (FORECAST [W, H, K])",
+        method="evaluate",
+        request="evaluate",
+        reply="evaluate",
     ),
-    MessageType(KEEP_MODEL, False, "ACTION keep_best | restore_best", "-"),
-    MessageType(SL_ENCODE, True, "BATCH", "H_C [B, K, L, H]"),
     MessageType(
-        SL_DECODE, False, "BATCH, H_G [B, K, L, H]", "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]"
+        KEEP_MODEL,
+        False,
+        "ACTION keep_best | restore_best",
+        "-",
+        method="keep_model",
+        request="keep",
+        reply="empty",
+        needs_config=False,
     ),
-    MessageType(SL_BACKWARD, False, "GRAD_H_C [B, K, L, H]", "-"),
-    MessageType(PREDICT_ENCODE, True, "ENDS [W] (NOISE)", "H_C [W, K, L, H]"),
-    MessageType(PREDICT, True, "ENDS [W] (H_G [W, K, L, H])", "FORECAST [W, H, K]"),
+    MessageType(
+        SL_ENCODE,
+        True,
+        "BATCH",
+        "H_C [B, K, L, H]",
+        method="sl_encode",
+        request="batch",
+        reply="h_c_of_batch",
+    ),
+    MessageType(
+        SL_DECODE,
+        False,
+        "BATCH, H_G [B, K, L, H]",
+        "GRAD [B, K, L, H], LOSS_SUM, LOSS_COUNT [K]",
+        method="sl_decode",
+        request="batch_h_g",
+        reply="grad_of_batch",
+    ),
+    MessageType(
+        SL_BACKWARD,
+        False,
+        "GRAD_H_C [B, K, L, H]",
+        "-",
+        method="sl_backward",
+        request="sl_backward",
+        reply="empty",
+    ),
+    MessageType(
+        PREDICT_ENCODE,
+        True,
+        "ENDS [W] (NOISE)",
+        "H_C [W, K, L, H]",
+        method="predict_encode",
+        request="ends",
+        reply="h_c_of_ends",
+    ),
+    MessageType(
+        PREDICT,
+        True,
+        "ENDS [W] (H_G [W, K, L, H])",
+        "FORECAST [W, H, K]",
+        method="predict",
+        request="ends_h_g",
+        reply="forecast_of_ends",
+    ),
 )
 MESSAGE_TYPES: tuple[str, ...] = tuple(m.name for m in MESSAGES)
 #: Types whose answer leaves the node's state unchanged.
 READ_ONLY = frozenset(m.name for m in MESSAGES if m.read_only)
+
+
+def message(name: Any) -> MessageType | None:
+    """The row of :data:`MESSAGES` named ``name`` (read at call time), or None."""
+    return next((m for m in MESSAGES if m.name == name), None)
 
 
 @dataclass

@@ -1,6 +1,11 @@
 """Validation of every CNFGNN message: requests on the node, replies on the server.
 
-One schema per message type of :mod:`cnfgnn.federation.protocol`, checked in one place:
+The schemas come from the message table ``protocol.MESSAGES``: each row names its request
+schema (a key of :data:`REQUEST_SCHEMAS`), its reply schema (:data:`REPLY_SCHEMAS`) and its
+preconditions (``needs_model``, ``needs_config``). A schema is a small function of the payload
+and the limits that returns the specs of every key allowed; the generic rules below (keys,
+dtypes, shapes, ranges, finiteness, hosted sensors) apply the same way to every type. A new
+message type with an existing payload layout needs no edit here. Checked in one place:
 
 * :func:`check_request` (node side, before :meth:`NodeWorker.handle` dispatches): known
   message type; required keys present, no unknown keys; integers where integers belong,
@@ -25,7 +30,7 @@ Plain Python and numpy: no Flower, no torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,109 +346,210 @@ def _batch(lim: NodeLimits) -> Ints:
     )
 
 
+#: A request schema: (message type, payload, limits) -> (required, optional) specs. The
+#: optional ``NODES`` check is added to every one. Preconditions that are a property of the
+#: message (node model, ``configure`` first) are flags of its row in ``protocol.MESSAGES``.
+RequestSchema = Callable[
+    [str, Mapping[str, Any], NodeLimits], tuple[dict[str, Spec], dict[str, Spec]]
+]
+
+
+def _req_empty(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """Nothing but the optional ``NODES`` (``hello``, ``stats``)."""
+    return {}, {}
+
+
+def _req_configure(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """The global scaler (both or neither), the node model, ``OWN_MODEL``."""
+    k = lim.k
+    opt: dict[str, Spec] = {}
+    if _all_or_none(mtype, payload, [P.SCALER_MEAN, P.SCALER_STD], "global scaler"):
+        opt[P.SCALER_MEAN] = Floats(shapes=((), (k,)), dtype=np.float64)
+        opt[P.SCALER_STD] = Floats(shapes=((), (k,)), dtype=np.float64, positive=True)
+    opt |= _weights(lim.weight_shapes, P.WEIGHTS_PREFIX)
+    opt[P.OWN_MODEL] = Flag()  # per-node methods: load the model kept on the node
+    return {}, opt
+
+
+def _req_local_train(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """Counters, the node model, the DP node count and the FMTL neighbour set."""
+    k = lim.k
+    req: dict[str, Spec] = {P.ROUND: Int(), P.STEP: Int()}
+    opt = _weights(lim.weight_shapes, P.WEIGHTS_PREFIX)
+    opt[P.DP_NODES] = Int(lo=1)  # privacy=dp: N, the nodes asked (node-side FedAvg noise)
+    nbr = _weights(lim.weight_shapes, P.NBR_PREFIX)
+    if _all_or_none(mtype, payload, list(nbr) + [P.NBR_WEIGHT], "FMTL neighbour set"):
+        w = payload[P.NBR_WEIGHT]  # [K, M]: M >= 1 neighbours
+        m = w.shape[1] if isinstance(w, np.ndarray) and w.ndim == 2 and w.shape[1] > 0 else -1
+        opt[P.NBR_WEIGHT] = Floats((k, m), dtype=np.float64, min_value=0.0)
+        opt |= _weights(lim.weight_shapes, P.NBR_PREFIX, lead=(m,))
+    return req, opt
+
+
+def _req_encode(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """A split name and, optionally, the node model."""
+    return {P.SPLIT: Str(P.SPLITS)}, _weights(lim.weight_shapes, P.WEIGHTS_PREFIX)
+
+
+def _req_batch_h_g(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """A training batch ``[B]``, its ``h_G`` ``[B, K, L, H]`` and the counters."""
+    _need(mtype, lim.graph_embedding, "this node model has no graph embedding")
+    req: dict[str, Spec] = {P.BATCH: _batch(lim), P.ROUND: Int(), P.STEP: Int()}
+    b = len(payload[P.BATCH]) if isinstance(payload.get(P.BATCH), np.ndarray) else -1
+    req[P.H_G] = Floats((b, lim.k, lim.layers, lim.hidden))
+    return req, {}
+
+
+def _req_split_step(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """As ``batch_h_g``, after an ``encode`` of the whole train split."""
+    req, opt = _req_batch_h_g(mtype, payload, lim)
+    _need(
+        mtype,
+        lim.encoded.get(P.TRAIN) == lim.windows[P.TRAIN],
+        f"{mtype} before {P.ENCODE} of the train split",
+    )
+    return req, opt
+
+
+def _req_embed(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """``h_G`` ``[S_train, K, L, H]`` for every training window."""
+    _need(mtype, lim.graph_embedding, "this node model has no graph embedding")
+    return {P.H_G: Floats((lim.windows[P.TRAIN], lim.k, lim.layers, lim.hidden))}, {}
+
+
+def _req_evaluate(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """A split, its ``h_G`` (graph embedding), the node model, the report windows/sensors."""
+    k = lim.k
+    req: dict[str, Spec] = {P.SPLIT: Str(P.SPLITS)}
+    split = payload.get(P.SPLIT)
+    s = lim.windows.get(split, -1) if isinstance(split, str) else -1
+    opt = _weights(lim.weight_shapes, P.WEIGHTS_PREFIX)
+    opt[P.REPORT] = Ints((None,), lo=0, hi=s - 1, hint=f" (positions among the {s} windows)")
+    opt[P.REPORT_NODES] = Ints((None,), lo=0, min_len=1, max_len=k)  # hosted: checked later
+    opt[P.RELEASE] = Flag()
+    if lim.graph_embedding:  # decode from the h_c this node sent up for the split
+        _need(
+            mtype,
+            s < 0 or lim.encoded.get(str(split)) == s,
+            f"h_G for the {split} split, but this node has not encoded it; send {P.ENCODE} first",
+        )
+        req[P.H_G] = Floats((s, k, lim.layers, lim.hidden))
+    return req, opt
+
+
+def _req_keep(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """``ACTION``: keep_best | restore_best."""
+    return {P.ACTION: Str((P.KEEP_BEST, P.RESTORE_BEST))}, {}
+
+
+def _req_batch(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """A training batch ``[B]`` (counters only with privacy on: they key the noise)."""
+    return {P.BATCH: _batch(lim)}, {P.ROUND: Int(), P.STEP: Int()}
+
+
+def _req_sl_backward(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """``dL/dh_c`` ``[B, K, L, H]`` of the pending split-learning batch."""
+    _need(mtype, lim.pending_batch is not None, f"{mtype} without a pending {P.SL_DECODE}")
+    return {P.GRAD_H_C: Floats((lim.pending_batch, lim.k, lim.layers, lim.hidden))}, {}
+
+
+def _req_ends(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """Window ends ``[W]`` with a full input history, and an input-noise level."""
+    lo, hi = lim.in_steps - 1, lim.num_steps - 1
+    req: dict[str, Spec] = {
+        P.ENDS: Ints(
+            (None,), lo=lo, hi=hi, hint=f": a window needs {lim.in_steps} steps of history"
+        )
+    }
+    return req, {P.NOISE: Num(0.0, 1e3)}  # input-noise level (robustness experiments)
+
+
+def _req_ends_h_g(
+    mtype: str, payload: Mapping[str, Any], lim: NodeLimits
+) -> tuple[dict[str, Spec], dict[str, Spec]]:
+    """As ``ends``, plus ``h_G`` ``[W, K, L, H]`` when the node model decodes with it."""
+    req, opt = _req_ends(mtype, payload, lim)
+    if lim.graph_embedding:
+        w = len(payload[P.ENDS]) if isinstance(payload.get(P.ENDS), np.ndarray) else -1
+        req[P.H_G] = Floats((w, lim.k, lim.layers, lim.hidden))
+    return req, opt
+
+
+#: Request schemas by the name a row of ``protocol.MESSAGES`` gives in ``request``.
+REQUEST_SCHEMAS: dict[str, RequestSchema] = {
+    "empty": _req_empty,
+    "configure": _req_configure,
+    "local_train": _req_local_train,
+    "encode": _req_encode,
+    "split_step": _req_split_step,
+    "batch_h_g": _req_batch_h_g,
+    "embed": _req_embed,
+    "evaluate": _req_evaluate,
+    "keep": _req_keep,
+    "batch": _req_batch,
+    "sl_backward": _req_sl_backward,
+    "ends": _req_ends,
+    "ends_h_g": _req_ends_h_g,
+}
+
+
 def check_request(mtype: Any, payload: Any, lim: NodeLimits) -> P.Payload:
     """Check a request before the node handles it; returns the normalised payload.
+
+    The schema is the one the message's row of ``protocol.MESSAGES`` names
+    (:data:`REQUEST_SCHEMAS`), with the row's preconditions (node model, ``configure`` first).
 
     Raises:
         MalformedMessage: unknown message type, missing/unknown key, wrong type, dtype or
             shape, non-finite value, index out of range, sensors this client does not host,
             or a message that needs an earlier one (``configure``, ``encode``, ``sl_decode``).
     """
-    if not isinstance(mtype, str) or mtype not in P.MESSAGE_TYPES:
+    row = P.message(mtype) if isinstance(mtype, str) else None
+    if row is None:
         raise MalformedMessage(
-            f"unknown message type {mtype!r}; expected one of {list(P.MESSAGE_TYPES)}"
+            f"unknown message type {mtype!r}; expected one of {[m.name for m in P.MESSAGES]}"
         )
     if not isinstance(payload, Mapping):
         raise _bad(mtype, "<payload>", "a dict of named values", _describe(payload))
-    k, lay, hid = lim.k, lim.layers, lim.hidden
-    nodes_spec = Ints((k,), lo=0)
-    common: dict[str, Spec] = {P.NODES: nodes_spec}  # optional everywhere: who we should be
-    weights = _weights(lim.weight_shapes, P.WEIGHTS_PREFIX)
-    w_keys = list(weights)
+    w_keys = list(_weights(lim.weight_shapes, P.WEIGHTS_PREFIX))
     if any(key.startswith(P.WEIGHTS_PREFIX) for key in payload):
         _need(mtype, lim.weight_shapes is not None, "this node has no model to load weights into")
         _all_or_none(mtype, payload, w_keys, "node model")
-    needs_config = mtype not in (P.HELLO, P.STATS, P.CONFIGURE, P.KEEP_MODEL)
-    if mtype not in (P.HELLO, P.STATS, P.CONFIGURE):
+    if row.needs_model:
         _need(mtype, lim.weight_shapes is not None, "this node holds data only, no node model")
-    if needs_config:
+    if row.needs_config:
         _need(
             mtype,
             lim.configured,
             f"{mtype} before {P.CONFIGURE}: send the scaler and the node model first",
         )
-    req: dict[str, Spec] = {}
-    opt: dict[str, Spec] = dict(common)
-    if mtype == P.CONFIGURE:
-        if _all_or_none(mtype, payload, [P.SCALER_MEAN, P.SCALER_STD], "global scaler"):
-            opt[P.SCALER_MEAN] = Floats(shapes=((), (k,)), dtype=np.float64)
-            opt[P.SCALER_STD] = Floats(shapes=((), (k,)), dtype=np.float64, positive=True)
-        opt |= weights
-        opt[P.OWN_MODEL] = Flag()  # per-node methods: load the model kept on the node
-    elif mtype == P.LOCAL_TRAIN:
-        req = {P.ROUND: Int(), P.STEP: Int()}
-        opt |= weights
-        opt[P.DP_NODES] = Int(lo=1)  # privacy=dp: N, the nodes asked (node-side FedAvg noise)
-        nbr = _weights(lim.weight_shapes, P.NBR_PREFIX)
-        if _all_or_none(mtype, payload, list(nbr) + [P.NBR_WEIGHT], "FMTL neighbour set"):
-            w = payload[P.NBR_WEIGHT]  # [K, M]: M >= 1 neighbours
-            m = w.shape[1] if isinstance(w, np.ndarray) and w.ndim == 2 and w.shape[1] > 0 else -1
-            opt[P.NBR_WEIGHT] = Floats((k, m), dtype=np.float64, min_value=0.0)
-            opt |= _weights(lim.weight_shapes, P.NBR_PREFIX, lead=(m,))
-    elif mtype == P.ENCODE:
-        req = {P.SPLIT: Str(P.SPLITS)}
-        opt |= weights
-    elif mtype in (P.SPLIT_STEP, P.SL_DECODE):
-        _need(mtype, lim.graph_embedding, "this node model has no graph embedding")
-        req = {P.BATCH: _batch(lim), P.ROUND: Int(), P.STEP: Int()}
-        b = len(payload[P.BATCH]) if isinstance(payload.get(P.BATCH), np.ndarray) else -1
-        req[P.H_G] = Floats((b, k, lay, hid))
-        if mtype == P.SPLIT_STEP:
-            _need(
-                mtype,
-                lim.encoded.get(P.TRAIN) == lim.windows[P.TRAIN],
-                f"{P.SPLIT_STEP} before {P.ENCODE} of the train split",
-            )
-    elif mtype == P.EMBED:
-        _need(mtype, lim.graph_embedding, "this node model has no graph embedding")
-        req = {P.H_G: Floats((lim.windows[P.TRAIN], k, lay, hid))}
-    elif mtype == P.EVALUATE:
-        req = {P.SPLIT: Str(P.SPLITS)}
-        split = payload.get(P.SPLIT)
-        s = lim.windows.get(split, -1) if isinstance(split, str) else -1
-        opt |= weights
-        opt[P.REPORT] = Ints((None,), lo=0, hi=s - 1, hint=f" (positions among the {s} windows)")
-        opt[P.REPORT_NODES] = Ints((None,), lo=0, min_len=1, max_len=k)  # hosted: checked below
-        opt[P.RELEASE] = Flag()
-        if lim.graph_embedding:  # decode from the h_c this node sent up for the split
-            _need(
-                mtype,
-                s < 0 or lim.encoded.get(str(split)) == s,
-                f"h_G for the {split} split, but this node has not encoded it; "
-                f"send {P.ENCODE} first",
-            )
-            req[P.H_G] = Floats((s, k, lay, hid))
-    elif mtype == P.KEEP_MODEL:
-        req = {P.ACTION: Str((P.KEEP_BEST, P.RESTORE_BEST))}
-    elif mtype == P.SL_ENCODE:
-        req = {P.BATCH: _batch(lim)}
-        opt |= {P.ROUND: Int(), P.STEP: Int()}  # sent with privacy on: keys the noise
-    elif mtype == P.SL_BACKWARD:
-        _need(
-            mtype, lim.pending_batch is not None, f"{P.SL_BACKWARD} without a pending {P.SL_DECODE}"
-        )
-        req = {P.GRAD_H_C: Floats((lim.pending_batch, k, lay, hid))}
-    elif mtype in (P.PREDICT_ENCODE, P.PREDICT):
-        lo, hi = lim.in_steps - 1, lim.num_steps - 1
-        req = {
-            P.ENDS: Ints(
-                (None,), lo=lo, hi=hi, hint=f": a window needs {lim.in_steps} steps of history"
-            )
-        }
-        opt[P.NOISE] = Num(0.0, 1e3)  # input-noise level (robustness experiments)
-        if mtype == P.PREDICT and lim.graph_embedding:
-            w = len(payload[P.ENDS]) if isinstance(payload.get(P.ENDS), np.ndarray) else -1
-            req[P.H_G] = Floats((w, k, lay, hid))
+    req, extra = REQUEST_SCHEMAS[row.request](mtype, payload, lim)
+    opt: dict[str, Spec] = {P.NODES: Ints((lim.k,), lo=0)}  # everywhere: who we should be
+    opt |= extra
     out = _check_fields(mtype, payload, req, opt)
     if P.NODES in out and not np.array_equal(out[P.NODES], lim.nodes):
         raise _bad(
@@ -493,10 +599,162 @@ class ReplyLimits:
     sum_keys: tuple[str, ...] = ()
 
 
+#: A reply schema: (message type, request sent, reply, K of the client or None, limits)
+#: -> the specs of every key the reply must carry.
+ReplySchema = Callable[[str, Mapping[str, Any], Any, int | None, ReplyLimits], dict[str, Spec]]
+
+
+def _rep_empty(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """An empty reply (``configure``, ``embed``, ``keep``, ``sl_backward``)."""
+    return {}
+
+
+def _rep_hello(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """Hosted sensors (positions in the server's graph), their ids, windows per split."""
+    n = lim.num_graph_nodes
+    return {
+        P.NODES: Ints(
+            (None,),
+            lo=0,
+            hi=n - 1,
+            min_len=1,
+            hint=f" (positions in the server's graph of {n} sensors)",
+        ),
+        P.SENSOR_IDS: Str(),
+        P.NUM_WINDOWS: Ints((3,), lo=0),
+    }
+
+
+def _rep_hello_optional(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    return {P.FIRST_START: Ints((3,), lo=-1)}
+
+
+def _rep_stats(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """Per-node sums ``[K]`` of the training inputs."""
+    return {
+        P.STAT_SUM: Floats((kk,), np.float64),
+        P.STAT_SUMSQ: Floats((kk,), np.float64, min_value=0.0),
+        P.STAT_COUNT: Floats((kk,), np.float64, min_value=0.0),
+    }
+
+
+def _loss_sums(mtype: str, reply: Any, kk: int | None, cap: float) -> dict[str, Spec]:
+    """Training-loss sums ``[K]``: both or neither (absent with privacy=dp)."""
+    if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
+        return {
+            P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),
+            P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=cap),
+        }
+    return {}
+
+
+def _rep_local_train(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """Weights ``[K, ...]`` (unless aggregate=none), examples, the step counter, loss sums."""
+    s = lim.windows[P.TRAIN]
+    epochs = int(lim.local_epochs)
+    req: dict[str, Spec] = {}
+    if lim.weights_up:
+        req |= _weights(lim.weight_shapes, P.WEIGHTS_PREFIX, lead=(kk,), max_abs=lim.max_abs)
+    step0 = int(request.get(P.STEP, 0))
+    req |= {
+        P.NUM_EXAMPLES: Ints((kk,), lo=0, hi=s * epochs),
+        P.STEP: Int(step0, step0 + epochs * math.ceil(s / max(lim.batch_size, 1))),
+    }
+    return req | _loss_sums(mtype, reply, kk, s * epochs * lim.horizon)
+
+
+def _h_c(s: int, kk: int | None, lim: ReplyLimits) -> dict[str, Spec]:
+    return {P.H_C: Floats((s, kk, lim.layers, lim.hidden), max_abs=lim.max_abs)}
+
+
+def _rep_h_c_of_split(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """``h_c`` ``[S, K, L, H]`` for every window of the split asked."""
+    return _h_c(lim.windows[str(request[P.SPLIT])], kk, lim)
+
+
+def _rep_h_c_of_batch(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """``h_c`` ``[B, K, L, H]`` for the batch asked."""
+    return _h_c(len(request[P.BATCH]), kk, lim)
+
+
+def _rep_h_c_of_ends(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """``h_c`` ``[W, K, L, H]`` for the window ends asked."""
+    return _h_c(len(request[P.ENDS]), kk, lim)
+
+
+def _rep_grad_of_batch(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """``dL/dh_G`` ``[B, K, L, H]`` for the batch asked, and its loss sums."""
+    b = len(request[P.BATCH])
+    req: dict[str, Spec] = {P.GRAD: Floats((b, kk, lim.layers, lim.hidden), max_abs=lim.max_abs)}
+    return req | _loss_sums(mtype, reply, kk, b * lim.horizon)
+
+
+def _rep_evaluate(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """Error sums ``[K, horizon]``; forecasts ``[W, horizon, R]`` only when released."""
+    hz = lim.horizon
+    s = lim.windows[str(request[P.SPLIT])]
+    req: dict[str, Spec] = {}
+    for name in lim.sum_keys:
+        cap = float(s) if name.endswith(_COUNT_SUFFIX) else None
+        req[P.ERR_PREFIX + name] = Floats((kk, hz), np.float64, min_value=0.0, max_value=cap)
+    w = len(request.get(P.REPORT, ()))
+    if w and request.get(P.RELEASE):  # otherwise the forecasts stay on the node
+        r = len(request[P.REPORT_NODES]) if P.REPORT_NODES in request else kk
+        req[P.FORECAST] = Floats((w, hz, r), max_abs=lim.max_abs)
+    return req
+
+
+def _rep_forecast_of_ends(
+    mtype: str, request: Mapping[str, Any], reply: Any, kk: int | None, lim: ReplyLimits
+) -> dict[str, Spec]:
+    """Forecasts ``[W, horizon, K]`` for the window ends asked."""
+    return {P.FORECAST: Floats((len(request[P.ENDS]), lim.horizon, kk), max_abs=lim.max_abs)}
+
+
+#: Reply schemas by the name a row of ``protocol.MESSAGES`` gives in ``reply``.
+REPLY_SCHEMAS: dict[str, ReplySchema] = {
+    "empty": _rep_empty,
+    "hello": _rep_hello,
+    "stats": _rep_stats,
+    "local_train": _rep_local_train,
+    "h_c_of_split": _rep_h_c_of_split,
+    "h_c_of_batch": _rep_h_c_of_batch,
+    "h_c_of_ends": _rep_h_c_of_ends,
+    "grad_of_batch": _rep_grad_of_batch,
+    "evaluate": _rep_evaluate,
+    "forecast_of_ends": _rep_forecast_of_ends,
+}
+#: Optional keys of a reply schema (those without an entry have none).
+REPLY_OPTIONAL: dict[str, ReplySchema] = {"hello": _rep_hello_optional}
+
+
 def check_reply(
     mtype: str, request: Mapping[str, Any], reply: Any, k: int | None, lim: ReplyLimits
 ) -> P.Payload:
     """Check a client's reply to ``request``; returns the normalised reply.
+
+    The schema is the one the message's row of ``protocol.MESSAGES`` names
+    (:data:`REPLY_SCHEMAS`); a type without a row must answer with an empty reply.
 
     Args:
         mtype: the message type that was sent.
@@ -509,70 +767,9 @@ def check_reply(
         MalformedMessage: a missing/unknown key, wrong shape or dtype, NaN/inf, a value
             above ``max_abs``, a negative sum, a count above the windows it counts.
     """
-    big = lim.max_abs
     kk = None if k is None else int(k)
-    lay, hid, hz = lim.layers, lim.hidden, lim.horizon
-    req: dict[str, Spec] = {}
-    opt: dict[str, Spec] = {}
-    if mtype == P.HELLO:
-        n = lim.num_graph_nodes
-        req = {
-            P.NODES: Ints(
-                (None,),
-                lo=0,
-                hi=n - 1,
-                min_len=1,
-                hint=f" (positions in the server's graph of {n} sensors)",
-            ),
-            P.SENSOR_IDS: Str(),
-            P.NUM_WINDOWS: Ints((3,), lo=0),
-        }
-        opt = {P.FIRST_START: Ints((3,), lo=-1)}
-    elif mtype == P.STATS:
-        req = {
-            P.STAT_SUM: Floats((kk,), np.float64),
-            P.STAT_SUMSQ: Floats((kk,), np.float64, min_value=0.0),
-            P.STAT_COUNT: Floats((kk,), np.float64, min_value=0.0),
-        }
-    elif mtype == P.LOCAL_TRAIN:
-        s = lim.windows[P.TRAIN]
-        epochs = int(lim.local_epochs)
-        if lim.weights_up:
-            req |= _weights(lim.weight_shapes, P.WEIGHTS_PREFIX, lead=(kk,), max_abs=big)
-        step0 = int(request.get(P.STEP, 0))
-        req |= {
-            P.NUM_EXAMPLES: Ints((kk,), lo=0, hi=s * epochs),
-            P.STEP: Int(step0, step0 + epochs * math.ceil(s / max(lim.batch_size, 1))),
-        }
-        if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
-            req |= {
-                P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
-                P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=s * epochs * hz),
-            }
-    elif mtype in (P.ENCODE, P.SL_ENCODE, P.PREDICT_ENCODE):
-        if mtype == P.ENCODE:
-            s = lim.windows[str(request[P.SPLIT])]
-        else:
-            s = len(request[P.BATCH if mtype == P.SL_ENCODE else P.ENDS])
-        req = {P.H_C: Floats((s, kk, lay, hid), max_abs=big)}
-    elif mtype in (P.SPLIT_STEP, P.SL_DECODE):
-        b = len(request[P.BATCH])
-        req = {P.GRAD: Floats((b, kk, lay, hid), max_abs=big)}
-        if _all_or_none(mtype, reply, [P.LOSS_SUM, P.LOSS_COUNT], "training-loss sums"):
-            req |= {
-                P.LOSS_SUM: Floats((kk,), np.float64, min_value=0.0),  # absent: privacy=dp
-                P.LOSS_COUNT: Floats((kk,), np.float64, min_value=0.0, max_value=b * hz),
-            }
-    elif mtype == P.EVALUATE:
-        s = lim.windows[str(request[P.SPLIT])]
-        for name in lim.sum_keys:
-            cap = float(s) if name.endswith(_COUNT_SUFFIX) else None
-            req[P.ERR_PREFIX + name] = Floats((kk, hz), np.float64, min_value=0.0, max_value=cap)
-        w = len(request.get(P.REPORT, ()))
-        if w and request.get(P.RELEASE):  # otherwise the forecasts stay on the node
-            r = len(request[P.REPORT_NODES]) if P.REPORT_NODES in request else kk
-            req[P.FORECAST] = Floats((w, hz, r), max_abs=big)
-    elif mtype == P.PREDICT:
-        req = {P.FORECAST: Floats((len(request[P.ENDS]), hz, kk), max_abs=big)}
-    # CONFIGURE, EMBED, KEEP_MODEL, SL_BACKWARD: an empty reply
+    row = P.message(mtype)
+    name = "empty" if row is None else row.reply
+    req = REPLY_SCHEMAS[name](mtype, request, reply, kk, lim)
+    opt = REPLY_OPTIONAL[name](mtype, request, reply, kk, lim) if name in REPLY_OPTIONAL else {}
     return _check_fields(mtype + " reply", reply, req, opt)
