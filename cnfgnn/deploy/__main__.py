@@ -2,6 +2,6 @@
 
 import sys
 
-from cnfgnn.deploy.launcher import main
+from cnfgnn.deploy.cli import main
 
 sys.exit(main())

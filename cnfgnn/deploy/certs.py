@@ -190,10 +190,15 @@ def write_node_key(path: Path, comment: str = "") -> Path:
 
 
 def generate(
-    out: Path, num_nodes: int, host: str = "127.0.0.1", days: float = 7.0
+    out: Path,
+    num_nodes: int,
+    host: str = "127.0.0.1",
+    days: float = 7.0,
+    extra_hosts: tuple[str, ...] = (),
 ) -> LoopbackCerts:
-    """Write a CA, a SuperLink certificate for loopback (``host``, 127.0.0.1, localhost)
-    and ``num_nodes`` SuperNode key pairs into ``out`` (replacing older ones)."""
+    """Write a CA, a SuperLink certificate for ``host``, ``extra_hosts`` (IP addresses or
+    DNS names), 127.0.0.1 and localhost, and ``num_nodes`` SuperNode key pairs into ``out``
+    (replacing older ones)."""
     if num_nodes < 0 or days <= 0:
         raise ValueError(f"num_nodes={num_nodes}, days={days}: need num_nodes >= 0, days > 0")
     out = Path(out)
@@ -201,7 +206,7 @@ def generate(
     os.chmod(out, 0o700)
     ca_key, ca_cert = make_ca(days)
     server_key, server_cert = make_server_cert(
-        ca_key, ca_cert, [host, "127.0.0.1", "localhost"], days
+        ca_key, ca_cert, [host, *extra_hosts, "127.0.0.1", "localhost"], days
     )
     paths = {
         "ca_cert": out / "ca.crt",

@@ -7,6 +7,12 @@ Usage::
     cnfgnn-deploy run experiment=synthetic_deploy_demo federation.rounds=5
     cnfgnn-deploy run --run-dir outputs/deploy/X --resume ...   # continue a run
 
+Across machines (cnfgnn/deploy/sites.py, docs/deployment.md)::
+
+    cnfgnn-deploy superlink --host ADDR --hosts NAME ... [--database FILE]   # the operator
+    cnfgnn-deploy supernode --superlink HOST:PORT --shard DIR --partition I ...  # each site
+    cnfgnn-deploy run --superlink HOST:PORT --ca-cert ca.crt --shards DIR [OVERRIDES...]
+
 What ``run`` does (every process gets :func:`cnfgnn.config.flower_environment`):
 
 1. composes ``conf/`` with ``engine=deployment`` and the overrides (``engine.launch.*``
@@ -34,7 +40,6 @@ SuperNode, restarts, lost sensors).
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
@@ -54,7 +59,7 @@ from cnfgnn.cli import format_table
 from cnfgnn.config import compose_cfg, flower_environment
 from cnfgnn.data.shards import load_manifest
 from cnfgnn.deploy.certs import generate
-from cnfgnn.procs import ROOT, Interrupted, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
+from cnfgnn.procs import ROOT, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +174,48 @@ def compose(overrides: list[str]) -> Any:
     return compose_cfg(shlex.join(["engine=deployment", *overrides]))
 
 
+def supernode_command(launch: Any, flower: list[str], start_after: Path | None = None) -> list[str]:
+    """The command line of one SuperNode: Flower's own ``flower-superlink`` with the
+    arguments ``flower``, or :mod:`cnfgnn.deploy.supernode` around them when
+    ``launch`` (``engine.launch``) asks for the warm worker or shorter waits.
+    ``start_after``: connect once that file exists (our entry point only)."""
+    ours: list[str] = []
+    if str(launch.worker) == "warm":
+        ours += [
+            "--warm-worker",
+            "--worker-idle-poll-s",
+            str(launch.worker_idle_poll_s),
+            "--worker-busy-poll-s",
+            str(launch.worker_busy_poll_s),
+            "--worker-hot-s",
+            str(launch.worker_hot_s),
+            "--worker-pull-timeout-s",
+            str(launch.worker_pull_timeout_s),
+        ]
+    elif str(launch.worker) != "flower":
+        raise DeployError(f"engine.launch.worker={launch.worker}: unknown. Fix: warm or flower")
+    if launch.fast_waits:
+        ours += [
+            "--idle-poll-s",
+            str(launch.idle_poll_s),
+            "--hot-poll-s",
+            str(launch.hot_poll_s),
+            "--hot-s",
+            str(launch.hot_s),
+            "--reply-poll-s",
+            str(launch.reply_poll_s),
+            "--object-backoff-s",
+            str(launch.object_backoff_s),
+        ]
+    if launch.heartbeat_s is not None:
+        ours += ["--heartbeat-s", str(launch.heartbeat_s)]
+    if not ours:  # Flower's own entry point, untouched
+        return [str(BIN / "flower-supernode"), *flower]
+    if start_after is not None:  # import and preload now, connect once the keys are registered
+        ours += ["--start-after", str(start_after)]
+    return [sys.executable, "-m", "cnfgnn.deploy.supernode", *ours, "--", *flower]
+
+
 # ---------------------------------------------------------------------- shards
 def write_shards(overrides: list[str], out: Path, nodes_per_client: int, procs: ProcessSet) -> dict:
     """``cnfgnn-data shard <overrides> out=<out> nodes_per_client=K``; returns the manifest."""
@@ -220,9 +267,11 @@ class Deployment:
         self.progress = progress
         self.env = flower_env()
         self.procs = ProcessSet(self.run_dir / "logs", self.env)
-        self.host = str(self.launch.host)
-        ports = free_ports(self.num_nodes + 1, self.host)
-        self.link_port = int(self.launch.superlink_port or ports[0])
+        self.host = str(self.launch.host)  # the SuperLink's address (its one port)
+        # each SuperNode's own Runtime API (ClientAppIo): never the SuperLink's address
+        self.node_host = str(self.launch.get("supernode_host") or "127.0.0.1")
+        self.link_port = int(self.launch.superlink_port or free_ports(1, self.host)[0])
+        ports = [0, *free_ports(self.num_nodes, self.node_host)]
         first = self.launch.supernode_port
         self.node_ports = [int(first) + i for i in range(self.num_nodes)] if first else ports[1:]
         self.secure = bool(self.launch.get("secure", False))
@@ -436,7 +485,6 @@ class Deployment:
         return _json_in(text)["nodes"]
 
     def supernode_argv(self, i: int) -> list[str]:
-        la = self.launch
         shard = self.shards_dir / self.manifest["clients"][i]["dir"]
         node_config = (
             f"partition-id={i} num-partitions={self.num_nodes} "
@@ -447,7 +495,7 @@ class Deployment:
             "--superlink",
             f"{self.host}:{self.link_port}",
             "--host",
-            self.host,
+            self.node_host,
             "--port",
             str(self.node_ports[i]),
             "--node-config",
@@ -455,41 +503,8 @@ class Deployment:
         ]
         if self.certs is not None:
             flower += ["--auth-supernode-private-key", str(self.certs.node_keys[i])]
-        ours: list[str] = []
-        if str(la.worker) == "warm":
-            ours += [
-                "--warm-worker",
-                "--worker-idle-poll-s",
-                str(la.worker_idle_poll_s),
-                "--worker-busy-poll-s",
-                str(la.worker_busy_poll_s),
-                "--worker-hot-s",
-                str(la.worker_hot_s),
-                "--worker-pull-timeout-s",
-                str(la.worker_pull_timeout_s),
-            ]
-        elif str(la.worker) != "flower":
-            raise DeployError(f"engine.launch.worker={la.worker}: unknown. Fix: warm or flower")
-        if la.fast_waits:
-            ours += [
-                "--idle-poll-s",
-                str(la.idle_poll_s),
-                "--hot-poll-s",
-                str(la.hot_poll_s),
-                "--hot-s",
-                str(la.hot_s),
-                "--reply-poll-s",
-                str(la.reply_poll_s),
-                "--object-backoff-s",
-                str(la.object_backoff_s),
-            ]
-        if la.heartbeat_s is not None:
-            ours += ["--heartbeat-s", str(la.heartbeat_s)]
-        if not ours:  # Flower's own entry point, untouched
-            return [str(BIN / "flower-supernode"), *flower]
-        if self.secure:  # import and preload now, connect once the keys are registered
-            ours += ["--start-after", str(self.gate)]
-        return [sys.executable, "-m", "cnfgnn.deploy.supernode", *ours, "--", *flower]
+        gate = self.gate if self.secure else None
+        return supernode_command(self.launch, flower, start_after=gate)
 
     def start_supernode(self, i: int) -> None:
         name = f"supernode_{i}"
@@ -837,53 +852,3 @@ def deploy_experiment(
         result = dep.run(overrides, resume=resume, on_tick=on_tick, timeout_s=timeout_s)
     result.info = dict(dep.info)
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry: ``--help``, exit 2 on a bad key (before any process starts)."""
-    from cnfgnn.shell import console
-
-    return console("cnfgnn-deploy", __doc__, _run, argv)
-
-
-def _run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="cnfgnn-deploy",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help=f"experiment={DEMO_EXPERIMENT} (make deploy-demo)")
-    run = sub.add_parser("run", help="any experiment: HYDRA_OVERRIDES...")
-    for sp in (demo, run):
-        sp.add_argument("--run-dir", type=Path, default=None)
-        sp.add_argument("--shards", type=Path, default=None, help="existing shard set")
-        sp.add_argument("--resume", action="store_true", help="continue --run-dir")
-        sp.add_argument("--timeout-s", type=float, default=None)
-        sp.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")
-    a = p.parse_args(argv)
-    overrides = list(a.overrides)
-    if a.command == "demo":
-        overrides = [f"experiment={DEMO_EXPERIMENT}", *overrides]
-    from cnfgnn.shell import compose as check
-
-    check(["engine=deployment", *overrides])  # a misspelt key stops here, nothing started
-    restore = raise_on_signals()  # SIGTERM/SIGHUP unwind like Ctrl-C (shard writing too)
-    try:
-        result = deploy_experiment(overrides, a.run_dir, a.shards, a.resume, timeout_s=a.timeout_s)
-    except DeployError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        # deploy_experiment already stopped every process group it had started
-        why = str(e) or "Ctrl-C"
-        print(f"[deploy] interrupted ({why}); stopped the processes it started", file=sys.stderr)
-        return 130
-    finally:
-        restore()
-    print(report(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
