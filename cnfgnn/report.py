@@ -134,7 +134,19 @@ COLUMNS = [
     "run_dir",
 ] + [f"{m}_std" for m in METRICS]
 #: Config keys that differ between the seeds of one setting (left out when grouping runs).
-PER_RUN_KEYS = ("seed", "run_dir", "output_root", "name", "resume", "hydra")
+#: Also left out: how a run was executed, not what it computes (threads, progress, logging).
+PER_RUN_KEYS = (
+    "seed",
+    "run_dir",
+    "output_root",
+    "name",
+    "resume",
+    "hydra",
+    "threads",
+    "progress",
+    "logger",
+    "log_every",
+)
 
 
 class ReportError(RuntimeError):

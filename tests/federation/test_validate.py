@@ -280,7 +280,8 @@ def test_malformed_requests_are_refused(fed):
 @FUZZ
 @given(
     mtype=st.one_of(
-        st.text(max_size=20),
+        # hypothesis also draws string constants of the code under test: keep real types out
+        st.text(max_size=20).filter(lambda s: P.message(s) is None),
         st.integers(),
         st.none(),
         st.sampled_from(["query.Hello", "train.local ", P.IDENTIFY]),
