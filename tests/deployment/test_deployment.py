@@ -207,7 +207,7 @@ def _descendants_and_groups(root: int) -> dict[int, int]:
 
 
 def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
-    """Ctrl-C (SIGINT) to ``python -m cnfgnn.deploy.launcher`` in the middle of a run: it exits
+    """Ctrl-C (SIGINT) to ``python -m cnfgnn.deploy`` in the middle of a run: it exits
     with 130 after stopping the SuperLink, the SuperNodes, their workers, the ServerApp and
     ``flwr run``: none of the processes it had started is alive afterwards."""
     import os
@@ -222,7 +222,7 @@ def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "cnfgnn.deploy.launcher",
+                "cnfgnn.deploy",
                 "run",
                 "--run-dir",
                 str(run_dir),
