@@ -24,6 +24,7 @@ debug records. A misspelt key or option exits 2 naming the close matches.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def _run(args: list[str]) -> None:
     if not any(a.startswith("hydra/job_logging=") for a in args):
         args = ["hydra/job_logging=none", *args]  # cnfgnn logs itself: stderr and run.log
     sys.argv = [sys.argv[0], *args]
+    # Hydra prints errors of the job itself and exits 1; with this it re-raises them, so the
+    # console shell reports bad input (a missing file, a mismatched graph) in one line, exit 2
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     _main()
 
 

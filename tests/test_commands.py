@@ -113,3 +113,21 @@ def test_deploy_sh_answers_help(tmp_path):
     ]
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Usage" in res.stdout and "cnfgnn-deploy run" in res.stdout
+
+
+def test_a_missing_data_file_is_one_line_and_exit_2(tmp_path):
+    """Bad input found inside the run (after Hydra composed the config) is reported like a
+    misspelt key: one line naming the file and the fix, exit 2, no traceback."""
+    argv = [
+        sys.executable,
+        "-m",
+        "cnfgnn.cli",
+        "dataset=csv",
+        "dataset.series=nope.csv",
+        "dataset.adjacency=nope_adj.csv",
+        f"output_root={tmp_path / 'out'}",
+    ]
+    res = _run_all({"cnfgnn": argv}, tmp_path)["cnfgnn"]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "nope.csv" in res.stderr and "Fix:" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
