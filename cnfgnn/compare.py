@@ -35,6 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnfgnn.config import CONF_DIR
+from cnfgnn.procs import cnfgnn_run_command
 from cnfgnn.shell import UsageError, did_you_mean
 
 
@@ -135,15 +136,7 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
     if run_dir.exists():  # an earlier, unfinished (or forced) try: kept aside, not deleted
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.prev-{datetime.now():%Y%m%d-%H%M%S}"))
     run_dir.mkdir(parents=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "cnfgnn.cli",
-        *overrides,
-        f"run_dir={run_dir}",
-        f"hydra.run.dir={run_dir}",
-        "hydra.output_subdir=null",
-    ]
+    cmd = cnfgnn_run_command(overrides, run_dir)
     start = time.perf_counter()
     with open(run_dir / "compare.log", "w") as log:
         log.write(" ".join(cmd) + "\n")

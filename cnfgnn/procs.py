@@ -12,12 +12,27 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cnfgnn_run_command(overrides: Sequence[str], run_dir: Path) -> list[str]:
+    """The command line of one ``cnfgnn`` run as a child process writing into ``run_dir``
+    (no Hydra output subfolder: the run directory is the caller's)."""
+    return [
+        sys.executable,
+        "-m",
+        "cnfgnn.cli",
+        *overrides,
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=null",
+    ]
 
 
 @dataclass

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnfgnn.procs import Proc, ProcessSet
+from cnfgnn.procs import Proc, ProcessSet, cnfgnn_run_command
 
 MECHANISMS = ("h_c", "grad", "fedavg")
 
@@ -90,16 +90,7 @@ def run_levels(
                 level = pending.pop(0)
                 run_dir = out / f"noise_{level}"
                 run_dir.mkdir(parents=True, exist_ok=True)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "cnfgnn.cli",
-                    *overrides,
-                    *level_overrides(level),
-                    f"run_dir={run_dir}",
-                    f"hydra.run.dir={run_dir}",
-                    "hydra.output_subdir=null",
-                ]
+                cmd = cnfgnn_run_command([*overrides, *level_overrides(level)], run_dir)
                 proc = procs.start(level, cmd, cwd=Path.cwd(), log_path=run_dir / "sweep.log")
                 print(f"[{level}] started pid {proc.pid}: {run_dir}", flush=True)
                 running[level] = (proc, run_dir, time.perf_counter())
