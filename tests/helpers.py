@@ -12,9 +12,14 @@ import numpy as np
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from omegaconf import open_dict
 
 from cnfgnn.config import RUN_CONFIG_KEY, compose
+from cnfgnn.data.loaders import load_dataset
+from cnfgnn.experiment import build_workers
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation.engines import InProcessEngine
+from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.flower import client_app
 from cnfgnn.procs import cmdline_of
 
@@ -37,9 +42,38 @@ TINY = (
 )
 
 
+#: Keyword arguments that silence a run's progress lines (``run_experiment(..., **QUIET)``).
+QUIET = {"progress": lambda s: None}
+#: A small differential-privacy configuration (clip norms for the tiny model, one round).
+DP = (
+    "privacy=dp",
+    "privacy.h_c.clip=1.0",
+    "privacy.grad.clip=0.01",
+    "privacy.fedavg.clip=0.5",
+    "federation.rounds=1",
+    "federation.scaling=per_node",
+)
+#: For tests that need repeatable noise (marked insecure in the run's outputs).
+REPLAY = ("privacy.insecure_replayable_noise=true",)
+
+
 def make_cfg(*overrides: str):
     """Compose ``conf/config.yaml`` with overrides (as the CLI would)."""
     return compose(list(overrides))
+
+
+def in_process_federation(cfg, nodes_per_client: int | None = None, setup: bool = True):
+    """``(data, workers, orchestrator)`` of ``cfg`` in-process on the CPU, quiet, without a
+    writer; ``nodes_per_client`` overrides the config's; ``setup``: handshake done."""
+    if nodes_per_client is not None:
+        with open_dict(cfg):
+            cfg.federation.nodes_per_client = nodes_per_client
+    data = load_dataset(cfg.dataset)
+    workers = build_workers(cfg, data, torch.device("cpu"))
+    orch = Orchestrator(cfg, InProcessEngine(workers), ServerGraph.from_data(data), None, **QUIET)
+    if setup:
+        orch.setup()
+    return data, workers, orch
 
 
 #: What a client may send up in training and test: handshake facts, statistics, losses, h_c,

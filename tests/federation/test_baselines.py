@@ -19,14 +19,11 @@ from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.windows import split_starts
 from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
-from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
+from cnfgnn.federation.rounds import FederationError
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
 from cnfgnn.results import read_predictions
-from tests.helpers import ROOT, TINY, RecordingEngine, make_cfg
-
-QUIET = {"progress": lambda s: None}
+from tests.helpers import QUIET, ROOT, TINY, RecordingEngine, in_process_federation, make_cfg
 
 
 def _run(tmp_path, *overrides, wrap=None):
@@ -204,17 +201,8 @@ def test_split_learning_gradients_equal_end_to_end_autograd(tiny_cfg):
         "federation.nodes_per_client=2",
         "federation.batch_size=100000",
     )  # one batch: every training window
-    data = load_dataset(cfg.dataset)
-    workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(
-        cfg,
-        InProcessEngine(workers),
-        ServerGraph(data.adjacency, list(data.sensor_ids)),
-        None,
-        **QUIET,
-    )
+    data, workers, orch = in_process_federation(cfg)
     orch.round = 1
-    orch.setup()
     gen = torch.Generator().manual_seed(1)  # nodes differ: no FedAvg in split learning
     with torch.no_grad():
         for w in workers.values():

@@ -8,27 +8,26 @@ import torch
 from omegaconf import open_dict
 
 from cnfgnn.data.loaders import load_dataset
-from cnfgnn.experiment import build_workers, run_experiment
+from cnfgnn.experiment import run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
-from cnfgnn.federation.rounds import Orchestrator, ServerGraph, initial_node_model
+from cnfgnn.federation.rounds import initial_node_model
 from cnfgnn.federation.server import fedavg
 from cnfgnn.models.node_seq2seq import NodeSeq2Seq
-from tests.helpers import TINY, TRAINING_UP, RecordingEngine, check_private, make_cfg
+from tests.helpers import (
+    TINY,
+    TRAINING_UP,
+    RecordingEngine,
+    check_private,
+    in_process_federation,
+    make_cfg,
+)
 
 NO_TEACHER = 10**9  # scheduled-sampling step at which p(teacher) is 0
 
 
 def _setup(cfg, nodes_per_client=2):
-    with open_dict(cfg):
-        cfg.federation.nodes_per_client = nodes_per_client
-    data = load_dataset(cfg.dataset)
-    workers = build_workers(cfg, data, torch.device("cpu"))
-    graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
-    orch = Orchestrator(cfg, InProcessEngine(workers), graph, writer=None, progress=lambda s: None)
-    orch.setup()
-    return data, workers, orch
+    return in_process_federation(cfg, nodes_per_client)
 
 
 def test_split_gradient_equals_end_to_end_autograd(tiny_cfg):

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from cnfgnn.data.loaders import load_dataset
-from cnfgnn.experiment import build_workers
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import NodeWorker
-from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.federation.validate import (
     REPLY_SCHEMAS,
     REQUEST_SCHEMAS,
     MalformedMessage,
     check_reply,
 )
-from tests.helpers import TINY, make_cfg
+from tests.helpers import TINY, in_process_federation, make_cfg
 
 ECHO = "query.echo_batch"  # the fake new message type
 
@@ -47,15 +42,7 @@ def setup(tmp_path_factory):
     cfg = make_cfg(
         *TINY, f"output_root={tmp_path_factory.mktemp('mt')}", "federation.nodes_per_client=2"
     )
-    data = load_dataset(cfg.dataset)
-    workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(
-        cfg,
-        InProcessEngine(workers),
-        ServerGraph(data.adjacency, list(data.sensor_ids), data.locations),
-        progress=lambda s: None,
-    )
-    orch.setup()
+    _, workers, orch = in_process_federation(cfg)
     return workers[0], orch
 
 

@@ -23,9 +23,8 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import own_initial_state
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
-from tests.helpers import ROOT, TINY, make_cfg
+from tests.helpers import QUIET, ROOT, TINY, in_process_federation, make_cfg
 
-QUIET = {"progress": lambda s: None}
 #: A GN learning rate high enough that the validation loss rises after round 1 (seed 42):
 #: the best round comes before the last one.
 UNSTEADY = ("federation.server_lr=0.05",)
@@ -194,17 +193,7 @@ def test_split_learning_nodes_start_from_their_own_models_whatever_the_grouping(
     data = load_dataset(cfg.dataset)
     rows = {}
     for k in (1, 2, data.num_nodes):
-        with open_dict(cfg):
-            cfg.federation.nodes_per_client = k
-        workers = build_workers(cfg, data, torch.device("cpu"))
-        orch = Orchestrator(
-            cfg,
-            InProcessEngine(workers),
-            ServerGraph(data.adjacency, list(data.sensor_ids)),
-            None,
-            **QUIET,
-        )
-        orch.setup()
+        _, workers, _ = in_process_federation(cfg, k)
         rows[k] = {
             int(g): w.model.node_state(i)
             for w in workers.values()
@@ -235,18 +224,7 @@ def test_per_node_init_needs_nodes_that_keep_their_own_models():
 
 # ---------------------------------------------------------------------- answers, FedAvg
 def _orchestrator(cfg, nodes_per_client: int = 1):
-    with open_dict(cfg):
-        cfg.federation.nodes_per_client = nodes_per_client
-    data = load_dataset(cfg.dataset)
-    workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(
-        cfg,
-        InProcessEngine(workers),
-        ServerGraph(data.adjacency, list(data.sensor_ids)),
-        None,
-        **QUIET,
-    )
-    orch.setup()
+    _, workers, orch = in_process_federation(cfg, nodes_per_client)
     orch.round = 1
     return workers, orch
 

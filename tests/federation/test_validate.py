@@ -23,8 +23,6 @@ from cnfgnn.data.loaders import load_dataset
 from cnfgnn.evaluation.metrics import SUM_KEYS
 from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.engines import InProcessEngine
-from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.federation.validate import (
     MALFORMED_CODE,
     MAX_COUNTER,
@@ -32,7 +30,7 @@ from cnfgnn.federation.validate import (
     check_reply,
     check_request,
 )
-from tests.helpers import TINY, make_cfg
+from tests.helpers import TINY, in_process_federation, make_cfg
 
 FUZZ = settings(
     max_examples=60,
@@ -50,15 +48,7 @@ def fed(tmp_path_factory):
     cfg = make_cfg(
         *TINY, f"output_root={tmp_path_factory.mktemp('v')}", "federation.nodes_per_client=2"
     )
-    data = load_dataset(cfg.dataset)
-    workers = build_workers(cfg, data, torch.device("cpu"))
-    orch = Orchestrator(
-        cfg,
-        InProcessEngine(workers),
-        ServerGraph(data.adjacency, list(data.sensor_ids), data.locations),
-        progress=lambda s: None,
-    )
-    orch.setup()
+    data, workers, orch = in_process_federation(cfg)
     w = workers[0]
     w.handle(P.ENCODE, {P.SPLIT: P.TRAIN})
     w.handle(P.ENCODE, {P.SPLIT: P.VAL})

@@ -33,6 +33,7 @@ from tests.helpers import (
     LoopbackGrid,
     RecordingEngine,
     check_private,
+    in_process_federation,
     make_cfg,
     same_state,
 )
@@ -103,16 +104,7 @@ def test_overrides_reproduce_the_config(tmp_path):
 
 # ---------------------------------------------------------------------- node state
 def _configured_workers(cfg, nodes_per_client=2):
-    from cnfgnn.federation.engines import InProcessEngine
-    from cnfgnn.federation.rounds import Orchestrator, ServerGraph
-
-    with open_dict(cfg):
-        cfg.federation.nodes_per_client = nodes_per_client
-    data = load_dataset(cfg.dataset)
-    workers = build_workers(cfg, data, torch.device("cpu"))
-    graph = ServerGraph(data.adjacency, list(data.sensor_ids), data.locations)
-    orch = Orchestrator(cfg, InProcessEngine(workers), graph, writer=None, progress=lambda s: None)
-    orch.setup()
+    data, workers, orch = in_process_federation(cfg, nodes_per_client)
     orch.round = 1
     orch.local_phase()
     enc = orch.encode_phase(P.TRAIN, orch.train_clients, "encode")

@@ -12,19 +12,9 @@ from cnfgnn.experiment import run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation import secure
 from cnfgnn.flower import secagg
-from tests.helpers import TINY, make_cfg
+from tests.helpers import DP, QUIET, REPLAY, TINY, make_cfg
 
-QUIET = {"progress": lambda s: None}
-DP = (
-    "privacy=dp",
-    "privacy.h_c.clip=1.0",
-    "privacy.grad.clip=0.01",
-    "privacy.fedavg.clip=0.5",
-    "federation.rounds=1",
-    "federation.scaling=per_node",
-    "federation.nodes_per_client=1",
-    "privacy.insecure_replayable_noise=true",
-)  # the same noise in both runs
+SECAGG_DP = (*DP, "federation.nodes_per_client=1", *REPLAY)  # the same noise in both runs
 
 
 class RecordingGrid:
@@ -88,7 +78,7 @@ def test_range_check_refuses_clipping_and_overflow():
 
 
 def test_inprocess_engine_refuses_secagg(tmp_path):
-    cfg = make_cfg(*TINY, *DP, f"output_root={tmp_path}", "privacy.secagg=true")
+    cfg = make_cfg(*TINY, *SECAGG_DP, f"output_root={tmp_path}", "privacy.secagg=true")
     with pytest.raises(ValueError, match="in-process engine .* refuses it"):
         run_experiment(cfg, **QUIET)
 
@@ -99,14 +89,16 @@ def test_secagg_simulation_equals_node_noised_average_and_hides_updates(flower_e
     client's update: there is no train.local reply, and the masked vectors are not in
     the quantised range [0, Q] that an unmasked vector would occupy."""
     tmp = flower_env
-    ref, ref_writer = run_experiment(make_cfg(*TINY, *DP, f"output_root={tmp}/a"), **QUIET)
+    ref, ref_writer = run_experiment(make_cfg(*TINY, *SECAGG_DP, f"output_root={tmp}/a"), **QUIET)
     rec = {}
 
     def record(engine):
         rec["grid"] = engine.grid = RecordingGrid(engine.grid)
         return engine
 
-    cfg = make_cfg(*TINY, *DP, f"output_root={tmp}/b", "engine=simulation", "privacy.secagg=true")
+    cfg = make_cfg(
+        *TINY, *SECAGG_DP, f"output_root={tmp}/b", "engine=simulation", "privacy.secagg=true"
+    )
     final, writer = run_experiment(cfg, engine_wrapper=record, **QUIET)
     sa = cfg.privacy.secagg_plus
     step = 2 * float(sa.clipping_range) / int(sa.quantization_range)
@@ -142,7 +134,7 @@ def test_secagg_round_completes_when_a_client_drops_in_the_masked_stage(flower_e
     its neighbours' shares, the round completes, and the accountant counts 5 of 6 nodes."""
     cfg = make_cfg(
         *TINY,
-        *DP,
+        *SECAGG_DP,
         f"output_root={flower_env}",
         "engine=simulation",
         "privacy.secagg=true",

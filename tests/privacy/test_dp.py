@@ -18,18 +18,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.server import fedavg
 from cnfgnn.privacy import dp
 from cnfgnn.privacy.accounting import fedavg_multipliers, privacy_report, rdp_epsilon
-from tests.helpers import TINY, RecordingEngine, make_cfg
-
-QUIET = {"progress": lambda s: None}
-DP = (
-    "privacy=dp",
-    "privacy.h_c.clip=1.0",
-    "privacy.grad.clip=0.01",
-    "privacy.fedavg.clip=0.5",
-    "federation.rounds=1",
-    "federation.scaling=per_node",
-)
-REPLAY = ("privacy.insecure_replayable_noise=true",)  # tests that need repeatable noise
+from tests.helpers import DP, QUIET, REPLAY, TINY, RecordingEngine, make_cfg
 
 
 def _run(tmp_path, *overrides, wrap=None):
