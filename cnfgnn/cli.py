@@ -90,7 +90,7 @@ def _sweep_probe(override: str, conf: Path) -> str:
 
 def _run(args: list[str]) -> None:
     """Check the overrides (exit 2 with close key names), then hand over to Hydra."""
-    from cnfgnn import shell
+    from cnfgnn import paths, shell
 
     overrides = [
         a
@@ -99,7 +99,7 @@ def _run(args: list[str]) -> None:
     ]
     if not any(a in _OTHER_CONFIG or a.split("=")[0] in _OTHER_CONFIG for a in args):
         if any(a in ("-m", "--multirun") for a in args):  # sweeps: check keys, group options
-            overrides = [_sweep_probe(o, shell.conf_dir()) for o in overrides]
+            overrides = [_sweep_probe(o, paths.conf_dir()) for o in overrides]
         shell.compose(overrides)
     if not any(a.startswith("hydra/job_logging=") for a in args):
         args = ["hydra/job_logging=none", *args]  # cnfgnn logs itself: stderr and run.log

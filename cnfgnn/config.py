@@ -35,9 +35,6 @@ RUN_CONFIG_KEY = "hydra-overrides"
 ENV_OVERRIDES = "CNFGNN_HYDRA_OVERRIDES"
 ENV_STATE_ROOT = "CNFGNN_STATE_ROOT"
 STATE_DIR = "state-dir"  # optional node_config key: where that node keeps its state
-# The source checkout (the top level above cnfgnn/); only code that needs the checkout's
-# launch/ uses it. Nothing is written there: see flower_environment and state_root.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Every Flower process gets these (docs/design.md §6): no telemetry, no update check, no
 # runtime dependency installation, Flower and Ray files under the working directory.

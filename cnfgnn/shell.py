@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cnfgnn import paths
+
 log = logging.getLogger(__name__)
 
 #: Exit status of a command given bad input (usage errors, as argparse uses).
@@ -35,13 +37,6 @@ _KEY_PATTERNS = (
 
 class UsageError(ValueError):
     """Bad command-line input: the message names the argument and the fix."""
-
-
-def conf_dir() -> Path:
-    """The Hydra config directory (:func:`cnfgnn.config.conf_dir`)."""
-    from cnfgnn.config import conf_dir as _conf_dir
-
-    return Path(_conf_dir())
 
 
 def flat_keys(node: Any, prefix: str = "") -> list[str]:
@@ -64,7 +59,7 @@ def known_keys(conf: Path | None = None) -> list[str]:
     group (``dataset.url`` of ``dataset=metr_la`` too), and the group names themselves."""
     from omegaconf import OmegaConf
 
-    conf = conf or conf_dir()
+    conf = conf or paths.conf_dir()
     keys = set(flat_keys(OmegaConf.load(conf / "config.yaml")))
     for group in (p for p in conf.iterdir() if p.is_dir()):
         keys.add(group.name)
@@ -109,7 +104,7 @@ def explain(exc: BaseException, candidates: Iterable[str] | None = None) -> str:
             key = m.group(1).lstrip("+~")
             if "/" in key:  # Could not find 'experiment/x'
                 group = key.partition("/")[0]
-                cands = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+                cands = sorted(p.stem for p in (paths.conf_dir() / group).glob("*.yaml"))
             else:
                 cands = list(candidates) if candidates is not None else known_keys()
             hint = did_you_mean(key.rpartition("/")[2] if "/" in key else key, cands)
@@ -119,7 +114,7 @@ def explain(exc: BaseException, candidates: Iterable[str] | None = None) -> str:
 
 def check_group_choices(overrides: Sequence[str], conf: Path | None = None) -> None:
     """``group=option`` overrides name an existing option (Hydra skips a missing optional one)."""
-    conf = conf or conf_dir()
+    conf = conf or paths.conf_dir()
     for item in overrides:
         key, eq, value = item.partition("=")
         key = key.lstrip("+~")
@@ -148,7 +143,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
 
     from cnfgnn import config
 
-    check_group_choices(overrides, conf_dir())
+    check_group_choices(overrides, paths.conf_dir())
     try:
         return config.compose(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as exc:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 from cnfgnn.deploy.launcher import DeployError, deploy_experiment
-from cnfgnn.procs import ROOT
 
 EXPERIMENT = "synthetic_deploy_latency"
 SENSORS_PER_NODE = 2
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--supernodes", type=int, nargs="+", default=[3, 8])
     p.add_argument("--modes", nargs="+", default=["flower", "warm", "fast"], choices=sorted(MODES))
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "deploy" / "latency")
+    p.add_argument("--out", type=Path, default=Path("outputs") / "deploy" / "latency")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -33,7 +33,13 @@ def _run(argv: list[str]) -> int:
     sites.add_run_options(run)
     for sp in (demo, run):
         sp.add_argument("--run-dir", type=Path, default=None)
-        sp.add_argument("--shards", type=Path, default=None, help="existing shard set")
+        sp.add_argument(
+            "--shards",
+            type=Path,
+            default=None,
+            help="existing shard set (with --superlink/--connection: the path on the "
+            "SuperLink's machine, where the ServerApp reads it and writes --run-dir)",
+        )
         sp.add_argument("--resume", action="store_true", help="continue --run-dir")
         sp.add_argument("--timeout-s", type=float, default=None)
         sp.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")

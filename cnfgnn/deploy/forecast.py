@@ -33,10 +33,9 @@ from omegaconf import OmegaConf, open_dict
 
 from cnfgnn.config import overrides_for
 from cnfgnn.data.shards import write_shards
-from cnfgnn.deploy.launcher import BIN, DeployError, Deployment
+from cnfgnn.deploy.launcher import BIN, DeployError, Deployment, app_dir
 from cnfgnn.federation.inference import ForecastResult
 from cnfgnn.flower.server_app import with_request
-from cnfgnn.procs import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,15 @@ def _submit(dep: Deployment, overrides: str, timeout_s: float | None) -> float:
     t0 = time.monotonic()
     proc = dep.procs.start(
         "flwr_run_forecast",
-        [BIN / "flwr", "run", ROOT, dep.connection, "--stream", "--run-config", path],
+        [
+            BIN / "flwr",
+            "run",
+            app_dir(dep.run_dir / "logs" / "app"),
+            dep.connection,
+            "--stream",
+            "--run-config",
+            path,
+        ],
         log_name="flwr_run",
     )
     while proc.alive():

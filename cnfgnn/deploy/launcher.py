@@ -60,6 +60,7 @@ from cnfgnn.config import compose_cfg, flower_environment
 from cnfgnn.data.shards import load_manifest
 from cnfgnn.deploy.certs import generate
 from cnfgnn.procs import ROOT, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
+from cnfgnn.shell import check_group_choices
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ BIN = Path(sys.executable).parent
 DEMO_EXPERIMENT = "synthetic_deploy_demo"
 REGISTERED = "SuperNode ID:"  # the SuperNode's log line once the SuperLink accepted it
 WORKER_READY = "clientworker ready"
+APP_NAME = "cnfgnn-app"  # the Flower app that `flwr run` submits (app_dir)
 ACTIVATION_REFUSED = "[code: 2004]"  # the SuperLink refused a SuperNode's key (auth on)
 
 
@@ -77,14 +79,43 @@ class DeployError(RuntimeError):
 # ---------------------------------------------------------------------- environment
 def flower_env() -> dict[str, str]:
     """This process's environment plus what every Flower process needs ."""
-    env = dict(os.environ) | flower_environment(ROOT)
+    env = dict(os.environ) | flower_environment()
     env["MPLBACKEND"] = env.get("MPLBACKEND", "Agg")
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if (ROOT / "pyproject.toml").is_file():  # a source checkout: its package first
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PATH"] = os.pathsep.join(filter(None, [str(BIN), env.get("PATH")]))  # Flower's CLIs
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     return env
+
+
+def app_dir(where: Path) -> Path:
+    """A Flower app holding only ``pyproject.toml``: the ServerApp and ClientApp are the
+    installed ``cnfgnn`` package's on every machine (the same version everywhere)."""
+    from importlib.metadata import version
+
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "pyproject.toml").write_text(f'''[build-system]
+requires = ["setuptools>=77"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{APP_NAME}"
+version = "{version("cnfgnn")}"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "cnfgnn"
+
+[tool.flwr.app.components]
+serverapp = "cnfgnn.flower.server_app:app"
+clientapp = "cnfgnn.flower.client_app:app"
+
+[tool.flwr.app.config]
+hydra-overrides = ""
+''')
+    return where
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -170,7 +201,9 @@ def remove_connection(flwr_home: Path, name: str) -> None:
 
 
 def compose(overrides: list[str]) -> Any:
-    """``conf/`` with ``engine=deployment`` then ``overrides`` (read-only)."""
+    """``conf/`` with ``engine=deployment`` then ``overrides`` (read-only); a misspelt
+    ``group=option`` (e.g. ``experiment=``) is refused, as by every command."""
+    check_group_choices(overrides)
     return compose_cfg(shlex.join(["engine=deployment", *overrides]))
 
 
@@ -629,7 +662,8 @@ class Deployment:
         final_path = self.run_dir / "final.json"
         started = time.time()
         run_config = self._run_config(overrides, resume, attempt)
-        argv = [BIN / "flwr", "run", ROOT, self.connection, "--stream", "--run-config", run_config]
+        app = app_dir(self.run_dir / "logs" / "app")
+        argv = [BIN / "flwr", "run", app, self.connection, "--stream", "--run-config", run_config]
         name = f"flwr_run_{attempt}"
         proc = self.procs.start(name, argv, log_name="flwr_run")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -804,7 +838,7 @@ def report(result: RunResult) -> str:
 
 # ---------------------------------------------------------------------- entry points
 def default_run_dir(cfg: Any) -> Path:
-    base = ROOT / str(cfg.output_root) / "deploy" / str(cfg.name)
+    base = Path(str(cfg.output_root)) / "deploy" / str(cfg.name)  # under the working directory
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, n = base / f"{stamp}_{cfg.seed}", 1
     while run_dir.exists():

@@ -40,7 +40,6 @@ from cnfgnn.deploy.certs import generate, write_node_key
 from cnfgnn.procs import Interrupted, ProcessSet, raise_on_signals
 
 READY = "[superlink] ready"  # printed once the SuperLink listens and the keys are registered
-APP_NAME = "cnfgnn-app"
 
 
 def site_env() -> dict[str, str]:
@@ -305,32 +304,6 @@ def supernode(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- run
-def app_dir(where: Path) -> Path:
-    """A Flower app holding only ``pyproject.toml``: the ServerApp and ClientApp are the
-    installed ``cnfgnn`` package's on every machine (the same version everywhere)."""
-    from importlib.metadata import version
-
-    where.mkdir(parents=True, exist_ok=True)
-    (where / "pyproject.toml").write_text(f'''[build-system]
-requires = ["setuptools>=77"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "{APP_NAME}"
-version = "{version("cnfgnn")}"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "cnfgnn"
-
-[tool.flwr.app.components]
-serverapp = "cnfgnn.flower.server_app:app"
-clientapp = "cnfgnn.flower.client_app:app"
-
-[tool.flwr.app.config]
-hydra-overrides = ""
-''')
-    return where
 
 
 def submit(a: argparse.Namespace) -> int:
@@ -360,17 +333,7 @@ def submit(a: argparse.Namespace) -> int:
         )
     shards = Path(a.shards).resolve()
     cfg = L.compose(a.overrides)
-    run_dir = (
-        Path(a.run_dir).resolve()
-        if a.run_dir
-        else (
-            Path.cwd()
-            / str(cfg.output_root)
-            / "deploy"
-            / str(cfg.name)
-            / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.seed}"
-        )
-    )
+    run_dir = Path(a.run_dir or L.default_run_dir(cfg)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     full = [
         "engine=deployment",
@@ -384,13 +347,13 @@ def submit(a: argparse.Namespace) -> int:
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     (logs / "run_config.toml").write_text(f"hydra-overrides = {json.dumps(text)}\n")
-    app = app_dir(logs / "app")
+    app = L.app_dir(logs / "app")
     procs = ProcessSet(logs, env)
     started = time.time()
     t0 = time.monotonic()
     restore = raise_on_signals()
     try:
-        proc = procs.start(
+        proc = procs.start(  # its log: the run's log as the SuperLink streams it
             "flwr_run",
             [
                 str(x)
@@ -406,17 +369,15 @@ def submit(a: argparse.Namespace) -> int:
             ],
             cwd=Path.cwd(),
         )
-        with open(proc.log_path, "rb") as log:
-            while True:
-                chunk = log.read()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                elif not proc.alive():
-                    break
-                if a.timeout_s and time.monotonic() - t0 > a.timeout_s:
-                    raise L.DeployError(f"the run did not finish within {a.timeout_s} s")
-                time.sleep(0.2)
+
+        def echo(line: str) -> None:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+        try:
+            procs.follow("flwr_run", echo, poll_s=0.2, timeout_s=a.timeout_s or None)
+        except TimeoutError:
+            raise L.DeployError(f"the run did not finish within {a.timeout_s} s") from None
     except L.DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -432,7 +393,12 @@ def submit(a: argparse.Namespace) -> int:
         restore()
     final_path = run_dir / "final.json"
     if not (final_path.exists() and final_path.stat().st_mtime >= started):
-        print(f"error: the run wrote no {final_path}; see {proc.log_path}", file=sys.stderr)
+        print(
+            f"error: the run wrote no {final_path}; see {proc.log_path}. The ServerApp writes "
+            "the run directory on the SuperLink's machine: submit from there, or give "
+            "--run-dir/--shards as paths on that machine",
+            file=sys.stderr,
+        )
         return 1
     final = json.loads(final_path.read_text())
     info = L.summarize(run_dir, final) | {"run_s": time.monotonic() - t0, "load": os.getloadavg()}

@@ -20,9 +20,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from cnfgnn import machine
-from cnfgnn.config import PROJECT_ROOT, compose_cfg
-from cnfgnn.config import conf_dir as _conf_dir
+from cnfgnn import machine, paths
+from cnfgnn.config import compose_cfg
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError, bad_input
 from cnfgnn.data.graph import graph_fingerprint
@@ -54,10 +53,6 @@ EDITABLE = (
 #: Dataset options fixed by the trained model.
 FIXED_DATASET_KEYS = ("in_steps", "out_steps")
 ENGINES = ("inprocess", "simulation", "deployment")
-
-
-def conf_dir() -> Path:
-    return Path(_conf_dir())
 
 
 def locate_run(path: str | Path) -> tuple[Path, Path]:
@@ -101,9 +96,9 @@ def _allowed(key: str) -> bool:
 
 
 def _group(name: str, group: str) -> DictConfig:
-    path = conf_dir() / group / f"{name}.yaml"
+    path = paths.conf_dir() / group / f"{name}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        names = sorted(p.stem for p in (paths.conf_dir() / group).glob("*.yaml"))
         raise bad_input(f"{group}={name}", f"no such {group} config", f"use one of {names}")
     return OmegaConf.load(path)
 
@@ -334,19 +329,12 @@ def _deployment_forecast(
     engine_wrapper: Callable[[Any], Any] | None,
 ) -> tuple[ForecastResult, float]:
     """``engine=deployment``: SuperLink + one SuperNode per shard on loopback
-    (:func:`cnfgnn.deploy.forecast.deploy_forecast`, from the project checkout)."""
+    (:func:`cnfgnn.deploy.forecast.deploy_forecast`)."""
     if engine_wrapper is not None:
         raise bad_input(
             "engine=deployment",
             "the ServerApp runs in its own process, so its engine cannot be wrapped",
             "use engine=simulation or inprocess",
-        )
-    if not (PROJECT_ROOT / "pyproject.toml").is_file():
-        raise bad_input(
-            "engine=deployment",
-            "`flwr run` needs the project checkout's "
-            f"pyproject.toml (not found under {PROJECT_ROOT})",
-            "run it from a source checkout (pip install -e .)",
         )
     try:
         return deploy_forecast(cfg, data, trained.path, ends.tolist(), out_dir, progress)

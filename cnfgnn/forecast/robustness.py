@@ -37,8 +37,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from cnfgnn import machine
-from cnfgnn.config import conf_dir
+from cnfgnn import machine, paths
 from cnfgnn.data.errors import bad_input
 from cnfgnn.shell import did_you_mean
 
@@ -51,7 +50,7 @@ REFERENCE = "silent_hist_mean"
 
 def defaults() -> dict[str, Any]:
     return dict(
-        OmegaConf.to_container(OmegaConf.load(Path(conf_dir()) / "robustness" / "default.yaml"))
+        OmegaConf.to_container(OmegaConf.load(paths.conf_dir() / "robustness" / "default.yaml"))
     )
 
 

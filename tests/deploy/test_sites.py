@@ -132,7 +132,7 @@ def test_generated_certificates_name_the_given_hosts(tmp_path):
 
 
 def test_the_submitted_app_is_only_a_pyproject(tmp_path):
-    app = sites.app_dir(tmp_path / "app")
+    app = deploy.app_dir(tmp_path / "app")  # what every `flwr run` submits, loopback too
     assert [p.name for p in app.iterdir()] == ["pyproject.toml"]
     conf = tomllib.loads((app / "pyproject.toml").read_text())
     assert conf["tool"]["flwr"]["app"]["components"] == {
@@ -153,3 +153,22 @@ def test_the_loopback_launcher_separates_the_two_addresses(tmp_path, shard, monk
         assert flower[flower.index("--host") + 1] == "127.0.0.1"
     finally:
         dep.stop()
+
+
+def test_a_misspelt_experiment_is_refused_before_anything_starts():
+    """Hydra alone skips a missing optional ``experiment=`` and runs the default one."""
+    from cnfgnn.shell import UsageError
+
+    with pytest.raises(UsageError, match="synthetic_cnfgnn"):
+        deploy.compose(["experiment=synthetic_cnfgnnn"])
+    assert deploy.compose(["experiment=synthetic_deploy_demo"]).engine.name == "deployment"
+
+
+def test_the_loopback_deployment_writes_under_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
+        monkeypatch.delenv(key, raising=False)
+    env = deploy.flower_env()
+    assert env["FLWR_HOME"] == str(tmp_path / ".flwr")
+    run_dir = deploy.default_run_dir(deploy.compose(["experiment=synthetic_deploy_demo"]))
+    assert run_dir.parts[:2] == ("outputs", "deploy")  # relative: under the working directory
