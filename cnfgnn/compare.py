@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -35,7 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnfgnn.config import CONF_DIR
-from cnfgnn.procs import cnfgnn_run_command
+from cnfgnn.procs import ProcessSet, cnfgnn_run_command
 from cnfgnn.shell import UsageError, did_you_mean
 
 
@@ -136,28 +135,26 @@ def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]
     if run_dir.exists():  # an earlier, unfinished (or forced) try: kept aside, not deleted
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.prev-{datetime.now():%Y%m%d-%H%M%S}"))
     run_dir.mkdir(parents=True)
-    cmd = cnfgnn_run_command(overrides, run_dir)
+    procs = ProcessSet(run_dir, dict(os.environ))  # its own process group, stopped as one
     start = time.perf_counter()
-    with open(run_dir / "compare.log", "w") as log:
-        log.write(" ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                print(f"[{name}] {line}", end="", flush=True)
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # Ctrl-C: stop exactly the process we started, then re-raise
-            proc.kill()
-            proc.wait()
-            raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    procs.start(
+        name,
+        cnfgnn_run_command(overrides, run_dir),
+        cwd=Path.cwd(),
+        log_path=run_dir / "compare.log",
+    )
+    try:
+        code, peak_mb = procs.follow(
+            name, lambda line: print(f"[{name}] {line}", end="", flush=True)
+        )
+    except BaseException:  # Ctrl-C: stop exactly the processes it started, then re-raise
+        procs.stop(name, grace_s=5.0)
+        raise
     return {
         "method": name,
-        "returncode": proc.returncode,
+        "returncode": code,
         "seconds_wall": time.perf_counter() - start,
-        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_mb,
         "overrides": overrides,
     }
 

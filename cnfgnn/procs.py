@@ -9,6 +9,7 @@ group, waits, then SIGKILL. Nothing is ever signalled by name.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -44,6 +45,7 @@ class Proc:
     log_path: Path
     pgid: int
     started: float = field(default_factory=time.monotonic)
+    log_start: int = 0  # where its own output begins in the log (after the start line)
 
     @property
     def pid(self) -> int:
@@ -145,6 +147,7 @@ class ProcessSet:
                 f"{' '.join(map(str, argv))}\n".encode()
             )
             log.flush()
+            log_start = log.tell()
             group = {"start_new_session": True}
             if join is not None:
                 group = {"process_group": self.procs[join].pgid}
@@ -157,10 +160,55 @@ class ProcessSet:
                 stdin=subprocess.DEVNULL,
                 **group,
             )
-        proc = Proc(name, popen, log_path, popen.pid if join is None else self.procs[join].pgid)
+        proc = Proc(
+            name,
+            popen,
+            log_path,
+            popen.pid if join is None else self.procs[join].pgid,
+            log_start=log_start,
+        )
         self.procs[name] = proc
         self.history.append((name, proc.pgid))
         return proc
+
+    def follow(
+        self,
+        name: str,
+        echo: Callable[[str], None],
+        poll_s: float = 0.1,
+        timeout_s: float | None = None,
+    ) -> tuple[int, float]:
+        """Pass each line ``name`` writes to its log to ``echo`` until it exits; returns its
+        exit status and its peak resident memory in MB (from the kernel's accounting).
+
+        Raises:
+            TimeoutError: it still runs ``timeout_s`` seconds after the call (not stopped).
+        """
+        proc = self.procs[name]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with open(proc.log_path, "rb") as raw:
+            raw.seek(proc.log_start)
+            log = io.TextIOWrapper(raw, errors="replace")
+            partial = ""  # a line the process is still writing
+            while True:
+                line = log.readline()
+                if line.endswith("\n"):
+                    echo(partial + line)
+                    partial = ""
+                    continue
+                partial += line
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    rest = partial + log.read()  # what it wrote just before it exited
+                    if rest:
+                        for last in rest.splitlines(keepends=True):
+                            echo(last)
+                    code = os.waitstatus_to_exitcode(status)
+                    proc.popen.returncode = code  # reaped here: Popen must not wait again
+                    return code, usage.ru_maxrss / 1024.0
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} still runs after {timeout_s:g} s")
+                time.sleep(poll_s)
 
     def stop(self, name: str, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
         """``sig`` to the process group of ``name``; SIGKILL what is left after ``grace_s``."""
