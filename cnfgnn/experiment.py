@@ -23,8 +23,11 @@ from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.flower.simulation import run_simulation_experiment
-from cnfgnn.plots import plot_run
-from cnfgnn.results import NODE_STORE, RunWriter  # NODE_STORE: the nodes' disks, one machine
+from cnfgnn.results import (  # NODE_STORE: the nodes' disks, one machine
+    NODE_STORE,
+    RunWriter,
+    finish_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,7 @@ def build_workers(
     tod = data.time_of_day()
     workers = {}
     for cid, nodes in enumerate(client_groups(cfg, data)):
-        series = LocalSeries.from_arrays(
-            nodes,
-            [data.sensor_ids[i] for i in nodes],
-            data.speed[:, nodes],
-            data.mask[:, nodes],
-            tod,
-            cfg.dataset,
-        )
+        series = LocalSeries.from_data(data, nodes, cfg.dataset, tod)
         workers[cid] = NodeWorker(series, cfg, device, store=store)
     return workers
 
@@ -110,9 +106,5 @@ def run_experiment(
 def _finish(
     final: dict, writer: RunWriter, data: SensorData, engine: str, method: str = "central"
 ) -> tuple[dict, RunWriter]:
-    final["method"] = method
-    final["engine"] = engine
-    final["interval_minutes"] = data.interval_minutes  # the data's step length
-    final["plots"] = [str(p) for p in plot_run(writer.dir, data.locations, data.interval_minutes)]
-    writer.write_final(final)
+    finish_run(final, writer, data.locations, data.interval_minutes, engine, method)
     return final, writer

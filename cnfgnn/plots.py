@@ -41,7 +41,7 @@ def plot_validation(run: Path) -> Path | None:
     ax[1].set(xlabel="round", ylabel="RMSE (original units, unmasked)", title="Validation RMSE")
     for a in ax:
         a.grid(alpha=0.3)
-    return _save(fig, run / "plots" / "validation.png")
+    return save(fig, run / "plots" / "validation.png")
 
 
 def plot_bytes(run: Path) -> Path | None:
@@ -75,7 +75,7 @@ def plot_bytes(run: Path) -> Path | None:
             va="center",
         )
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, run / "plots" / "bytes_per_round.png")
+    return save(fig, run / "plots" / "bytes_per_round.png")
 
 
 def horizon_axis(steps: int, interval_minutes: float | None) -> tuple[np.ndarray, str]:
@@ -88,36 +88,32 @@ def horizon_axis(steps: int, interval_minutes: float | None) -> tuple[np.ndarray
 
 
 def plot_horizons(
-    runs: list[Path], out: Path, interval_minutes: float | None = None
+    curves: list[tuple[str, dict]], out: Path, interval_minutes: float | None = None
 ) -> Path | None:
-    """Masked MAE and unmasked RMSE per horizon step, one line per run (method); the step
-    length is the run's own (``final.json``), else ``interval_minutes``."""
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    """Masked MAE and unmasked RMSE per horizon step, a line per ``(label, final.json
+    content)``; minutes of each run's own step length (``final["interval_minutes"]``), else
+    ``interval_minutes``, else steps. None when no run has per-horizon metrics."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
-    for run in runs:
-        final = run / "final.json"
-        if not final.exists():
-            continue
-        data = json.loads(final.read_text())
-        ph = data.get("test_per_horizon")
+    for label, final in curves:
+        ph = final.get("test_per_horizon")
         if not ph:
             continue
-        label = data.get("method", run.parent.name)
-        steps, xlabel = horizon_axis(
-            len(ph["masked_mae"]), data.get("interval_minutes", interval_minutes)
-        )
-        ax[0].plot(steps, ph["masked_mae"], marker="o", label=label)
-        ax[1].plot(steps, ph["rmse"], marker="o", label=label)
+        x, xlabel = horizon_axis(len(ph["rmse"]), final.get("interval_minutes", interval_minutes))
+        ax[0].plot(x, ph["masked_mae"], marker="o", ms=3, label=label)
+        ax[1].plot(x, ph["rmse"], marker="o", ms=3, label=label)
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax[0].set(xlabel=xlabel, ylabel="masked MAE", title="Test error per horizon")
-    ax[1].set(xlabel=xlabel, ylabel="RMSE (unmasked)", title="Paper protocol")
+    ax[0].set(xlabel=xlabel, ylabel="masked MAE", title="Test error per horizon (field's protocol)")
+    ax[1].set(
+        xlabel=xlabel, ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)"
+    )
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    return _save(fig, out)
+    ax[0].legend(fontsize=8)
+    return save(fig, out)
 
 
 def plot_sensor_map(run: Path, locations: np.ndarray | None = None) -> Path | None:
@@ -142,7 +138,7 @@ def plot_sensor_map(run: Path, locations: np.ndarray | None = None) -> Path | No
     )
     fig.colorbar(sc, ax=ax, label="test RMSE (unmasked)")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="Test RMSE per sensor")
-    return _save(fig, run / "plots" / "sensor_rmse_map.png")
+    return save(fig, run / "plots" / "sensor_rmse_map.png")
 
 
 def plot_run(
@@ -155,13 +151,23 @@ def plot_run(
     out = [
         plot_validation(run),
         plot_bytes(run),
-        plot_horizons([run], run / "plots" / "horizons.png", interval_minutes),
+        plot_horizons(_run_curve(run), run / "plots" / "horizons.png", interval_minutes),
         plot_sensor_map(run, locations),
     ]
     return [p for p in out if p is not None]
 
 
-def _save(fig, path: Path) -> Path:
+def _run_curve(run: Path) -> list[tuple[str, dict]]:
+    """``[(method, final.json content)]`` of a run directory, or ``[]`` before its test."""
+    final = run / "final.json"
+    if not final.exists():
+        return []
+    data = json.loads(final.read_text())
+    return [(data.get("method", run.parent.name), data)]
+
+
+def save(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (folders made) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

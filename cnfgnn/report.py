@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cnfgnn.data.loaders import graph_label  # noqa: E402
+from cnfgnn.plots import plot_horizons, save  # noqa: E402
 from cnfgnn.shell import UsageError  # noqa: E402
 
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
@@ -412,14 +413,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------- plots
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_forecasts(
     runs: list[Run], out: Path, data: Any, horizons: tuple[int, ...] = (3, 12)
 ) -> Path | None:
@@ -466,33 +459,7 @@ def plot_forecasts(
     axes[0, 0].legend(fontsize=7, ncol=2)
     for ax in axes[-1]:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    return _save(fig, out / "forecasts.png")
-
-
-def plot_horizons(runs: list[Run], out: Path, interval_minutes: float | None = None) -> Path | None:
-    """Masked MAE and unmasked RMSE for each horizon step, a line per method; minutes of the
-    run's own step length (``final.json``), else ``interval_minutes``, else steps."""
-    from cnfgnn.plots import horizon_axis
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    xlabel = "horizon"
-    for run in runs:
-        ph = run.final.get("test_per_horizon")
-        if not ph:
-            continue
-        x, xlabel = horizon_axis(
-            len(ph["rmse"]), run.final.get("interval_minutes", interval_minutes)
-        )
-        ax[0].plot(x, ph["masked_mae"], marker="o", ms=3, label=run.label)
-        ax[1].plot(x, ph["rmse"], marker="o", ms=3, label=run.label)
-    ax[0].set(xlabel=xlabel, ylabel="masked MAE", title="Test error per horizon (field's protocol)")
-    ax[1].set(
-        xlabel=xlabel, ylabel="RMSE (unmasked)", title="Test error per horizon (paper's protocol)"
-    )
-    for a in ax:
-        a.grid(alpha=0.3)
-    ax[0].legend(fontsize=8)
-    return _save(fig, out / "horizons.png")
+    return save(fig, out / "forecasts.png")
 
 
 def plot_sensor_maps(runs: list[Run], out: Path, data: Any) -> Path | None:
@@ -577,7 +544,7 @@ def plot_validation(runs: list[Run], out: Path) -> Path | None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / "validation.png")
+    return save(fig, out / "validation.png")
 
 
 ONE_OFF_PHASES = ("setup", "upload_raw", "test", "resume")  # once per run, not per round
@@ -619,7 +586,7 @@ def plot_bytes(runs: list[Run], out: Path) -> Path | None:
             ax.legend(fontsize=7, loc="best")
     axes[0].set_yticks(y, [r.label for r in runs], fontsize=8)
     fig.suptitle("Communication by phase")
-    return _save(fig, out / "bytes.png")
+    return save(fig, out / "bytes.png")
 
 
 def forecast_notes(runs: list[Run]) -> list[str]:
@@ -709,7 +676,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
     step = None if data is None else data.interval_minutes
     for path in (
         None if data is None else plot_forecasts(same, plots, data),
-        plot_horizons(firsts, plots, step),
+        plot_horizons([(r.label, r.final) for r in firsts], plots / "horizons.png", step),
         None if data is None else plot_sensor_maps(same, plots, data),
         plot_validation(firsts, plots),
         plot_bytes(firsts, plots),

@@ -249,3 +249,23 @@ def read_predictions(run_dir: str | Path) -> dict[str, np.ndarray] | None:
         "t_index": t_index,
         "forecast": np.stack(cols, axis=-1),
     }
+
+
+def finish_run(
+    final: dict[str, Any],
+    writer: RunWriter,
+    locations: np.ndarray | None,
+    interval_minutes: float | None,
+    engine: str,
+    method: str,
+) -> dict[str, Any]:
+    """The end of every run, whatever ran it: name the method and engine, record the data's
+    step length, draw the run's plots, write ``final.json``; returns ``final``."""
+    from cnfgnn.plots import plot_run  # matplotlib only where a run ends
+
+    final["method"] = method
+    final["engine"] = engine
+    final["interval_minutes"] = interval_minutes  # the data's step length
+    final["plots"] = [str(p) for p in plot_run(writer.dir, locations, interval_minutes)]
+    writer.write_final(final)
+    return final

@@ -28,8 +28,7 @@ from cnfgnn.federation.graph import load_server_graph
 from cnfgnn.federation.inference import Forecaster, ForecastResult, load_trained
 from cnfgnn.federation.rounds import Orchestrator
 from cnfgnn.flower.engine import FlowerEngine
-from cnfgnn.plots import plot_run
-from cnfgnn.results import RunWriter
+from cnfgnn.results import RunWriter, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +89,15 @@ def run_server(
     )
     try:
         final = Orchestrator(cfg, transport, graph, writer, progress, device).run()
-        final["method"] = str(cfg.federation.method)
-        final["engine"] = str(eng.name)
-        final["interval_minutes"] = graph.interval_minutes  # the data's step length
-        final["plots"] = [
-            str(p) for p in plot_run(writer.dir, graph.locations, graph.interval_minutes)
-        ]
-        final.update(engine.stats())
-        writer.write_final(final)
+        final.update(engine.stats())  # in the returned dict too, not only in final.json
+        finish_run(
+            final,
+            writer,
+            graph.locations,
+            graph.interval_minutes,
+            str(eng.name),
+            str(cfg.federation.method),
+        )
     finally:
         _drop_node_state(cfg, run_id)
     return final
