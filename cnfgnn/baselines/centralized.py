@@ -83,14 +83,7 @@ class CentralModel(torch.nn.Module):
 
 
 def _worker(cfg: Any, data: SensorData, nodes: np.ndarray, device: torch.device) -> NodeWorker:
-    series = LocalSeries.from_arrays(
-        nodes,
-        [data.sensor_ids[i] for i in nodes],
-        data.speed[:, nodes],
-        data.mask[:, nodes],
-        data.time_of_day(),
-        cfg.dataset,
-    )
+    series = LocalSeries.from_data(data, nodes, cfg.dataset)
     return NodeWorker(series, cfg, device, build_model=False)
 
 

@@ -32,12 +32,13 @@ from torch import Tensor
 
 from cnfgnn import rng
 from cnfgnn.data.dataset import SensorData
-from cnfgnn.data.scaler import global_scaler, input_stats, per_node_scaler
-from cnfgnn.data.windows import split_starts
-from cnfgnn.evaluation.metrics import error_sums, metrics_from_sums, node_mean_loss
+from cnfgnn.data.scaler import global_scaler
+from cnfgnn.evaluation.metrics import metrics_from_sums, node_mean_loss
+from cnfgnn.federation import protocol as P
+from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import initial_node_model, seeded
 from cnfgnn.federation.server import GraphServer
-from cnfgnn.models.node_seq2seq import build_node_model, teacher_forcing_prob
+from cnfgnn.models.node_seq2seq import build_node_model
 from cnfgnn.optim import make_adam
 
 
@@ -63,26 +64,19 @@ class CentralCNFGNN:
         m = cfg.model
         self.in_steps, self.out_steps = int(cfg.dataset.in_steps), int(cfg.dataset.out_steps)
         self.nodes = np.arange(data.num_nodes, dtype=np.int64)
-        split = cfg.dataset.split
-        self.starts = split_starts(
-            data.num_steps, self.in_steps, self.out_steps, split.train, split.val, split.test
+        # batches, coins, losses and error sums: the node's own code over all N nodes
+        self.worker = NodeWorker(
+            LocalSeries.from_data(data, self.nodes, cfg.dataset),
+            cfg,
+            self.device,
+            build_model=False,
         )
-        stats = input_stats(
-            data.speed,
-            self.starts["train"],
-            self.in_steps,
-            include_missing=self.fed.scaler_include_missing,
-            mask=data.mask,
-        )
-        self.scaler = (
-            global_scaler([stats]) if self.fed.scaling == "global" else per_node_scaler(stats)
-        )
-        scaled = self.scaler.transform(data.speed).astype(np.float32)  # [T, N]
-        tod = np.broadcast_to(data.time_of_day()[:, None].astype(np.float32), scaled.shape)
-        feats = np.stack([scaled, tod], axis=-1).transpose(1, 0, 2)  # [N, T, 2]
-        self.inputs = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device)
-        self.raw = torch.from_numpy(np.ascontiguousarray(data.speed.T)).to(self.device)  # [N, T]
-        self.observed = torch.from_numpy(np.ascontiguousarray(data.mask.T)).to(self.device)
+        conf: P.Payload = {}
+        if self.fed.scaling == "global":  # per-node scaling: configure computes it
+            sc = global_scaler([self.worker._input_stats()])
+            conf = {P.SCALER_MEAN: np.asarray(sc.mean), P.SCALER_STD: np.asarray(sc.std)}
+        self.worker.configure(conf)
+        self.starts = self.worker.series.starts
         n = data.num_nodes
         self.model = build_node_model(m, n).to(self.device)
         self.model.load_global_state(
@@ -94,43 +88,16 @@ class CentralCNFGNN:
         s_train = len(self.starts["train"])
         self.h_g_train = torch.zeros(s_train, n, m.num_layers, m.hidden_size, device=self.device)
         self.k_ar = torch.arange(n, device=self.device)
-        self.span = torch.arange(self.in_steps + self.out_steps, device=self.device)
         self.step = 0
         self.seconds: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ helpers
     def _gather(self, split: str, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """idx ``[N, B]`` -> x ``[B, T_in, N, F]``, x_last ``[B, N, F]``, y_tod,
-        y ``[B, H, N]``, t."""
-        starts = torch.as_tensor(self.starts[split], device=self.device)
-        t = starts[idx][..., None] + self.span  # [N, B, T_in + H]
-        win = self.inputs[self.k_ar[:, None, None], t]  # [N, B, T_in + H, F]
-        x = win[:, :, : self.in_steps].permute(1, 2, 0, 3)
-        y = win[:, :, self.in_steps :].permute(1, 2, 0, 3)
-        return x, x[:, -1], y[..., 1], y[..., 0], t
+        return self.worker._gather(split, idx)
 
     def _teacher(self, phase: str, round_: int, step: int, batch: int) -> Tensor:
-        p = teacher_forcing_prob(step, float(self.cfg.model.cl_decay_steps))
-        u = rng.uniforms(
-            int(self.cfg.seed),
-            self.nodes,
-            round_,
-            phase,
-            self.out_steps,
-            extra=step * 1_000_003 + batch,
-        )
-        return torch.from_numpy(u.T <= p).to(self.device)
-
-    def _per_node_mse(self, pred: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        err = (pred[..., 0] - y).square()  # [B, H, N]
-        if self.fed.loss_masked:
-            msk = self.observed[self.k_ar[:, None, None], t[:, :, self.in_steps :]]
-            msk = msk.permute(1, 2, 0).float()
-            sums, counts = (err * msk).sum((0, 1)), msk.sum((0, 1))
-        else:
-            sums = err.sum((0, 1))
-            counts = torch.full_like(sums, float(err.shape[0] * err.shape[1]))
-        return sums / counts.clamp_min(1.0), sums.detach(), counts
+        self.worker.round = round_  # the node draws its coins keyed by its round
+        return self.worker._teacher(phase, step, batch)
 
     def _encode_all(self, split: str) -> Tensor:
         s, bs = len(self.starts[split]), int(self.fed.eval_batch_size)
@@ -180,7 +147,7 @@ class CentralCNFGNN:
                 pred = self.model(
                     x, y_tod, h_g, targets=y, teacher=self._teacher("local", round_, self.step, b)
                 )
-                per_node, sums, counts = self._per_node_mse(pred, y, t)
+                per_node, sums, counts = self.worker._loss(pred, y, t)
                 opt.zero_grad(set_to_none=True)
                 per_node.sum().backward()
                 opt.step()
@@ -223,7 +190,7 @@ class CentralCNFGNN:
                         targets=y,
                         teacher=self._teacher("split", round_, self.step, 0),
                     )
-                    per_node, sums, counts = self._per_node_mse(pred, y, t)
+                    per_node, sums, counts = self.worker._loss(pred, y, t)
                     self.server.optimizer.zero_grad(set_to_none=True)
                     torch.autograd.backward(per_node.mean(), inputs=params)  # GN only
                     self.server.optimizer.step()
@@ -251,8 +218,6 @@ class CentralCNFGNN:
         n, s = len(self.nodes), len(self.starts[split])
         h_c = self._encode_all(split)
         h_g = self._embed_all(h_c) if self.cfg.model.graph_embedding else None
-        mean = torch.as_tensor(self.scaler.mean, dtype=torch.float32, device=self.device)
-        std = torch.as_tensor(self.scaler.std, dtype=torch.float32, device=self.device)
         bs = int(self.fed.eval_batch_size)
         total: dict[str, Tensor] = {}
         for b in range(0, s, bs):
@@ -261,9 +226,6 @@ class CentralCNFGNN:
             pred = self.model.decode(
                 x_last, y_tod, h_c[batch], None if h_g is None else h_g[batch]
             )[..., 0]
-            t_out = t[:, :, self.in_steps :]
-            target = self.raw[self.k_ar[:, None, None], t_out].permute(1, 2, 0)
-            mask = self.observed[self.k_ar[:, None, None], t_out].permute(1, 2, 0)
-            for key, v in error_sums(pred * std + mean, target, mask, pred, y).items():
+            for key, v in self.worker.batch_errors(pred, y, t).items():
                 total[key] = total[key] + v if key in total else v
         return {k: v.cpu().numpy() for k, v in total.items()}

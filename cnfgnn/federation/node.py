@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cnfgnn import progress, rng
+from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.scaler import Scaler, input_stats, per_node_scaler
 from cnfgnn.data.windows import split_starts
 from cnfgnn.evaluation.metrics import error_sums
@@ -113,6 +114,26 @@ class LocalSeries:
             mask.astype(bool),
             time_of_day.astype(np.float32),
             starts,
+        )
+
+    @classmethod
+    def from_data(
+        cls,
+        data: SensorData,
+        nodes: np.ndarray,
+        dataset_cfg: Any,
+        time_of_day: np.ndarray | None = None,
+    ) -> LocalSeries:
+        """The columns ``nodes`` of a loaded dataset (``time_of_day``: its ``[T]`` clock,
+        when the caller already has it)."""
+        nodes = np.asarray(nodes)
+        return cls.from_arrays(
+            nodes,
+            [data.sensor_ids[i] for i in nodes],
+            data.speed[:, nodes],
+            data.mask[:, nodes],
+            data.time_of_day() if time_of_day is None else time_of_day,
+            dataset_cfg,
         )
 
 
@@ -337,19 +358,12 @@ class NodeWorker:
         self.round = int(payload[P.ROUND])
         step = int(payload[P.STEP])
         self._load_global(payload)
-        dp_fedavg = (  # the privacy settings when the FedAvg uploads are clipped, else None
-            self.privacy
-            if self.privacy is not None
-            and self.privacy.fedavg.active
-            and str(fed.aggregate) == "fedavg"
+        dp_fedavg = dp.fedavg_dp(self.privacy, str(fed.aggregate))
+        start = (  # the global model every node starts from (its update is clipped)
+            {k: v.detach().clone() for k, v in self.net.stacked_state().items()}
+            if dp_fedavg is not None
             else None
         )
-        clip_norm = None if dp_fedavg is None else dp_fedavg.fedavg.clip  # C of the updates
-        start = (
-            {k: v.detach().clone() for k, v in self.net.stacked_state().items()}
-            if clip_norm is not None
-            else None
-        )  # the global model every node starts from
         if self.optimizer is None or fed.reset_client_optimizer:
             self.optimizer = make_adam(
                 self.net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
@@ -395,9 +409,11 @@ class NodeWorker:
         out: P.Payload = {}
         if str(fed.aggregate) != "none":  # local / AT w/o FedAvg keep their models at home
             state = self.net.stacked_state()
-            if dp_fedavg is not None and clip_norm is not None and start is not None:
+            if dp_fedavg is not None and start is not None:
+                clip = dp_fedavg.fedavg.clip
+                assert clip is not None  # fedavg_dp: the FedAvg mechanism is active
                 # DP: each node's update w_k - w_global clipped to C
-                state = dp.clip_updates(start, state, float(clip_norm))
+                state = dp.clip_updates(start, state, float(clip))
                 if dp_fedavg.fedavg_noise_at == "node":  # and noised here (docs/privacy.md)
                     if P.DP_NODES not in payload:
                         raise ValueError(

@@ -13,10 +13,10 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -193,31 +193,36 @@ class Orchestrator:
             self.bytes[phase]["up_tensor"] += ex.up[0]
             self.bytes[phase]["up_other"] += ex.up[1]
         for cid, reason in ex.failed.items():
-            nodes = self.client_nodes.get(cid, np.zeros(0, int))
-            ids = [self.graph.sensor_ids[i] for i in nodes]
-            self.failures.append(
-                {
-                    "round": self.round,
-                    "phase": phase,
-                    "client": cid,
-                    "reason": reason,
-                    "sensors": ids,
-                }
-            )
-            shown = ", ".join(ids[:8]) + (f" +{len(ids) - 8}" if len(ids) > 8 else "")
-            self.progress(f"  client {cid} (sensors {shown}) left out of {phase}: {reason}")
+            self._left_out(phase, cid, reason, phase)
         ok = ex.replies
         if self.client_nodes and payloads:
-            asked = sum(len(self.client_nodes[c]) for c in payloads)
-            got = sum(len(self.client_nodes[c]) for c in ok)
-            if got < self.fed.min_answer_fraction * asked:
-                raise FederationError(
-                    f"only {got}/{asked} nodes answered {mtype} in phase {phase}; "
-                    f"below federation.min_answer_fraction={self.fed.min_answer_fraction}"
-                )
+            self._check_quorum(payloads, ok, f"answered {mtype} in phase {phase}")
         elif payloads and not ok:
             raise FederationError(f"no client answered {mtype}")
         return ok
+
+    def _left_out(self, phase: str, cid: int, reason: str, what: str) -> None:
+        """Record that client ``cid`` was left out of ``what`` (in ``phase``), and say so."""
+        ids = [self.graph.sensor_ids[i] for i in self.client_nodes.get(cid, [])]
+        self.failures.append(
+            {"round": self.round, "phase": phase, "client": cid, "reason": reason, "sensors": ids}
+        )
+        shown = ", ".join(ids[:8]) + (f" +{len(ids) - 8}" if len(ids) > 8 else "")
+        self.progress(f"  client {cid} (sensors {shown}) left out of {what}: {reason}")
+
+    def _check_quorum(
+        self, asked: Iterable[int], answered: Iterable[int], what: str, at_least_one: bool = False
+    ) -> None:
+        """Fail the run when the nodes of the ``answered`` clients are fewer than
+        ``federation.min_answer_fraction`` of those of the ``asked`` clients (or, with
+        ``at_least_one``, when none answered)."""
+        n_asked = sum(len(self.client_nodes[c]) for c in asked)
+        got = sum(len(self.client_nodes[c]) for c in answered)
+        if got < self.fed.min_answer_fraction * n_asked or (at_least_one and got == 0):
+            raise FederationError(
+                f"only {got}/{n_asked} nodes {what}; "
+                f"below federation.min_answer_fraction={self.fed.min_answer_fraction}"
+            )
 
     def _reply_limits(self) -> ReplyLimits:
         """Sizes and bounds every reply is checked against (:mod:`validate`)."""
@@ -374,13 +379,7 @@ class Orchestrator:
             c: self._with_model(c, {P.ROUND: self.round, P.STEP: self.step})
             for c in self.train_clients
         }
-        dp_fedavg = (  # the privacy settings when the FedAvg uploads are clipped, else None
-            self.privacy
-            if self.privacy is not None
-            and self.privacy.fedavg.active
-            and self.aggregate == "fedavg"
-            else None
-        )
+        dp_fedavg = dp.fedavg_dp(self.privacy, self.aggregate)
         asked = sum(len(self.client_nodes[c]) for c in self.train_clients)
         if dp_fedavg is not None:  # each node's share of the noise is sigma C / sqrt(asked)
             payloads = {c: p | {P.DP_NODES: asked} for c, p in payloads.items()}
@@ -428,18 +427,16 @@ class Orchestrator:
         update ``w_k - theta``, :mod:`cnfgnn.federation.secure`); the engine returns only
         the mean of the contributions. No loss sums come back: NaN train loss.
         """
+        # only called under privacy.fedavg.active and privacy.secagg, which PrivacySettings
+        # and __init__ have checked (secagg_plus set, an engine with secure aggregation)
         priv = self.privacy
-        fa = None if priv is None else priv.fedavg
-        sa = None if priv is None else priv.secagg_plus
-        secure_mean = getattr(self.engine, "secure_mean", None)
-        if fa is None or fa.clip is None or sa is None or secure_mean is None:
-            raise FederationError(
-                "the secure FedAvg phase needs privacy=dp with privacy.fedavg clipping, "
-                "privacy.secagg=true and an engine with secure aggregation"
-            )
+        assert priv is not None and priv.secagg_plus is not None
+        fa, sa, clip = priv.fedavg, priv.secagg_plus, priv.fedavg.clip
+        assert clip is not None
+        secure_mean = cast(Any, self.engine).secure_mean
         k_max = max(len(self.client_nodes[c]) for c in payloads)
         secure.check_secagg_range(
-            float(fa.clip),
+            float(clip),
             float(fa.noise_multiplier),
             k_max,
             asked,
@@ -454,23 +451,11 @@ class Orchestrator:
         self.bytes["local"]["down_other"] += result.bytes_down  # SecAgg+: serialized bytes
         self.bytes["local"]["up_other"] += result.bytes_up
         for cid, reason in result.failures.items():
-            ids = [self.graph.sensor_ids[i] for i in self.client_nodes.get(cid, [])]
-            self.failures.append(
-                {
-                    "round": self.round,
-                    "phase": "local",
-                    "client": cid,
-                    "reason": reason,
-                    "sensors": ids,
-                }
-            )
-            self.progress(f"  client {cid} left out of the secure FedAvg sum: {reason}")
+            self._left_out("local", cid, reason, "the secure FedAvg sum")
+        self._check_quorum(
+            payloads, result.clients, "reached the secure FedAvg sum", at_least_one=True
+        )
         got = sum(len(self.client_nodes[c]) for c in result.clients)
-        if got < self.fed.min_answer_fraction * asked or not result.clients:
-            raise FederationError(
-                f"only {got}/{asked} nodes reached the secure FedAvg sum; below "
-                f"federation.min_answer_fraction={self.fed.min_answer_fraction}"
-            )
         for cid in result.clients:  # each now holds its own trained model, not theta
             self.client_version.pop(cid, None)
         self.theta = secure.apply_secure_mean(self.theta, result, got)

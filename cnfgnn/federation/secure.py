@@ -50,8 +50,7 @@ class SecureSum:
 
 def tensor_names(payload: P.Payload) -> list[str]:
     """Sorted tensor names of the global model in a ``train.local`` request."""
-    n = len(P.WEIGHTS_PREFIX)
-    names = sorted(k[n:] for k in payload if k.startswith(P.WEIGHTS_PREFIX))
+    names = sorted(P.weights_from_payload(payload))
     if not names:
         raise ValueError(
             f"{P.LOCAL_TRAIN} under privacy.secagg needs the global model in the "
@@ -70,11 +69,11 @@ def client_contribution(request: P.Payload, reply: P.Payload) -> list[np.ndarray
     Returns:
         ``[sum_k (w_k - theta)]`` per tensor in :func:`tensor_names` order, shape ``[...]``.
     """
+    global_model, node_models = P.weights_from_payload(request), P.weights_from_payload(reply)
     out = []
     for name in tensor_names(request):
-        key = P.WEIGHTS_PREFIX + name
-        theta = np.asarray(request[key], np.float64)
-        w = np.asarray(reply[key], np.float64)  # [K, ...]
+        theta = np.asarray(global_model[name], np.float64)
+        w = np.asarray(node_models[name], np.float64)  # [K, ...]
         out.append((w - theta[None]).sum(0))
     return out
 

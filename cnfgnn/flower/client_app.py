@@ -112,15 +112,7 @@ def _series(cfg: Any, node_config: Any) -> LocalSeries:
             f"{cfg.federation.nodes_per_client} gives {len(groups)} clients; "
             f"start the simulation with num-supernodes={len(groups)}"
         )
-    nodes = groups[pid]
-    return LocalSeries.from_arrays(
-        nodes,
-        [data.sensor_ids[i] for i in nodes],
-        data.speed[:, nodes],
-        data.mask[:, nodes],
-        tod,
-        cfg.dataset,
-    )
+    return LocalSeries.from_data(data, groups[pid], cfg.dataset, tod)
 
 
 def state_path(cfg: Any, context: Context) -> Path:

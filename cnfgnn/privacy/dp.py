@@ -182,6 +182,14 @@ class PrivacySettings:
         )
 
 
+def fedavg_dp(privacy: PrivacySettings | None, aggregate: str) -> PrivacySettings | None:
+    """The privacy settings when FedAvg uploads are clipped (DP on, a FedAvg clip norm, and
+    ``federation.aggregate=fedavg``), else None. The server and the node both ask this."""
+    if privacy is not None and privacy.fedavg.active and aggregate == "fedavg":
+        return privacy
+    return None
+
+
 def release_seeds(seed: int, nodes: np.ndarray, round_: int, kind: str, counter: int) -> list[int]:
     """One 53-bit generator seed per node for one release: ``[K]`` Python ints.
 
