@@ -273,3 +273,20 @@ def kill_superlink(dep) -> None:
     dep.procs.kill("superlink")
     dep.procs.kill("superexec")
     dep.progress("[test] killed the SuperLink (and its ServerApp)")
+
+
+def inprocess_and_loopback(tmp: Path, run_id: int, *args: str) -> tuple[dict, dict]:
+    """The same config (``args``) run in-process (``tmp/a``) and through the real ServerApp
+    and ClientApp over a :class:`LoopbackGrid` of 3 nodes, a fresh process per message
+    (``tmp/b/run``; node state under ``$CNFGNN_STATE_ROOT``, set by the caller's
+    ``flower_env``): ``(in-process final, Flower final)``."""
+    from cnfgnn.config import compose_cfg, overrides_for
+    from cnfgnn.experiment import run_experiment
+    from cnfgnn.flower import server_app
+
+    ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp}/a"), **QUIET)
+    cfg = make_cfg(*args, f"output_root={tmp}/b", "engine=simulation")
+    overrides = overrides_for(cfg, tmp / "b" / "run")
+    grid = LoopbackGrid(overrides, num_nodes=3, run_id=run_id, fresh_process=True)
+    final = server_app.run_server(grid, compose_cfg(overrides), run_id=None, **QUIET)
+    return ref, final

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from cnfgnn.federation import protocol as P
@@ -20,6 +22,7 @@ class FixedEngine:
 
     def send(self, mtype, payloads):
         self.sent.append((mtype, payloads))
+        time.sleep(0.01)  # the exchange must time the engine's send
         return {c: r for c, r in self.replies.items() if c in payloads}
 
 
@@ -38,4 +41,4 @@ def test_exchange_keeps_good_replies_and_names_every_failure():
     assert ex.failed == {1: "boom", 2: "bad reply: unexpected key 'bad'", 3: "no reply"}
     assert ex.down == [0, 4 * down[P.BATCH].nbytes]  # int64 arrays count as "other"
     assert ex.up == [good[P.H_C].nbytes, 0]  # only the accepted reply
-    assert engine.sent[0][0] == P.SL_ENCODE and ex.seconds >= 0.0
+    assert engine.sent[0][0] == P.SL_ENCODE and ex.seconds >= 0.01

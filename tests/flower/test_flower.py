@@ -23,17 +23,17 @@ from cnfgnn.config import RUN_CONFIG_KEY, compose_cfg, overrides_for
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.flower import client_app, secagg, server_app
+from cnfgnn.flower import client_app, secagg
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 from cnfgnn.results import read_predictions
 from tests.helpers import (
     ROOT,
     TINY,
     TRAINING_UP,
-    LoopbackGrid,
     RecordingEngine,
     check_private,
     in_process_federation,
+    inprocess_and_loopback,
     make_cfg,
     same_state,
 )
@@ -144,16 +144,11 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_client_app_over_loopback_grid_equals_inprocess(tmp_path, task_identity, monkeypatch):
+def test_client_app_over_loopback_grid_equals_inprocess(flower_env, task_identity):
     """ServerApp + ClientApp code (fresh process per message, state on disk) = in-process."""
-    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
-    args = (*TINY, "federation.nodes_per_client=2")
-    ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp_path}/a"), progress=lambda s: None)
-    cfg = make_cfg(*args, f"output_root={tmp_path}/b", "engine=simulation")
-    overrides = overrides_for(cfg, tmp_path / "b" / "run")
-    grid = LoopbackGrid(overrides, num_nodes=3, run_id=task_identity, fresh_process=True)
-    final = server_app.run_server(
-        grid, compose_cfg(overrides), run_id=None, progress=lambda s: None
+    tmp_path = flower_env
+    ref, final = inprocess_and_loopback(
+        tmp_path, task_identity, *TINY, "federation.nodes_per_client=2"
     )
     for key in METRICS:
         assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key

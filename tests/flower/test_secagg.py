@@ -79,7 +79,9 @@ def test_range_check_refuses_clipping_and_overflow():
 
 def test_inprocess_engine_refuses_secagg(tmp_path):
     cfg = make_cfg(*TINY, *SECAGG_DP, f"output_root={tmp_path}", "privacy.secagg=true")
-    with pytest.raises(ValueError, match="in-process engine .* refuses it"):
+    with pytest.raises(
+        ValueError, match=r"privacy.secagg=true needs an engine .* in-process engine .* refuses it"
+    ):
         run_experiment(cfg, **QUIET)
 
 

@@ -18,7 +18,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.server import fedavg
 from cnfgnn.privacy import dp
 from cnfgnn.privacy.accounting import fedavg_multipliers, privacy_report, rdp_epsilon
-from tests.helpers import DP, QUIET, REPLAY, TINY, RecordingEngine, make_cfg
+from tests.helpers import DP, QUIET, REPLAY, TINY, RecordingEngine, inprocess_and_loopback, make_cfg
 
 
 def _run(tmp_path, *overrides, wrap=None):
@@ -83,13 +83,14 @@ def test_noise_has_std_sigma_times_clip_default_fresh_replayable_keyed_per_node(
 def test_secure_normal_is_standard_normal():
     z = dp.secure_normal((50_001,))
     assert z.shape == (50_001,) and torch.isfinite(z).all()
-    # Kolmogorov-Smirnov distance to N(0, 1); 1.95 / sqrt(n) is the 0.1% critical value
+    # Kolmogorov-Smirnov distance to N(0, 1): the noise is OS-random (not seedable), so use a
+    # critical value a correct sampler exceeds about once in 10^6 runs (2.7 / sqrt(n))
     x, _ = z.sort()
     n = x.numel()
     cdf = torch.special.ndtr(x)
     i = torch.arange(1, n + 1, dtype=torch.float64)
     dist = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
-    assert dist < 1.95 / math.sqrt(n)  # fails for a wrong scale, shift or shape
+    assert dist < 2.7 / math.sqrt(n)  # still fails for a 5 % shift or a 10 % scale error
 
 
 def test_settings_reject_bad_privacy_configs():
@@ -106,11 +107,6 @@ def test_settings_reject_bad_privacy_configs():
     s = dp.PrivacySettings.from_cfg(make_cfg("privacy=dp"))
     assert not s.insecure_replayable_noise and s.fedavg_noise_at == "node"
     assert not s.secagg and not s.report_train_loss  # the secure defaults
-
-
-def test_secagg_is_refused_until_an_engine_implements_it(tmp_path):
-    with pytest.raises(ValueError, match="privacy.secagg=true needs an engine"):
-        _run(tmp_path, *DP, "privacy.secagg=true")
 
 
 # ---------------------------------------------------------------------- the server as attacker
@@ -429,18 +425,9 @@ def test_split_learning_with_dp_reports_unbounded_epsilon_with_the_reason(tmp_pa
     assert any("own model" in w for w in pr["not_private"])
 
 
-def test_dp_through_the_flower_client_app(tmp_path, task_identity, monkeypatch):
+def test_dp_through_the_flower_client_app(flower_env, task_identity):
     """DP run over the real ClientApp (fresh process per message) = in-process."""
-    from cnfgnn.config import compose_cfg, overrides_for
-    from cnfgnn.flower import server_app
-    from tests.helpers import LoopbackGrid
-
-    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))
     args = (*TINY, *DP, *REPLAY, "federation.nodes_per_client=2")
-    ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp_path}/a"), **QUIET)
-    cfg = make_cfg(*args, f"output_root={tmp_path}/b", "engine=simulation")
-    overrides = overrides_for(cfg, tmp_path / "b" / "run")
-    grid = LoopbackGrid(overrides, num_nodes=3, run_id=task_identity, fresh_process=True)
-    final = server_app.run_server(grid, compose_cfg(overrides), run_id=None, **QUIET)
+    ref, final = inprocess_and_loopback(flower_env, task_identity, *args)
     assert final["test"]["rmse"] == pytest.approx(ref["test"]["rmse"], rel=1e-5)
     assert final["privacy"]["epsilon_per_mechanism"] == ref["privacy"]["epsilon_per_mechanism"]
