@@ -46,9 +46,11 @@ class MLP(nn.Sequential):
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
 
-    def tail(self, h: Tensor) -> Tensor:
-        """Everything after the first Linear, for callers that compute that layer themselves."""
-        for m in list(self)[1:]:
+    def tail(self, h: Tensor, last: bool = True) -> Tensor:
+        """Everything after the first Linear, for callers that compute that layer themselves;
+        ``last=False`` stops before the output Linear (the caller applies it, see
+        :meth:`GNBlock.forward`)."""
+        for m in list(self)[1 : None if last else -1]:
             h = m(h)
         return h
 
@@ -78,8 +80,10 @@ class GNBlock(nn.Module):
         - **input:** x ``[N, M, node_in]``, e: one tensor or a list of parts, each
           ``[E, M or 1, f_i]`` with ``sum(f_i) = edge_in`` (their concatenation along the
           last dim is the edge input), u ``[M, global_in]``, src / dst ``[E]``
-        - **output:** x' ``[N, M, latent]``, e' ``[E, M, latent]``, u' ``[M, latent]`` or
-          ``None`` when ``update_global=False``
+        - **output:** x' ``[N, M, latent]``, e' ``[E, M, latent]``, u' ``[M, latent]``;
+          with ``update_global=False`` (the last block) e' and u' are ``None``: nothing
+          reads them, and the edge MLP's output Linear is then applied to the per-node
+          sums of its hidden layer (the same map, ``latent / hidden`` of its cost per edge)
     """
 
     def __init__(
@@ -110,7 +114,7 @@ class GNBlock(nn.Module):
         src: Tensor,
         dst: Tensor,
         update_global: bool = True,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         n, m, _ = x.shape
         parts = [e] if isinstance(e, Tensor) else list(e)
         if sum(p.shape[-1] for p in parts) != self.sizes[2]:
@@ -128,13 +132,23 @@ class GNBlock(nn.Module):
             pre.add_(F.linear(part, w_e[:, off : off + part.shape[-1]]))
             off += part.shape[-1]
         pre.add_(F.linear(u, w_u, first.bias))  # [M, hidden] broadcast over edges
-        e_new = self.edge_mlp.tail(pre)  # [E, M, latent]
-
-        agg = e_new.new_zeros(n, m, e_new.shape[-1]).index_add(0, dst, e_new)  # [N, M, latent]
+        if update_global:
+            e_new = self.edge_mlp.tail(pre)  # [E, M, latent]
+            agg = e_new.new_zeros(n, m, e_new.shape[-1]).index_add(0, dst, e_new)
+        else:  # the last block: e' is only summed at the targets, and the output Linear
+            # commutes with that sum: W sum_i a_i + deg_j b, per node instead of per edge
+            out = self.edge_mlp[-1]
+            assert isinstance(out, nn.Linear)
+            hid = self.edge_mlp.tail(pre, last=False)  # [E, M, hidden]
+            hid_sum = hid.new_zeros(n, m, hid.shape[-1]).index_add(0, dst, hid)
+            deg = torch.bincount(dst, minlength=n).to(hid.dtype)  # [N] in-degree
+            agg = torch.addcmul(F.linear(hid_sum, out.weight), deg[:, None, None], out.bias)
+            e_new = None
         x_new = self.node_mlp(torch.cat([x, agg, u.unsqueeze(0).expand(n, m, -1)], dim=-1))
 
         u_new = None
         if update_global:
+            assert e_new is not None
             u_new = self.global_mlp(torch.cat([x_new.sum(0), e_new.sum(0), u], dim=-1))
         return x_new, e_new, u_new
 
@@ -214,6 +228,7 @@ class GraphNetwork(nn.Module):
             x_new, e_new, u_new = block(x, e, u, src, dst, update_global=not last)
             x = torch.cat([x_new, x], dim=-1)
             if not last:
+                assert e_new is not None and u_new is not None
                 e = [e_new, *e]  # dense skip [e', e] without concatenating
                 u = torch.cat([u_new, u], dim=-1)
         out = self.output(x)  # [N, B*L, out]

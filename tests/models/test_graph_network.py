@@ -109,6 +109,28 @@ def test_matches_metalayer_reference(num_blocks):
     )
 
 
+def test_gradients_match_metalayer_reference():
+    """The last block sums the edge MLP's hidden layer before its output Linear: every
+    parameter's gradient (that Linear's included) equals the plain per-edge recipe's."""
+    gn = small_gn(seed=5)
+    edge_index, w = random_graph(7, 25, seed=7)
+    edge_index[1, 0] = 6  # node 6 may have no in-edges otherwise: keep both cases
+    h = torch.randn(3, 7, 1, 6, dtype=torch.float64)
+    target = torch.randn(3, 7, 1, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        (gn(h, edge_index, w) * target).sum(), list(gn.parameters()), allow_unused=True
+    )
+    ref = torch.autograd.grad(
+        (metalayer_reference(gn, h, edge_index, w) * target).sum(),
+        list(gn.parameters()),
+        allow_unused=True,
+    )
+    for (name, _), a, b in zip(gn.named_parameters(), ours, ref, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
 def test_permutation_equivariance():
     gn = small_gn(seed=1)
     n = 7
