@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from cnfgnn import progress, rng
@@ -339,11 +340,19 @@ class NodeWorker:
         )
         return torch.from_numpy(u.T <= p).to(self.device)
 
-    def _loss(self, pred: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-node mean squared error ``[K]`` (unmasked unless configured), sums, counts."""
+    def _groups(self, trainable: bool) -> list[tuple[slice, NodeSeq2Seq]]:
+        """The node model in runs of ``node_chunk`` nodes (:meth:`NodeSeq2Seq.node_groups`)."""
+        size = OmegaConf.select(self.cfg, "node_chunk", default=None)
+        return self.net.node_groups(None if size is None else int(size), trainable)
+
+    def _loss(
+        self, pred: Tensor, y: Tensor, t: Tensor, rows: slice = slice(None)
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-node mean squared error ``[K]`` (unmasked unless configured), sums, counts;
+        ``rows``: the worker's nodes that ``pred``, ``y`` and ``t`` hold (default all)."""
         err = (pred[..., 0] - y).square()  # [B, H, K]
         if self.cfg.federation.loss_masked:
-            k = torch.arange(self.num_nodes, device=self.device)[:, None, None]
+            k = torch.arange(self.num_nodes, device=self.device)[rows, None, None]
             m = self.observed[k, t[:, :, self.in_steps :]].permute(1, 2, 0).float()  # [B, H, K]
             sums, counts = (err * m).sum((0, 1)), m.sum((0, 1))
         else:
@@ -379,6 +388,9 @@ class NodeWorker:
         k_ar = torch.arange(self.num_nodes, device=self.device)[:, None]
         fmtl = self._fmtl_term(payload)
         self.net.train()
+        params = list(self.net.parameters())
+        grad_buffers = [torch.empty_like(p) for p in params]  # every row written per batch
+        groups = self._groups(trainable=True)
         for epoch in range(int(fed.local_epochs)):
             perm = torch.from_numpy(
                 rng.permutations(
@@ -392,15 +404,28 @@ class NodeWorker:
                     h_g_train[idx, k_ar].transpose(0, 1) if h_g_train is not None else None
                 )  # [B, K, L, H]
                 teacher = self._teacher("local", step, b)
-                pred = self.net(x, y_tod, h_g, targets=y, teacher=teacher)
-                per_node, sums, counts = self._loss(pred, y, t)
-                if fmtl is not None:
-                    per_node = per_node + fmtl()
-                self.optimizer.zero_grad(set_to_none=True)
-                per_node.sum().backward()  # node k's gradient depends on its own loss only
+                for rows, net in groups:  # node k's gradient depends on its own loss only
+                    pred = net(
+                        x[:, :, rows],
+                        y_tod[..., rows],
+                        None if h_g is None else h_g[:, rows],
+                        targets=y[..., rows],
+                        teacher=teacher[:, rows],
+                    )
+                    per_node, sums, counts = self._loss(pred, y[..., rows], t[rows], rows)
+                    grads = torch.autograd.grad(per_node.sum(), list(net.parameters()))
+                    for g_all, g in zip(grad_buffers, grads, strict=True):
+                        g_all[rows] = g
+                    loss_sum[rows] += sums.double()
+                    count[rows] += counts.double()
+                if fmtl is not None:  # couples neighbours' weights: on the whole group
+                    for g_all, g in zip(
+                        grad_buffers, torch.autograd.grad(fmtl().sum(), params), strict=True
+                    ):
+                        g_all += g
+                for p, g_all in zip(params, grad_buffers, strict=True):
+                    p.grad = g_all
                 self.optimizer.step()
-                loss_sum += sums.double()
-                count += counts.double()
                 step += 1
                 progress.advance(idx.shape[1])
         self.net.zero_grad(set_to_none=True)  # keep only the weights between messages:
@@ -629,12 +654,15 @@ class NodeWorker:
         split = str(payload[P.SPLIT])
         s = len(self.series.starts[split])
         self.net.eval()
+        groups = self._groups(trainable=False)
         parts = []
         bs = int(self.cfg.federation.eval_batch_size)
         for b in range(0, s, bs):
             idx = torch.arange(b, min(b + bs, s), device=self.device).expand(self.num_nodes, -1)
             x = self._gather(split, idx)[0]
-            parts.append(self.net.encode(x))  # [B, K, L, H]
+            parts.append(
+                torch.cat([net.encode(x[:, :, rows]) for rows, net in groups], dim=1)
+            )  # [B, K, L, H]
             progress.advance(idx.shape[1])
         m = self.cfg.model
         self.h_c[split] = (
@@ -650,15 +678,26 @@ class NodeWorker:
         batch = torch.as_tensor(np.asarray(payload[P.BATCH]), device=self.device)  # [B]
         step = int(payload[P.STEP])
         self.round = int(payload[P.ROUND])
-        h_g = torch.tensor(np.asarray(payload[P.H_G]), device=self.device, requires_grad=True)
+        h_g_all = torch.tensor(np.asarray(payload[P.H_G]), device=self.device)  # [B, K, L, H]
         idx = batch.expand(self.num_nodes, -1)  # every node decodes the same windows
         _, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
         h_c = self.h_c[P.TRAIN][batch]  # [B, K, L, H], node model frozen here
         teacher = self._teacher("split", step, 0)
         self.net.train()
-        pred = self.net.decode(x_last, y_tod, h_c, h_g, targets=y, teacher=teacher)
-        per_node, sums, counts = self._loss(pred, y, t)
-        (grad,) = torch.autograd.grad(per_node.sum(), h_g)  # row k: d(loss_k)/d(h_G,k)
+        grad = torch.empty_like(h_g_all)
+        sums, counts = torch.empty(2, self.num_nodes, device=self.device)
+        for rows, net in self._groups(trainable=False):  # no weight gradients here
+            h_g = h_g_all[:, rows].detach().requires_grad_(True)
+            pred = net.decode(
+                x_last[:, rows],
+                y_tod[..., rows],
+                h_c[:, rows],
+                h_g,
+                targets=y[..., rows],
+                teacher=teacher[:, rows],
+            )
+            per_node, sums[rows], counts[rows] = self._loss(pred, y[..., rows], t[rows], rows)
+            (grad[:, rows],) = torch.autograd.grad(per_node.sum(), h_g)  # d(loss_k)/d(h_G,k)
         grad = self._private("grad", grad, self.round, step)
         return {P.GRAD: grad.cpu().numpy()} | self._loss_reply(sums, counts)
 

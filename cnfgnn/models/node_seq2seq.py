@@ -53,7 +53,7 @@ class _GRUCell(torch.autograd.Function):
         return torch.lerp(n, h, z)  # n + z (h - n)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         h, w_hh, rz, n, h_n = ctx.saved_tensors
         hs = h.shape[-1]
         r, z = rz[..., :hs], rz[..., hs:]
@@ -66,8 +66,13 @@ class _GRUCell(torch.autograd.Function):
         d_rz = d[..., : 2 * hs]
         dh = torch.mul(g, z)
         dh.baddbmm_(d_rz, w_hh[:, : 2 * hs]).baddbmm_(d_hn, w_hh[:, 2 * hs :])
-        dw = torch.cat([torch.bmm(d_rz.transpose(1, 2), h), torch.bmm(d_hn.transpose(1, 2), h)], 1)
-        db = torch.cat([d_rz.sum(1), d_hn.sum(1)], 1)
+        dw = db = None  # weight gradients only when the weights take them (not in split steps)
+        if ctx.needs_input_grad[2]:
+            dw = torch.cat(
+                [torch.bmm(d_rz.transpose(1, 2), h), torch.bmm(d_hn.transpose(1, 2), h)], 1
+            )
+        if ctx.needs_input_grad[3]:
+            db = torch.cat([d_rz.sum(1), d_hn.sum(1)], 1)
         return d, dh, dw, db
 
 
@@ -341,6 +346,38 @@ class NodeSeq2Seq(nn.Module):
     ) -> Tensor:
         """Encode ``x`` ``[B, T_in, K, F]`` and decode ``horizon`` steps."""
         return self.decode(x[:, -1], y_tod, self.encode(x), h_g, targets, teacher)
+
+    def node_groups(self, size: int | None, trainable: bool) -> list[tuple[slice, NodeSeq2Seq]]:
+        """This group's nodes in runs of at most ``size`` (``None``: one run of all of them).
+
+        Each run comes as a :class:`NodeSeq2Seq` whose parameters are views of this model's
+        rows ``[k0:k1]``: the same storage (a step or a load here is seen there), their own
+        ``.grad``; ``trainable=False`` views take no gradient (a backward pass for the
+        inputs alone then skips the weight gradients). Nodes never interact, so running a
+        big group run by run gives every node the same values and gradients while the
+        per-step ``[K, B, 3H]`` tensors stay cache-sized (``node_chunk`` in ``conf/``).
+        """
+        k = self.num_nodes
+        size = k if size is None else max(1, min(int(size), k))
+        groups = []
+        for k0 in range(0, k, size):
+            rows = slice(k0, min(k0 + size, k))
+            with torch.device("meta"):  # no storage, no draw from the global generator
+                view = NodeSeq2Seq(
+                    rows.stop - rows.start,
+                    self.input_size,
+                    self.output_size,
+                    self.hidden_size,
+                    self.num_layers,
+                    self.graph_embedding,
+                    self.horizon,
+                )
+            for name, p in self.named_parameters():
+                owner, _, attr = name.rpartition(".")
+                view_p = nn.Parameter(p.detach()[rows], requires_grad=trainable)
+                setattr(view.get_submodule(owner), attr, view_p)
+            groups.append((rows, view.train(self.training)))
+        return groups
 
     # ------------------------------------------------------------------ FedAvg helpers
     def node_state(self, k: int) -> dict[str, Tensor]:

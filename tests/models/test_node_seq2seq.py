@@ -180,6 +180,54 @@ def test_group_equals_alone(graph_embedding):
             torch.testing.assert_close(group.node_state(i)[name], value, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("hidden, layers, graph_embedding", CONFIGS)
+def test_node_groups_are_views_with_the_same_gradients(hidden, layers, graph_embedding):
+    """Run by run (3 + 3 + 1 nodes): same predictions and weight gradients as the whole
+    group, views of its storage; untrainable views give the same input gradient and
+    compute no weight gradient."""
+    k = 7
+    torch.manual_seed(5)
+    net = NodeSeq2Seq(k, hidden_size=hidden, num_layers=layers, graph_embedding=graph_embedding)
+    x, y_tod, targets, h_g, teacher = make_data(5, k, hidden, layers, seed=3)
+    h_g = h_g.requires_grad_(True) if graph_embedding else None
+    pred = net(x, y_tod, h_g, targets=targets, teacher=teacher)
+    whole = torch.autograd.grad(
+        pred.square().sum(), [*net.parameters(), *([h_g] if h_g is not None else [])]
+    )
+    groups = net.node_groups(3, trainable=True)
+    assert [rows for rows, _ in groups] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    frozen_views = [view for _, view in net.node_groups(3, trainable=False)]
+    for (rows, view), frozen in zip(groups, frozen_views, strict=True):
+        hg = None if h_g is None else h_g[:, rows]
+        p = view(
+            x[:, :, rows],
+            y_tod[..., rows],
+            hg,
+            targets=targets[..., rows],
+            teacher=teacher[:, rows],
+        )
+        torch.testing.assert_close(p, pred[:, :, rows], atol=1e-6, rtol=0)
+        grads = torch.autograd.grad(p.square().sum(), list(view.parameters()))
+        for g, g_all, (name, vp), wp in zip(
+            grads, whole, view.named_parameters(), net.parameters()
+        ):
+            assert vp.data_ptr() == wp[rows].data_ptr(), name  # the same storage
+            torch.testing.assert_close(g, g_all[rows], atol=1e-5, rtol=1e-5, msg=name)
+        if graph_embedding:
+            assert not any(q.requires_grad for q in frozen.parameters())
+            hg = h_g[:, rows].detach().requires_grad_(True)
+            out = frozen.decode(
+                x[:, -1, rows],
+                y_tod[..., rows],
+                frozen.encode(x[:, :, rows]),
+                hg,
+                targets=targets[..., rows],
+                teacher=teacher[:, rows],
+            )
+            (g_hg,) = torch.autograd.grad(out.square().sum(), hg)
+            torch.testing.assert_close(g_hg, whole[-1][:, rows], atol=1e-5, rtol=1e-5)
+
+
 def test_state_round_trips():
     torch.manual_seed(5)
     model = NodeSeq2Seq(3, hidden_size=8, num_layers=2)
