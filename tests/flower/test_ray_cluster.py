@@ -86,6 +86,36 @@ def test_unreachable_address_fails_at_once_naming_the_key(tmp_path):
     assert isinstance(err.value, UsageError)  # the CLI prints it in one line, exit status 2
 
 
+def test_client_refuses_to_start_over_when_its_saved_state_is_not_on_this_node(
+    tmp_path, monkeypatch, task_identity
+):
+    """On a cluster whose nodes do not share ``engine.state_root`` a client's next message
+    can land on a node without its state: an error, not a silently fresh model."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from cnfgnn.config import RUN_CONFIG_KEY, overrides_for
+    from cnfgnn.federation import protocol as P
+    from cnfgnn.flower import client_app
+    from cnfgnn.flower.codec import pack
+
+    monkeypatch.setenv("CNFGNN_STATE_ROOT", str(tmp_path / "state"))  # empty: another node
+    cfg = make_cfg(*SMALL, f"output_root={tmp_path}")
+    state = RecordDict({client_app.STATE_RECORD: ConfigRecord({client_app.VERSION: 3})})
+    ctx = Context(
+        run_id=task_identity,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=state,
+        run_config={RUN_CONFIG_KEY: overrides_for(cfg, tmp_path)},
+    )
+    msg = Message(pack({}), dst_node_id=7, message_type=P.HELLO)
+    try:
+        with pytest.raises(RuntimeError, match="engine.state_root"):
+            client_app.app(msg, ctx)
+    finally:
+        client_app._WORKERS.clear()
+
+
 def _head_env() -> dict[str, str]:
     """The cluster's environment: cnfgnn importable (as if installed on the node), none of
     the run's own variables (those must reach the actors through the job's runtime_env)."""
