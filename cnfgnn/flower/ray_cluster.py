@@ -140,7 +140,14 @@ def joined(cfg: Any, backend: dict[str, Any], env: dict[str, str]) -> Iterator[s
         ray.init(runtime_env={"env_vars": actor_environment(cfg, env)}, **args)
     except ConnectionError as exc:
         raise _unreachable(address, f"ray.init failed ({exc})") from None
-    log.info("joined the Ray cluster at %s: %s", resolved, ray.cluster_resources())
+    pool = ray.cluster_resources()
+    log.info(
+        "joined the Ray cluster at %s: %d node(s), %g CPU(s), %g GPU(s)",
+        resolved,
+        sum(1 for node in ray.nodes() if node.get("Alive")),
+        pool.get("CPU", 0.0),
+        pool.get("GPU", 0.0),
+    )
     try:
         yield resolved
     finally:
