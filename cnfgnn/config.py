@@ -7,8 +7,9 @@
   ``hydra-overrides`` (``flwr run . --run-config 'hydra-overrides="dataset.num_nodes=20"'``),
   so the server and all clients agree on the experiment. The legacy
   ``flwr.simulation.run_simulation`` entry has no run config; for it the simulation driver
-  puts the same string into the environment variable ``CNFGNN_HYDRA_OVERRIDES`` (Ray actors
-  inherit the driver's environment), and the apps read it when the run-config key is absent.
+  puts the same string into the environment variable ``CNFGNN_HYDRA_OVERRIDES`` (a private
+  Ray's actors inherit the driver's environment; a joined cluster's get it in the job's
+  ``runtime_env``), and the apps read it when the run-config key is absent.
 * :func:`overrides_for`: the ``hydra-overrides`` string that reproduces a composed config.
 * :func:`flower_environment`: what every Flower process needs in its environment.
 """

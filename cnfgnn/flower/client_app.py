@@ -138,7 +138,12 @@ def _context_version(context: Context) -> int | None:
 
 
 def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
-    """This client's worker at the version ``context.state`` names (memory, else disk)."""
+    """This client's worker at the version ``context.state`` names (memory, else disk).
+
+    Raises:
+        RuntimeError: ``context.state`` names a saved version but no state is on this
+            process's disk (a Ray node that does not share ``engine.state_root``).
+    """
     key = (int(context.run_id), _partition(context))
     version = _context_version(context)
     cached = _WORKERS.get(key)
@@ -163,6 +168,12 @@ def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
             )
         worker.load_state_dict(saved["worker"])
         version = int(saved[VERSION])
+    elif version:  # this node saved a state that this process cannot see: never start over
+        raise RuntimeError(
+            f"client {key[1]}: its state (version {version}) is not at {path}; on a Ray "
+            "cluster of several machines engine.state_root must be a directory that every "
+            "node shares (docs/benchmark.md#flower-simulation-on-a-ray-cluster)"
+        )
     else:
         version = 0
     _remember(cfg, key, version, worker)

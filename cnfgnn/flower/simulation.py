@@ -5,7 +5,9 @@ The ServerApp and ClientApp are the same as under ``flwr run .``; both compose `
 from the ``hydra-overrides`` string built here (:func:`cnfgnn.config.overrides_for`: the
 command-line overrides when they reproduce the config, every leaf otherwise, plus
 ``run_dir``). ``flwr.simulation.run_simulation`` has no run config, so the string travels
-in ``CNFGNN_HYDRA_OVERRIDES`` (set for the duration of the simulation, inherited by Ray).
+in ``CNFGNN_HYDRA_OVERRIDES`` (set for the duration of the simulation, inherited by a
+private Ray's actors; sent in the job's ``runtime_env`` to those of a Ray cluster joined with
+``engine.ray.address``: :mod:`cnfgnn.flower.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from omegaconf import OmegaConf
 
 from cnfgnn.config import ENV_OVERRIDES, flower_environment, overrides_for
 from cnfgnn.federation.inference import ForecastResult
-from cnfgnn.flower import client_app, server_app
+from cnfgnn.flower import client_app, ray_cluster, server_app
 from cnfgnn.results import RunWriter
+from cnfgnn.shell import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,32 @@ def _cli_overrides() -> list[str] | None:
 def backend_config(cfg: Any) -> dict[str, Any]:
     """``engine.backend`` as the plain dict ``run_simulation`` expects.
 
+    With ``engine.ray.address`` set, ``init_args`` join that cluster: ``address`` added, the
+    node-level keys ``ray.init`` refuses there (``num_cpus``, ``num_gpus``, ...) dropped
+    (:func:`cnfgnn.flower.ray_cluster.init_args`); each actor still takes
+    ``client_resources``, from the cluster's pool.
+
     Ray hides every GPU from an actor that asked for none, so with ``device=cuda`` (or
-    ``auto`` on a GPU machine) and ``client_resources.num_gpus: 0`` the actors get an
-    equal share of one GPU each (they would otherwise fail or fall back to the CPU).
+    ``auto`` on a GPU machine) and ``client_resources.num_gpus: 0`` the actors of a private
+    Ray get an equal share of one GPU each (they would otherwise fail or fall back to the
+    CPU). On a cluster this machine's GPUs say nothing of the others': ``device=cuda`` there
+    needs ``client_resources.num_gpus`` set.
+
+    Raises:
+        UsageError: ``device=cuda`` on a cluster with ``client_resources.num_gpus`` 0.
     """
     backend: dict[str, Any] = OmegaConf.to_container(cfg.engine.backend, resolve=True)  # type: ignore[assignment]
     device = str(cfg.device)
     res = backend.setdefault("client_resources", {})
+    address = ray_cluster.address_of(cfg)
+    if address is not None:
+        backend["init_args"] = ray_cluster.init_args(address, backend.get("init_args") or {})
+        if device.startswith("cuda") and not res.get("num_gpus"):
+            raise UsageError(
+                f"device={device} on the Ray cluster engine.ray.address={address} needs "
+                "engine.backend.client_resources.num_gpus > 0 (each actor's share of a GPU)"
+            )
+        return backend
     if (device.startswith("cuda") or device == "auto") and not res.get("num_gpus"):
         if torch.cuda.is_available():
             cpus = float(backend.get("init_args", {}).get("num_cpus") or os.cpu_count() or 1)
@@ -77,7 +99,8 @@ def simulate(
     engine_wrapper: Callable[[Any], Any] | None = None,
 ) -> None:
     """Run the cnfgnn ServerApp and ClientApp as a Flower simulation of ``num_clients``
-    SuperNodes; ``overrides`` (the Hydra overrides both apps compose) go in the environment.
+    SuperNodes; ``overrides`` (the Hydra overrides both apps compose) go in the environment
+    (and, on a Ray cluster, in the job's ``runtime_env``: :mod:`cnfgnn.flower.ray_cluster`).
     """
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's link state, at import
     import ray
@@ -92,16 +115,17 @@ def simulate(
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
+    backend = backend_config(cfg)
     app = server_app.make_app(progress, engine_wrapper)
     flwr_log = logging.getLogger("flwr")
     propagate, flwr_log.propagate = flwr_log.propagate, False  # Flower prints its own log
     try:
-        with _environ(env):
+        with _environ(env), ray_cluster.joined(cfg, backend, env):
             run_simulation(
                 server_app=app,
                 client_app=client_app.app,
                 num_supernodes=num_clients,
-                backend_config=backend_config(cfg),
+                backend_config=backend,
             )
     finally:
         flwr_log.propagate = propagate
