@@ -46,13 +46,24 @@ class MLP(nn.Sequential):
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
 
+    def forward(self, h: Tensor) -> Tensor:
+        return self._layers(h, list(self))
+
     def tail(self, h: Tensor, last: bool = True) -> Tensor:
         """Everything after the first Linear, for callers that compute that layer themselves;
         ``last=False`` stops before the output Linear (the caller applies it, see
         :meth:`GNBlock.forward`)."""
-        for m in list(self)[1 : None if last else -1]:
-            h = m(h)
-        return h
+        return self._layers(h, list(self)[1 : None if last else -1])
+
+    @staticmethod
+    def _layers(h: Tensor, layers: list[nn.Module]) -> Tensor:
+        """``layers`` on ``h`` ``[*, f]``, every Linear on the rows as one 2-D matrix: its
+        output is then a fresh tensor, not a view, and the in-place ReLUs after it need no
+        copies in the backward pass (on a 3-D input ``F.linear`` returns a view)."""
+        lead = h.shape[:-1]
+        for m in layers:
+            h = m(h.reshape(-1, h.shape[-1])) if isinstance(m, nn.Linear) else m(h)
+        return h.view(*lead, h.shape[-1])
 
 
 class GNBlock(nn.Module):
