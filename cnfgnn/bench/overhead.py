@@ -6,18 +6,17 @@ subprocess with the cases' thread setting. It builds one client per sensor for t
 :class:`~cnfgnn.federation.rounds.Orchestrator` over the
 :class:`~cnfgnn.federation.engines.InProcessEngine`, and then, for each round message type
 (a split step with a tiny batch, embed, encode and evaluate of the validation split),
-repeats the same send two ways:
+repeats the orchestrator's own path: build the payloads (slicing ``h_G`` per client),
+``Orchestrator._send`` (request validation and ``NodeWorker.limits`` on the node, dispatch,
+the engine's failure wrapper, reply validation, byte counting, quorum) and the reply's
+assembly into ``[S, N, ...]``. The handler methods are timed inside that same send (a clock
+around each worker's method, which ``NodeWorker.handle`` calls), so the difference is exact
+rather than the difference of two noisy runs.
 
-* **through the engine**: the orchestrator's own path: build the payloads (slicing ``h_G``
-  per client), ``Orchestrator._send`` (request validation and ``NodeWorker.limits`` on the
-  node, dispatch, the engine's failure wrapper, reply validation, byte counting, quorum)
-  and the reply's assembly into ``[S, N, ...]``;
-* **directly**: each client's handler method called on the already validated payload.
-
-The overhead of one message is the difference divided by the clients, plus the handler's
-random-number set-up (the scheduled-sampling coins of a split step, drawn inside the
-handler but not model compute). Reported per message type: median and 90th percentile over
-the repetitions, the handler's own seconds, and the parts measured on their own.
+The overhead of one message is (the path's seconds - the handlers' seconds) / clients, plus
+the handler's random-number set-up (the scheduled-sampling coins of a split step, drawn
+inside the handler but not model compute). Reported per message type: median and 90th
+percentile over the repetitions, the handler's own seconds, and the parts on their own.
 """
 
 from __future__ import annotations
@@ -58,6 +57,23 @@ class _Message:
 _PARTS = ("pack_unpack", "send_minus_handler", "rng", "check_request", "check_reply")
 
 
+class _HandlerClock:
+    """Adds up the seconds spent inside wrapped handler methods."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable[[P.Payload], P.Payload]) -> Callable[[P.Payload], P.Payload]:
+        def clocked(payload: P.Payload) -> P.Payload:
+            t0 = time.perf_counter()
+            try:
+                return fn(payload)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return clocked
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
 
@@ -76,11 +92,13 @@ def measure_message_overhead(
             ``split_batch`` (windows in the split step), ``goal_s``.
 
     Returns:
-        ``what``, ``clients``, ``repeats``, ``split_batch``, ``goal_s``, ``seconds`` and
-        ``types``: label -> ``message_type``, ``overhead_s`` (median, p90 per message),
-        ``handler_s`` (median per message), ``parts_s`` (medians per message:
-        ``pack_unpack``, ``send_minus_handler``, ``rng``, and, timed on their own,
-        ``check_request`` and ``check_reply``) and ``met`` (median below ``goal_s``).
+        ``what``, ``clients``, ``repeats``, ``split_batch``, ``goal_s``, ``seconds``,
+        ``empty_send_s`` (median seconds of a send to no client: the per-send part, which
+        ``overhead_s`` spreads over ``clients`` messages) and ``types``: label ->
+        ``message_type``, ``overhead_s`` (median, p90 per message), ``handler_s`` (median
+        per message), ``parts_s`` (medians per message: ``pack_unpack``,
+        ``send_minus_handler``, ``rng``, and, timed on their own, ``check_request`` and
+        ``check_reply``) and ``met`` (median below ``goal_s``).
     """
     from cnfgnn.federation.engines import InProcessEngine
     from cnfgnn.federation.node import LocalSeries, NodeWorker
@@ -164,32 +182,11 @@ def measure_message_overhead(
     reply_limits = orch._reply_limits()
     warmup, repeats = int(settings["warmup"]), int(settings["repeats"])
     goal = float(settings["goal_s"])
-
-    def engine_path(
-        msg: _Message,
-    ) -> tuple[dict[int, P.Payload], dict[int, P.Payload], float, float]:
-        """The orchestrator's way: ``(payloads, replies, pack + unpack s, _send s)``."""
-        t0 = time.perf_counter()
-        payloads = msg.build()
-        t1 = time.perf_counter()
-        replies = orch._send(msg.phase, msg.mtype, payloads)
-        t2 = time.perf_counter()
-        msg.unpack(replies)
-        t3 = time.perf_counter()
-        return payloads, replies, (t1 - t0) + (t3 - t2), t2 - t1
-
-    def handlers(msg: _Message, payloads: dict[int, P.Payload]) -> float:
-        """Seconds of the handler methods alone, on payloads validated beforehand."""
-        row = P.message(msg.mtype)
-        assert row is not None
-        valid = {c: check_request(msg.mtype, payloads[c], workers[c].limits()) for c in clients}
-        total = 0.0
-        for c in clients:
-            handler = getattr(workers[c], row.method)
-            t0 = time.perf_counter()
-            handler(valid[c])
-            total += time.perf_counter() - t0
-        return total
+    clock = _HandlerClock()
+    methods = {m.method for m in map(P.message, [x.mtype for x in messages]) if m is not None}
+    for w in workers.values():  # NodeWorker.handle finds the clocked method on the instance
+        for name in methods:
+            setattr(w, name, clock.wrap(getattr(w, name)))
 
     def standalone(
         msg: _Message, payloads: dict[int, P.Payload], replies: dict[int, P.Payload]
@@ -209,42 +206,61 @@ def measure_message_overhead(
         return {"rng": t1 - t0, "check_request": t2 - t1, "check_reply": t3 - t2}
 
     out: dict[str, Any] = {}
-    for msg in messages:
-        rec: dict[str, list[float]] = {k: [] for k in _PARTS + ("overhead", "handler")}
-        for i in range(warmup + repeats):
-            if i % 2:  # alternate which way runs first (caches, clock frequency)
-                handler_s = handlers(msg, msg.build())
-                payloads, replies, pack, send = engine_path(msg)
-            else:
-                payloads, replies, pack, send = engine_path(msg)
-                handler_s = handlers(msg, payloads)
-            parts = {"pack_unpack": pack, "send_minus_handler": send - handler_s}
-            parts |= standalone(msg, payloads, replies)
-            if i < warmup:
-                continue
-            parts["overhead"] = pack + send - handler_s + parts["rng"]
-            parts["handler"] = handler_s
-            for key, value in parts.items():
-                rec[key].append(value / n)
-        overhead = _stats(rec["overhead"])
-        out[msg.label] = {
-            "message_type": msg.mtype,
-            "overhead_s": overhead,
-            "handler_s": {"median": float(np.median(rec["handler"]))},
-            "parts_s": {k: float(np.median(rec[k])) for k in _PARTS},
-            "met": overhead["median"] < goal,
-        }
+    try:
+        for msg in messages:
+            rec: dict[str, list[float]] = {k: [] for k in _PARTS + ("overhead", "handler")}
+            for i in range(warmup + repeats):
+                clock.seconds = 0.0
+                t0 = time.perf_counter()
+                payloads = msg.build()
+                t1 = time.perf_counter()
+                replies = orch._send(msg.phase, msg.mtype, payloads)
+                t2 = time.perf_counter()
+                msg.unpack(replies)
+                t3 = time.perf_counter()
+                handler_s = clock.seconds
+                parts = {
+                    "pack_unpack": (t1 - t0) + (t3 - t2),
+                    "send_minus_handler": (t2 - t1) - handler_s,
+                }
+                parts |= standalone(msg, payloads, replies)
+                if i < warmup:
+                    continue
+                parts["overhead"] = (
+                    parts["pack_unpack"] + parts["send_minus_handler"] + parts["rng"]
+                )
+                parts["handler"] = handler_s
+                for key, value in parts.items():
+                    rec[key].append(value / n)
+            overhead = _stats(rec["overhead"])
+            out[msg.label] = {
+                "message_type": msg.mtype,
+                "overhead_s": overhead,
+                "handler_s": {"median": float(np.median(rec["handler"]))},
+                "parts_s": {k: float(np.median(rec[k])) for k in _PARTS},
+                "met": overhead["median"] < goal,
+            }
+    finally:
+        for w in workers.values():
+            for name in methods:
+                delattr(w, name)
+    empty = []  # what a send costs with no client at all (reply limits, progress, exchange)
+    for _ in range(warmup + repeats):
+        t0 = time.perf_counter()
+        orch._send("split", P.SPLIT_STEP, {})
+        empty.append(time.perf_counter() - t0)
     return {
         "what": (
             "seconds per message of the in-process engine with one client per sensor spent "
             "outside the handler's compute: (orchestrator packing + Orchestrator._send + "
-            "unpacking - the handlers called directly) / clients, plus the handler's "
-            "random-number set-up; parts_s are medians, check_* timed on their own"
+            "unpacking - the handler methods timed inside that send) / clients, plus the "
+            "handler's random-number set-up; parts_s are medians, check_* timed on their own"
         ),
         "clients": n,
         "repeats": repeats,
         "split_batch": len(batch),
         "goal_s": goal,
+        "empty_send_s": float(np.median(empty[warmup:])),
         "types": out,
         "seconds": time.perf_counter() - t_start,
     }

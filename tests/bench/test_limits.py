@@ -86,7 +86,7 @@ def test_message_overhead_per_type(tiny_bench):
     )
     settings = {"clients": 2, "repeats": 3, "warmup": 1, "split_batch": 1, "goal_s": 0.002}
     out = measure_message_overhead(ccfg, load_dataset(ccfg.dataset), "cpu", settings)
-    assert out["clients"] == 2 and out["split_batch"] == 1
+    assert out["clients"] == 2 and out["split_batch"] == 1 and out["empty_send_s"] > 0
     types = out["types"]
     assert {r["message_type"] for r in types.values()} == {
         P.SPLIT_STEP,
@@ -95,7 +95,7 @@ def test_message_overhead_per_type(tiny_bench):
         P.EVALUATE,
     }
     for name, r in types.items():
-        assert r["overhead_s"]["p90"] >= r["overhead_s"]["median"], name
+        assert r["overhead_s"]["p90"] >= r["overhead_s"]["median"] > 0, name
         assert r["handler_s"]["median"] > 0 and r["parts_s"]["check_request"] > 0, name
         assert isinstance(r["met"], bool)
     assert types["split_step"]["parts_s"]["rng"] > 0  # the handler's scheduled-sampling coins
