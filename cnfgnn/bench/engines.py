@@ -7,10 +7,14 @@ Usage::
     cnfgnn-bench dataset.days=3 bench.rounds=2     # smaller, faster
     cnfgnn-bench bench.mode=multibatch             # server batches per round trip: 1 vs 4
     cnfgnn-bench bench.mode=scale                  # 1,000 and 8,600 nodes, in-process
+    cnfgnn-bench bench=los_loop                    # the real Los-loop data (207 sensors)
 
-One run composes ``conf/`` with the ``bench`` group (``conf/bench/default.yaml``; any
-override works: ``cnfgnn-bench dataset.days=3 bench.rounds=2``) and measures, each case in
-its own subprocess so that peak memories are separate:
+One run composes ``conf/`` with the ``bench`` group (``conf/bench/default.yaml``, or
+``bench=los_loop`` for ``conf/bench/los_loop.yaml``; any override works:
+``cnfgnn-bench dataset.days=3 bench.rounds=2``). In engines mode it first calibrates this
+machine's fp32 matmul throughput at the round's shapes (:mod:`cnfgnn.bench.calibrate`) and
+measures the per-message overhead of an in-process client (:mod:`cnfgnn.bench.overhead`),
+then measures, each case in its own subprocess so that peak memories are separate:
 
 * ``central``: the same CNFGNN round math in one process with no messaging
   (:class:`cnfgnn.bench.central_limit.CentralCNFGNN`): the limit on this hardware;
@@ -22,7 +26,8 @@ its own subprocess so that peak memories are separate:
 Per case and round: wall seconds, seconds per phase (the orchestrator's names), round
 trips and client messages, payload bytes per phase and direction (and Flower's serialized
 bytes), peak resident memory of the case's process tree, the round's losses; then ratios
-between cases, the goals of ``bench.goals``, and a projection to a METR-LA-sized round.
+between cases, the goals of ``bench.goals``, each case's achieved GFLOP/s and
+``flop_fraction`` against the calibrated limit, and a projection to a METR-LA-sized round.
 One JSON document goes to stdout and to ``<bench.out_dir>/<timestamp>/bench.json``; the
 cases' logs and run directories sit next to it.
 
@@ -33,6 +38,7 @@ per round and validation loss), ``bench.mode=scale`` (the in-process engine at 1
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -74,8 +80,9 @@ def case_config(
     """The experiment config of one case: resolved, without the ``bench`` section.
 
     ``case['engine']`` picks the ``engine`` group (``central`` runs with ``inprocess``'s),
-    ``case['nodes_per_client']`` sets ``federation.nodes_per_client`` (null: all nodes).
-    ``extra`` maps dotted keys to values set afterwards.
+    ``case['nodes_per_client']`` sets ``federation.nodes_per_client`` (null: all nodes),
+    ``case['threads']``, when given, the case's ``threads``. ``extra`` maps dotted keys to
+    values set afterwards.
     """
     engine = "inprocess" if case["engine"] == "central" else str(case["engine"])
     eng = compose([f"engine={engine}"]).engine
@@ -84,11 +91,28 @@ def case_config(
     plain.pop("hydra", None)
     out = OmegaConf.create(plain)
     out.engine = eng
-    k = case.get("nodes_per_client")
-    out.federation.nodes_per_client = int(cfg.dataset.num_nodes) if k is None else int(k)
+    if "threads" in case:
+        out.threads = case["threads"]
     for key, value in (extra or {}).items():
         OmegaConf.update(out, key, value, merge=False)
+    k = case.get("nodes_per_client")
+    out.federation.nodes_per_client = dataset_nodes(out.dataset) if k is None else int(k)
     return out
+
+
+def dataset_nodes(dataset: Any) -> int:
+    """Nodes of a dataset config: its ``num_nodes`` (synthetic), else counted in the loaded
+    data (a real dataset such as Los-loop, loaded once per process)."""
+    if dataset.get("num_nodes") is not None:
+        return int(dataset.num_nodes)
+    return _loaded_nodes(json.dumps(OmegaConf.to_container(dataset, resolve=True)))
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_nodes(dataset_json: str) -> int:
+    from cnfgnn.data.loaders import load_dataset
+
+    return int(load_dataset(json.loads(dataset_json), windows=False).num_nodes)
 
 
 # ---------------------------------------------------------------------- child: measuring
@@ -203,8 +227,13 @@ def _per_round_records(run_dir: Path, log: SendLog) -> list[dict[str, Any]]:
     return out
 
 
-def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
-    """FLOPs (matmul-like, :class:`FlopCounterMode`) and aten ops of one central round."""
+def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, Any]:
+    """FLOPs (matmul-like, :class:`FlopCounterMode`) and aten ops of one central round.
+
+    Returns:
+        ``flops`` (total), ``flops_by_op`` (op name, e.g. ``aten.bmm`` -> FLOPs: the
+        calibration's weights) and ``ops`` (aten ops dispatched).
+    """
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -224,7 +253,12 @@ def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, float]:
     ops = OpCounter()
     with flops, ops:
         model.round(1)
-    return {"flops": float(flops.get_total_flops()), "ops": float(ops.ops)}
+    by_op = flops.get_flop_counts().get("Global", {})
+    return {
+        "flops": float(flops.get_total_flops()),
+        "flops_by_op": {str(op): float(v) for op, v in by_op.items()},
+        "ops": float(ops.ops),
+    }
 
 
 def run_case(
@@ -328,12 +362,40 @@ def run_case(
     return rec
 
 
+def run_probe(kind: str, cfg: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """A measurement made before the cases, in its own process with a case's config (its
+    threads and device): ``calibration`` (:func:`cnfgnn.bench.calibrate.calibrate`) or
+    ``message_overhead`` (:func:`cnfgnn.bench.overhead.measure_message_overhead`);
+    ``settings`` is the matching ``bench.*`` section."""
+    from cnfgnn.data.loaders import load_dataset
+    from cnfgnn.device import resolve_device
+
+    machine.apply(cfg)  # the case's threads: the calibration must run at the same setting
+    device = resolve_device(str(cfg.device))
+    data = load_dataset(cfg.dataset)
+    if kind == "calibration":
+        from cnfgnn.bench.calibrate import calibrate
+
+        edges = int(np.count_nonzero(data.adjacency))  # the GN's edges (GraphServer.graph)
+        return calibrate(cfg, data.num_nodes, edges, settings, device)
+    if kind == "message_overhead":
+        from cnfgnn.bench.overhead import measure_message_overhead
+
+        return measure_message_overhead(cfg, data, device, settings)
+    raise ValueError(f"unknown bench probe {kind!r}; use calibration or message_overhead")
+
+
 def child_main(spec_path: str) -> None:
-    """``python -m cnfgnn.bench.engines --child <spec.json>``: run one case, write its JSON."""
+    """``python -m cnfgnn.bench.engines --child <spec.json>``: run one case (or the probe
+    named by the spec's ``kind``), write its JSON."""
     spec = json.loads(Path(spec_path).read_text())
     cfg = OmegaConf.create(spec["cfg"])
+    kind = spec.get("kind", "case")
     try:
-        rec = run_case(cfg, spec["case"], Path(spec["run_dir"]), bool(spec.get("count_flops")))
+        if kind == "case":
+            rec = run_case(cfg, spec["case"], Path(spec["run_dir"]), bool(spec.get("count_flops")))
+        else:
+            rec = run_probe(kind, cfg, spec.get("settings") or {})
         rec["status"] = "ok"
     except BaseException as exc:  # the parent records what broke
         import traceback
@@ -585,6 +647,7 @@ def run_cases(
                 float(memory_limit_gb or b.memory_limit_gb),
             )
         )
+        rec["threads"] = thread_setting(ccfg)
         pr = rec.get("per_round") or {}
         print(
             f"[bench] {name}: {rec.get('status')} {pr.get('seconds') or float('nan'):.1f} s/round, "
@@ -596,15 +659,124 @@ def run_cases(
     return out
 
 
-def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
-    cases = run_cases(
-        cfg,
-        [dict(c) for c in OmegaConf.to_container(cfg.bench.engines)],
+def thread_setting(ccfg: Any) -> int:
+    """Torch intra-op threads a case config runs with (``threads: null``: every core)."""
+    return machine.cores() if ccfg.get("threads") is None else int(ccfg.threads)
+
+
+def run_probe_subprocess(
+    cfg: DictConfig, case: dict[str, Any], kind: str, settings: Any, work: Path
+) -> dict[str, Any]:
+    """:func:`run_probe` in its own subprocess (``case['name']`` names its files), with the
+    config of ``case`` and the bench's time and memory limits."""
+    b = cfg.bench
+    print(f"[bench] {case['name']} ...", file=sys.stderr, flush=True)
+    spec = {
+        "case": case,
+        "kind": kind,
+        "settings": OmegaConf.to_container(settings, resolve=True),
+        "cfg": OmegaConf.to_container(case_config(cfg, case), resolve=True),
+        "run_dir": str(work / case["name"]),
+    }
+    rec = run_subprocess(
+        spec,
         work,
-        count_flops=bool(cfg.bench.count_flops),
+        float(b.sample_interval_s),
+        float(b.case_timeout_s),
+        float(b.memory_limit_gb),
     )
+    print(
+        f"[bench] {case['name']}: {rec.get('status')} {rec.get('seconds') or float('nan'):.1f} s "
+        f"{rec.get('error', '')}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return rec
+
+
+def run_calibrations(
+    cfg: DictConfig, cases: list[dict[str, Any]], work: Path
+) -> dict[str, dict[str, Any]]:
+    """One matmul calibration per thread setting among ``cases`` (each in a subprocess with
+    the first such case's config): threads (as a string) -> record."""
+    out: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        threads = str(thread_setting(case_config(cfg, case)))
+        if threads not in out:
+            probe = dict(case, name=f"calibration_threads{threads}")
+            out[threads] = run_probe_subprocess(
+                cfg, probe, "calibration", cfg.bench.calibration, work
+            )
+    return out
+
+
+def cpu_limit(
+    cases: dict[str, Any], calibrations: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """How close each case is to this CPU's matmul limit (:mod:`cnfgnn.bench.calibrate`).
+
+    The central case's count (``bench.count_flops``) gives the round's useful FLOPs and
+    their split by op; each calibration's ``sustained`` figure weights its shapes by that
+    split; each case gets ``achieved_gflops`` and ``flop_fraction`` at its thread setting.
+    """
+    from cnfgnn.bench.calibrate import case_limit, sustained
+
+    if not calibrations:
+        return None
+    count = cases.get("central", {}).get("count") or {}
+    flops = count.get("flops")
+    by_op: dict[str, float] = count.get("flops_by_op") or {}
+    total = sum(by_op.values())
+    out: dict[str, Any] = {
+        "what": (
+            "flop_fraction = the central round's counted FLOPs (FlopCounterMode: matmuls "
+            "only, the round's useful work; every case does the same math) / (the case's "
+            "round seconds x the sustained fp32 matmul GFLOP/s calibrated at the round's "
+            "shapes and the case's threads); sustained weights each op kind by its share "
+            "of the counted FLOPs"
+        ),
+        "central_flops_per_round": flops,
+        "flop_shares_by_op": {k: v / total for k, v in by_op.items()} if total else None,
+        "calibrations": {},
+        "cases": {},
+    }
+    for threads, rec in calibrations.items():
+        ok = rec.get("status") == "ok"
+        out["calibrations"][threads] = rec | {
+            "sustained": sustained(rec["shapes"], by_op) if ok and by_op else None
+        }
+    for name, rec in cases.items():
+        cal = out["calibrations"].get(str(rec.get("threads"))) or {}
+        s_gflops = (cal.get("sustained") or {}).get("gflops")
+        seconds = (rec.get("per_round") or {}).get("seconds")
+        out["cases"][name] = {
+            "threads": rec.get("threads"),
+            "round_seconds": seconds,
+            "sustained_gflops": s_gflops,
+            **case_limit(seconds, flops, s_gflops),
+        }
+    return out
+
+
+def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
+    """The engines mode: the calibration and the message overhead first, then the cases of
+    ``bench.engines``, their ratios, goals, CPU-limit figures and projections."""
+    case_list = [dict(c) for c in OmegaConf.to_container(cfg.bench.engines)]
+    names = {c["name"] for c in case_list}
+    calibrations = (
+        run_calibrations(cfg, case_list, work) if bool(cfg.bench.calibration.enabled) else {}
+    )
+    overhead = None
+    if bool(cfg.bench.message_overhead.enabled):
+        probe = {"name": "message_overhead", "engine": "inprocess", "nodes_per_client": 1}
+        overhead = run_probe_subprocess(
+            cfg, probe, "message_overhead", cfg.bench.message_overhead, work
+        )
+    cases = run_cases(cfg, case_list, work, count_flops=bool(cfg.bench.count_flops))
     ratios, ratios_cpu, goals = {}, {}, {}
     for label, (a, ref) in OmegaConf.to_container(cfg.bench.ratios).items():
+        if a not in names or ref not in names:  # a case this run leaves out
+            continue
         pa = cases.get(a, {}).get("per_round") or {}
         pr = cases.get(ref, {}).get("per_round") or {}
         ta, tr = pa.get("seconds"), pr.get("seconds")
@@ -613,7 +785,9 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
             ca, cr = pa.get("cpu_seconds_process"), pr.get("cpu_seconds_process")
             ratios_cpu[label] = ca / cr if ca and cr else None  # one process: load-robust
     for label, limit in cfg.bench.goals.items():
-        r = ratios.get(label)
+        if label not in ratios:
+            continue
+        r = ratios[label]
         goals[label] = {
             "ratio": r,
             "at_most": float(limit),
@@ -639,6 +813,8 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
         "ratios_cpu_seconds": ratios_cpu,
         "goals": goals,
         "loss_relative_difference_to_central": consistency,
+        "cpu_limit": cpu_limit(cases, calibrations),
+        "message_overhead": overhead,
         "projection": projection(cfg, cases, windows) if windows else None,
     }
 
@@ -672,6 +848,13 @@ def bench_scale(cfg: DictConfig, work: Path) -> dict[str, Any]:
     (nodes, ``model.gn.grad_chunk``) in its own process under ``bench.scale.memory_limit_gb``;
     a run stopped there records the sends it had reached (what broke first)."""
     sc = cfg.bench.scale
+    if str(cfg.dataset.kind) != "synthetic":
+        from cnfgnn.shell import UsageError
+
+        raise UsageError(
+            f"bench.mode=scale grows the synthetic network; dataset {cfg.dataset.name!r} has a "
+            "fixed size. Fix: run it with the default bench (no bench=...)"
+        )
     out: dict[str, Any] = {"cases": {}}
     for run in sc.runs:
         n, chunk = int(run.nodes), run.get("grad_chunk")
@@ -718,8 +901,9 @@ def _run(argv: list[str]) -> None:
         "threads": machine.cores() if cfg.threads is None else int(cfg.threads),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "config": {
-            "nodes": int(cfg.dataset.num_nodes),
-            "days": float(cfg.dataset.days),
+            "dataset": str(cfg.dataset.name),
+            "nodes": dataset_nodes(cfg.dataset),
+            "days": cfg.dataset.get("days"),  # synthetic only (a real dataset has its own)
             "hidden_size": int(cfg.model.hidden_size),
             "batch_size": int(cfg.federation.batch_size),
             "server_batch_size": int(cfg.federation.server_batch_size),

@@ -20,6 +20,9 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
         CASES,
         "bench.count_flops=true",
         "bench.rounds=1",
+        "bench.calibration.seconds_per_shape=0.02",
+        "bench.message_overhead.clients=2",
+        "bench.message_overhead.repeats=2",
     ]
     bench.main(overrides)
     doc = json.loads(capsys.readouterr().out)
@@ -48,3 +51,10 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     assert proj["cases"]["central"]["round_seconds"] > cases["central"]["per_round"]["seconds"]
     assert proj["gpu"]["round_seconds"] > 0 and proj["central_flops_per_round"] > 0
     assert doc["machine"]["cores"] >= 1 and doc["device"] == "cpu"
+    # against the calibrated matmul limit (threads=1 for every case), and the message overhead
+    limit = doc["cpu_limit"]
+    assert limit["calibrations"]["1"]["sustained"]["gflops"] > 0
+    for name in cases:
+        assert 0 < limit["cases"][name]["flop_fraction"] <= 1.5, name
+    assert doc["message_overhead"]["status"] == "ok"
+    assert doc["message_overhead"]["types"]["split_step"]["overhead_s"]["median"] is not None
