@@ -10,7 +10,6 @@ export FLWR_HOME=$(CURDIR)/.flwr
 export TMPDIR=$(CURDIR)/.tmp
 export RAY_TMPDIR=$(CURDIR)/.tmp
 export MPLBACKEND=Agg
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test test-slow install clean bench deploy-demo test-deployment lint
 
@@ -29,6 +28,10 @@ install: $(STAMP)
 run: $(STAMP)
 	@mkdir -p .tmp .flwr
 	$(BIN)/cnfgnn-compare $(RUN_ARGS)
+
+# the tests start several processes at once (Flower apps, subprocesses): idle OpenMP workers
+# sleep instead of spinning (cnfgnn/__init__.py)
+test test-slow test-deployment: export OMP_WAIT_POLICY ?= PASSIVE
 
 test: $(STAMP)
 	@mkdir -p .tmp .flwr

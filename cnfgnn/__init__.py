@@ -17,12 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from cnfgnn.paths import register_resolver as _register_resolver
 
-# Idle OpenMP workers sleep instead of spinning (libgomp reads this when torch loads, so it
-# only takes effect when cnfgnn is imported first, as in every cnfgnn entry point and in
-# Flower's app processes). On a 2-core machine shared with other work, spinning workers
-# steal the cores the computing thread needs: `cnfgnn-bench` measured a one-client-per-
-# sensor round 10x faster with it. Set OMP_WAIT_POLICY yourself to override.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP workers spin for a bounded while (GOMP_SPINCOUNT, about tens of microseconds),
+# then sleep. libgomp reads this when torch loads, so it takes effect when cnfgnn is imported
+# first, as in every cnfgnn entry point and in Flower's app processes. Measured on 2 cores
+# (docs/benchmark.md#threads-and-waiting): a Los-loop round 1.3x and a one-client-per-sensor
+# round 2x faster than with sleeping workers (OMP_WAIT_POLICY=PASSIVE), which wake too slowly
+# for the many small ops; on a machine loaded by other work PASSIVE is about 1.3x faster.
+# Set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to override.
+SPIN_COUNT = "20000"
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 try:  # the installed distribution's version (pyproject.toml [project].version)
     __version__: str = _version("cnfgnn")

@@ -179,6 +179,7 @@ class NodeWorker:
         self.privacy = dp.PrivacySettings.from_cfg(cfg)  # None: uploads sent as computed
         self.store = None if store is None else Path(store)
         self._noisy: tuple[float, Tensor] | None = None  # (level, noisy inputs), inference only
+        self._views: dict[tuple[int | None, bool], list[tuple[slice, NodeSeq2Seq]]] = {}
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, message_type: str, payload: P.Payload) -> P.Payload:
@@ -341,9 +342,17 @@ class NodeWorker:
         return torch.from_numpy(u.T <= p).to(self.device)
 
     def _groups(self, trainable: bool) -> list[tuple[slice, NodeSeq2Seq]]:
-        """The node model in runs of ``node_chunk`` nodes (:meth:`NodeSeq2Seq.node_groups`)."""
+        """The node model in runs of ``node_chunk`` nodes (:meth:`NodeSeq2Seq.node_groups`),
+        built once per worker (views of the weights, which are only ever updated in place)
+        and set to the model's train / eval mode."""
         size = OmegaConf.select(self.cfg, "node_chunk", default=None)
-        return self.net.node_groups(None if size is None else int(size), trainable)
+        key = (None if size is None else int(size), trainable)
+        if key not in self._views:
+            self._views[key] = self.net.node_groups(*key)
+        groups = self._views[key]
+        for _, view in groups:
+            view.train(self.net.training)
+        return groups
 
     def _loss(
         self, pred: Tensor, y: Tensor, t: Tensor, rows: slice = slice(None)

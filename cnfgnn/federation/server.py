@@ -84,6 +84,7 @@ class GraphServer:
             num_blocks=gn.num_blocks,
             output_size=model_cfg.hidden_size,
             dropout=gn.dropout,
+            window_chunk=gn.get("window_chunk"),
         ).to(self.device)
         self.optimizer = make_adam(self.gn.parameters(), lr=lr)
         self.output_size = int(model_cfg.hidden_size)

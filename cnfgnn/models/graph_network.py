@@ -191,6 +191,10 @@ class GraphNetwork(nn.Module):
         num_blocks (int, optional): GN blocks. (default: ``2``)
         output_size (int, optional): h_G size per node and layer. (default: ``64``)
         dropout (float, optional): MLP dropout. (default: ``0.0``)
+        window_chunk (int, optional): windows per pass; a larger batch is run in runs of
+            this many windows (independent graphs, so the same values; the per-edge
+            ``[E, M, *]`` tensors stay cache-sized, which on a CPU is faster). ``None``: the
+            whole batch in one pass. (default: ``None``)
 
     Shapes:
         - **input:** h ``[B, N, L, node_size]``, edge_index ``[2, E]`` (source -> target),
@@ -208,8 +212,14 @@ class GraphNetwork(nn.Module):
         num_blocks: int = 2,
         output_size: int = 64,
         dropout: float = 0.0,
+        window_chunk: int | None = None,
     ):
         super().__init__()
+        if window_chunk is not None and window_chunk < 1:
+            raise ValueError(
+                f"window_chunk must be a positive number of windows or None, got {window_chunk}"
+            )
+        self.window_chunk = window_chunk
         self.node_size, self.edge_size, self.global_size = node_size, edge_size, global_size
         self.latent_size, self.num_blocks, self.output_size = latent_size, num_blocks, output_size
         blocks = []
@@ -228,6 +238,18 @@ class GraphNetwork(nn.Module):
         self.output.reset_parameters()
 
     def forward(self, h: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        c = self.window_chunk
+        if c is not None and h.shape[0] > c:
+            return torch.cat(
+                [
+                    self._forward(h[i : i + c], edge_index, edge_weight)
+                    for i in range(0, h.shape[0], c)
+                ]
+            )
+        return self._forward(h, edge_index, edge_weight)
+
+    def _forward(self, h: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        """One pass over all of ``h``'s windows: ``[B, N, L, F]`` -> ``[B, N, L, out]``."""
         b, n, layers, _ = h.shape
         x = h.permute(1, 0, 2, 3).reshape(n, b * layers, -1)  # [B, N, L, F] -> [N, B*L, F]
         m = x.shape[1]

@@ -160,6 +160,28 @@ def test_batching_equivalence():
             )
 
 
+def test_window_chunk_gives_the_same_values_and_gradients():
+    """Runs of 2 windows (2 + 2 + 1) against the whole batch at once: same h_G, same
+    parameter and input gradients; a chunk of 0 is refused."""
+    edge_index, w = random_graph(6, 15, seed=8)
+    h = torch.randn(5, 6, 2, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(5, 6, 2, 4, dtype=torch.float64)
+    results = []
+    for chunk in (None, 2):
+        gn = small_gn(seed=6, window_chunk=chunk)
+        out = gn(h, edge_index, w)
+        grads = torch.autograd.grad((out * target).sum(), [h, *gn.parameters()], allow_unused=True)
+        results.append((out, grads))
+    (whole, g_whole), (runs, g_runs) = results
+    torch.testing.assert_close(runs, whole, atol=1e-12, rtol=0)
+    for a, b in zip(g_whole, g_runs, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="window_chunk"):
+        small_gn(window_chunk=0)
+
+
 def dependency(gn: GraphNetwork, h: Tensor, edge_index: Tensor, w: Tensor) -> Tensor:
     """dep[j, i] = True iff output node j has a nonzero derivative w.r.t. input node i."""
     h = h.clone().requires_grad_(True)
