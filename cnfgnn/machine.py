@@ -22,6 +22,28 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """``(steal, total)`` clock ticks of all CPUs since boot (Linux ``/proc/stat``), or None.
+
+    Steal is time the hypervisor gave this virtual machine's CPUs to others: a machine with
+    a low load average can still lose a fifth of its cycles, so benchmarks report it.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    steal = fields[7] if len(fields) > 7 else 0
+    return steal, sum(fields[:8])
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of CPU time stolen between two :func:`cpu_ticks` readings (None if unknown)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def set_threads(threads: Any) -> int:
     """``torch.set_num_threads``: ``threads`` (>= 1) or, for ``None``, every core; returns it."""
     import torch

@@ -35,7 +35,7 @@ from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.scaler import global_scaler
 from cnfgnn.evaluation.metrics import metrics_from_sums, node_mean_loss
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.node import LocalSeries, NodeWorker
+from cnfgnn.federation.node import LocalSeries, NodeWorker, group_gradients
 from cnfgnn.federation.rounds import initial_node_model, seeded
 from cnfgnn.federation.server import GraphServer
 from cnfgnn.models.node_seq2seq import build_node_model
@@ -136,6 +136,10 @@ class CentralCNFGNN:
         s, bs = len(self.starts["train"]), int(self.fed.batch_size)
         loss = count = 0.0
         self.model.train()
+        chunk = self.cfg.get("node_chunk")  # the engines' cache-sized runs of nodes
+        params = list(self.model.parameters())
+        buffers = [torch.empty_like(p) for p in params]
+        groups = self.model.node_groups(chunk, trainable=True)
         for epoch in range(int(self.fed.local_epochs)):
             perm = torch.from_numpy(
                 rng.permutations(int(self.cfg.seed), self.nodes, round_, "local", s, extra=epoch)
@@ -144,15 +148,17 @@ class CentralCNFGNN:
                 idx = perm[:, b * bs : (b + 1) * bs]
                 x, _, y_tod, y, t = self._gather("train", idx)
                 h_g = self.h_g_train[idx, self.k_ar[:, None]].transpose(0, 1) if use_hg else None
-                pred = self.model(
-                    x, y_tod, h_g, targets=y, teacher=self._teacher("local", round_, self.step, b)
-                )
-                per_node, sums, counts = self.worker._loss(pred, y, t)
-                opt.zero_grad(set_to_none=True)
-                per_node.sum().backward()
+                teacher = self._teacher("local", round_, self.step, b)
+                sums = torch.zeros(n, dtype=torch.float64, device=self.device)
+                counts = torch.zeros_like(sums)
+                losses = self.worker.group_losses(x, y_tod, h_g, y, t, teacher, sums, counts)
+                group_gradients(groups, buffers, losses)
+                for p, g in zip(params, buffers, strict=True):
+                    p.grad = g
                 opt.step()
                 loss, count = loss + float(sums.sum()), count + float(counts.sum())
                 self.step += 1
+        self.model.zero_grad(set_to_none=True)
         with torch.no_grad():  # FedAvg: every node trained on S windows, so uniform == samples
             for p in self.model.parameters():
                 p.copy_(p.mean(0, keepdim=True).expand_as(p))
@@ -171,6 +177,7 @@ class CentralCNFGNN:
             params = list(self.server.gn.parameters())
             loss = count = 0.0
             self.model.train()
+            frozen = self.model.node_groups(chunk, trainable=False)  # no decoder gradients
             for epoch in range(int(self.fed.server_epochs)):
                 order = rng.permutations(
                     int(self.cfg.seed), np.zeros(1, np.int64), round_, "server", s, extra=epoch
@@ -182,15 +189,21 @@ class CentralCNFGNN:
                     self.server.gn.train()
                     h_g = self.server.gn(h_c[batch], *self.graph)
                     _, x_last, y_tod, y, t = self._gather("train", batch.expand(n, -1))
-                    pred = self.model.decode(
-                        x_last,
-                        y_tod,
-                        h_c[batch],
-                        h_g,
-                        targets=y,
-                        teacher=self._teacher("split", round_, self.step, 0),
-                    )
-                    per_node, sums, counts = self.worker._loss(pred, y, t)
+                    teacher = self._teacher("split", round_, self.step, 0)
+                    per_node = torch.empty(n, device=self.device)
+                    sums, counts = torch.empty(2, n, device=self.device)
+                    for rows, net in frozen:
+                        pred = net.decode(
+                            x_last[:, rows],
+                            y_tod[..., rows],
+                            h_c[batch][:, rows],
+                            h_g[:, rows],
+                            targets=y[..., rows],
+                            teacher=teacher[:, rows],
+                        )
+                        per_node[rows], sums[rows], counts[rows] = self.worker._loss(
+                            pred, y[..., rows], t[rows], rows
+                        )
                     self.server.optimizer.zero_grad(set_to_none=True)
                     torch.autograd.backward(per_node.mean(), inputs=params)  # GN only
                     self.server.optimizer.step()

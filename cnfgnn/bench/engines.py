@@ -432,6 +432,7 @@ def run_subprocess(
     env.setdefault("MPLBACKEND", "Agg")
     load_before = os.getloadavg()
     t0, t_wall0 = time.perf_counter(), time.time()
+    ticks_before = machine.cpu_ticks()
     procs = ProcessSet(work, env)
     proc = procs.start(
         name,
@@ -496,6 +497,8 @@ def run_subprocess(
     rec["cpu_seconds_tree"] = sum(cpu.values())  # whole case (startup, setup, test too)
     rec["load_avg_before"] = [round(x, 2) for x in load_before]
     rec["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    steal = machine.steal_fraction(ticks_before, machine.cpu_ticks())
+    rec["cpu_steal_fraction"] = None if steal is None else round(steal, 3)  # the hypervisor's share
     rec["log"] = str(work / f"{name}.log")
     return rec
 

@@ -138,6 +138,24 @@ class LocalSeries:
         )
 
 
+def group_gradients(
+    groups: list[tuple[slice, NodeSeq2Seq]],
+    buffers: list[Tensor],
+    losses: Callable[[slice, NodeSeq2Seq], Tensor],
+) -> None:
+    """Weight gradients of a node model, run by run (:meth:`NodeSeq2Seq.node_groups`).
+
+    ``losses(rows, view)`` returns the per-node losses ``[k]`` of the nodes ``rows``; the
+    gradients of their sum go to rows ``rows`` of ``buffers`` (one ``[K, ...]`` tensor per
+    parameter, in ``parameters()`` order). Node k's gradient depends on its own loss only,
+    so the runs together write every row once, as one backward pass over all nodes would.
+    """
+    for rows, view in groups:
+        grads = torch.autograd.grad(losses(rows, view).sum(), list(view.parameters()))
+        for g_all, g in zip(buffers, grads, strict=True):
+            g_all[rows] = g
+
+
 class NodeWorker:
     """A client's node group: the handlers of every CNFGNN message type.
 
@@ -354,6 +372,37 @@ class NodeWorker:
             view.train(self.net.training)
         return groups
 
+    def group_losses(
+        self,
+        x: Tensor,
+        y_tod: Tensor,
+        h_g: Tensor | None,
+        y: Tensor,
+        t: Tensor,
+        teacher: Tensor,
+        loss_sum: Tensor,
+        count: Tensor,
+    ) -> Callable[[slice, NodeSeq2Seq], Tensor]:
+        """The training losses of one batch (:meth:`_gather`'s tensors, ``h_g``
+        ``[B, K, L, H]`` or None, coins ``[H, K]``) as :func:`group_gradients` takes them:
+        ``(rows, view)`` -> per-node losses ``[k]``; adds their sums and counts to rows
+        ``rows`` of ``loss_sum`` and ``count`` ``[K]``."""
+
+        def losses(rows: slice, net: NodeSeq2Seq) -> Tensor:
+            pred = net(
+                x[:, :, rows],
+                y_tod[..., rows],
+                None if h_g is None else h_g[:, rows],
+                targets=y[..., rows],
+                teacher=teacher[:, rows],
+            )
+            per_node, sums, counts = self._loss(pred, y[..., rows], t[rows], rows)
+            loss_sum[rows] += sums.double()
+            count[rows] += counts.double()
+            return per_node
+
+        return losses
+
     def _loss(
         self, pred: Tensor, y: Tensor, t: Tensor, rows: slice = slice(None)
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -413,20 +462,8 @@ class NodeWorker:
                     h_g_train[idx, k_ar].transpose(0, 1) if h_g_train is not None else None
                 )  # [B, K, L, H]
                 teacher = self._teacher("local", step, b)
-                for rows, net in groups:  # node k's gradient depends on its own loss only
-                    pred = net(
-                        x[:, :, rows],
-                        y_tod[..., rows],
-                        None if h_g is None else h_g[:, rows],
-                        targets=y[..., rows],
-                        teacher=teacher[:, rows],
-                    )
-                    per_node, sums, counts = self._loss(pred, y[..., rows], t[rows], rows)
-                    grads = torch.autograd.grad(per_node.sum(), list(net.parameters()))
-                    for g_all, g in zip(grad_buffers, grads, strict=True):
-                        g_all[rows] = g
-                    loss_sum[rows] += sums.double()
-                    count[rows] += counts.double()
+                losses = self.group_losses(x, y_tod, h_g, y, t, teacher, loss_sum, count)
+                group_gradients(groups, grad_buffers, losses)
                 if fmtl is not None:  # couples neighbours' weights: on the whole group
                     for g_all, g in zip(
                         grad_buffers, torch.autograd.grad(fmtl().sum(), params), strict=True
