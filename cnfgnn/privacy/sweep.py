@@ -5,6 +5,8 @@ Usage::
     python -m cnfgnn.privacy.sweep --out outputs/privacy/synthetic \\
         --levels none,0,0.5,1,2 --parallel 2 -- experiment=synthetic_cnfgnn federation.rounds=2
 
+``--seeds 42,43,44`` runs every level once per seed (``seed=...``); the outputs then hold
+one row per (level, seed) and a mean ± std row per level (sample std over the seeds).
 ``none`` is the run without DP (``privacy=none``); a number ``s`` is ``privacy=dp`` with the
 noise multiplier of all three mechanisms (``h_c``, ``dL/dh_G``, FedAvg) set to ``s`` and
 the clip norms of ``conf/privacy/dp.yaml`` (override them after ``--``). ``0`` clips
@@ -42,9 +44,10 @@ def level_overrides(level: str) -> list[str]:
     return ["privacy=dp"] + [f"privacy.{m}.noise_multiplier={s}" for m in MECHANISMS]
 
 
-def _row(level: str, run_dir: Path, rc: int, seconds: float) -> dict[str, Any]:
+def _row(level: str, seed: int | None, run_dir: Path, rc: int, seconds: float) -> dict[str, Any]:
     row: dict[str, Any] = {
         "noise_multiplier": level,
+        "seed": "" if seed is None else seed,
         "returncode": rc,
         "seconds": round(seconds, 1),
         "run_dir": str(run_dir),
@@ -77,53 +80,113 @@ def _row(level: str, run_dir: Path, rc: int, seconds: float) -> dict[str, Any]:
 
 
 def run_levels(
-    levels: list[str], overrides: list[str], out: Path, parallel: int
+    levels: list[str],
+    overrides: list[str],
+    out: Path,
+    parallel: int,
+    seeds: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every level (at most ``parallel`` at once); returns one row per level."""
-    pending = list(levels)
+    """Run every level (once per seed when ``seeds`` is given; at most ``parallel`` at
+    once); returns one row per (level, seed), in that order."""
+    jobs = [(lv, sd) for lv in levels for sd in (seeds or [None])]
+    pending = list(jobs)
     procs = ProcessSet(out, dict(os.environ))
-    running: dict[str, tuple[Proc, Path, float]] = {}
-    rows: dict[str, dict[str, Any]] = {}
+    running: dict[str, tuple[Proc, Path, float, tuple[str, int | None]]] = {}
+    rows: dict[tuple[str, int | None], dict[str, Any]] = {}
     try:
         while pending or running:
             while pending and len(running) < parallel:
-                level = pending.pop(0)
-                run_dir = out / f"noise_{level}"
+                level, seed = pending.pop(0)
+                name = level if seed is None else f"{level}_seed{seed}"
+                run_dir = out / f"noise_{level}" / ("" if seed is None else f"seed_{seed}")
                 run_dir.mkdir(parents=True, exist_ok=True)
-                cmd = cnfgnn_run_command([*overrides, *level_overrides(level)], run_dir)
-                proc = procs.start(level, cmd, cwd=Path.cwd(), log_path=run_dir / "sweep.log")
-                print(f"[{level}] started pid {proc.pid}: {run_dir}", flush=True)
-                running[level] = (proc, run_dir, time.perf_counter())
+                extra = [] if seed is None else [f"seed={seed}"]
+                cmd = cnfgnn_run_command([*overrides, *extra, *level_overrides(level)], run_dir)
+                proc = procs.start(name, cmd, cwd=Path.cwd(), log_path=run_dir / "sweep.log")
+                print(f"[{name}] started pid {proc.pid}: {run_dir}", flush=True)
+                running[name] = (proc, run_dir, time.perf_counter(), (level, seed))
             time.sleep(2.0)
-            for level, (proc, run_dir, t0) in list(running.items()):
+            for name, (proc, run_dir, t0, key) in list(running.items()):
                 if proc.alive():
                     continue
-                rows[level] = _row(level, run_dir, proc.popen.returncode, time.perf_counter() - t0)
-                print(f"[{level}] finished: {rows[level]}", flush=True)
-                del running[level]
+                rc = proc.popen.returncode
+                rows[key] = _row(*key, run_dir, rc, time.perf_counter() - t0)
+                print(f"[{name}] finished: {rows[key]}", flush=True)
+                del running[name]
     finally:  # stop exactly the process groups this sweep started
-        for level in running:
-            procs.kill(level)
-    return [rows[level] for level in levels if level in rows]
+        for name in running:
+            procs.kill(name)
+    return [rows[k] for k in jobs if k in rows]
+
+
+#: Columns averaged over seeds in a level's mean row (each gets ``<column>_std``).
+AVERAGED = ("epsilon", "test_rmse", "test_mae", "test_masked_mae", "seconds")
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per level over its seeds: the mean of every :data:`AVERAGED` column and its
+    sample standard deviation (``<column>_std``, None for one seed); ``seed`` is empty and
+    ``seeds`` counts the runs that finished. A level whose runs all failed is left out."""
+    out: list[dict[str, Any]] = []
+    for level in dict.fromkeys(r["noise_multiplier"] for r in rows):
+        done = [r for r in rows if r["noise_multiplier"] == level and "test_rmse" in r]
+        if not done:
+            continue
+        m: dict[str, Any] = {"noise_multiplier": level, "seed": "", "seeds": len(done)}
+        for k in ("delta", "rounds", "clip_h_c", "clip_grad", "clip_fedavg", "releases"):
+            m[k] = done[0].get(k, "")
+        for k in AVERAGED:
+            vals = [r.get(k) for r in done]
+            if any(not isinstance(v, (int, float)) for v in vals):
+                m[k] = vals[0]  # "no DP"
+                m[f"{k}_std"] = None
+                continue
+            x = [float(v) for v in vals]
+            mean = sum(x) / len(x)
+            m[k] = mean
+            if len(x) > 1 and all(math.isfinite(v) for v in x):
+                m[f"{k}_std"] = math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1))
+            else:
+                m[f"{k}_std"] = None
+        out.append(m)
+    return out
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.4g}"
-    return str(v)
+    return "" if v is None else str(v)
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    """``mean ± std`` in a mean row with a spread, else the value."""
+    std = r.get(f"{key}_std")
+    return _fmt(r.get(key)) if std is None else f"{_fmt(r.get(key))} ± {_fmt(std)}"
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
-    """``privacy_sweep.csv``, ``.md`` (table) and ``.png`` (RMSE and epsilon vs noise)."""
+    """``privacy_sweep.csv``, ``.md`` (table) and ``.png`` (RMSE and epsilon vs noise).
+
+    With several seeds the CSV keeps the per-seed rows and adds a mean row per level
+    (empty ``seed``); the table and the plot show the mean rows, ``mean ± std``."""
+    means = mean_rows(rows)
+    seeded = any(r.get("seed") != "" for r in rows)
     keys = [
         "noise_multiplier",
+        "seed",
+        "seeds",
         "epsilon",
+        "epsilon_std",
         "delta",
         "test_rmse",
+        "test_rmse_std",
         "test_mae",
+        "test_mae_std",
         "test_masked_mae",
+        "test_masked_mae_std",
         "rounds",
         "seconds",
+        "seconds_std",
         "clip_h_c",
         "clip_grad",
         "clip_fedavg",
@@ -134,12 +197,18 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     with open(out / "privacy_sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
-        for r in rows:
+        for r in rows + (means if seeded else []):
             w.writerow({k: r.get(k, "") for k in keys})
+    shown_rows = means if seeded else rows
     shown = ["noise_multiplier", "epsilon", "delta", "test_rmse", "test_mae", "rounds", "seconds"]
+    if seeded:
+        shown.insert(1, "seeds")
     lines = [f"**{title}**", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in shown) + " |")
+    for r in shown_rows:
+        lines.append("| " + " | ".join(_cell(r, k) for k in shown) + " |")
+    failed = [r for r in rows if r.get("returncode") != 0]
+    if failed:
+        lines += ["", f"{len(failed)} run(s) failed: " + ", ".join(r["run_dir"] for r in failed)]
     (out / "privacy_sweep.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -147,11 +216,18 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dp_rows = [r for r in rows if r["noise_multiplier"] != "none" and "test_rmse" in r]
-    base = [r for r in rows if r["noise_multiplier"] == "none" and "test_rmse" in r]
+    dp_rows = [r for r in shown_rows if r["noise_multiplier"] != "none" and "test_rmse" in r]
+    base = [r for r in shown_rows if r["noise_multiplier"] == "none" and "test_rmse" in r]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     xs = [float(r["noise_multiplier"]) for r in dp_rows]
-    ax[0].plot(xs, [r["test_rmse"] for r in dp_rows], "o-", label="DP (clipped + noised)")
+    ax[0].errorbar(
+        xs,
+        [r["test_rmse"] for r in dp_rows],
+        yerr=[r.get("test_rmse_std") or 0.0 for r in dp_rows],
+        fmt="o-",
+        capsize=3,
+        label="DP (clipped + noised)" + (", mean ± std over seeds" if seeded else ""),
+    )
     if base:
         ax[0].axhline(base[0]["test_rmse"], color="gray", ls="--", label="no DP")
     ax[0].set_xlabel("noise multiplier (all mechanisms)")
@@ -189,12 +265,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated noise multipliers; 'none' = no DP",
     )
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
+    ap.add_argument(
+        "--seeds", default=None, help="comma-separated seeds, e.g. 42,43,44 (mean ± std per level)"
+    )
     ap.add_argument("--title", default=None)
     a = ap.parse_args(args)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     levels = [s.strip() for s in a.levels.split(",") if s.strip()]
-    rows = run_levels(levels, overrides, out, max(1, a.parallel))
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else None
+    rows = run_levels(levels, overrides, out, max(1, a.parallel), seeds)
     write_outputs(rows, out, a.title or " ".join(overrides))
     print((out / "privacy_sweep.md").read_text())
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
