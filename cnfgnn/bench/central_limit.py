@@ -100,15 +100,8 @@ class CentralCNFGNN:
         return self.worker._teacher(phase, step, batch)
 
     def _encode_all(self, split: str) -> Tensor:
-        s, bs = len(self.starts[split]), int(self.fed.eval_batch_size)
-        n = len(self.nodes)
         groups = self.model.node_groups(self.cfg.get("node_chunk"), trainable=False)  # as nodes do
-        parts = []
-        for b in range(0, s, bs):
-            idx = torch.arange(b, min(b + bs, s), device=self.device).expand(n, -1)
-            x = self._gather(split, idx)[0]
-            parts.append(torch.cat([net.encode(x[:, :, rows]) for rows, net in groups], dim=1))
-        return torch.cat(parts)  # [S, N, L, H]
+        return self.worker.encode_windows(split, groups)  # [S, N, L, H]
 
     def _embed_all(self, h_c: Tensor) -> Tensor:
         bs = int(self.fed.server_eval_batch_size)

@@ -698,11 +698,18 @@ class NodeWorker:
         """h_c for every window of a split with the (new) global model (step 2)."""
         self._load_global(payload)
         split = str(payload[P.SPLIT])
-        s = len(self.series.starts[split])
         self.net.eval()
-        groups = self._groups(trainable=False)
-        parts = []
+        self.h_c[split] = self.encode_windows(split, self._groups(trainable=False))
+        up = self._private("h_c", self.h_c[split], self.round, P.SPLITS.index(split))
+        return {P.H_C: up.cpu().numpy().copy()}  # the node decodes from its own clean h_c
+
+    def encode_windows(self, split: str, groups: list[tuple[slice, NodeSeq2Seq]]) -> Tensor:
+        """``h_c`` of every window of ``split``, ``[S, K, L, H]``, by the node groups given
+        (``(rows, net)`` pairs of :meth:`NodeSeq2Seq.node_groups`; the central limit passes
+        its own model's) in ``federation.eval_batch_size`` chunks of windows."""
+        s = len(self.series.starts[split])
         bs = int(self.cfg.federation.eval_batch_size)
+        parts = []
         for b in range(0, s, bs):
             idx = torch.arange(b, min(b + bs, s), device=self.device).expand(self.num_nodes, -1)
             x = self._gather(split, idx)[0]
@@ -710,14 +717,10 @@ class NodeWorker:
                 torch.cat([net.encode(x[:, :, rows]) for rows, net in groups], dim=1)
             )  # [B, K, L, H]
             progress.advance(idx.shape[1])
+        if parts:
+            return torch.cat(parts)
         m = self.cfg.model
-        self.h_c[split] = (
-            torch.cat(parts)
-            if parts
-            else torch.zeros(0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
-        )
-        up = self._private("h_c", self.h_c[split], self.round, P.SPLITS.index(split))
-        return {P.H_C: up.cpu().numpy().copy()}  # the node decodes from its own clean h_c
+        return torch.zeros(0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
 
     def split_step(self, payload: P.Payload) -> P.Payload:
         """Decode a server batch with the received h_G; return dL_k/dh_G (step 3)."""
