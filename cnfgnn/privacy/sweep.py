@@ -125,7 +125,8 @@ AVERAGED = ("epsilon", "test_rmse", "test_mae", "test_masked_mae", "seconds")
 
 def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per level over its seeds: the mean of every :data:`AVERAGED` column and its
-    sample standard deviation (``<column>_std``, None for one seed); ``seed`` is empty and
+    sample standard deviation (``<column>_std``, None for one seed; epsilon, the same for
+    every seed when the rounds are, is given once without a spread); ``seed`` is empty and
     ``seeds`` counts the runs that finished. A level whose runs all failed is left out."""
     out: list[dict[str, Any]] = []
     for level in dict.fromkeys(r["noise_multiplier"] for r in rows):
@@ -144,6 +145,9 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             x = [float(v) for v in vals]
             mean = sum(x) / len(x)
             m[k] = mean
+            if k == "epsilon" and max(x) - min(x) <= 1e-9 * abs(mean):
+                m[k], m[f"{k}_std"] = x[0], None  # the accountant's: the same for every seed
+                continue
             if len(x) > 1 and all(math.isfinite(v) for v in x):
                 m[f"{k}_std"] = math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1))
             else:

@@ -48,7 +48,7 @@ def test_mean_rows_over_seeds_skip_failed_runs(tmp_path):
             ("none", 1): (10.0, None, 0),
             ("none", 2): (12.0, None, 0),
             ("1", 1): (13.0, 5.0, 0),
-            ("1", 2): (15.0, 5.0, 0),
+            ("1", 2): (15.0, 5.0 + 1e-14, 0),  # the accountant's float noise
             ("1", 3): (0.0, None, 1),  # failed: no final.json
         },
     )
@@ -58,7 +58,7 @@ def test_mean_rows_over_seeds_skip_failed_runs(tmp_path):
     assert means["none"]["epsilon"] == "no DP" and means["none"]["epsilon_std"] is None
     assert means["1"]["seeds"] == 2  # the failed seed is not averaged
     assert means["1"]["test_rmse"] == pytest.approx(14.0)
-    assert means["1"]["epsilon"] == pytest.approx(5.0) and means["1"]["epsilon_std"] == 0.0
+    assert means["1"]["epsilon"] == 5.0 and means["1"]["epsilon_std"] is None  # no "± 0"
 
 
 def test_outputs_keep_seed_rows_and_show_mean_pm_std(tmp_path):
@@ -86,3 +86,9 @@ def test_without_seeds_the_table_is_per_run(tmp_path):
         got = list(csv.DictReader(f))
     assert len(got) == 1 and got[0]["seed"] == ""
     assert "| 1 | 4 | 1e-06 | 9 |" in (tmp_path / "privacy_sweep.md").read_text()
+
+
+def test_an_epsilon_that_differs_between_seeds_gets_a_spread(tmp_path):
+    rows = _rows(tmp_path, {("1", 1): (13.0, 5.0, 0), ("1", 2): (15.0, 7.0, 0)})  # e.g. dropouts
+    (m,) = sweep.mean_rows(rows)
+    assert m["epsilon"] == pytest.approx(6.0) and m["epsilon_std"] == pytest.approx(math.sqrt(2))
