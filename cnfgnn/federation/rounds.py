@@ -888,6 +888,7 @@ class Orchestrator:
                 fedavg_rounds=self.fedavg_rounds,
                 per_node_models=self.per_node_models,
                 global_scaling=str(self.fed.scaling) == "global",
+                forecasts_released=forecasts_released(self.cfg),
             )
             self.progress(describe(final["privacy"]))
         if self.writer:

@@ -155,14 +155,17 @@ def _unbounded(
     return why
 
 
-def unprotected(settings: PrivacySettings, global_scaling: bool) -> list[str]:
+def unprotected(
+    settings: PrivacySettings, global_scaling: bool, forecasts_released: bool = False
+) -> list[str]:
     """Everything data-dependent that leaves a node without noise."""
     out = [
         "validation/test error sums and counts per node and horizon (every round / once)",
         "sample counts per node (num_examples = training windows x local epochs; the window "
         "counts are public from the handshake)",
-        "test forecasts of the sensors asked for predictions.npz",
     ]
+    if forecasts_released:
+        out.append("test forecasts of the sensors in predictions.npz (predictions.release=true)")
     if settings.report_train_loss:
         out.insert(0, "training-loss sums and counts per node (privacy.report_train_loss=true)")
     if global_scaling:
@@ -177,6 +180,7 @@ def privacy_report(
     fedavg_rounds: Sequence[tuple[int, int]] = (),
     per_node_models: bool = False,
     global_scaling: bool = False,
+    forecasts_released: bool = False,
 ) -> dict[str, Any]:
     """The ``privacy`` block of ``final.json``.
 
@@ -188,6 +192,7 @@ def privacy_report(
         per_node_models: every node keeps its own model (split learning, AT w/o FedAvg,
             FMTL, local).
         global_scaling: the global scaler's statistics were sent (``federation.scaling``).
+        forecasts_released: nodes sent their test forecasts (``predictions.release``).
 
     Returns:
         dict with ``epsilon`` (None in final.json = unbounded, reasons in ``not_private``)
@@ -249,7 +254,7 @@ def privacy_report(
         "epsilon_against_server": eps_server,
         "epsilon_per_mechanism": per,
         "not_private": why,
-        "unprotected": unprotected(settings, global_scaling),
+        "unprotected": unprotected(settings, global_scaling, forecasts_released),
         "insecure_replayable_noise": settings.insecure_replayable_noise,
         "noise_source": (
             "INSECURE: generators seeded from the run config (replayable)"

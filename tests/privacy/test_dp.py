@@ -322,6 +322,14 @@ def test_unbounded_releases_give_no_finite_epsilon(kw, releases, reason):
     assert math.isinf(privacy_report(clip_only, {"h_c": 1})["epsilon"])
 
 
+def test_released_forecasts_are_listed_as_unprotected_only_when_sent():
+    rel = {"h_c": 1, "grad": 1, "fedavg": 1}
+    quiet = privacy_report(_settings(), rel, fedavg_rounds=[(6, 6)])["unprotected"]
+    sent = privacy_report(_settings(), rel, fedavg_rounds=[(6, 6)], forecasts_released=True)
+    assert not any("forecast" in u for u in quiet)
+    assert any("predictions.release" in u for u in sent["unprotected"])
+
+
 # ---------------------------------------------------------------------- runs
 def test_disabled_is_bit_identical_to_no_privacy_group(tmp_path):
     """privacy=none composes to the same run as a config without the group (as before)."""
@@ -383,6 +391,7 @@ def test_uploads_are_clipped_no_loss_sums_and_run_reports_epsilon(tmp_path):
     assert saved["epsilon"] == pytest.approx(rdp_epsilon([(0.5, 2), (0.5 / math.sqrt(6), 1)], 1e-6))
     assert saved["insecure_replayable_noise"] is False and saved["not_private"] == []
     assert any("error sums" in u for u in saved["unprotected"])
+    assert not any("forecast" in u for u in saved["unprotected"])  # none sent by default
     assert saved["delta"] == 1e-6 and math.isfinite(final["test"]["rmse"])
     # the default noise is fresh: the same config twice gives two different runs
     again, _ = _run(tmp_path / "again", *DP)
