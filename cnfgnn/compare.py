@@ -13,12 +13,14 @@ argument is a Hydra override given to every run. Each method is its config prese
 ``methods`` map) plus ``federation.rounds = ceil(budget_epochs / R_c)``, so all methods train
 the same number of local epochs per node. Each (method, seed) runs as its own ``cnfgnn``
 process (its memory is measured alone and a failing run does not stop the others) into
-``<out>/<method>/seed<k>/``, its log in ``compare.log`` there. ``compare.seeds`` (default: the
-runs' own ``seed``, 42 unless set) lists the seeds. A (method, seed) whose ``final.json`` is
-already in ``out`` is not rerun (``compare.force=true`` reruns it), so an interrupted
-comparison continues where it stopped. At the end :mod:`cnfgnn.report` writes
-``comparison.{csv,md}`` (with several seeds: a mean ± std row per method as well) and the
-plots into ``out``.
+``<out>/<method>/seed<k>/``, its log in ``compare.log`` there. ``compare.jobs`` runs go at once
+(default 2, at most one per core), each with ``threads`` = cores / jobs unless ``threads=`` is
+given: small per-node kernels gain more from a second run than from a second thread.
+``compare.seeds`` (default: the runs' own ``seed``, 42 unless set) lists the seeds. A
+(method, seed) whose ``final.json`` is already in ``out`` is not rerun (``compare.force=true``
+reruns it), so an interrupted comparison continues where it stopped. At the end
+:mod:`cnfgnn.report` writes ``comparison.{csv,md}`` (with several seeds: a mean ± std row per
+method as well) and the plots into ``out``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,7 @@ def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     ours = [a[len("compare.") :] for a in args if a.startswith("compare.")]
     runs = [a for a in args if not a.startswith("compare.")]
     conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(ours))
-    known = ("run", "budget_epochs", "patience", "out", "force", "methods", "seeds")
+    known = ("run", "budget_epochs", "patience", "out", "force", "methods", "seeds", "jobs")
     unknown = sorted(set(conf.keys()) - set(known))
     if unknown:
         raise UsageError(
@@ -62,6 +66,8 @@ def compare_config(args: list[str]) -> tuple[DictConfig, list[str]]:
     conf.run = names
     if int(conf.budget_epochs) < 1:
         raise UsageError("compare.budget_epochs must be at least 1")
+    if not isinstance(conf.jobs, int) or isinstance(conf.jobs, bool) or conf.jobs < 1:
+        raise UsageError(f"compare.jobs={conf.jobs} must be a whole number of at least 1")
     if conf.seeds is not None:
         seeds = list(conf.seeds) if OmegaConf.is_list(conf.seeds) else [conf.seeds]
         if (
@@ -130,41 +136,89 @@ def _out_dir(conf: DictConfig, runs: list[str]) -> Path:
     return Path(str(cfg.output_root)) / "compare" / f"{cfg.dataset.name}_{stamp}"
 
 
-def run_method(name: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """Run one method as a ``cnfgnn`` process, streaming its output; returns its record."""
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def width_and_threads(conf: DictConfig, runs: list[str], pending: int) -> tuple[int, list[str]]:
+    """How many runs go at once, and the ``threads=`` override each then gets (none when one
+    run goes at a time or the user set ``threads``)."""
+    width = max(1, min(int(conf.jobs), pending, cores()))
+    if width == 1 or any(a.startswith("threads=") for a in runs):
+        return width, []
+    return width, [f"threads={max(1, cores() // width)}"]
+
+
+class RunsInFlight:
+    """The runs' process sets, so that Ctrl-C stops every running one and starts no more."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: list[tuple[ProcessSet, str]] = []
+        self.stopped = False
+
+    def start(self, procs: ProcessSet, name: str, argv: list[str], log_path: Path) -> bool:
+        """Start ``argv`` in ``procs`` unless :meth:`stop` came first; False if it did."""
+        with self._lock:
+            if self.stopped:
+                return False
+            procs.start(name, argv, cwd=Path.cwd(), log_path=log_path)
+            self._started.append((procs, name))
+            return True
+
+    def stop(self) -> None:
+        """Stop every started run's process group (SIGTERM, then SIGKILL after 5 s)."""
+        with self._lock:
+            self.stopped = True
+            started = list(self._started)
+        for procs, name in started:
+            procs.stop(name, grace_s=5.0)
+
+
+def run_method(
+    name: str,
+    overrides: list[str],
+    run_dir: Path,
+    flight: RunsInFlight | None = None,
+    prefix: str | None = None,
+) -> dict[str, Any]:
+    """Run one method as a ``cnfgnn`` process, streaming its output (each line prefixed
+    ``[prefix]``, default the method); returns its record (``returncode`` None: not started
+    because ``flight`` was stopped)."""
     if run_dir.exists():  # an earlier, unfinished (or forced) try: kept aside, not deleted
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.prev-{datetime.now():%Y%m%d-%H%M%S}"))
     run_dir.mkdir(parents=True)
     procs = ProcessSet(run_dir, dict(os.environ))  # its own process group, stopped as one
+    flight = flight or RunsInFlight()
     start = time.perf_counter()
-    procs.start(
-        name,
-        cnfgnn_run_command(overrides, run_dir),
-        cwd=Path.cwd(),
-        log_path=run_dir / "compare.log",
-    )
+    record: dict[str, Any] = {"method": name, "overrides": overrides, "started_at": time.time()}
+    if not flight.start(
+        procs, name, cnfgnn_run_command(overrides, run_dir), run_dir / "compare.log"
+    ):
+        return record | {"returncode": None}
+    tag = prefix or name
     try:
         code, peak_mb = procs.follow(
-            name, lambda line: print(f"[{name}] {line}", end="", flush=True)
+            name, lambda line: print(f"[{tag}] {line}", end="", flush=True)
         )
     except BaseException:  # Ctrl-C: stop exactly the processes it started, then re-raise
         procs.stop(name, grace_s=5.0)
         raise
-    return {
-        "method": name,
+    return record | {
         "returncode": code,
         "seconds_wall": time.perf_counter() - start,
+        "ended_at": time.time(),
         "peak_rss_mb": peak_mb,
-        "overrides": overrides,
     }
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run: its process was stopped; finished runs are kept."""
+    """Ctrl-C during runs: their processes were stopped; finished runs are kept."""
 
-    def __init__(self, method: str, seed: int, out: Path):
-        super().__init__(method, seed, out)
-        self.method, self.seed, self.out = method, seed, out
+    def __init__(self, running: list[str], out: Path):
+        super().__init__(running, out)
+        self.running, self.out = running, out
 
 
 class AllFailed(Exception):
@@ -176,7 +230,7 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
 
     Raises:
         UsageError: bad settings or overrides (nothing has run).
-        Interrupted: Ctrl-C (the running method's process was stopped).
+        Interrupted: Ctrl-C (the running methods' processes were stopped).
         AllFailed: no run finished.
     """
     conf, runs = compare_config(args)
@@ -196,32 +250,55 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
         }
     )
     jobs = [(name, seed) for name in plans for seed in seeds]
-    print(
-        f"cnfgnn-compare: {len(plans)} methods x {len(seeds)} seed(s) {seeds}, "
-        f"{conf.budget_epochs} local epochs per node each, output {out}"
-    )
-    failed = []
+    todo = []
     for i, (name, seed) in enumerate(jobs, 1):
         run_dir = run_dir_of(out, name, seed)
         tag = f"[{i}/{len(jobs)}] {name} seed {seed}"
         if (run_dir / "final.json").exists() and not conf.force:
             print(f"{tag}: done before ({run_dir / 'final.json'}), kept")
             continue
-        overrides = [*plans[name], f"seed={seed}"]
+        todo.append((tag, name, seed, run_dir))
+    width, threads = width_and_threads(conf, runs, len(todo))
+    manifest["jobs"] = width
+    print(
+        f"cnfgnn-compare: {len(plans)} methods x {len(seeds)} seed(s) {seeds}, "
+        f"{conf.budget_epochs} local epochs per node each, {width} run(s) at once"
+        f"{f' ({threads[0]} each)' if threads else ''}, output {out}",
+        flush=True,
+    )
+    failed: list[str] = []
+    flight = RunsInFlight()
+
+    def one(tag: str, name: str, seed: int, run_dir: Path) -> dict[str, Any]:
+        overrides = [*plans[name], *threads, f"seed={seed}"]
         print(f"{tag}: {' '.join(overrides)}", flush=True)
+        prefix = name if len(seeds) == 1 else f"{name} {seed}"
+        return run_method(name, overrides, run_dir, flight, prefix) | {"seed": seed, "jobs": width}
+
+    with ThreadPoolExecutor(max_workers=width) as pool:
+        running: dict[Future, tuple[str, str, int, Path]] = {
+            pool.submit(one, *job): job for job in todo
+        }
         try:
-            record = run_method(name, overrides, run_dir)
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    tag, name, seed, run_dir = running.pop(future)
+                    record = future.result()
+                    manifest["runs"][run_dir.relative_to(out).as_posix()] = record
+                    manifest_path.write_text(json.dumps(manifest, indent=2))
+                    if record["returncode"] != 0 or not (run_dir / "final.json").exists():
+                        failed.append(f"{name} seed {seed}")
+                        print(
+                            f"{tag} FAILED (exit {record['returncode']}); "
+                            f"log: {run_dir / 'compare.log'}",
+                            flush=True,
+                        )
         except KeyboardInterrupt:
-            raise Interrupted(name, seed, out) from None
-        record["seed"] = seed
-        manifest["runs"][run_dir.relative_to(out).as_posix()] = record
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        if record["returncode"] != 0 or not (run_dir / "final.json").exists():
-            failed.append(f"{name} seed {seed}")
-            print(
-                f"{tag} FAILED (exit {record['returncode']}); log: {run_dir / 'compare.log'}",
-                flush=True,
-            )
+            stopped = [f"{job[1]} seed {job[2]}" for f, job in running.items() if f.running()]
+            flight.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise Interrupted(stopped, out) from None
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     from cnfgnn.report import write_report
@@ -234,7 +311,12 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
             f"every run failed ({', '.join(failed)}); no table. "
             f"Their logs: {out}/<method>/seed<k>/compare.log"
         )
-    table, files = write_report(done, out)
+    concurrent = (
+        f"Seconds: wall time with up to {width} runs at once on {cores()} cores."
+        if width > 1
+        else ""
+    )
+    table, files = write_report(done, out, note=concurrent)
     return out, table, files, failed
 
 
@@ -243,8 +325,8 @@ def _main(args: list[str]) -> int:
         _, table, files, failed = run(args)
     except Interrupted as stop:
         print(
-            f"\ncnfgnn-compare: interrupted during {stop.method} seed {stop.seed} (its process "
-            f"was stopped); finished runs are kept in {stop.out}: run the same command to "
+            f"\ncnfgnn-compare: interrupted during {', '.join(stop.running) or 'the runs'} "
+            f"(stopped); finished runs are kept in {stop.out}: run the same command to "
             "continue"
         )
         return 130

@@ -36,6 +36,16 @@ def cnfgnn_run_command(overrides: Sequence[str], run_dir: Path) -> list[str]:
     ]
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(own options, Hydra overrides)`` of a command line ``OPTIONS -- OVERRIDES`` (no
+    ``--``: every argument is an option)."""
+    args = list(argv)
+    if "--" not in args:
+        return args, []
+    i = args.index("--")
+    return args[:i], args[i + 1 :]
+
+
 @dataclass
 class Proc:
     """One started process (and its process group, id = its pid)."""

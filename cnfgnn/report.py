@@ -630,14 +630,16 @@ def _dataset(run: Run) -> Any:
         return None
 
 
-def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
+def write_report(run_dirs: list[Path], out: Path, note: str = "") -> tuple[str, list[Path]]:
     """Write the table and plots of ``run_dirs`` into ``out``; returns (markdown, files).
+    ``note``: a sentence for the page's preamble (e.g. how the runs were timed).
 
     Raises:
         ReportError: when ``run_dirs`` is empty.
     """
     if not run_dirs:
         raise ReportError(f"no finished run to report in {out}")
+    extra = f" {note}" if note else ""  # `note` is reused below for the seeds' sentence
     runs = [load_run(Path(p)) for p in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(runs)
@@ -666,7 +668,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[str, list[Path]]:
         f"# Comparison on {', '.join(datasets)}\n\nTest split. RMSE (paper) and MAE: unmasked, all "
         "horizons, original units; per-horizon columns: masked (zeros left out) at horizons "
         "3/6/12. Epochs: local epochs per node actually trained (early stopping may end a run "
-        f"early). {note}\n\n{table}\n"
+        f"early). {note}{extra}\n\n{table}\n"
     )
     files = [out / "comparison.csv", out / "comparison.md"]
     plots = out / "plots"

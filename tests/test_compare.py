@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -64,6 +65,40 @@ def test_bad_settings_are_refused_before_anything_runs():
         _plan("compare.run=[cnfgnn]", "dataset=no_such_dataset")
     with pytest.raises(UsageError, match="at least 1"):
         _plan("compare.budget_epochs=0")
+    for bad in ("compare.jobs=0", "compare.jobs=two", "compare.jobs=1.5"):
+        with pytest.raises(UsageError, match="compare.jobs"):
+            _plan(bad)
+
+
+def test_runs_at_once_share_the_cores_unless_threads_is_given(monkeypatch):
+    monkeypatch.setattr(compare, "cores", lambda: 4)
+    conf, runs = compare.compare_config(["compare.jobs=2"])
+    assert compare.width_and_threads(conf, runs, pending=8) == (2, ["threads=2"])
+    assert compare.width_and_threads(conf, runs, pending=1) == (1, [])  # one run: all cores
+    conf, runs = compare.compare_config(["compare.jobs=9"])
+    assert compare.width_and_threads(conf, runs, pending=8) == (4, ["threads=1"])  # one per core
+    conf, runs = compare.compare_config(["compare.jobs=2", "threads=3"])
+    assert compare.width_and_threads(conf, runs, pending=8) == (2, [])  # the user's threads kept
+    conf, runs = compare.compare_config(["compare.jobs=1"])
+    assert compare.width_and_threads(conf, runs, pending=8) == (1, [])
+    monkeypatch.setattr(compare, "cores", lambda: 1)
+    conf, runs = compare.compare_config([])
+    assert compare.width_and_threads(conf, runs, pending=8) == (1, [])
+
+
+def test_ctrl_c_stops_every_run_in_flight_and_starts_no_more(tmp_path):
+    flight = compare.RunsInFlight()
+    sets = [compare.ProcessSet(tmp_path / str(i), {}) for i in range(2)]
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    for i, procs in enumerate(sets):
+        assert flight.start(procs, f"run{i}", sleep, tmp_path / f"{i}.log")
+    assert all(procs.procs[f"run{i}"].alive() for i, procs in enumerate(sets))
+    flight.stop()
+    assert not any(procs.procs[f"run{i}"].alive() for i, procs in enumerate(sets))
+    assert all(procs.leftovers() == [] for procs in sets)
+    late = compare.ProcessSet(tmp_path / "late", {})
+    assert not flight.start(late, "late", sleep, tmp_path / "late.log")
+    assert late.procs == {}
 
 
 def test_seeds_default_to_the_runs_own_seed_and_are_checked():
@@ -125,6 +160,19 @@ def test_comparison_table_holds_each_runs_own_test_metrics(compared):
     for name in ("forecasts", "horizons", "sensor_maps", "validation", "bytes"):
         img = mpimg.imread(compared / "plots" / f"{name}.png")
         assert img.shape[0] > 200 and img.shape[1] > 400, name
+
+
+def test_two_runs_go_at_once_by_default(compared):
+    if compare.cores() < 2:
+        pytest.skip("one core: runs go one after another")
+    manifest = json.loads((compared / "compare.json").read_text())
+    assert manifest["jobs"] == 2
+    runs = list(manifest["runs"].values())
+    assert len(runs) == 4
+    assert all("threads=1" in r["overrides"] for r in runs)  # TINY's own, not overridden
+    first_two = sorted(runs, key=lambda r: r["started_at"])[:2]
+    assert first_two[1]["started_at"] < first_two[0]["ended_at"]  # they overlapped
+    assert "2 runs at once" in (compared / "comparison.md").read_text()
 
 
 def test_seeds_give_a_mean_and_std_row_per_method(compared):

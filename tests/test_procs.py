@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cnfgnn.procs import ProcessSet
+from cnfgnn.procs import ProcessSet, split_overrides
 
 CHILD = (
     "import sys, time; print('first', flush=True); time.sleep(0.3); "
@@ -23,3 +23,12 @@ def test_follow_passes_whole_lines_and_returns_status_and_peak_memory(tmp_path):
     assert code == 3 and peak_mb > 1.0
     assert procs.procs["child"].popen.returncode == 3 and procs.leftovers() == []
     procs.stop_all()  # nothing left to stop: must not wait on the reaped process
+
+
+def test_split_overrides_parts_options_from_hydra_overrides():
+    assert split_overrides(["--out", "x", "--", "seed=1", "--", "a=2"]) == (
+        ["--out", "x"],
+        ["seed=1", "--", "a=2"],
+    )
+    assert split_overrides(["--out", "x"]) == (["--out", "x"], [])
+    assert split_overrides(["--"]) == ([], [])

@@ -20,7 +20,6 @@ and after every run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -28,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnfgnn.procs import ProcessSet, cnfgnn_run_command
+from cnfgnn import tables
+from cnfgnn.procs import ProcessSet, cnfgnn_run_command, split_overrides
 
 LOCAL_TYPE = "train.local"  # cnfgnn.federation.protocol.LOCAL_TRAIN
 SECAGG_TYPE = "train"  # legacy message type of Flower's SecAgg+ workflow
@@ -67,11 +67,7 @@ def phase_row(final: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in args:
-        i = args.index("--")
-        args, overrides = args[:i], args[i + 1 :]
+    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--clients", default="8,32", help="comma-separated client counts")
@@ -126,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "message_type",
         "test_rmse",
     ]
-    with open(out / "secagg_bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    tables.write_csv(rows, keys, out / "secagg_bench.csv")
     shown = [
         "clients",
         "secagg",
@@ -140,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before",
         "load_after",
     ]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for r in rows:
-        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in shown]
-        lines.append("| " + " | ".join(cells) + " |")
-    (out / "secagg_bench.md").write_text("\n".join(lines) + "\n")
+    (out / "secagg_bench.md").write_text("\n".join(tables.markdown(rows, shown)) + "\n")
     print((out / "secagg_bench.md").read_text())
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 

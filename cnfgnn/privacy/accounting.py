@@ -196,9 +196,11 @@ def privacy_report(
 
     Returns:
         dict with ``epsilon`` (None in final.json = unbounded, reasons in ``not_private``)
-        under ``threat_model``, ``epsilon_against_server``, ``delta``, per-mechanism
-        epsilons, the effective noise multipliers, ``unprotected`` (what leaves a node
-        without noise), settings, release counts, the accountant, unit and adjacency.
+        under ``threat_model``, ``epsilon_against_server``, ``epsilon_with_secagg`` (what
+        the same releases give with ``privacy.secagg=true``; None with server-side noise),
+        ``delta``, per-mechanism epsilons, the effective noise multipliers, ``unprotected``
+        (what leaves a node without noise), settings, release counts, the accountant, unit
+        and adjacency.
     """
     import opacus
 
@@ -227,6 +229,9 @@ def privacy_report(
 
     eps, per = total(against_server=False)
     eps_server, per_server = total(against_server=True)
+    # with node noise, secure aggregation shows the server only the sum: the released
+    # model's figure; with server noise SecAgg+ cannot apply (the server must see updates)
+    eps_secagg = None if central else eps
     if central:
         threat = (
             "central DP with a TRUSTED server: epsilon bounds what anyone who sees the "
@@ -252,6 +257,7 @@ def privacy_report(
         "delta": settings.delta,
         "threat_model": threat,
         "epsilon_against_server": eps_server,
+        "epsilon_with_secagg": eps_secagg,
         "epsilon_per_mechanism": per,
         "not_private": why,
         "unprotected": unprotected(settings, global_scaling, forecasts_released),

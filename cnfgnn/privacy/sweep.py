@@ -16,13 +16,15 @@ noise is OS-random, so two sweeps give different numbers (run several seeds). Ea
 child process (``python -m cnfgnn.cli``),
 started and stopped by its PID; its ``final.json`` gives test RMSE/MAE and epsilon.
 Writes ``privacy_sweep.csv``, ``privacy_sweep.md`` and ``privacy_sweep.png`` (test RMSE
-and epsilon against the noise multiplier) under ``--out``.
+and epsilon against the noise multiplier) under ``--out``. Epsilon is given as run and as
+the same releases would give with ``privacy.secagg=true`` (``epsilon_with_secagg`` of
+``final.json``: the server sees only the FedAvg sum). ``--collect`` runs nothing and
+rebuilds these files from the runs already under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -31,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnfgnn.procs import Proc, ProcessSet, cnfgnn_run_command
+from cnfgnn import tables
+from cnfgnn.procs import Proc, ProcessSet, cnfgnn_run_command, split_overrides
 
 MECHANISMS = ("h_c", "grad", "fedavg")
 
@@ -42,6 +45,17 @@ def level_overrides(level: str) -> list[str]:
         return ["privacy=none"]
     s = float(level)
     return ["privacy=dp"] + [f"privacy.{m}.noise_multiplier={s}" for m in MECHANISMS]
+
+
+def _secagg_epsilon(pr: dict[str, Any]) -> float | str:
+    """``epsilon_with_secagg`` of a run's privacy block: inf where unbounded, ``n/a`` with
+    server-side noise (SecAgg+ cannot apply), empty for a run that did not report it."""
+    if (pr.get("fedavg") or {}).get("noise_at") == "server":
+        return "n/a"
+    if "epsilon_with_secagg" not in pr:
+        return ""
+    eps = pr["epsilon_with_secagg"]
+    return math.inf if eps is None else eps
 
 
 def _row(level: str, seed: int | None, run_dir: Path, rc: int, seconds: float) -> dict[str, Any]:
@@ -65,11 +79,12 @@ def _row(level: str, seed: int | None, run_dir: Path, rc: int, seconds: float) -
     )
     pr = final.get("privacy")
     if pr is None:
-        row.update(epsilon="no DP", delta="")
+        row.update(epsilon="no DP", epsilon_secagg="no DP", delta="")
     else:
         eps = pr["epsilon"]
         row.update(
             epsilon=math.inf if eps is None else eps,
+            epsilon_secagg=_secagg_epsilon(pr),
             delta=pr["delta"],
             clip_h_c=pr["mechanisms"]["h_c"]["clip"],
             clip_grad=pr["mechanisms"]["grad"]["clip"],
@@ -119,8 +134,32 @@ def run_levels(
     return [rows[k] for k in jobs if k in rows]
 
 
+def collect(out: Path) -> list[dict[str, Any]]:
+    """The rows of the runs a sweep left under ``out`` (``noise_<level>[/seed_<k>]``), levels
+    in the order none, then increasing noise; ``seconds`` is each run's own
+    ``seconds_total`` (the process's wall time is not kept)."""
+
+    def order(d: Path) -> tuple[float, str]:
+        level = d.name[len("noise_") :]
+        return (-1.0 if level == "none" else float(level), level)
+
+    rows = []
+    for level_dir in sorted(out.glob("noise_*"), key=order):
+        level = level_dir.name[len("noise_") :]
+        seeded = sorted(level_dir.glob("seed_*"), key=lambda d: int(d.name[len("seed_") :]))
+        for run_dir, seed in [(d, int(d.name[len("seed_") :])) for d in seeded] or [
+            (level_dir, None)
+        ]:
+            final = run_dir / "final.json"
+            secs = (
+                json.loads(final.read_text()).get("seconds_total", 0.0) if final.is_file() else 0.0
+            )
+            rows.append(_row(level, seed, run_dir, 0 if final.is_file() else 1, float(secs or 0.0)))
+    return rows
+
+
 #: Columns averaged over seeds in a level's mean row (each gets ``<column>_std``).
-AVERAGED = ("epsilon", "test_rmse", "test_mae", "test_masked_mae", "seconds")
+AVERAGED = ("epsilon", "epsilon_secagg", "test_rmse", "test_mae", "test_masked_mae", "seconds")
 
 
 def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,7 +184,7 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             x = [float(v) for v in vals]
             mean = sum(x) / len(x)
             m[k] = mean
-            if k == "epsilon" and max(x) - min(x) <= 1e-9 * abs(mean):
+            if k.startswith("epsilon") and max(x) - min(x) <= 1e-9 * abs(mean):
                 m[k], m[f"{k}_std"] = x[0], None  # the accountant's: the same for every seed
                 continue
             if len(x) > 1 and all(math.isfinite(v) for v in x):
@@ -154,18 +193,6 @@ def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 m[f"{k}_std"] = None
         out.append(m)
     return out
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def _cell(r: dict[str, Any], key: str) -> str:
-    """``mean ± std`` in a mean row with a spread, else the value."""
-    std = r.get(f"{key}_std")
-    return _fmt(r.get(key)) if std is None else f"{_fmt(r.get(key))} ± {_fmt(std)}"
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
@@ -181,6 +208,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
         "seeds",
         "epsilon",
         "epsilon_std",
+        "epsilon_secagg",
+        "epsilon_secagg_std",
         "delta",
         "test_rmse",
         "test_rmse_std",
@@ -198,18 +227,21 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
         "returncode",
         "run_dir",
     ]
-    with open(out / "privacy_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows + (means if seeded else []):
-            w.writerow({k: r.get(k, "") for k in keys})
+    tables.write_csv(rows + (means if seeded else []), keys, out / "privacy_sweep.csv")
     shown_rows = means if seeded else rows
-    shown = ["noise_multiplier", "epsilon", "delta", "test_rmse", "test_mae", "rounds", "seconds"]
+    shown = [
+        "noise_multiplier",
+        "epsilon",
+        "epsilon_secagg",
+        "delta",
+        "test_rmse",
+        "test_mae",
+        "rounds",
+        "seconds",
+    ]
     if seeded:
         shown.insert(1, "seeds")
-    lines = [f"**{title}**", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for r in shown_rows:
-        lines.append("| " + " | ".join(_cell(r, k) for k in shown) + " |")
+    lines = [f"**{title}**", "", *tables.markdown(shown_rows, shown)]
     failed = [r for r in rows if r.get("returncode") != 0]
     if failed:
         lines += ["", f"{len(failed)} run(s) failed: " + ", ".join(r["run_dir"] for r in failed)]
@@ -238,14 +270,21 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     ax[0].set_ylabel("test RMSE (unmasked)")
     ax[0].legend()
     ax[0].set_title(title)
-    finite = [
-        (x, r["epsilon"])
-        for x, r in zip(xs, dp_rows)
-        if isinstance(r.get("epsilon"), float) and math.isfinite(r["epsilon"])
-    ]
-    if finite:
-        ax[1].plot([x for x, _ in finite], [e for _, e in finite], "o-", color="C3")
-        ax[1].set_yscale("log")
+    for key, label, color in (
+        ("epsilon", "as run", "C3"),
+        ("epsilon_secagg", "with SecAgg+", "C2"),
+    ):
+        finite = [
+            (x, r[key])
+            for x, r in zip(xs, dp_rows)
+            if isinstance(r.get(key), float) and math.isfinite(r[key])
+        ]
+        if finite:
+            ax[1].plot(
+                [x for x, _ in finite], [e for _, e in finite], "o-", color=color, label=label
+            )
+            ax[1].set_yscale("log")
+            ax[1].legend()
     delta = next((r["delta"] for r in dp_rows if r.get("delta") not in (None, "")), None)
     ax[1].set_xlabel("noise multiplier (all mechanisms)")
     ax[1].set_ylabel(f"epsilon at delta={delta:g}" if delta else "epsilon")
@@ -256,11 +295,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in args:
-        i = args.index("--")
-        args, overrides = args[:i], args[i + 1 :]
+    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument(
@@ -273,12 +308,25 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", default=None, help="comma-separated seeds, e.g. 42,43,44 (mean ± std per level)"
     )
     ap.add_argument("--title", default=None)
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: rebuild the outputs from the runs already under --out",
+    )
     a = ap.parse_args(args)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    levels = [s.strip() for s in a.levels.split(",") if s.strip()]
-    seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else None
-    rows = run_levels(levels, overrides, out, max(1, a.parallel), seeds)
+    if a.collect:
+        rows = collect(out)
+        if not rows:
+            print(
+                f"sweep: no run under {out} (noise_<level>/[seed_<k>/]final.json)", file=sys.stderr
+            )
+            return 2
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        levels = [s.strip() for s in a.levels.split(",") if s.strip()]
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else None
+        rows = run_levels(levels, overrides, out, max(1, a.parallel), seeds)
     write_outputs(rows, out, a.title or " ".join(overrides))
     print((out / "privacy_sweep.md").read_text())
     return 0 if all(r["returncode"] == 0 for r in rows) else 1

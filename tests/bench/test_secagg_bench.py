@@ -39,3 +39,27 @@ def test_phase_row_reads_the_fedavg_phase_per_round(on):
     assert row["message_type"] == kind
     assert row["fedavg_s_per_round"] == 3.0
     assert (row["fedavg_down_bytes_per_round"], row["fedavg_up_bytes_per_round"]) == (5, 200)
+
+
+@pytest.mark.slow
+def test_the_command_runs_both_cases_to_the_end(flower_env, capsys):
+    """``python -m cnfgnn.bench.secagg`` as a user runs it: two Flower simulations as child
+    processes (SecAgg+ off, on), then the table. About a minute."""
+    import csv
+
+    from tests.helpers import TINY
+
+    out = flower_env / "secagg"
+    argv = ["--out", str(out), "--clients", "2", "--num-nodes", "6"]
+    over = [*TINY, "federation.rounds=1", "privacy.secagg_plus.clipping_range=16"]  # K = 3
+    assert secagg.main([*argv, "--", *over]) == 0
+    rows = list(csv.DictReader(open(out / "secagg_bench.csv")))
+    assert [(r["clients"], r["secagg"], r["returncode"]) for r in rows] == [
+        ("2", "False", "0"),
+        ("2", "True", "0"),
+    ]
+    assert [r["message_type"] for r in rows] == [P.LOCAL_TRAIN, secagg.SECAGG_TYPE]
+    off, on = (float(r["fedavg_down_bytes_per_round"]) for r in rows)
+    assert on > off > 0  # SecAgg+'s four round trips carry keys, shares and masks
+    table = (out / "secagg_bench.md").read_text()
+    assert table.count("\n") == 4 and table in capsys.readouterr().out

@@ -292,9 +292,13 @@ def test_report_composes_every_release_at_sensitivity_2c():
         rdp_epsilon([(1.0, 15), (1.0 / math.sqrt(6), 5)], 1e-6)
     )
     assert plain["epsilon"] > secure["epsilon"]
+    # what the plain run's releases would give under SecAgg+: the secure run's epsilon
+    assert secure["epsilon_with_secagg"] == pytest.approx(secure["epsilon"])
+    assert plain["epsilon_with_secagg"] == pytest.approx(secure["epsilon"])
     central = privacy_report(_settings(2.0, fedavg_noise_at="server"), rel, fedavg_rounds=rounds)
     assert "TRUSTED server" in central["threat_model"]
     assert math.isinf(central["epsilon_against_server"])
+    assert central["epsilon_with_secagg"] is None  # the server must see updates to add noise
     assert central["epsilon"] == pytest.approx(rdp_epsilon([(1.0, 15), (1.0, 4), (4 / 6, 1)], 1e-6))
 
 

@@ -19,6 +19,8 @@ def _final(rmse: float, eps: float | None) -> dict:
             "delta": 1e-6,
             "mechanisms": {m: {"clip": 1.0, "noise_multiplier": 1.0} for m in sweep.MECHANISMS},
             "releases_per_window": {"h_c": 2, "grad": 2, "fedavg": 2},
+            "epsilon_with_secagg": eps / 4,
+            "fedavg": {"noise_at": "node"},
         }
     return {"test": {"rmse": rmse, "mae": rmse / 2}, "rounds_run": 2, "privacy": priv}
 
@@ -85,10 +87,52 @@ def test_without_seeds_the_table_is_per_run(tmp_path):
     with open(tmp_path / "privacy_sweep.csv") as f:
         got = list(csv.DictReader(f))
     assert len(got) == 1 and got[0]["seed"] == ""
-    assert "| 1 | 4 | 1e-06 | 9 |" in (tmp_path / "privacy_sweep.md").read_text()
+    assert "| 1 | 4 | 1 | 1e-06 | 9 |" in (tmp_path / "privacy_sweep.md").read_text()
 
 
 def test_an_epsilon_that_differs_between_seeds_gets_a_spread(tmp_path):
     rows = _rows(tmp_path, {("1", 1): (13.0, 5.0, 0), ("1", 2): (15.0, 7.0, 0)})  # e.g. dropouts
     (m,) = sweep.mean_rows(rows)
     assert m["epsilon"] == pytest.approx(6.0) and m["epsilon_std"] == pytest.approx(math.sqrt(2))
+
+
+def test_the_command_runs_every_level_and_seed_to_the_end(tmp_path, capsys):
+    """``python -m cnfgnn.privacy.sweep`` as a user runs it: child processes, then the files."""
+    from tests.helpers import TINY
+
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--levels", "none,1", "--seeds", "42,43", "--parallel", "2"]
+    code = sweep.main([*argv, "--", *TINY, "federation.rounds=1", "federation.scaling=per_node"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "privacy_sweep.csv")))
+    per_seed = [(r["noise_multiplier"], r["seed"]) for r in rows if r["seed"]]
+    assert sorted(per_seed) == [("1", "42"), ("1", "43"), ("none", "42"), ("none", "43")]
+    means = {r["noise_multiplier"]: r for r in rows if not r["seed"]}
+    assert set(means) == {"none", "1"}
+    assert means["none"]["epsilon"] == means["none"]["epsilon_secagg"] == "no DP"
+    assert 0 < float(means["1"]["epsilon_secagg"]) < float(means["1"]["epsilon"]) < math.inf
+    for level, seed in per_seed:
+        assert (out / f"noise_{level}" / f"seed_{seed}" / "final.json").is_file()
+    table = (out / "privacy_sweep.md").read_text()
+    assert " ± " in table and table in capsys.readouterr().out
+    assert (out / "privacy_sweep.png").stat().st_size > 0
+
+
+def test_collect_rebuilds_the_outputs_from_the_runs_on_disk(tmp_path, capsys):
+    rows = _rows(tmp_path, {("none", 42): (9.5, None, 0), ("1", 42): (11.0, 200.0, 0)})
+    rows += _rows(tmp_path, {("1", 43): (11.4, 200.0, 0), ("0.5", 42): (0.0, None, 1)})
+    assert sweep.main(["--out", str(tmp_path), "--collect"]) == 1  # a run without final.json
+    got = list(csv.DictReader(open(tmp_path / "privacy_sweep.csv")))
+    assert [(r["noise_multiplier"], r["seed"]) for r in got if r["seed"]] == [
+        ("none", "42"),
+        ("0.5", "42"),
+        ("1", "42"),
+        ("1", "43"),
+    ]
+    one = next(r for r in got if r["noise_multiplier"] == "1" and not r["seed"])
+    assert float(one["test_rmse"]) == pytest.approx(11.2)
+    assert float(one["epsilon"]) == 200.0 and float(one["epsilon_secagg"]) == 50.0
+    assert one["epsilon_std"] == "" and one["epsilon_secagg_std"] == ""  # equal over seeds
+    assert "1 run(s) failed" in (tmp_path / "privacy_sweep.md").read_text()
+    assert sweep.main(["--out", str(tmp_path / "empty"), "--collect"]) == 2
+    assert "no run under" in capsys.readouterr().err
