@@ -38,7 +38,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnfgnn.config import CONF_DIR
-from cnfgnn.procs import ProcessSet, cnfgnn_run_command
+from cnfgnn.procs import Interrupted as Signalled
+from cnfgnn.procs import ProcessSet, cnfgnn_run_command, raise_on_signals
 from cnfgnn.shell import UsageError, did_you_mean
 
 
@@ -230,7 +231,7 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
 
     Raises:
         UsageError: bad settings or overrides (nothing has run).
-        Interrupted: Ctrl-C (the running methods' processes were stopped).
+        Interrupted: Ctrl-C, SIGTERM or SIGHUP (the running methods' processes were stopped).
         AllFailed: no run finished.
     """
     conf, runs = compare_config(args)
@@ -275,6 +276,8 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
         prefix = name if len(seeds) == 1 else f"{name} {seed}"
         return run_method(name, overrides, run_dir, flight, prefix) | {"seed": seed, "jobs": width}
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    restore = raise_on_signals() if main_thread else lambda: None  # SIGTERM/SIGHUP = Ctrl-C
     with ThreadPoolExecutor(max_workers=width) as pool:
         running: dict[Future, tuple[str, str, int, Path]] = {
             pool.submit(one, *job): job for job in todo
@@ -294,11 +297,13 @@ def run(args: list[str]) -> tuple[Path, str, list[Path], list[str]]:
                             f"log: {run_dir / 'compare.log'}",
                             flush=True,
                         )
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Signalled):
             stopped = [f"{job[1]} seed {job[2]}" for f, job in running.items() if f.running()]
             flight.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             raise Interrupted(stopped, out) from None
+        finally:
+            restore()
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     from cnfgnn.report import write_report

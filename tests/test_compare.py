@@ -270,3 +270,42 @@ def test_report_shows_an_inductive_runs_seen_and_unseen_nodes(tmp_path):
     md = (tmp_path / "rep" / "comparison.md").read_text()
     assert "RMSE seen / unseen" in md
     assert f"{final['test_seen']['rmse']:.3f} / {final['test_unseen']['rmse']:.3f}" in md
+
+
+def test_sigterm_stops_every_running_method_and_keeps_the_output(tmp_path):
+    """``cnfgnn-compare`` as a process: SIGTERM while two runs go stops both (no child left
+    behind), exit status 130, the message says how to continue."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from cnfgnn.procs import cmdline_of
+
+    out = tmp_path / "cmp"
+    args = [*TINY, "federation.rounds=50", "compare.run=[cnfgnn,gru_fedavg]", f"compare.out={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnfgnn.compare", *args, f"output_root={out}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def children() -> list[int]:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        return [p for p in pids if f"run_dir={out}/" in cmdline_of(p)]
+
+    try:
+        deadline = time.monotonic() + 120
+        while len(children()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(children()) == 2  # both methods run at once
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted during cnfgnn seed 42, gru_fedavg seed 42" in text
+    assert "run the same command to continue" in text
+    assert children() == []
