@@ -187,11 +187,13 @@ def run_method(
     """Run one method as a ``cnfgnn`` process, streaming its output (each line prefixed
     ``[prefix]``, default the method); returns its record (``returncode`` None: not started
     because ``flight`` was stopped)."""
+    flight = flight or RunsInFlight()
+    if flight.stopped:  # Ctrl-C came first: leave an earlier try where it is
+        return {"method": name, "overrides": overrides, "returncode": None}
     if run_dir.exists():  # an earlier, unfinished (or forced) try: kept aside, not deleted
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.prev-{datetime.now():%Y%m%d-%H%M%S}"))
     run_dir.mkdir(parents=True)
     procs = ProcessSet(run_dir, dict(os.environ))  # its own process group, stopped as one
-    flight = flight or RunsInFlight()
     start = time.perf_counter()
     record: dict[str, Any] = {"method": name, "overrides": overrides, "started_at": time.time()}
     if not flight.start(
