@@ -58,18 +58,23 @@ def _secagg_epsilon(pr: dict[str, Any]) -> float | str:
     return math.inf if eps is None else eps
 
 
-def _row(level: str, seed: int | None, run_dir: Path, rc: int, seconds: float) -> dict[str, Any]:
+def _row(
+    level: str, seed: int | None, run_dir: Path, rc: int, seconds: float | None = None
+) -> dict[str, Any]:
+    """One run's row; ``seconds`` None: the run's own ``seconds_total`` (``--collect``)."""
     row: dict[str, Any] = {
         "noise_multiplier": level,
         "seed": "" if seed is None else seed,
         "returncode": rc,
-        "seconds": round(seconds, 1),
+        "seconds": None if seconds is None else round(seconds, 1),
         "run_dir": str(run_dir),
     }
     final_path = run_dir / "final.json"
     if rc != 0 or not final_path.is_file():
         return row
     final = json.loads(final_path.read_text())
+    if seconds is None:
+        row["seconds"] = round(float(final.get("seconds_total") or 0.0), 1)
     test = final["test"]
     row.update(
         test_rmse=test["rmse"],
@@ -137,24 +142,30 @@ def run_levels(
 def collect(out: Path) -> list[dict[str, Any]]:
     """The rows of the runs a sweep left under ``out`` (``noise_<level>[/seed_<k>]``), levels
     in the order none, then increasing noise; ``seconds`` is each run's own
-    ``seconds_total`` (the process's wall time is not kept)."""
+    ``seconds_total`` (the process's wall time is not kept). Folders whose level or seed is
+    not a number are not a sweep's and are skipped."""
 
-    def order(d: Path) -> tuple[float, str]:
-        level = d.name[len("noise_") :]
-        return (-1.0 if level == "none" else float(level), level)
+    def number(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None
 
+    levels = {d: d.name[len("noise_") :] for d in out.glob("noise_*") if d.is_dir()}
+    levels = {d: lv for d, lv in levels.items() if lv == "none" or number(lv) is not None}
     rows = []
-    for level_dir in sorted(out.glob("noise_*"), key=order):
-        level = level_dir.name[len("noise_") :]
-        seeded = sorted(level_dir.glob("seed_*"), key=lambda d: int(d.name[len("seed_") :]))
-        for run_dir, seed in [(d, int(d.name[len("seed_") :])) for d in seeded] or [
-            (level_dir, None)
-        ]:
-            final = run_dir / "final.json"
-            secs = (
-                json.loads(final.read_text()).get("seconds_total", 0.0) if final.is_file() else 0.0
-            )
-            rows.append(_row(level, seed, run_dir, 0 if final.is_file() else 1, float(secs or 0.0)))
+    for level_dir in sorted(
+        levels, key=lambda d: -1.0 if levels[d] == "none" else float(levels[d])
+    ):
+        seeds = {d: d.name[len("seed_") :] for d in level_dir.glob("seed_*")}
+        runs: list[tuple[int | None, Path]] = [
+            (int(sd), d)
+            for d, sd in sorted(seeds.items(), key=lambda x: x[1].zfill(12))
+            if sd.isdigit()
+        ]
+        for seed, run_dir in runs or [(None, level_dir)]:
+            done = (run_dir / "final.json").is_file()
+            rows.append(_row(levels[level_dir], seed, run_dir, 0 if done else 1))
     return rows
 
 

@@ -121,6 +121,7 @@ def test_the_command_runs_every_level_and_seed_to_the_end(tmp_path, capsys):
 def test_collect_rebuilds_the_outputs_from_the_runs_on_disk(tmp_path, capsys):
     rows = _rows(tmp_path, {("none", 42): (9.5, None, 0), ("1", 42): (11.0, 200.0, 0)})
     rows += _rows(tmp_path, {("1", 43): (11.4, 200.0, 0), ("0.5", 42): (0.0, None, 1)})
+    (tmp_path / "noise_backup" / "seed_x").mkdir(parents=True)  # not a sweep's: skipped
     assert sweep.main(["--out", str(tmp_path), "--collect"]) == 1  # a run without final.json
     got = list(csv.DictReader(open(tmp_path / "privacy_sweep.csv")))
     assert [(r["noise_multiplier"], r["seed"]) for r in got if r["seed"]] == [
