@@ -178,22 +178,15 @@ class CentralCNFGNN:
                         self.device
                     )
                     self.server.gn.train()
-                    h_g = self.server.gn(h_c[batch], *self.graph)
+                    h_c_b = h_c[batch]  # [B, N, L, H]
+                    h_g = self.server.gn(h_c_b, *self.graph)
                     _, x_last, y_tod, y, t = self._gather("train", batch.expand(n, -1))
                     teacher = self._teacher("split", round_, self.step, 0)
                     per_node = torch.empty(n, device=self.device)
                     sums, counts = torch.empty(2, n, device=self.device)
-                    for rows, net in frozen:
-                        pred = net.decode(
-                            x_last[:, rows],
-                            y_tod[..., rows],
-                            h_c[batch][:, rows],
-                            h_g[:, rows],
-                            targets=y[..., rows],
-                            teacher=teacher[:, rows],
-                        )
-                        per_node[rows], sums[rows], counts[rows] = self.worker._loss(
-                            pred, y[..., rows], t[rows], rows
+                    for rows, net in frozen:  # as NodeWorker.split_step, GN graph kept
+                        per_node[rows], sums[rows], counts[rows] = self.worker.decode_losses(
+                            rows, net, (x_last, y_tod, y, t), h_c_b, h_g[:, rows], teacher
                         )
                     self.server.optimizer.zero_grad(set_to_none=True)
                     torch.autograd.backward(per_node.mean(), inputs=params)  # GN only

@@ -403,6 +403,31 @@ class NodeWorker:
 
         return losses
 
+    def decode_losses(
+        self,
+        rows: slice,
+        net: NodeSeq2Seq,
+        batch: tuple[Tensor, Tensor, Tensor, Tensor],
+        h_c: Tensor,
+        h_g: Tensor,
+        teacher: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The split step's decoding of one node group: ``net`` (the views of rows
+        ``rows``) decodes the batch's windows from ``h_c`` ``[B, K, L, H]`` (all the worker's
+        nodes) and the group's own ``h_g`` ``[B, k, L, H]`` with coins ``teacher`` ``[H, K]``;
+        ``batch`` is ``(x_last, y_tod, y, t)`` of :meth:`_gather`. Returns :meth:`_loss`'s
+        per-node losses ``[k]`` (with the graph back to ``h_g``), sums and counts."""
+        x_last, y_tod, y, t = batch
+        pred = net.decode(
+            x_last[:, rows],
+            y_tod[..., rows],
+            h_c[:, rows],
+            h_g,
+            targets=y[..., rows],
+            teacher=teacher[:, rows],
+        )
+        return self._loss(pred, y[..., rows], t[rows], rows)
+
     def _loss(
         self, pred: Tensor, y: Tensor, t: Tensor, rows: slice = slice(None)
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -737,15 +762,9 @@ class NodeWorker:
         sums, counts = torch.empty(2, self.num_nodes, device=self.device)
         for rows, net in self._groups(trainable=False):  # no weight gradients here
             h_g = h_g_all[:, rows].detach().requires_grad_(True)
-            pred = net.decode(
-                x_last[:, rows],
-                y_tod[..., rows],
-                h_c[:, rows],
-                h_g,
-                targets=y[..., rows],
-                teacher=teacher[:, rows],
+            per_node, sums[rows], counts[rows] = self.decode_losses(
+                rows, net, (x_last, y_tod, y, t), h_c, h_g, teacher
             )
-            per_node, sums[rows], counts[rows] = self._loss(pred, y[..., rows], t[rows], rows)
             (grad[:, rows],) = torch.autograd.grad(per_node.sum(), h_g)  # d(loss_k)/d(h_G,k)
         grad = self._private("grad", grad, self.round, step)
         return {P.GRAD: grad.cpu().numpy()} | self._loss_reply(sums, counts)

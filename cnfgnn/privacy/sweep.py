@@ -99,6 +99,16 @@ def _row(
     return row
 
 
+#: A sweep's run folders: ``<out>/noise_<level>`` or ``<out>/noise_<level>/seed_<k>``.
+LEVEL_PREFIX, SEED_PREFIX = "noise_", "seed_"
+
+
+def run_folder(out: Path, level: str, seed: int | None) -> Path:
+    """Where the run of ``level`` (and ``seed``) writes; :func:`collect` reads it back."""
+    level_dir = out / f"{LEVEL_PREFIX}{level}"
+    return level_dir if seed is None else level_dir / f"{SEED_PREFIX}{seed}"
+
+
 def run_levels(
     levels: list[str],
     overrides: list[str],
@@ -118,7 +128,7 @@ def run_levels(
             while pending and len(running) < parallel:
                 level, seed = pending.pop(0)
                 name = level if seed is None else f"{level}_seed{seed}"
-                run_dir = out / f"noise_{level}" / ("" if seed is None else f"seed_{seed}")
+                run_dir = run_folder(out, level, seed)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 extra = [] if seed is None else [f"seed={seed}"]
                 cmd = cnfgnn_run_command([*overrides, *extra, *level_overrides(level)], run_dir)
@@ -151,13 +161,13 @@ def collect(out: Path) -> list[dict[str, Any]]:
         except ValueError:
             return None
 
-    levels = {d: d.name[len("noise_") :] for d in out.glob("noise_*") if d.is_dir()}
+    levels = {d: d.name[len(LEVEL_PREFIX) :] for d in out.glob(f"{LEVEL_PREFIX}*") if d.is_dir()}
     levels = {d: lv for d, lv in levels.items() if lv == "none" or number(lv) is not None}
     rows = []
     for level_dir in sorted(
         levels, key=lambda d: -1.0 if levels[d] == "none" else float(levels[d])
     ):
-        seeds = {d: d.name[len("seed_") :] for d in level_dir.glob("seed_*")}
+        seeds = {d: d.name[len(SEED_PREFIX) :] for d in level_dir.glob(f"{SEED_PREFIX}*")}
         runs: list[tuple[int | None, Path]] = [
             (int(sd), d)
             for d, sd in sorted(seeds.items(), key=lambda x: x[1].zfill(12))
