@@ -1,5 +1,6 @@
 """A user's own CSV (10-minute steps, read from its timestamps) through train, test,
-``cnfgnn-report``, ``cnfgnn-forecast`` and ``cnfgnn-compare``: every method to the end."""
+``cnfgnn-report``, ``cnfgnn-forecast`` and ``cnfgnn-compare``: every method to the end;
+and a 15-minute CSV through CNFGNN with one client per sensor to a forecast."""
 
 from __future__ import annotations
 
@@ -235,3 +236,27 @@ def test_kept_forecasts_cover_the_configured_hours_at_any_step_length():
         nodes, kept = report_selection(cfg, num_nodes=6, num_test=5000, interval_minutes=minutes)
         assert len(kept) == windows and list(nodes) == [0, 5], minutes
     assert len(report_selection(cfg, 6, 100, None)[1]) == 100  # step unknown: every window
+
+
+def test_a_15_minute_csv_with_one_client_per_sensor_runs_to_a_forecast(tmp_path):
+    """The other common step length, on the one-client-per-sensor path (the module's
+    fixtures use 10 minutes and two sensors per client): CNFGNN trains and tests, the
+    table and the forecasts speak in 15-minute steps."""
+    from cnfgnn.cli import format_table
+
+    series, adjacency = write_csv(tmp_path, steps=3 * 96, minutes=15)  # 3 days
+    data = {"series": series, "adjacency": adjacency}
+    small = [*SMALL[:-1], "federation.nodes_per_client=1"]
+    cfg = make_cfg(*METHODS["cnfgnn"], *csv_args(data), *small, f"output_root={tmp_path}")
+    final, writer = run_experiment(cfg, run_dir=tmp_path / "run", **QUIET)
+    assert final["interval_minutes"] == 15 and final["nodes"]["clients"] == len(SENSORS)
+    assert math.isfinite(final["test"]["rmse"])
+    table = format_table(json.loads((writer.dir / "final.json").read_text()))
+    assert "45min" in table and "180min" in table and "30min" not in table  # steps 3 and 12
+    at = str(pd.read_csv(series, usecols=[0]).iloc[-20, 0])
+    summary = forecast_cli.run([str(writer.dir), f"at={at}", f"out={tmp_path / 'fc'}"], **QUIET)
+    assert summary["interval_minutes"] == 15 and summary["answered"] == len(SENSORS)
+    fc = pd.read_csv(next((tmp_path / "fc").glob("forecast_*.csv")), parse_dates=["timestamp"])
+    one = fc[fc["sensor_id"] == SENSORS[1]].sort_values("horizon")
+    assert list(one["timestamp"].diff().dropna().unique()) == [pd.Timedelta(minutes=15)]
+    assert one["timestamp"].iloc[-1] == pd.Timestamp(at) + pd.Timedelta(minutes=15 * 12)
