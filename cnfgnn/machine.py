@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,24 @@ def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None
     if before is None or after is None or after[1] <= before[1]:
         return None
     return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def settle_load(
+    max_load: float,
+    timeout_s: float,
+    poll_s: float = 5.0,
+    load: Callable[[], tuple[float, float, float]] = os.getloadavg,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait until the 1-minute load average is at most ``max_load`` or ``timeout_s`` has
+    passed; returns the seconds waited. A timing started right after another heavy job
+    would otherwise share the CPUs with that job's tail (the load average lags by about a
+    minute). The caller records the load it then starts at, whether or not it settled."""
+    start = clock()
+    while load()[0] > max_load and clock() - start < timeout_s:
+        sleep(max(0.0, min(poll_s, timeout_s - (clock() - start))))
+    return clock() - start
 
 
 def set_threads(threads: Any) -> int:

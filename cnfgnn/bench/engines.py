@@ -46,6 +46,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -414,17 +415,35 @@ def _tree(proc: Any) -> list[Any]:
 
 
 def run_subprocess(
-    spec: dict[str, Any], work: Path, sample_s: float, timeout_s: float, memory_limit_gb: float
+    spec: dict[str, Any],
+    work: Path,
+    sample_s: float,
+    timeout_s: float,
+    memory_limit_gb: float,
+    settle: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one case in a child process; sample its process tree's resident memory.
 
     The child and every process it starts (Ray's) are recorded by PID and creation time; a
     case past ``timeout_s`` or ``memory_limit_gb`` is stopped, and whatever it left running
-    is stopped too, by those PIDs only.
+    is stopped too, by those PIDs only. ``settle`` (``bench.settle``): first wait for the
+    load average to fall (:func:`cnfgnn.machine.settle_load`).
     """
     import psutil
 
     name = spec["case"]["name"]
+    waited = 0.0
+    if settle is not None and float(settle["timeout_s"]) > 0:
+        if os.getloadavg()[0] > float(settle["load"]):
+            print(
+                f"[bench] {name}: waiting up to {float(settle['timeout_s']):g} s for the load "
+                f"average ({os.getloadavg()[0]:.2f}) to fall to {float(settle['load']):g}",
+                file=sys.stderr,
+                flush=True,
+            )
+        waited = machine.settle_load(
+            float(settle["load"]), float(settle["timeout_s"]), float(settle["poll_s"])
+        )
     spec_path, result = work / f"{name}.spec.json", work / f"{name}.result.json"
     spec["result"] = str(result)
     spec_path.write_text(json.dumps(spec))
@@ -496,6 +515,7 @@ def run_subprocess(
     rec["processes"] = len(seen)
     rec["cpu_seconds_tree"] = sum(cpu.values())  # whole case (startup, setup, test too)
     rec["load_avg_before"] = [round(x, 2) for x in load_before]
+    rec["settle_wait_s"] = round(waited, 1)
     rec["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     steal = machine.steal_fraction(ticks_before, machine.cpu_ticks())
     rec["cpu_steal_fraction"] = None if steal is None else round(steal, 3)  # the hypervisor's share
@@ -648,6 +668,7 @@ def run_cases(
                 float(b.sample_interval_s),
                 float(b.case_timeout_s),
                 float(memory_limit_gb or b.memory_limit_gb),
+                b.get("settle"),
             )
         )
         rec["threads"] = thread_setting(ccfg)
@@ -687,6 +708,7 @@ def run_probe_subprocess(
         float(b.sample_interval_s),
         float(b.case_timeout_s),
         float(b.memory_limit_gb),
+        b.get("settle"),
     )
     print(
         f"[bench] {case['name']}: {rec.get('status')} {rec.get('seconds') or float('nan'):.1f} s "
@@ -761,6 +783,71 @@ def cpu_limit(
     return out
 
 
+def evaluate_goals(
+    goals: Any,
+    ratios: Mapping[str, float | None],
+    cases: Mapping[str, dict[str, Any]],
+    limits: Mapping[str, Any] | None,
+    overhead: Mapping[str, Any] | None,
+) -> dict[str, dict[str, Any]]:
+    """Every goal of ``bench.goals`` that this run measured, met or missed.
+
+    Returns ``label -> {"value", "at_most" | "at_least", "met"}``; ``met`` is None when the
+    figure is missing (a failed case). Labels: a ratio's name, ``<case> flop_fraction``,
+    ``<case> seconds per round``, ``<case> peak memory GB`` and ``message overhead s`` (the
+    worst message type's median, against ``bench.message_overhead.goal_s``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(label: str, value: float | None, bound: Any, side: str) -> None:
+        b = float(bound)
+        met = None if value is None else bool(value <= b if side == "at_most" else value >= b)
+        out[label] = {"value": value, side: b, "met": met}
+
+    spec: dict[str, Any] = OmegaConf.to_container(goals) if goals is not None else {}  # type: ignore[assignment]
+    for label, bound in (spec.get("ratio_at_most") or {}).items():
+        if label in ratios:
+            put(label, ratios[label], bound, "at_most")
+    per_case = (limits or {}).get("cases") or {}
+
+    def peak_gb(case: str) -> float | None:
+        mb = cases[case].get("peak_rss_mb_tree")
+        return None if mb is None else mb / 1024
+
+    figures: dict[str, tuple[str, str, Callable[[str], float | None]]] = {
+        "flop_fraction_at_least": (
+            "flop_fraction",
+            "at_least",
+            lambda c: (per_case.get(c) or {}).get("flop_fraction"),
+        ),
+        "round_seconds_at_most": (
+            "seconds per round",
+            "at_most",
+            lambda c: (cases[c].get("per_round") or {}).get("seconds"),
+        ),
+        "peak_memory_gb_at_most": ("peak memory GB", "at_most", peak_gb),
+    }
+    for key, (what, side, value) in figures.items():
+        for case, bound in (spec.get(key) or {}).items():
+            if case in cases:
+                put(f"{case} {what}", value(case), bound, side)
+    if overhead and overhead.get("status") == "ok" and overhead.get("types"):
+        worst = max(t["overhead_s"]["median"] for t in overhead["types"].values())
+        put("message overhead s", worst, overhead["goal_s"], "at_most")
+    return out
+
+
+def goals_summary(goals: Mapping[str, dict[str, Any]]) -> list[str]:
+    """One line per goal: ``label: value (at most / at least bound): met | MISSED``."""
+    lines = []
+    for label, g in goals.items():
+        side = "at_most" if "at_most" in g else "at_least"
+        value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        lines.append(f"{label}: {value} ({side.replace('_', ' ')} {g[side]:g}): {verdict}")
+    return lines
+
+
 def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
     """The engines mode: the calibration and the message overhead first, then the cases of
     ``bench.engines``, their ratios, goals, CPU-limit figures and projections."""
@@ -776,7 +863,7 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
             cfg, probe, "message_overhead", cfg.bench.message_overhead, work
         )
     cases = run_cases(cfg, case_list, work, count_flops=bool(cfg.bench.count_flops))
-    ratios, ratios_cpu, goals = {}, {}, {}
+    ratios, ratios_cpu = {}, {}
     for label, (a, ref) in OmegaConf.to_container(cfg.bench.ratios).items():
         if a not in names or ref not in names:  # a case this run leaves out
             continue
@@ -787,15 +874,6 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
         if all(cases.get(c, {}).get("engine") in ("central", "inprocess") for c in (a, ref)):
             ca, cr = pa.get("cpu_seconds_process"), pr.get("cpu_seconds_process")
             ratios_cpu[label] = ca / cr if ca and cr else None  # one process: load-robust
-    for label, limit in cfg.bench.goals.items():
-        if label not in ratios:
-            continue
-        r = ratios[label]
-        goals[label] = {
-            "ratio": r,
-            "at_most": float(limit),
-            "met": None if r is None else bool(r <= float(limit)),
-        }
     windows = next((c["windows"] for c in cases.values() if c.get("windows")), None)
     consistency = {}
     ref = cases.get("central", {}).get("per_round") or {}
@@ -810,13 +888,14 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
                 )
                 for k in ("train_loss", "split_loss", "val_loss")
             }
+    limits = cpu_limit(cases, calibrations)
     return {
         "cases": cases,
         "ratios": ratios,
         "ratios_cpu_seconds": ratios_cpu,
-        "goals": goals,
+        "goals": evaluate_goals(cfg.bench.goals, ratios, cases, limits, overhead),
         "loss_relative_difference_to_central": consistency,
-        "cpu_limit": cpu_limit(cases, calibrations),
+        "cpu_limit": limits,
         "message_overhead": overhead,
         "projection": projection(cfg, cases, windows) if windows else None,
     }
@@ -931,6 +1010,8 @@ def _run(argv: list[str]) -> None:
     text = json.dumps(doc, indent=1, default=float)
     (work / "bench.json").write_text(text)
     print(text)
+    for line in goals_summary(doc.get("goals") or {}):
+        print(f"[bench] goal {line}", file=sys.stderr)
     print(f"[bench] written {work / 'bench.json'}", file=sys.stderr)
 
 
