@@ -783,17 +783,79 @@ def cpu_limit(
     return out
 
 
+def _seconds(rec: Mapping[str, Any] | None) -> float | None:
+    """A case record's seconds per round (None when the case failed)."""
+    return ((rec or {}).get("per_round") or {}).get("seconds")
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record per case from ``bench.repeats`` runs of every case (``runs[r][case]``).
+
+    Each case keeps the full record of its median repeat (by seconds per round; the lower
+    middle one of an even count), so its phases, losses and memory come from one real run
+    (the central case's FLOP count, taken in the first repeat only, is carried over), and
+    adds ``repeats``: every repeat's seconds per round and status, their mean and sample
+    std. With one repeat the record is unchanged but for that block.
+    """
+    out: dict[str, Any] = {}
+    for name in runs[0]:
+        recs = [run[name] for run in runs if name in run]
+        timed = sorted(
+            (i for i, r in enumerate(recs) if _seconds(r) is not None),
+            key=lambda i: float(_seconds(recs[i])),  # type: ignore[arg-type]
+        )
+        chosen = recs[timed[(len(timed) - 1) // 2]] if timed else recs[0]
+        secs = [float(_seconds(recs[i])) for i in timed]  # type: ignore[arg-type]
+        mean, std = _mean_std(secs)
+        counted = next((r["count"] for r in recs if r.get("count")), None)  # the first repeat's
+        if counted is not None:
+            chosen = chosen | {"count": counted}
+        out[name] = chosen | {
+            "repeats": {
+                "seconds_per_round": [_seconds(r) for r in recs],
+                "status": [r.get("status") for r in recs],
+                "mean": mean,
+                "std": std,
+            }
+        }
+    return out
+
+
+def paired_ratio(runs: list[dict[str, Any]], a: str, ref: str) -> tuple[float | None, float | None]:
+    """Mean and std over repeats of ``a``'s seconds per round / ``ref``'s in the SAME repeat
+    (the two ran minutes apart, so a slow spell of the machine affects both less than it
+    would a ratio of means); None where a case failed in every repeat."""
+    values = []
+    for run in runs:
+        ta, tr = _seconds(run.get(a)), _seconds(run.get(ref))
+        if ta and tr:
+            values.append(ta / tr)
+    return _mean_std(values)
+
+
 def evaluate_goals(
     goals: Any,
     ratios: Mapping[str, float | None],
     cases: Mapping[str, dict[str, Any]],
     limits: Mapping[str, Any] | None,
     overhead: Mapping[str, Any] | None,
+    ratios_std: Mapping[str, float | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every goal of ``bench.goals`` that this run measured, met or missed.
 
-    Returns ``label -> {"value", "at_most" | "at_least", "met"}``; ``met`` is None when the
-    figure is missing (a failed case). Labels: a ratio's name, ``<case> flop_fraction``,
+    Returns ``label -> {"value", "at_most" | "at_least", "met"}`` (ratios also ``"std"``
+    over repeats, from ``ratios_std``); ``met`` is None when the figure is missing (a
+    failed case). Labels: a ratio's name, ``<case> flop_fraction``,
     ``<case> seconds per round``, ``<case> peak memory GB`` and ``message overhead s`` (the
     worst message type's median, against ``bench.message_overhead.goal_s``).
     """
@@ -808,6 +870,7 @@ def evaluate_goals(
     for label, bound in (spec.get("ratio_at_most") or {}).items():
         if label in ratios:
             put(label, ratios[label], bound, "at_most")
+            out[label]["std"] = (ratios_std or {}).get(label)
     per_case = (limits or {}).get("cases") or {}
 
     def peak_gb(case: str) -> float | None:
@@ -843,6 +906,8 @@ def goals_summary(goals: Mapping[str, dict[str, Any]]) -> list[str]:
     for label, g in goals.items():
         side = "at_most" if "at_most" in g else "at_least"
         value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+        if g.get("std") is not None:
+            value += f" ± {g['std']:.2g}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
         lines.append(f"{label}: {value} ({side.replace('_', ' ')} {g[side]:g}): {verdict}")
     return lines
@@ -862,15 +927,25 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
         overhead = run_probe_subprocess(
             cfg, probe, "message_overhead", cfg.bench.message_overhead, work
         )
-    cases = run_cases(cfg, case_list, work, count_flops=bool(cfg.bench.count_flops))
-    ratios, ratios_cpu = {}, {}
+    repeats = int(cfg.bench.get("repeats", 1))
+    if repeats < 1:
+        raise ValueError(f"bench.repeats={repeats}: run every case at least once")
+    runs = []
+    for r in range(repeats):
+        folder = work if repeats == 1 else work / f"repeat{r + 1}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if repeats > 1:
+            print(f"[bench] repeat {r + 1} of {repeats}", file=sys.stderr, flush=True)
+        count = bool(cfg.bench.count_flops) and r == 0  # the count does not change
+        runs.append(run_cases(cfg, case_list, folder, count_flops=count))
+    cases = combine_repeats(runs)
+    ratios, ratios_cpu, ratios_std = {}, {}, {}
     for label, (a, ref) in OmegaConf.to_container(cfg.bench.ratios).items():
         if a not in names or ref not in names:  # a case this run leaves out
             continue
+        ratios[label], ratios_std[label] = paired_ratio(runs, a, ref)
         pa = cases.get(a, {}).get("per_round") or {}
         pr = cases.get(ref, {}).get("per_round") or {}
-        ta, tr = pa.get("seconds"), pr.get("seconds")
-        ratios[label] = ta / tr if ta and tr else None
         if all(cases.get(c, {}).get("engine") in ("central", "inprocess") for c in (a, ref)):
             ca, cr = pa.get("cpu_seconds_process"), pr.get("cpu_seconds_process")
             ratios_cpu[label] = ca / cr if ca and cr else None  # one process: load-robust
@@ -891,9 +966,11 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
     limits = cpu_limit(cases, calibrations)
     return {
         "cases": cases,
+        "repeats": repeats,
         "ratios": ratios,
+        "ratios_std": ratios_std,
         "ratios_cpu_seconds": ratios_cpu,
-        "goals": evaluate_goals(cfg.bench.goals, ratios, cases, limits, overhead),
+        "goals": evaluate_goals(cfg.bench.goals, ratios, cases, limits, overhead, ratios_std),
         "loss_relative_difference_to_central": consistency,
         "cpu_limit": limits,
         "message_overhead": overhead,

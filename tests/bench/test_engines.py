@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 from omegaconf import OmegaConf
 
 from cnfgnn.bench import engines as bench
@@ -22,6 +24,7 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
         CASES,
         "bench.count_flops=true",
         "bench.rounds=1",
+        "bench.repeats=2",  # every case twice: the median record, per-repeat ratios
         "bench.calibration.seconds_per_shape=0.02",
         "bench.message_overhead.clients=2",
         "bench.message_overhead.repeats=2",
@@ -50,6 +53,12 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     assert cases["inprocess_per_sensor"]["per_round"]["messages"] == 6 * (steps + 5)
     assert cases["central"]["per_round"]["round_trips"] == 0
     assert doc["ratios"]["inprocess_all/central"] > 0
+    assert doc["repeats"] == 2 and doc["ratios_std"]["inprocess_all/central"] >= 0
+    for name, rec in cases.items():
+        seconds = rec["repeats"]["seconds_per_round"]
+        assert len(seconds) == 2 and rec["repeats"]["status"] == ["ok", "ok"], name
+        assert rec["per_round"]["seconds"] == min(seconds), name  # the lower middle of two
+    assert len(list(written[0].parent.glob("repeat*/central.log"))) == 2
     # every goal of conf/bench/base.yaml this run measured, with its figure and verdict
     goals = doc["goals"]
     assert goals["inprocess_all/central"]["at_most"] == 1.5
@@ -91,9 +100,9 @@ def test_goals_are_met_missed_or_not_measured():
     limits = {"cases": {"a": {"flop_fraction": 0.5}, "b": {"flop_fraction": None}}}
     overhead = {"status": "ok", "goal_s": 0.002, "types": {"x": {"overhead_s": {"median": 1e-3}}}}
     goals = bench.evaluate_goals(
-        OmegaConf.create(spec), {"a/b": 1.25, "c/d": 1.9}, cases, limits, overhead
+        OmegaConf.create(spec), {"a/b": 1.25, "c/d": 1.9}, cases, limits, overhead, {"a/b": 0.05}
     )
-    assert goals["a/b"] == {"value": 1.25, "at_most": 1.2, "met": False}
+    assert goals["a/b"] == {"value": 1.25, "at_most": 1.2, "met": False, "std": 0.05}
     assert goals["c/d"]["met"] is True and "absent/b" not in goals
     assert goals["a flop_fraction"] == {"value": 0.5, "at_least": 0.6, "met": False}
     assert goals["b flop_fraction"]["met"] is None  # the case failed: not measured
@@ -101,5 +110,29 @@ def test_goals_are_met_missed_or_not_measured():
     assert goals["a peak memory GB"] == {"value": 5.0, "at_most": 4.0, "met": False}
     assert goals["message overhead s"]["met"] is True
     lines = bench.goals_summary(goals)
-    assert "a/b: 1.25 (at most 1.2): MISSED" in lines
+    assert "a/b: 1.25 ± 0.05 (at most 1.2): MISSED" in lines
     assert "b flop_fraction: n/a (at least 0.6): not measured" in lines
+
+
+def test_repeats_keep_the_median_run_and_pair_the_ratios():
+    """``combine_repeats`` keeps each case's median repeat (and the central FLOP count of the
+    first); ``paired_ratio`` divides within a repeat and skips a repeat whose case failed."""
+
+    def rec(seconds, **extra):
+        return {"status": "ok", "per_round": {"seconds": seconds}, **extra}
+
+    runs = [
+        {"central": rec(10.0, count={"flops": 5}), "a": rec(12.0)},
+        {"central": rec(14.0), "a": rec(21.0)},
+        {"central": rec(12.0), "a": {"status": "failed"}},
+    ]
+    cases = bench.combine_repeats(runs)
+    assert cases["central"]["per_round"]["seconds"] == 12.0  # the median of 10, 14, 12
+    assert cases["central"]["count"] == {"flops": 5}
+    assert cases["central"]["repeats"]["mean"] == 12.0
+    assert cases["central"]["repeats"]["std"] == pytest.approx(2.0)
+    assert cases["a"]["repeats"]["seconds_per_round"] == [12.0, 21.0, None]
+    assert cases["a"]["repeats"]["status"] == ["ok", "ok", "failed"]
+    mean, std = bench.paired_ratio(runs, "a", "central")
+    assert mean == pytest.approx((1.2 + 1.5) / 2) and std == pytest.approx(0.3 / math.sqrt(2))
+    assert bench.paired_ratio(runs[2:], "a", "central") == (None, None)
