@@ -53,7 +53,9 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     assert cases["inprocess_per_sensor"]["per_round"]["messages"] == 6 * (steps + 5)
     assert cases["central"]["per_round"]["round_trips"] == 0
     assert doc["ratios"]["inprocess_all/central"] > 0
-    assert doc["repeats"] == 2 and doc["ratios_std"]["inprocess_all/central"] >= 0
+    spread = doc["ratios_repeats"]["inprocess_all/central"]
+    assert doc["repeats"] == 2 and len(spread["values"]) == 2 and spread["std"] >= 0
+    assert doc["ratios"]["inprocess_all/central"] == spread["median"]
     for name, rec in cases.items():
         seconds = rec["repeats"]["seconds_per_round"]
         assert len(seconds) == 2 and rec["repeats"]["status"] == ["ok", "ok"], name
@@ -116,7 +118,8 @@ def test_goals_are_met_missed_or_not_measured():
 
 def test_repeats_keep_the_median_run_and_pair_the_ratios():
     """``combine_repeats`` keeps each case's median repeat (and the central FLOP count of the
-    first); ``paired_ratio`` divides within a repeat and skips a repeat whose case failed."""
+    first); ``paired_ratio`` divides within a repeat, skips a repeat whose case failed, and
+    its median is not moved by one disturbed repeat of three."""
 
     def rec(seconds, **extra):
         return {"status": "ok", "per_round": {"seconds": seconds}, **extra}
@@ -133,6 +136,10 @@ def test_repeats_keep_the_median_run_and_pair_the_ratios():
     assert cases["central"]["repeats"]["std"] == pytest.approx(2.0)
     assert cases["a"]["repeats"]["seconds_per_round"] == [12.0, 21.0, None]
     assert cases["a"]["repeats"]["status"] == ["ok", "ok", "failed"]
-    mean, std = bench.paired_ratio(runs, "a", "central")
-    assert mean == pytest.approx((1.2 + 1.5) / 2) and std == pytest.approx(0.3 / math.sqrt(2))
-    assert bench.paired_ratio(runs[2:], "a", "central") == (None, None)
+    ratio = bench.paired_ratio(runs, "a", "central")
+    assert ratio["values"] == pytest.approx([1.2, 1.5])  # the third repeat's case failed
+    assert ratio["median"] == ratio["mean"] == pytest.approx(1.35)
+    assert ratio["std"] == pytest.approx(0.3 / math.sqrt(2))
+    three = [{"a": rec(r), "b": rec(1.0)} for r in (1.4, 1.6, 0.6)]  # one disturbed repeat
+    assert bench.paired_ratio(three, "a", "b")["median"] == pytest.approx(1.4)
+    assert bench.paired_ratio(runs[2:], "a", "central")["median"] is None
