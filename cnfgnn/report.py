@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from cnfgnn.data.loaders import graph_label  # noqa: E402
 from cnfgnn.plots import plot_horizons, save  # noqa: E402
 from cnfgnn.shell import UsageError  # noqa: E402
+from cnfgnn.tables import mean_std  # noqa: E402
 
 # Test RMSE (unmasked, all horizons) reported for the original method, by dataset and
 # method family. METR-LA / PEMS-BAY: the paper's Table 2 as quoted by a secondary source
@@ -315,14 +316,6 @@ def _group(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
-def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1) of the values given; std None for one."""
-    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if not x.size:
-        return None, None
-    return float(x.mean()), (float(x.std(ddof=1)) if x.size > 1 else None)
-
-
 def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for the seeds of a method: every metric column's mean and ``<column>_std``;
     ``seed`` left empty, ``runs`` = the number of seeds."""
@@ -347,7 +340,7 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
         run_dir=str(Path(first["run_dir"]).parent) if len(rows) > 1 else first["run_dir"],
     )
     for m in METRICS:
-        r[m], r[f"{m}_std"] = _mean_std([x.get(m) for x in rows])
+        r[m], r[f"{m}_std"] = mean_std([x.get(m) for x in rows])
     return r
 
 

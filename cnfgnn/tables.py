@@ -1,5 +1,6 @@
 """Result rows (dicts) as a CSV file and a markdown table: the one formatter of the sweep and
-bench commands' outputs (``mean ± std`` where a row carries ``<key>_std``)."""
+bench commands' outputs (``mean ± std`` where a row carries ``<key>_std``), and the one
+``mean ± std`` statistic of the report and the bench (:func:`mean_std`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of the values that are not None; the std
+    is None for a single value, both are None for none."""
+    x = [float(v) for v in values if v is not None]
+    if not x:
+        return None, None
+    mean = sum(x) / len(x)
+    if len(x) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1))
 
 
 def fmt(value: Any) -> str:

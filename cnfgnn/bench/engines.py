@@ -58,6 +58,7 @@ from cnfgnn import machine
 from cnfgnn.config import compose, flower_environment
 from cnfgnn.federation import protocol as P
 from cnfgnn.procs import ProcessSet
+from cnfgnn.tables import mean_std
 
 BENCH_GROUP = "bench"
 SETUP_TYPES = (P.HELLO, P.STATS, P.CONFIGURE, P.IDENTIFY)
@@ -784,19 +785,9 @@ def cpu_limit(
     return out
 
 
-def _seconds(rec: Mapping[str, Any] | None) -> float | None:
-    """A case record's seconds per round (None when the case failed)."""
-    return ((rec or {}).get("per_round") or {}).get("seconds")
-
-
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None for fewer than two values)."""
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def _value(rec: Mapping[str, Any] | None, key: str) -> float | None:
+    """A case record's per-round figure ``key`` (None when the case failed)."""
+    return ((rec or {}).get("per_round") or {}).get(key)
 
 
 def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -805,26 +796,26 @@ def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     Each case keeps the full record of its median repeat (by seconds per round; the lower
     middle one of an even count), so its phases, losses and memory come from one real run
     (the central case's FLOP count, taken in the first repeat only, is carried over), and
-    adds ``repeats``: every repeat's seconds per round and status, their mean and sample
-    std. With one repeat the record is unchanged but for that block.
+    adds ``repeats``: every repeat's seconds per round, status, CPU steal and start load
+    (a disturbed repeat stays visible), and the seconds' mean and sample std. With one
+    repeat the record is unchanged but for that block.
     """
     out: dict[str, Any] = {}
     for name in runs[0]:
         recs = [run[name] for run in runs if name in run]
-        timed = sorted(
-            (i for i, r in enumerate(recs) if _seconds(r) is not None),
-            key=lambda i: float(_seconds(recs[i])),  # type: ignore[arg-type]
-        )
-        chosen = recs[timed[(len(timed) - 1) // 2]] if timed else recs[0]
-        secs = [float(_seconds(recs[i])) for i in timed]  # type: ignore[arg-type]
-        mean, std = _mean_std(secs)
+        seconds = [_value(r, "seconds") for r in recs]
+        timed = sorted((t, i) for i, t in enumerate(seconds) if t is not None)
+        chosen = recs[timed[(len(timed) - 1) // 2][1]] if timed else recs[0]
         counted = next((r["count"] for r in recs if r.get("count")), None)  # the first repeat's
         if counted is not None:
             chosen = chosen | {"count": counted}
+        mean, std = mean_std(seconds)
         out[name] = chosen | {
             "repeats": {
-                "seconds_per_round": [_seconds(r) for r in recs],
+                "seconds_per_round": seconds,
                 "status": [r.get("status") for r in recs],
+                "cpu_steal_fraction": [r.get("cpu_steal_fraction") for r in recs],
+                "load_avg_before": [r.get("load_avg_before") for r in recs],
                 "mean": mean,
                 "std": std,
             }
@@ -832,38 +823,41 @@ def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def paired_ratio(runs: list[dict[str, Any]], a: str, ref: str) -> dict[str, Any]:
-    """``a``'s seconds per round / ``ref``'s within each repeat (the two ran minutes apart,
-    so a slow spell of the machine affects both less than it would a ratio of means).
+def paired_ratio(
+    runs: list[dict[str, Any]], a: str, ref: str, key: str = "seconds"
+) -> dict[str, Any]:
+    """``a``'s per-round ``key`` (seconds, or ``cpu_seconds_process``) / ``ref``'s within each
+    repeat (the two ran minutes apart, so a slow spell of the machine affects both less than
+    it would a ratio of means).
 
     Returns ``values`` (one per repeat where both cases ran), their ``median`` (the figure
     the goals are judged on: one disturbed repeat of three does not move it), ``mean`` and
     sample ``std``; None figures where a case failed in every repeat."""
     values = []
     for run in runs:
-        ta, tr = _seconds(run.get(a)), _seconds(run.get(ref))
+        ta, tr = _value(run.get(a), key), _value(run.get(ref), key)
         if ta and tr:
             values.append(ta / tr)
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     median = statistics.median(values) if values else None
     return {"values": values, "median": median, "mean": mean, "std": std}
 
 
 def evaluate_goals(
     goals: Any,
-    ratios: Mapping[str, float | None],
+    ratios: Mapping[str, Mapping[str, Any]],
     cases: Mapping[str, dict[str, Any]],
     limits: Mapping[str, Any] | None,
     overhead: Mapping[str, Any] | None,
-    ratios_std: Mapping[str, float | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every goal of ``bench.goals`` that this run measured, met or missed.
 
-    Returns ``label -> {"value", "at_most" | "at_least", "met"}`` (ratios also ``"std"``
-    over repeats, from ``ratios_std``); ``met`` is None when the figure is missing (a
-    failed case). Labels: a ratio's name, ``<case> flop_fraction``,
-    ``<case> seconds per round``, ``<case> peak memory GB`` and ``message overhead s`` (the
-    worst message type's median, against ``bench.message_overhead.goal_s``).
+    ``ratios``: :func:`paired_ratio` records by name. Returns ``label -> {"value",
+    "at_most" | "at_least", "met"}`` (a ratio's value is its median, with its ``"std"`` over
+    repeats); ``met`` is None when the figure is missing (a failed case). Labels: a ratio's
+    name, ``<case> flop_fraction``, ``<case> seconds per round``, ``<case> peak memory GB``
+    and ``message overhead s`` (the worst message type's median, against
+    ``bench.message_overhead.goal_s``).
     """
     out: dict[str, dict[str, Any]] = {}
 
@@ -875,8 +869,8 @@ def evaluate_goals(
     spec: dict[str, Any] = OmegaConf.to_container(goals) if goals is not None else {}  # type: ignore[assignment]
     for label, bound in (spec.get("ratio_at_most") or {}).items():
         if label in ratios:
-            put(label, ratios[label], bound, "at_most")
-            out[label]["std"] = (ratios_std or {}).get(label)
+            put(label, ratios[label]["median"], bound, "at_most")
+            out[label]["std"] = ratios[label]["std"]
     per_case = (limits or {}).get("cases") or {}
 
     def peak_gb(case: str) -> float | None:
@@ -945,17 +939,14 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
         count = bool(cfg.bench.count_flops) and r == 0  # the count does not change
         runs.append(run_cases(cfg, case_list, folder, count_flops=count))
     cases = combine_repeats(runs)
-    ratios, ratios_cpu, ratios_repeats = {}, {}, {}
+    ratios_repeats, ratios_cpu = {}, {}
     for label, (a, ref) in OmegaConf.to_container(cfg.bench.ratios).items():
         if a not in names or ref not in names:  # a case this run leaves out
             continue
         ratios_repeats[label] = paired_ratio(runs, a, ref)
-        ratios[label] = ratios_repeats[label]["median"]
-        pa = cases.get(a, {}).get("per_round") or {}
-        pr = cases.get(ref, {}).get("per_round") or {}
         if all(cases.get(c, {}).get("engine") in ("central", "inprocess") for c in (a, ref)):
-            ca, cr = pa.get("cpu_seconds_process"), pr.get("cpu_seconds_process")
-            ratios_cpu[label] = ca / cr if ca and cr else None  # one process: load-robust
+            cpu = paired_ratio(runs, a, ref, "cpu_seconds_process")  # one process: load-robust
+            ratios_cpu[label] = cpu["median"]
     windows = next((c["windows"] for c in cases.values() if c.get("windows")), None)
     consistency = {}
     ref = cases.get("central", {}).get("per_round") or {}
@@ -974,17 +965,10 @@ def bench_engines(cfg: DictConfig, work: Path) -> dict[str, Any]:
     return {
         "cases": cases,
         "repeats": repeats,
-        "ratios": ratios,
+        "ratios": {k: v["median"] for k, v in ratios_repeats.items()},
         "ratios_repeats": ratios_repeats,
         "ratios_cpu_seconds": ratios_cpu,
-        "goals": evaluate_goals(
-            cfg.bench.goals,
-            ratios,
-            cases,
-            limits,
-            overhead,
-            {k: v["std"] for k, v in ratios_repeats.items()},
-        ),
+        "goals": evaluate_goals(cfg.bench.goals, ratios_repeats, cases, limits, overhead),
         "loss_relative_difference_to_central": consistency,
         "cpu_limit": limits,
         "message_overhead": overhead,

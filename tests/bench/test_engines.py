@@ -59,6 +59,7 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     for name, rec in cases.items():
         seconds = rec["repeats"]["seconds_per_round"]
         assert len(seconds) == 2 and rec["repeats"]["status"] == ["ok", "ok"], name
+        assert all(len(load) == 3 for load in rec["repeats"]["load_avg_before"]), name
         assert rec["per_round"]["seconds"] == min(seconds), name  # the lower middle of two
     assert len(list(written[0].parent.glob("repeat*/central.log"))) == 2
     # every goal of conf/bench/base.yaml this run measured, with its figure and verdict
@@ -101,9 +102,8 @@ def test_goals_are_met_missed_or_not_measured():
     }
     limits = {"cases": {"a": {"flop_fraction": 0.5}, "b": {"flop_fraction": None}}}
     overhead = {"status": "ok", "goal_s": 0.002, "types": {"x": {"overhead_s": {"median": 1e-3}}}}
-    goals = bench.evaluate_goals(
-        OmegaConf.create(spec), {"a/b": 1.25, "c/d": 1.9}, cases, limits, overhead, {"a/b": 0.05}
-    )
+    ratios = {"a/b": {"median": 1.25, "std": 0.05}, "c/d": {"median": 1.9, "std": None}}
+    goals = bench.evaluate_goals(OmegaConf.create(spec), ratios, cases, limits, overhead)
     assert goals["a/b"] == {"value": 1.25, "at_most": 1.2, "met": False, "std": 0.05}
     assert goals["c/d"]["met"] is True and "absent/b" not in goals
     assert goals["a flop_fraction"] == {"value": 0.5, "at_least": 0.6, "met": False}
