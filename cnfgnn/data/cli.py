@@ -26,6 +26,7 @@ from typing import Any
 
 from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.errors import DataError
+from cnfgnn.data.nodes import nodes_per_client
 from cnfgnn.data.windows import split_starts
 
 SHARD_KEYS = ("out", "nodes_per_client")
@@ -97,13 +98,7 @@ def cmd_shard(args: Sequence[str]) -> int:
     overrides, extra = _split_shard_args(args)
     if "out" not in extra:
         raise DataError("cnfgnn-data shard: no output directory. Fix: add out=DIR")
-    try:
-        k = int(extra.get("nodes_per_client", "1"))
-    except ValueError:
-        raise DataError(
-            f"cnfgnn-data shard: nodes_per_client={extra['nodes_per_client']!r} "
-            "is not an integer. Fix: e.g. nodes_per_client=8"
-        ) from None
+    k = nodes_per_client(extra.get("nodes_per_client", "1"))  # None: all in one shard
     cfg = compose_dataset(overrides)
     out = write_shards(load_dataset(cfg), extra["out"], k)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -57,31 +57,49 @@ def select_nodes(
     return np.sort(order[:k]).astype(np.int64)
 
 
-def partition(nodes: np.ndarray, nodes_per_client: int) -> list[np.ndarray]:
-    """Split ``nodes`` into contiguous groups of ``nodes_per_client`` (the last may be smaller).
+def nodes_per_client(value: Any) -> int | None:
+    """``federation.nodes_per_client`` as a number of sensors, or None for all in one client.
+
+    Accepts a positive integer (or its string, as a command line passes it) and ``None`` /
+    ``"null"`` / ``"none"``; anything else is a :class:`DataError` that names the fix.
+    """
+    if value is None or str(value).strip().lower() in ("null", "none"):
+        return None
+    try:
+        k = int(str(value).strip())
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise bad_input(
+            "federation.nodes_per_client",
+            f"{value!r} is not a positive number of sensors",
+            "use e.g. nodes_per_client=1 (one client per sensor), 8, or null (all sensors "
+            "in one client)",
+        )
+    return k
+
+
+def partition(nodes: np.ndarray, size: int | str | None) -> list[np.ndarray]:
+    """Split ``nodes`` into contiguous groups of ``size`` (the last may be smaller).
 
     Args:
         nodes: ``[M]`` node indices, in the order clients should get them.
-        nodes_per_client: K >= 1.
+        size: sensors per client, K >= 1, or None: one group of all
+            (:func:`nodes_per_client` reads it).
 
     Returns:
         ``ceil(M / K)`` int64 arrays.
     """
-    if int(nodes_per_client) < 1:
-        raise bad_input(
-            "partition",
-            f"nodes_per_client={nodes_per_client}",
-            "use a positive number of sensors per client",
-        )
     nodes = np.asarray(nodes, dtype=np.int64)
-    k = int(nodes_per_client)
+    k = nodes_per_client(size)
+    k = max(len(nodes), 1) if k is None else k
     return [nodes[i : i + k] for i in range(0, len(nodes), k)]
 
 
 def client_groups(cfg: Any, data: SensorData) -> list[np.ndarray]:
     """Nodes of each client (``cfg.federation.nodes_per_client`` each): with
     ``federation.inductive_ratio`` set, training and held-out nodes never share a client."""
-    k = int(cfg.federation.nodes_per_client)
+    k = cfg.federation.nodes_per_client
     n = data.num_nodes
     ratio = cfg.federation.inductive_ratio
     if ratio is None:

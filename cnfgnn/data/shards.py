@@ -63,14 +63,18 @@ class NodeShard:
 
 
 def write_shards(
-    data: SensorData, out_dir: str | Path, nodes_per_client: int, nodes: np.ndarray | None = None
+    data: SensorData,
+    out_dir: str | Path,
+    nodes_per_client: int | str | None,
+    nodes: np.ndarray | None = None,
 ) -> Path:
     """Write one directory per client plus the server's graph and a manifest.
 
     Args:
         data: the full dataset.
         out_dir: target directory (must not exist, or be empty).
-        nodes_per_client: K, sensors per client (contiguous groups of ``nodes``).
+        nodes_per_client: K, sensors per client (contiguous groups of ``nodes``); None:
+            one client of all.
         nodes: node indices to shard, in client order (default: all, ascending).
 
     Returns:
@@ -131,7 +135,7 @@ def write_shards(
             "interval_minutes": data.interval_minutes,
             "start": str(data.timestamps[0]),
             "end": str(data.timestamps[-1]),
-            "nodes_per_client": int(nodes_per_client),
+            "nodes_per_client": max(len(g) for g in groups),
             "num_clients": len(clients),
             "server": str(GRAPH_FILE),
             "clients": clients,

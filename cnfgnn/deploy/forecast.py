@@ -127,7 +127,7 @@ def deploy_forecast(
     shards_dir = work / "shards"
     result_path = work / "forecast.npz"
     t0 = time.monotonic()
-    write_shards(data, shards_dir, int(cfg.federation.nodes_per_client))
+    write_shards(data, shards_dir, cfg.federation.nodes_per_client)
     shard_s = time.monotonic() - t0
     try:
         with Deployment(cfg, work, shards_dir, progress) as dep:

@@ -57,6 +57,7 @@ from typing import Any
 
 from cnfgnn.cli import format_table
 from cnfgnn.config import compose_cfg, flower_environment
+from cnfgnn.data.nodes import nodes_per_client
 from cnfgnn.data.shards import load_manifest
 from cnfgnn.deploy.certs import generate
 from cnfgnn.procs import ROOT, ProcessSet, cpu_seconds_of, memory_of, raise_on_signals
@@ -250,7 +251,9 @@ def supernode_command(launch: Any, flower: list[str], start_after: Path | None =
 
 
 # ---------------------------------------------------------------------- shards
-def write_shards(overrides: list[str], out: Path, nodes_per_client: int, procs: ProcessSet) -> dict:
+def write_shards(
+    overrides: list[str], out: Path, nodes_per_client: int | None, procs: ProcessSet
+) -> dict:
     """``cnfgnn-data shard <overrides> out=<out> nodes_per_client=K``; returns the manifest."""
     argv = [
         sys.executable,
@@ -260,7 +263,7 @@ def write_shards(overrides: list[str], out: Path, nodes_per_client: int, procs: 
         "engine=deployment",
         *overrides,
         f"out={out}",
-        f"nodes_per_client={nodes_per_client}",
+        f"nodes_per_client={'null' if nodes_per_client is None else nodes_per_client}",
     ]
     proc = procs.start("shard", argv)
     if proc.popen.wait() != 0:
@@ -874,7 +877,9 @@ def deploy_experiment(
         else:
             setup = ProcessSet(run_dir / "logs", flower_env())
             try:
-                m = write_shards(overrides, shards_dir, int(cfg.federation.nodes_per_client), setup)
+                m = write_shards(
+                    overrides, shards_dir, nodes_per_client(cfg.federation.nodes_per_client), setup
+                )
             finally:
                 setup.stop_all()
             progress(

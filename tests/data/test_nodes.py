@@ -6,7 +6,7 @@ import pytest
 
 from cnfgnn.data.dcrnn import load_adj_pkl
 from cnfgnn.data.errors import DataError
-from cnfgnn.data.nodes import partition, select_nodes
+from cnfgnn.data.nodes import nodes_per_client, partition, select_nodes
 from tests.data._helpers import BUNDLED_DATA
 
 # fmt: off
@@ -76,3 +76,13 @@ def test_partition_contiguous_groups():
     assert [g.tolist() for g in partition(np.arange(3), 1)] == [[0], [1], [2]]
     with pytest.raises(DataError):
         partition(np.arange(3), 0)
+
+
+def test_nodes_per_client_null_is_all_in_one_and_bad_values_name_the_fix():
+    assert [g.tolist() for g in partition(np.arange(4), None)] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in partition(np.arange(4), "null")] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in partition(np.arange(4), "3")] == [[0, 1, 2], [3]]
+    assert nodes_per_client("None") is None and nodes_per_client(8) == 8
+    for bad in ("abc", 2.5, -1, "0"):
+        with pytest.raises(DataError, match="nodes_per_client.*Fix: use e.g."):
+            nodes_per_client(bad)

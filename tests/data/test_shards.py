@@ -75,3 +75,9 @@ def test_refuses_to_overwrite(tmp_path, data):
     with pytest.raises(DataError):
         write_shards(data, tmp_path / "other", nodes_per_client=2, nodes=np.array([0, 0]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sh"]
+
+
+def test_nodes_per_client_null_writes_one_shard_of_all(tmp_path, data):
+    man = load_manifest(write_shards(data, tmp_path / "sh", nodes_per_client=None))
+    assert man["num_clients"] == 1 and man["nodes_per_client"] == data.num_nodes
+    assert man["clients"][0]["nodes"] == list(range(data.num_nodes))

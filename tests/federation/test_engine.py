@@ -133,14 +133,16 @@ def test_fedavg_one_step_on_identical_data_equals_central_step(tiny_cfg):
 
 
 def test_grouping_does_not_change_results(tmp_path):
-    """One client per sensor and all sensors in one client give the same run."""
+    """One client per sensor and all sensors in one client give the same run; ``null`` is
+    all sensors in one client."""
     finals = []
-    for k in (1, 6):
+    for k in (1, 6, "null"):
         cfg = make_cfg(*TINY, f"output_root={tmp_path}/{k}", f"federation.nodes_per_client={k}")
         final, _ = run_experiment(cfg, progress=lambda s: None)
         finals.append(final)
-    a, b = finals
+    a, b, c = finals
     assert a["nodes"]["clients"] == 6 and b["nodes"]["clients"] == 1
+    assert c["nodes"]["clients"] == 1 and c["test"] == b["test"]
     for key in ("rmse", "mae", "masked_mae_h3", "masked_rmse_h12"):
         assert a["test"][key] == pytest.approx(b["test"][key], rel=1e-4), key
 
