@@ -108,7 +108,7 @@ def cmd_shard(args: Sequence[str]) -> int:
                 "out": str(out),
                 "clients": manifest["num_clients"],
                 "nodes": manifest["num_nodes"],
-                "nodes_per_client": k,
+                "nodes_per_client": manifest["nodes_per_client"],
             }
         )
     )
