@@ -832,7 +832,8 @@ def paired_ratio(
 
     Returns ``values`` (one per repeat where both cases ran), their ``median`` (the figure
     the goals are judged on: one disturbed repeat of three does not move it), ``mean`` and
-    sample ``std``; None figures where a case failed in every repeat."""
+    sample ``std`` (None figures where a case failed in every repeat), and ``cases``:
+    ``[a, ref]``."""
     values = []
     for run in runs:
         ta, tr = _value(run.get(a), key), _value(run.get(ref), key)
@@ -840,7 +841,7 @@ def paired_ratio(
             values.append(ta / tr)
     mean, std = mean_std(values)
     median = statistics.median(values) if values else None
-    return {"values": values, "median": median, "mean": mean, "std": std}
+    return {"values": values, "median": median, "mean": mean, "std": std, "cases": [a, ref]}
 
 
 def evaluate_goals(
@@ -853,23 +854,35 @@ def evaluate_goals(
     """Every goal of ``bench.goals`` that this run measured, met or missed.
 
     ``ratios``: :func:`paired_ratio` records by name. Returns ``label -> {"value",
-    "at_most" | "at_least", "met"}`` (a ratio's value is its median, with its ``"std"`` over
-    repeats); ``met`` is None when the figure is missing (a failed case). Labels: a ratio's
-    name, ``<case> flop_fraction``, ``<case> seconds per round``, ``<case> peak memory GB``
-    and ``message overhead s`` (the worst message type's median, against
-    ``bench.message_overhead.goal_s``).
+    "at_most" | "at_least", "met", "steal_max"}`` (a ratio's value is its median, with its
+    ``"std"`` over repeats); ``met`` is None when the figure is missing (a failed case);
+    ``steal_max`` is the largest CPU steal fraction of any repeat of the goal's cases (None:
+    not recorded). Labels: a ratio's name, ``<case> flop_fraction``, ``<case> seconds per
+    round``, ``<case> peak memory GB`` and ``message overhead s`` (the worst message type's
+    median, against ``bench.message_overhead.goal_s``).
     """
     out: dict[str, dict[str, Any]] = {}
 
-    def put(label: str, value: float | None, bound: Any, side: str) -> None:
+    def steal(*names: str) -> float | None:
+        seen = [
+            f
+            for c in names
+            for f in ((cases.get(c) or {}).get("repeats") or {}).get("cpu_steal_fraction") or []
+            if f is not None
+        ]
+        return max(seen) if seen else None
+
+    def put(
+        label: str, value: float | None, bound: Any, side: str, steal_max: float | None
+    ) -> None:
         b = float(bound)
         met = None if value is None else bool(value <= b if side == "at_most" else value >= b)
-        out[label] = {"value": value, side: b, "met": met}
+        out[label] = {"value": value, side: b, "met": met, "steal_max": steal_max}
 
     spec: dict[str, Any] = OmegaConf.to_container(goals) if goals is not None else {}  # type: ignore[assignment]
     for label, bound in (spec.get("ratio_at_most") or {}).items():
         if label in ratios:
-            put(label, ratios[label]["median"], bound, "at_most")
+            put(label, ratios[label]["median"], bound, "at_most", steal(*ratios[label]["cases"]))
             out[label]["std"] = ratios[label]["std"]
     per_case = (limits or {}).get("cases") or {}
 
@@ -893,15 +906,18 @@ def evaluate_goals(
     for key, (what, side, value) in figures.items():
         for case, bound in (spec.get(key) or {}).items():
             if case in cases:
-                put(f"{case} {what}", value(case), bound, side)
+                put(f"{case} {what}", value(case), bound, side, steal(case))
     if overhead and overhead.get("status") == "ok" and overhead.get("types"):
         worst = max(t["overhead_s"]["median"] for t in overhead["types"].values())
-        put("message overhead s", worst, overhead["goal_s"], "at_most")
+        probe = overhead.get("cpu_steal_fraction")
+        put("message overhead s", worst, overhead["goal_s"], "at_most", probe)
     return out
 
 
-def goals_summary(goals: Mapping[str, dict[str, Any]]) -> list[str]:
-    """One line per goal: ``label: value (at most / at least bound): met | MISSED``."""
+def goals_summary(goals: Mapping[str, dict[str, Any]], steal_label: float = 0.05) -> list[str]:
+    """One line per goal: ``label: value (at most / at least bound): met | MISSED``, labelled
+    ``measured under steal`` when a repeat of its cases lost at least ``steal_label`` of the
+    CPU to the hypervisor (``bench.steal_label``): such a verdict is not a result."""
     lines = []
     for label, g in goals.items():
         side = "at_most" if "at_most" in g else "at_least"
@@ -909,7 +925,10 @@ def goals_summary(goals: Mapping[str, dict[str, Any]]) -> list[str]:
         if g.get("std") is not None:
             value += f" ± {g['std']:.2g}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
-        lines.append(f"{label}: {value} ({side.replace('_', ' ')} {g[side]:g}): {verdict}")
+        line = f"{label}: {value} ({side.replace('_', ' ')} {g[side]:g}): {verdict}"
+        if (g.get("steal_max") or 0.0) >= steal_label:
+            line += f" [measured under steal: up to {g['steal_max']:.0%} in a repeat]"
+        lines.append(line)
     return lines
 
 
@@ -1085,7 +1104,7 @@ def _run(argv: list[str]) -> None:
     text = json.dumps(doc, indent=1, default=float)
     (work / "bench.json").write_text(text)
     print(text)
-    for line in goals_summary(doc.get("goals") or {}):
+    for line in goals_summary(doc.get("goals") or {}, float(cfg.bench.get("steal_label", 0.05))):
         print(f"[bench] goal {line}", file=sys.stderr)
     print(f"[bench] written {work / 'bench.json'}", file=sys.stderr)
 

@@ -70,6 +70,9 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     assert "flower_8/inprocess_8" not in goals  # no Flower case in this run
     assert goals["inprocess_all flop_fraction"]["at_least"] == 0.6
     assert goals["message overhead s"]["value"] > 0
+    for label, g in goals.items():  # the steal of the goal's cases, where /proc/stat has it
+        assert g["steal_max"] is None or 0.0 <= g["steal_max"] <= 1.0, label
+    assert spread["cases"] == ["inprocess_all", "central"]
     for label, g in goals.items():
         assert isinstance(g["met"], bool), label
     assert "goal inprocess_all/central: " in captured.err  # the summary after the JSON
@@ -97,23 +100,47 @@ def test_goals_are_met_missed_or_not_measured():
         "peak_memory_gb_at_most": {"a": 4.0},
     }
     cases = {
-        "a": {"per_round": {"seconds": 70.0}, "peak_rss_mb_tree": 5 * 1024.0},
-        "b": {"status": "failed"},
+        "a": {
+            "per_round": {"seconds": 70.0},
+            "peak_rss_mb_tree": 5 * 1024.0,
+            "repeats": {"cpu_steal_fraction": [0.01, None, 0.31]},
+        },
+        "b": {"status": "failed", "repeats": {"cpu_steal_fraction": [0.02]}},
     }
     limits = {"cases": {"a": {"flop_fraction": 0.5}, "b": {"flop_fraction": None}}}
     overhead = {"status": "ok", "goal_s": 0.002, "types": {"x": {"overhead_s": {"median": 1e-3}}}}
-    ratios = {"a/b": {"median": 1.25, "std": 0.05}, "c/d": {"median": 1.9, "std": None}}
+    ratios = {
+        "a/b": {"median": 1.25, "std": 0.05, "cases": ["a", "b"]},
+        "c/d": {"median": 1.9, "std": None, "cases": ["c", "d"]},
+    }
     goals = bench.evaluate_goals(OmegaConf.create(spec), ratios, cases, limits, overhead)
-    assert goals["a/b"] == {"value": 1.25, "at_most": 1.2, "met": False, "std": 0.05}
+    assert goals["a/b"] == {
+        "value": 1.25,
+        "at_most": 1.2,
+        "met": False,
+        "std": 0.05,
+        "steal_max": 0.31,  # the worst repeat of either case
+    }
     assert goals["c/d"]["met"] is True and "absent/b" not in goals
-    assert goals["a flop_fraction"] == {"value": 0.5, "at_least": 0.6, "met": False}
+    assert goals["c/d"]["steal_max"] is None  # no steal recorded
+    assert goals["a flop_fraction"] == {
+        "value": 0.5,
+        "at_least": 0.6,
+        "met": False,
+        "steal_max": 0.31,
+    }
+    assert goals["b flop_fraction"]["steal_max"] == 0.02
     assert goals["b flop_fraction"]["met"] is None  # the case failed: not measured
     assert goals["a seconds per round"]["met"] is True
-    assert goals["a peak memory GB"] == {"value": 5.0, "at_most": 4.0, "met": False}
+    assert goals["a peak memory GB"]["value"] == 5.0 and goals["a peak memory GB"]["met"] is False
     assert goals["message overhead s"]["met"] is True
-    lines = bench.goals_summary(goals)
-    assert "a/b: 1.25 ± 0.05 (at most 1.2): MISSED" in lines
-    assert "b flop_fraction: n/a (at least 0.6): not measured" in lines
+    lines = bench.goals_summary(goals, steal_label=0.05)
+    assert (
+        "a/b: 1.25 ± 0.05 (at most 1.2): MISSED [measured under steal: up to 31% in a repeat]"
+        in lines
+    )
+    assert "c/d: 1.9 (at most 2): met" in lines
+    assert "b flop_fraction: n/a (at least 0.6): not measured" in lines  # 2% < 5%: no label
 
 
 def test_repeats_keep_the_median_run_and_pair_the_ratios():
@@ -137,6 +164,7 @@ def test_repeats_keep_the_median_run_and_pair_the_ratios():
     assert cases["a"]["repeats"]["seconds_per_round"] == [12.0, 21.0, None]
     assert cases["a"]["repeats"]["status"] == ["ok", "ok", "failed"]
     ratio = bench.paired_ratio(runs, "a", "central")
+    assert ratio["cases"] == ["a", "central"]
     assert ratio["values"] == pytest.approx([1.2, 1.5])  # the third repeat's case failed
     assert ratio["median"] == ratio["mean"] == pytest.approx(1.35)
     assert ratio["std"] == pytest.approx(0.3 / math.sqrt(2))
