@@ -65,6 +65,8 @@ def nodes_per_client(value: Any) -> int | None:
     """
     if value is None or str(value).strip().lower() in ("null", "none"):
         return None
+    if isinstance(value, float) and value.is_integer():  # 8.0 from a YAML file or a script
+        value = int(value)
     try:
         k = int(str(value).strip())
     except ValueError:

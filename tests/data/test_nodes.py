@@ -82,7 +82,7 @@ def test_nodes_per_client_null_is_all_in_one_and_bad_values_name_the_fix():
     assert [g.tolist() for g in partition(np.arange(4), None)] == [[0, 1, 2, 3]]
     assert [g.tolist() for g in partition(np.arange(4), "null")] == [[0, 1, 2, 3]]
     assert [g.tolist() for g in partition(np.arange(4), "3")] == [[0, 1, 2], [3]]
-    assert nodes_per_client("None") is None and nodes_per_client(8) == 8
+    assert nodes_per_client("None") is None and nodes_per_client(8) == nodes_per_client(8.0) == 8
     for bad in ("abc", 2.5, -1, "0"):
         with pytest.raises(DataError, match="nodes_per_client.*Fix: use e.g."):
             nodes_per_client(bad)
