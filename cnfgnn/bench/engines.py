@@ -914,7 +914,7 @@ def evaluate_goals(
     return out
 
 
-def goals_summary(goals: Mapping[str, dict[str, Any]], steal_label: float = 0.05) -> list[str]:
+def goals_summary(goals: Mapping[str, dict[str, Any]], steal_label: float) -> list[str]:
     """One line per goal: ``label: value (at most / at least bound): met | MISSED``, labelled
     ``measured under steal`` when a repeat of its cases lost at least ``steal_label`` of the
     CPU to the hypervisor (``bench.steal_label``): such a verdict is not a result."""
@@ -1104,7 +1104,7 @@ def _run(argv: list[str]) -> None:
     text = json.dumps(doc, indent=1, default=float)
     (work / "bench.json").write_text(text)
     print(text)
-    for line in goals_summary(doc.get("goals") or {}, float(cfg.bench.get("steal_label", 0.05))):
+    for line in goals_summary(doc.get("goals") or {}, float(cfg.bench.steal_label)):
         print(f"[bench] goal {line}", file=sys.stderr)
     print(f"[bench] written {work / 'bench.json'}", file=sys.stderr)
 

@@ -82,6 +82,21 @@ def test_shard_command(capsys, tmp_path):
     assert code == 0, err
     assert json.loads(out)["clients"] == 3
     assert (tmp_path / "sh" / "client_0002" / "series.npz").exists()
+    code, out, err = run(  # null: every sensor in one shard, reported as its size
+        capsys,
+        "shard",
+        "dataset.num_nodes=5",
+        "dataset.days=1",
+        f"out={tmp_path / 'all'}",
+        "nodes_per_client=null",
+    )
+    assert code == 0, err
+    assert json.loads(out) | {"out": None} == {
+        "out": None,
+        "clients": 1,
+        "nodes": 5,
+        "nodes_per_client": 5,
+    }
 
 
 def test_errors_are_one_line_with_status_2(capsys, tmp_path):
