@@ -19,7 +19,7 @@ from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.nodes import client_groups
 from cnfgnn.device import resolve_device
-from cnfgnn.federation.engines import InProcessEngine
+from cnfgnn.federation.engines import local_engine
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.rounds import Orchestrator, ServerGraph
 from cnfgnn.flower.simulation import run_simulation_experiment
@@ -79,28 +79,36 @@ def run_experiment(
         )
         final = CentralTrainer(cfg, data, writer, progress, device).run()
         return _finish(final, writer, data, "central")
-    writer = None
-    if name == "inprocess":  # the nodes keep their best models (per-node methods) and test
-        writer = RunWriter(cfg, run_dir)  # forecasts on their own disk, here <run>/node_store/
-        engine: Any = InProcessEngine(build_workers(cfg, data, device, writer.dir / NODE_STORE))
-    elif name == "simulation":  # Flower simulation: the ServerApp runs the Orchestrator
+    if name == "simulation":  # Flower simulation: the ServerApp runs the Orchestrator
         return run_simulation_experiment(
             cfg, len(client_groups(cfg, data)), run_dir, progress, engine_wrapper
         )
-    else:
+    if name != "inprocess":
         raise ValueError(
             f"unknown engine {name!r}; available: inprocess, simulation "
             "(deployment: cnfgnn-deploy and `flwr run .`)"
         )
-    if engine_wrapper is not None:
-        engine = engine_wrapper(engine)
-    writer = writer or RunWriter(cfg, run_dir)
-    progress(
-        f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
-        f"{data.num_steps} steps, engine={name}, device={device}, output={writer.dir}"
-    )
-    final = Orchestrator(cfg, engine, graph, writer, progress, device).run()
+    # the nodes keep their best models (per-node methods) and test forecasts on their own
+    # disk, here <run>/node_store/
+    writer = RunWriter(cfg, run_dir)
+    local = local_engine(cfg, build_workers(cfg, data, device, writer.dir / NODE_STORE), device)
+    engine: Any = local if engine_wrapper is None else engine_wrapper(local)
+    try:
+        progress(
+            f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
+            f"{data.num_steps} steps, engine={name}{_processes(local)}, device={device}, "
+            f"output={writer.dir}"
+        )
+        final = Orchestrator(cfg, engine, graph, writer, progress, device).run()
+    finally:
+        local.close()
     return _finish(final, writer, data, name, str(cfg.federation.method))
+
+
+def _processes(engine: Any) -> str:
+    """`` (N client processes)`` for an engine that forked them, else empty."""
+    pids = getattr(engine, "pids", None)
+    return f" ({len(pids)} client processes)" if pids else ""
 
 
 def _finish(

@@ -84,8 +84,8 @@ def case_config(
 
     ``case['engine']`` picks the ``engine`` group (``central`` runs with ``inprocess``'s),
     ``case['nodes_per_client']`` sets ``federation.nodes_per_client`` (null: all nodes),
-    ``case['threads']``, when given, the case's ``threads``. ``extra`` maps dotted keys to
-    values set afterwards.
+    ``case['threads']`` and ``case['processes']``, when given, the case's ``threads`` and
+    ``engine.processes``. ``extra`` maps dotted keys to values set afterwards.
     """
     engine = "inprocess" if case["engine"] == "central" else str(case["engine"])
     eng = compose([f"engine={engine}"]).engine
@@ -96,6 +96,8 @@ def case_config(
     out.engine = eng
     if "threads" in case:
         out.threads = case["threads"]
+    if "processes" in case:
+        out.engine.processes = case["processes"]
     for key, value in (extra or {}).items():
         OmegaConf.update(out, key, value, merge=False)
     k = case.get("nodes_per_client")
@@ -336,14 +338,19 @@ def run_case(
             return holder["log"]
 
         if case["engine"] == "inprocess":
-            from cnfgnn.federation.engines import InProcessEngine
+            from cnfgnn.federation.engines import local_engine
 
-            log = wrap(InProcessEngine(build_workers(cfg, data, device)))
+            local = local_engine(cfg, build_workers(cfg, data, device), device)
+            rec["client_processes"] = len(getattr(local, "pids", [])) or 1
+            log = wrap(local)
             writer = RunWriter(cfg, run_dir)
             graph = ServerGraph.from_data(data)
-            final = Orchestrator(
-                cfg, log, graph, writer, lambda s: print(s, flush=True), device
-            ).run()
+            try:
+                final = Orchestrator(
+                    cfg, log, graph, writer, lambda s: print(s, flush=True), device
+                ).run()
+            finally:
+                local.close()
         elif case["engine"] == "simulation":
             from cnfgnn.flower.simulation import run_simulation_experiment
 

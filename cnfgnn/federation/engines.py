@@ -2,19 +2,24 @@
 
 The orchestration (:mod:`cnfgnn.federation.rounds`) talks to an engine with one verb,
 ``send(message_type, {client: payload}) -> {client: reply | ClientFailure}``. The
-in-process engine calls each client's handler directly (fastest; also the test harness);
-the Flower engines route the same payloads through a ``Grid``.
+in-process engine calls each client's handler directly (also the test harness); with several
+clients on a multi-core CPU, :func:`local_engine` runs them in forked processes side by side
+(:mod:`cnfgnn.federation.processes`). The Flower engines route the same payloads through a
+``Grid``.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Protocol
+from typing import Any, Protocol
+
+import torch
 
 from cnfgnn import progress
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.node import NodeWorker
+from cnfgnn.federation.processes import ProcessEngine, client_processes
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +64,20 @@ class InProcessEngine:
                 replies[cid] = P.ClientFailure(f"{type(exc).__name__}: {exc}")
             progress.answered(len(replies), len(payloads))
         return replies
+
+    def close(self) -> None:
+        """Nothing to stop (the same verb as :class:`ProcessEngine`)."""
+
+
+def local_engine(
+    cfg: Any, workers: dict[int, NodeWorker], device: torch.device
+) -> InProcessEngine | ProcessEngine:
+    """The engine ``engine=inprocess`` runs on: the clients one after another in this
+    process, or, when ``engine.processes`` (:func:`client_processes`) gives more than one,
+    in that many forked processes with ``threads // processes`` torch threads each. Call
+    ``close()`` when the run ends (also on failure)."""
+    threads = torch.get_num_threads()
+    n = client_processes(cfg.engine.get("processes", "auto"), len(workers), threads, device)
+    if n <= 1:
+        return InProcessEngine(workers)
+    return ProcessEngine(workers, n, max(1, threads // n))
