@@ -14,7 +14,7 @@ from tests.helpers import TINY
 CASES = (
     "bench.engines=[{name:central,engine:central},"
     "{name:inprocess_all,engine:inprocess,nodes_per_client:null},"
-    "{name:inprocess_per_sensor,engine:inprocess,nodes_per_client:1}]"
+    "{name:inprocess_per_sensor,engine:inprocess,nodes_per_client:1,processes:2}]"
 )
 
 
@@ -51,6 +51,9 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     for name in ("inprocess_all", "inprocess_per_sensor"):
         assert cases[name]["per_round"]["round_trips"] == steps + 5
     assert cases["inprocess_per_sensor"]["per_round"]["messages"] == 6 * (steps + 5)
+    # the per-sensor case's clients ran in two forked processes, the others in one
+    assert cases["inprocess_per_sensor"]["client_processes"] == 2
+    assert cases["inprocess_all"]["client_processes"] == 1
     assert cases["central"]["per_round"]["round_trips"] == 0
     assert doc["ratios"]["inprocess_all/central"] > 0
     spread = doc["ratios_repeats"]["inprocess_all/central"]
