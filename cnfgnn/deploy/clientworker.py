@@ -38,6 +38,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -356,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supercore.app_utils import start_parent_process_monitor
 
     if a.parent_pid is not None:
-        start_parent_process_monitor(a.parent_pid)  # SIGINT to us when the SuperNode exits
+        # The monitor stops us with a SIGINT when the SuperNode exits. A worker started from a
+        # background job inherits SIGINT ignored (a shell's `cmd &`) and would outlive it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        start_parent_process_monitor(a.parent_pid)
     t0 = time.perf_counter()
     for name in filter(None, a.preload.split(",")):
         importlib.import_module(name)

@@ -97,9 +97,23 @@ def blocks(sizes: Mapping[int, int], parts: int) -> list[list[int]]:
     return out
 
 
-def _serve(conn: Connection, workers: dict[int, Any], threads: int) -> None:
+#: The block of workers the next forked child takes over. Set just before the fork and cleared
+#: right after, so that only the child, by inheriting the parent's memory, keeps a reference
+#: (an argument of the process would stay referenced by the parent's Process object).
+_handoff: dict[int, Any] = {}
+#: The parent's ends of the pipes, its own and those to the children forked before: a child
+#: closes its copies, so that every child sees its pipe close as soon as the parent is gone.
+_siblings: list[Connection] = []
+
+
+def _serve(conn: Connection, threads: int) -> None:
     """A child's loop: ``(message type, {client: payload})`` in, one ``(client, reply)`` out
     per client as it is done, until ``None`` or the pipe closes."""
+    workers = dict(_handoff)
+    _handoff.clear()
+    for other in _siblings:
+        other.close()
+    _siblings.clear()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
     while True:
@@ -138,25 +152,34 @@ class ProcessEngine:
     def __init__(self, workers: dict[int, Any], processes: int, threads_each: int = 1):
         if not fork_available():
             raise RuntimeError("ProcessEngine needs fork (Linux or macOS)")
-        sizes = {cid: len(getattr(w.series, "nodes", [0])) for cid, w in workers.items()}
+        sizes = {
+            cid: len(getattr(getattr(w, "series", None), "nodes", [0]))
+            for cid, w in workers.items()
+        }
         self.ids = sorted(workers)
         self.blocks = blocks(sizes, processes)
         self.owner = {cid: i for i, block in enumerate(self.blocks) for cid in block}
         self.dead: dict[int, str] = {}  # child index -> why its clients fail
+        self.busy = False  # a send is waiting for replies (close() then does not wait)
         ctx = mp.get_context("fork")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         try:
             for i, block in enumerate(self.blocks):
-                mine = {cid: workers[cid] for cid in block}
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(
                     target=_serve,
-                    args=(child_end, mine, threads_each),
+                    args=(child_end, threads_each),
                     name=f"cnfgnn-clients-{i}",
                     daemon=True,
                 )
-                proc.start()
+                _handoff.update({cid: workers[cid] for cid in block})
+                _siblings.extend([*self.conns, parent_end])
+                try:
+                    proc.start()
+                finally:
+                    _handoff.clear()
+                    _siblings.clear()
                 child_end.close()
                 self.conns.append(parent_end)
                 self.procs.append(proc)
@@ -204,6 +227,7 @@ class ProcessEngine:
             else:
                 parts.setdefault(i, {})[cid] = payload
         waiting: dict[Connection, tuple[int, set[int]]] = {}
+        self.busy = True
         for i, part in parts.items():
             try:
                 self.conns[i].send((message_type, part))
@@ -227,17 +251,20 @@ class ProcessEngine:
                 if not pending:
                     del waiting[conn]
                 progress.answered(len(replies), len(payloads))
+        self.busy = False
         return replies
 
     def close(self) -> None:
-        """Stop the children: ask, wait up to :data:`STOP_WAIT_S`, then terminate; idempotent."""
+        """Stop the children: ask, wait up to :data:`STOP_WAIT_S`, then terminate; idempotent.
+        After an interrupted send (Ctrl-C, an error) they are terminated at once: they may
+        still be working through their clients."""
         for conn in self.conns:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
         for proc in self.procs:
-            proc.join(timeout=STOP_WAIT_S)
+            proc.join(timeout=0.0 if self.busy else STOP_WAIT_S)
             if proc.is_alive():
                 log.warning("client process %s did not stop; terminating it", proc.pid)
                 proc.terminate()

@@ -54,3 +54,42 @@ def test_checked_version_keeps_the_worker(monkeypatch):
     monkeypatch.setattr(clientworker, "serve", lambda *a, **k: ran.append(a))
     assert clientworker.main(["--runtime-api-address", "127.0.0.1:9101", "--preload", ""]) == 0
     assert ran and ran[0][0] == "127.0.0.1:9101"
+
+
+def test_clientworker_stops_with_its_supernode_even_when_started_with_sigint_ignored():
+    """The worker learns that its SuperNode exited through a SIGINT it raises itself; one
+    started from a background job (a shell's ``cmd &`` ignores SIGINT for it) must still stop,
+    not live on as an orphan."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cnfgnn.deploy.clientworker",
+            "--runtime-api-address",
+            "127.0.0.1:9",  # nothing listens: the worker keeps polling
+            "--parent-pid",
+            str(parent.pid),
+            "--preload",
+            "",
+        ],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(3.0)
+        assert worker.poll() is None  # still polling while its SuperNode lives
+        parent.kill()
+        parent.wait()
+        assert worker.wait(timeout=30) == 0
+    finally:
+        for p in (worker, parent):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

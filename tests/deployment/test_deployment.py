@@ -233,6 +233,9 @@ def test_an_interrupted_launcher_leaves_no_process_behind(tmp_path):
             stderr=subprocess.STDOUT,
             env=deploy.flower_env(),
             start_new_session=True,
+            # SIGINT as from a terminal, also when the tests run in a background job (which
+            # inherits SIGINT ignored, and the launcher would then run to its end)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     seen: dict[int, int] = {}
     try:

@@ -4,6 +4,10 @@ process, nothing private up, a failing or dying client left out, every child sto
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +25,31 @@ PER_SENSOR = (*TINY, "federation.nodes_per_client=1")  # 6 clients
 
 
 def _gone(pid: int) -> bool:
+    """No such process, or only its exit status is left (a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+#: A parent that forks two client processes and is then killed without stopping them.
+ORPHANING = """
+import os, signal, types
+from cnfgnn.federation.processes import ProcessEngine
+
+class Stub:
+    series = types.SimpleNamespace(nodes=[0])
+    def handle(self, mtype, payload):
+        return {}
+
+engine = ProcessEngine({0: Stub(), 1: Stub()}, 2)
+print(*engine.pids, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 def test_two_processes_give_the_same_run_and_send_nothing_private(tmp_path):
@@ -107,6 +131,21 @@ def test_failing_and_dying_clients_are_reported_and_children_stop():
         engine.close()
     assert all(_gone(pid) for pid in engine.pids)
     assert "closed" in engine.send(P.HELLO, {0: {}})[0].reason
+
+
+def test_children_exit_when_their_parent_is_killed():
+    """A parent killed with SIGKILL cannot stop its children: they see their pipe close and
+    exit on their own (every one of them, not only the last forked)."""
+    out = subprocess.run(
+        [sys.executable, "-c", ORPHANING], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == -9, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), pids
 
 
 def test_process_count():
