@@ -131,3 +131,21 @@ def test_a_missing_data_file_is_one_line_and_exit_2(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "nope.csv" in res.stderr and "Fix:" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_a_bad_process_count_is_one_line_and_exit_2(tmp_path):
+    """``engine.processes`` that is not ``auto`` or a positive whole number: the same one
+    line and exit 2, before any client process starts."""
+    argv = [
+        sys.executable,
+        "-m",
+        "cnfgnn.cli",
+        *TINY,
+        "federation.nodes_per_client=1",
+        "engine.processes=two",
+        f"output_root={tmp_path / 'out'}",
+    ]
+    res = _run_all({"cnfgnn": argv}, tmp_path)["cnfgnn"]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "engine.processes='two'" in res.stderr and "Fix: engine.processes=auto" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -30,6 +30,7 @@ from typing import Any, cast
 import torch
 
 from cnfgnn import progress
+from cnfgnn.data.errors import DataError
 from cnfgnn.federation import protocol as P
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def client_processes(setting: Any, clients: int, threads: int, device: torch.dev
     GPU or where fork is missing. A number: that many (at most one per client).
 
     Raises:
-        ValueError: a value that is not ``auto`` or a positive integer, or more than one
+        DataError: a value that is not ``auto`` or a positive integer, or more than one
             process on a GPU or without fork; the message names the fix.
     """
     if setting is None or str(setting).strip().lower() in ("auto", "null", "none"):
@@ -62,17 +63,17 @@ def client_processes(setting: Any, clients: int, threads: int, device: torch.dev
     except ValueError:
         n = 0
     if n < 1 or str(n) != str(setting).strip().removesuffix(".0"):
-        raise ValueError(
+        raise DataError(
             f"engine.processes={setting!r}: use a positive whole number of processes, or "
             "auto (one per torch thread). Fix: engine.processes=auto"
         )
     if n > 1 and device.type != "cpu":
-        raise ValueError(
+        raise DataError(
             f"engine.processes={n} runs the clients in forked processes, which cannot share "
             f"device {device}. Fix: engine.processes=1 (or auto) with device={device}"
         )
     if n > 1 and not fork_available():
-        raise ValueError(
+        raise DataError(
             f"engine.processes={n} needs fork, which this platform lacks. "
             "Fix: engine.processes=1 (or auto)"
         )
@@ -186,7 +187,7 @@ class ProcessEngine:
         except BaseException:
             self.close()
             raise
-        log.info(
+        log.debug(
             "clients in %d processes (pids %s), %d torch thread(s) each",
             len(self.procs),
             ", ".join(str(p.pid) for p in self.procs),

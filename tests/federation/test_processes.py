@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from cnfgnn.data.errors import DataError
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
@@ -157,9 +158,9 @@ def test_process_count():
     assert client_processes(4, clients=3, threads=2, device=CPU) == 3
     assert client_processes("1", clients=3, threads=2, device=cuda) == 1
     for bad in (0, -1, "two", 2.5):
-        with pytest.raises(ValueError, match="Fix: engine.processes=auto"):
+        with pytest.raises(DataError, match="Fix: engine.processes=auto"):
             client_processes(bad, clients=3, threads=2, device=CPU)
-    with pytest.raises(ValueError, match="Fix: engine.processes=1"):
+    with pytest.raises(DataError, match="Fix: engine.processes=1"):
         client_processes(2, clients=3, threads=2, device=cuda)
 
 
