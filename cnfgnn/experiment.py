@@ -93,22 +93,17 @@ def run_experiment(
     writer = RunWriter(cfg, run_dir)
     local = local_engine(cfg, build_workers(cfg, data, device, writer.dir / NODE_STORE), device)
     engine: Any = local if engine_wrapper is None else engine_wrapper(local)
+    forked = f" ({local.processes} client processes)" if local.processes > 1 else ""
     try:
         progress(
             f"{cfg.federation.method} on {data.name}: {data.num_nodes} nodes, "
-            f"{data.num_steps} steps, engine={name}{_processes(local)}, device={device}, "
+            f"{data.num_steps} steps, engine={name}{forked}, device={device}, "
             f"output={writer.dir}"
         )
         final = Orchestrator(cfg, engine, graph, writer, progress, device).run()
     finally:
         local.close()
     return _finish(final, writer, data, name, str(cfg.federation.method))
-
-
-def _processes(engine: Any) -> str:
-    """`` (N client processes)`` for an engine that forked them, else empty."""
-    pids = getattr(engine, "pids", None)
-    return f" ({len(pids)} client processes)" if pids else ""
 
 
 def _finish(

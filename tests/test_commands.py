@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, TINY, make_cfg
@@ -115,37 +116,25 @@ def test_deploy_sh_answers_help(tmp_path):
     assert "Usage" in res.stdout and "cnfgnn-deploy run" in res.stdout
 
 
-def test_a_missing_data_file_is_one_line_and_exit_2(tmp_path):
+BAD_INPUT_IN_RUN = {  # arguments -> what the one line must say
+    "missing data file": (
+        ["dataset=csv", "dataset.series=nope.csv", "dataset.adjacency=nope_adj.csv"],
+        ["nope.csv", "Fix:"],
+    ),
+    "bad process count": (  # before any client process starts
+        [*TINY, "federation.nodes_per_client=1", "engine.processes=two"],
+        ["engine.processes='two'", "Fix: engine.processes=auto"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT_IN_RUN))
+def test_bad_input_found_in_the_run_is_one_line_and_exit_2(tmp_path, case):
     """Bad input found inside the run (after Hydra composed the config) is reported like a
-    misspelt key: one line naming the file and the fix, exit 2, no traceback."""
-    argv = [
-        sys.executable,
-        "-m",
-        "cnfgnn.cli",
-        "dataset=csv",
-        "dataset.series=nope.csv",
-        "dataset.adjacency=nope_adj.csv",
-        f"output_root={tmp_path / 'out'}",
-    ]
+    misspelt key: one line naming the file or key and the fix, exit 2, no traceback."""
+    args, said = BAD_INPUT_IN_RUN[case]
+    argv = [sys.executable, "-m", "cnfgnn.cli", *args, f"output_root={tmp_path / 'out'}"]
     res = _run_all({"cnfgnn": argv}, tmp_path)["cnfgnn"]
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "nope.csv" in res.stderr and "Fix:" in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr, res.stderr[-2000:]
-
-
-def test_a_bad_process_count_is_one_line_and_exit_2(tmp_path):
-    """``engine.processes`` that is not ``auto`` or a positive whole number: the same one
-    line and exit 2, before any client process starts."""
-    argv = [
-        sys.executable,
-        "-m",
-        "cnfgnn.cli",
-        *TINY,
-        "federation.nodes_per_client=1",
-        "engine.processes=two",
-        f"output_root={tmp_path / 'out'}",
-    ]
-    res = _run_all({"cnfgnn": argv}, tmp_path)["cnfgnn"]
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "engine.processes='two'" in res.stderr and "Fix: engine.processes=auto" in res.stderr
+    assert all(s in res.stderr for s in said), res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-2000:]

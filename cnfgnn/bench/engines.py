@@ -341,7 +341,7 @@ def run_case(
             from cnfgnn.federation.engines import local_engine
 
             local = local_engine(cfg, build_workers(cfg, data, device), device)
-            rec["client_processes"] = len(getattr(local, "pids", [])) or 1
+            rec["client_processes"] = local.processes
             log = wrap(local)
             writer = RunWriter(cfg, run_dir)
             graph = ServerGraph.from_data(data)

@@ -57,28 +57,39 @@ def select_nodes(
     return np.sort(order[:k]).astype(np.int64)
 
 
+def count_setting(value: Any, unset: tuple[str, ...] = ("null", "none")) -> int | None:
+    """A configured count: a positive whole number (an int, its string as a command line
+    passes it, or an integral float such as 8.0 from a YAML file or a script), or None for
+    ``None`` and the words in ``unset``.
+
+    Raises:
+        ValueError: anything else (0, -1, 2.5, "abc"); the caller names the key and the fix.
+    """
+    if value is None or str(value).strip().lower() in unset:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    n = int(str(value).strip())
+    if n < 1:
+        raise ValueError(f"{value!r} is not positive")
+    return n
+
+
 def nodes_per_client(value: Any) -> int | None:
     """``federation.nodes_per_client`` as a number of sensors, or None for all in one client.
 
     Accepts a positive integer (or its string, as a command line passes it) and ``None`` /
     ``"null"`` / ``"none"``; anything else is a :class:`DataError` that names the fix.
     """
-    if value is None or str(value).strip().lower() in ("null", "none"):
-        return None
-    if isinstance(value, float) and value.is_integer():  # 8.0 from a YAML file or a script
-        value = int(value)
     try:
-        k = int(str(value).strip())
+        return count_setting(value)
     except ValueError:
-        k = 0
-    if k < 1:
         raise bad_input(
             "federation.nodes_per_client",
             f"{value!r} is not a positive number of sensors",
             "use e.g. nodes_per_client=1 (one client per sensor), 8, or null (all sensors "
             "in one client)",
-        )
-    return k
+        ) from None
 
 
 def partition(nodes: np.ndarray, size: int | str | None) -> list[np.ndarray]:

@@ -65,6 +65,9 @@ class InProcessEngine:
             progress.answered(len(replies), len(payloads))
         return replies
 
+    #: The clients run in this process (the same attribute as :class:`ProcessEngine`'s).
+    processes = 1
+
     def close(self) -> None:
         """Nothing to stop (the same verb as :class:`ProcessEngine`)."""
 
@@ -77,6 +80,7 @@ def local_engine(
     in that many forked processes with ``threads // processes`` torch threads each. Call
     ``close()`` when the run ends (also on failure)."""
     threads = torch.get_num_threads()
+    # a run directory from before engine.processes existed (resume=true) lacks the key
     n = client_processes(cfg.engine.get("processes", "auto"), len(workers), threads, device)
     if n <= 1:
         return InProcessEngine(workers)

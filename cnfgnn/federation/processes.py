@@ -31,6 +31,7 @@ import torch
 
 from cnfgnn import progress
 from cnfgnn.data.errors import DataError
+from cnfgnn.data.nodes import count_setting
 from cnfgnn.federation import protocol as P
 
 log = logging.getLogger(__name__)
@@ -54,19 +55,17 @@ def client_processes(setting: Any, clients: int, threads: int, device: torch.dev
         DataError: a value that is not ``auto`` or a positive integer, or more than one
             process on a GPU or without fork; the message names the fix.
     """
-    if setting is None or str(setting).strip().lower() in ("auto", "null", "none"):
-        if device.type != "cpu" or not fork_available():
-            return 1
-        return max(1, min(int(clients), int(threads)))
     try:
-        n = int(str(setting).strip())
+        n = count_setting(setting, unset=("auto", "null", "none"))
     except ValueError:
-        n = 0
-    if n < 1 or str(n) != str(setting).strip().removesuffix(".0"):
         raise DataError(
             f"engine.processes={setting!r}: use a positive whole number of processes, or "
             "auto (one per torch thread). Fix: engine.processes=auto"
-        )
+        ) from None
+    if n is None:  # auto
+        if device.type != "cpu" or not fork_available():
+            return 1
+        return max(1, min(int(clients), int(threads)))
     if n > 1 and device.type != "cpu":
         raise DataError(
             f"engine.processes={n} runs the clients in forked processes, which cannot share "
@@ -153,10 +152,7 @@ class ProcessEngine:
     def __init__(self, workers: dict[int, Any], processes: int, threads_each: int = 1):
         if not fork_available():
             raise RuntimeError("ProcessEngine needs fork (Linux or macOS)")
-        sizes = {
-            cid: len(getattr(getattr(w, "series", None), "nodes", [0]))
-            for cid, w in workers.items()
-        }
+        sizes = {cid: len(w.series.nodes) for cid, w in workers.items()}
         self.ids = sorted(workers)
         self.blocks = blocks(sizes, processes)
         self.owner = {cid: i for i, block in enumerate(self.blocks) for cid in block}
@@ -193,6 +189,11 @@ class ProcessEngine:
             ", ".join(str(p.pid) for p in self.procs),
             threads_each,
         )
+
+    @property
+    def processes(self) -> int:
+        """Client processes this engine forked."""
+        return len(self.procs)
 
     @property
     def pids(self) -> list[int]:

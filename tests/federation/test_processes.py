@@ -89,6 +89,28 @@ def test_two_processes_give_the_same_run_and_send_nothing_private(tmp_path):
     )
 
 
+def test_a_resumed_run_in_two_processes_ends_as_the_uninterrupted_one(tmp_path):
+    """``resume=true`` with the clients in forked processes: the new processes restore the
+    clients' state from the checkpoint through the same messages, and the run ends as one
+    that never stopped."""
+    two = (*PER_SENSOR, "engine.processes=2")
+    quiet = {"progress": lambda s: None}
+    full, _ = run_experiment(
+        make_cfg(*two, f"output_root={tmp_path}/a", "federation.rounds=4"), **quiet
+    )
+    _, writer = run_experiment(
+        make_cfg(*two, f"output_root={tmp_path}/b", "federation.rounds=2"), **quiet
+    )
+    resumed, writer2 = run_experiment(
+        make_cfg(*two, f"output_root={tmp_path}/b", "federation.rounds=4", "resume=true"),
+        run_dir=writer.dir,
+        **quiet,
+    )
+    assert [r["round"] for r in writer2.rounds()] == [1, 2, 3, 4]
+    assert resumed["test"]["rmse"] == pytest.approx(full["test"]["rmse"], rel=1e-5)
+    assert resumed["best_round"] == full["best_round"]
+
+
 class _Raises:
     """A client whose handler raises (a broken sensor)."""
 
