@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from cnfgnn.config import ENV_OVERRIDES, flower_environment, overrides_for
 from cnfgnn.federation.inference import ForecastResult
-from cnfgnn.flower import client_app, ray_cluster, server_app
+from cnfgnn.flower import client_app, linkstate, ray_cluster, server_app
 from cnfgnn.results import RunWriter
 from cnfgnn.shell import UsageError
 
@@ -120,7 +120,11 @@ def simulate(
     flwr_log = logging.getLogger("flwr")
     propagate, flwr_log.propagate = flwr_log.propagate, False  # Flower prints its own log
     try:
-        with _environ(env), ray_cluster.joined(cfg, backend, env):
+        with (
+            _environ(env),
+            ray_cluster.joined(cfg, backend, env),
+            linkstate.fast_message_lookup(),  # Flower's lookup is quadratic in SuperNodes
+        ):
             run_simulation(
                 server_app=app,
                 client_app=client_app.app,

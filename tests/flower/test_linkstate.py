@@ -1,0 +1,165 @@
+"""The indexed LinkState lookup (``cnfgnn.flower.linkstate``) answers as Flower's own.
+
+Each test builds Flower's in-memory LinkState as ``flwr.simulation.run_simulation`` does (a
+run, SuperNodes registered by the simulation runtime, messages pushed through the
+ServerApp's grid), once with Flower's methods and once inside ``fast_message_lookup``, runs
+the same calls on both and compares what comes back: the messages (by their content), their
+order, the delivery stamps, and what is left in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from cnfgnn.flower import linkstate
+
+NODES = 5
+RUN_ID = 7
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ServerApp's identity that new Messages take (run_simulation sets it)."""
+    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _federation() -> tuple[InMemoryLinkState, InMemoryGrid, list[int]]:
+    """A fresh in-memory LinkState with one run and NODES SuperNodes, as a simulation."""
+    factory = LinkStateFactory(":flwr-in-memory:", NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    assert isinstance(state, InMemoryLinkState)
+    run = Run.create_empty(run_id=RUN_ID)
+    run.primary_task_id = 11
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[11] = Task(task_id=11, run_id=run.run_id)
+    nodes = sorted(_register_nodes(NODES, factory), key=lambda n: n)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, grid, nodes
+
+
+def _push(grid: InMemoryGrid, node: int, tag: int, ttl: float = 600.0) -> str:
+    content = RecordDict({"c": ConfigRecord({"tag": tag})})
+    msg = Message(content, dst_node_id=node, message_type="query.t", ttl=ttl)
+    (mid,) = grid.push_messages([msg])
+    return str(mid)
+
+
+def _tags(messages: list[Any]) -> list[int]:
+    return [int(m.content["c"]["tag"]) for m in messages]
+
+
+def _script(state: InMemoryLinkState, grid: InMemoryGrid, nodes: list[int]) -> list[Any]:
+    """Pushes, lookups, replies and expiries in one order; returns every observation."""
+    seen: list[Any] = []
+    tag = 0
+    for node in nodes:  # two messages for every node, interleaved
+        for _ in range(2):
+            _push(grid, node, tag)
+            tag += 1
+    _push(grid, nodes[1], 100, ttl=0.05)  # expires before its node asks
+    time.sleep(0.1)
+    seen.append([_tags(state.get_message_ins(node_id=n, limit=1)) for n in nodes])
+    seen.append([_tags(state.get_message_ins(node_id=n, limit=None)) for n in nodes])
+    seen.append([_tags(state.get_message_ins(node_id=n, limit=3)) for n in nodes])  # none left
+    late = _push(grid, nodes[2], 200)
+    seen.append(_tags(state.get_message_ins(node_id=nodes[2], limit=5, run_id=99)))  # other run
+    got = state.get_message_ins(node_id=nodes[2], limit=5, run_id=RUN_ID)
+    seen.append(_tags(got))
+    seen.append([m.metadata.delivered_at != "" for m in got])
+    state.delete_messages({late})  # the server pulled its reply
+    _push(grid, nodes[0], 300)
+    _push(grid, nodes[0], 301)
+    seen.append(_tags(state.get_message_ins(node_id=nodes[0], limit=2)))
+    seen.append(len(state.message_ins_store))
+    seen.append(sorted(_tags(list(state.message_ins_store.values()))))
+    return seen
+
+
+def _observe(within: Callable[[], Any] | None) -> list[Any]:
+    state, grid, nodes = _federation()
+    if within is None:
+        return _script(state, grid, nodes)
+    with within() as active:
+        assert active
+        return _script(state, grid, nodes)
+
+
+def test_same_answers_as_flower() -> None:
+    flower = _observe(None)
+    indexed = _observe(linkstate.fast_message_lookup)
+    assert indexed == flower
+    # the script exercised what it claims: one message each at limit 1, the rest after it,
+    # the expired one never handed out, another run's filter honoured
+    assert flower[0] == [[0], [2], [4], [6], [8]]
+    assert flower[1] == [[1], [3], [5], [7], [9]]
+    assert flower[2] == [[]] * NODES
+    assert flower[3] == [] and flower[4] == [200] and flower[5] == [True]
+    assert 100 not in flower[8]
+
+
+def test_methods_restored_and_version_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {n: InMemoryLinkState.__dict__[n] for n in ("get_message_ins", "store_message_ins")}
+    with linkstate.fast_message_lookup() as active:
+        assert active
+        assert InMemoryLinkState.get_message_ins is linkstate.get_message_ins
+        with linkstate.fast_message_lookup() as inner:  # nested: still in place
+            assert inner
+        assert InMemoryLinkState.get_message_ins is linkstate.get_message_ins
+    assert {n: InMemoryLinkState.__dict__[n] for n in before} == before
+    with pytest.raises(RuntimeError), linkstate.fast_message_lookup():
+        raise RuntimeError("a failed simulation")
+    assert {n: InMemoryLinkState.__dict__[n] for n in before} == before
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    with linkstate.fast_message_lookup() as active:
+        assert not active
+        assert InMemoryLinkState.__dict__["get_message_ins"] is before["get_message_ins"]
+
+
+def test_lookup_cost_does_not_grow_with_other_nodes_messages() -> None:
+    """A node's lookup reads its own index entries only: with 300 messages in flight for
+    other nodes, Flower's lookup checks each of them, the indexed one none (counted calls
+    of the expiry check, not seconds)."""
+    calls = {"n": 0}
+    original = InMemoryLinkState._check_stored_messages
+
+    def counting(self: Any, ids: set[str], run_id: int | None = None) -> None:
+        calls["n"] += 1
+        original(self, ids, run_id)
+
+    def lookups(within: Callable[[], Any] | None) -> int:
+        state, grid, nodes = _federation()
+        with within() if within else contextlib.nullcontext():
+            for i in range(300):
+                _push(grid, nodes[i % (NODES - 1)], i)
+            calls["n"] = 0
+            InMemoryLinkState._check_stored_messages = counting  # type: ignore[method-assign]
+            try:
+                assert state.get_message_ins(node_id=nodes[-1], limit=1) == []
+            finally:
+                InMemoryLinkState._check_stored_messages = original  # type: ignore[method-assign]
+        return calls["n"]
+
+    assert lookups(None) >= 300
+    assert lookups(linkstate.fast_message_lookup) == 0
