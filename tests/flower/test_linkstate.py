@@ -15,80 +15,53 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
-from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
+from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from cnfgnn.bench.dispatch import RUN_ID, measure, push, simulation_state
 from cnfgnn.flower import linkstate
 
 NODES = 5
-RUN_ID = 7
 
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ServerApp's identity that new Messages take (run_simulation sets it)."""
-    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    """simulation_state sets Flower's process-wide TaskIdentity: put it back afterwards."""
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
 
 
-def _federation() -> tuple[InMemoryLinkState, InMemoryGrid, list[int]]:
-    """A fresh in-memory LinkState with one run and NODES SuperNodes, as a simulation."""
-    factory = LinkStateFactory(":flwr-in-memory:", NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
+def _federation() -> tuple[InMemoryLinkState, Any, list[int]]:
+    state, grid, nodes = simulation_state(NODES)
     assert isinstance(state, InMemoryLinkState)
-    run = Run.create_empty(run_id=RUN_ID)
-    run.primary_task_id = 11
-    run.federation_id = NOOP_FEDERATION_ID
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[11] = Task(task_id=11, run_id=run.run_id)
-    nodes = sorted(_register_nodes(NODES, factory), key=lambda n: n)
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
     return state, grid, nodes
-
-
-def _push(grid: InMemoryGrid, node: int, tag: int, ttl: float = 600.0) -> str:
-    content = RecordDict({"c": ConfigRecord({"tag": tag})})
-    msg = Message(content, dst_node_id=node, message_type="query.t", ttl=ttl)
-    (mid,) = grid.push_messages([msg])
-    return str(mid)
 
 
 def _tags(messages: list[Any]) -> list[int]:
     return [int(m.content["c"]["tag"]) for m in messages]
 
 
-def _script(state: InMemoryLinkState, grid: InMemoryGrid, nodes: list[int]) -> list[Any]:
+def _script(state: InMemoryLinkState, grid: Any, nodes: list[int]) -> list[Any]:
     """Pushes, lookups, replies and expiries in one order; returns every observation."""
     seen: list[Any] = []
     tag = 0
     for node in nodes:  # two messages for every node, interleaved
         for _ in range(2):
-            _push(grid, node, tag)
+            push(grid, node, tag)
             tag += 1
-    _push(grid, nodes[1], 100, ttl=0.05)  # expires before its node asks
+    push(grid, nodes[1], 100, ttl=0.05)  # expires before its node asks
     time.sleep(0.1)
     seen.append([_tags(state.get_message_ins(node_id=n, limit=1)) for n in nodes])
     seen.append([_tags(state.get_message_ins(node_id=n, limit=None)) for n in nodes])
     seen.append([_tags(state.get_message_ins(node_id=n, limit=3)) for n in nodes])  # none left
-    late = _push(grid, nodes[2], 200)
+    late = push(grid, nodes[2], 200)
     seen.append(_tags(state.get_message_ins(node_id=nodes[2], limit=5, run_id=99)))  # other run
     got = state.get_message_ins(node_id=nodes[2], limit=5, run_id=RUN_ID)
     seen.append(_tags(got))
     seen.append([m.metadata.delivered_at != "" for m in got])
     state.delete_messages({late})  # the server pulled its reply
-    _push(grid, nodes[0], 300)
-    _push(grid, nodes[0], 301)
+    push(grid, nodes[0], 300)
+    push(grid, nodes[0], 301)
     seen.append(_tags(state.get_message_ins(node_id=nodes[0], limit=2)))
     seen.append(len(state.message_ins_store))
     seen.append(sorted(_tags(list(state.message_ins_store.values()))))
@@ -137,6 +110,14 @@ def test_methods_restored_and_version_gate(monkeypatch: pytest.MonkeyPatch) -> N
         assert InMemoryLinkState.__dict__["get_message_ins"] is before["get_message_ins"]
 
 
+def test_dispatch_benchmark_runs() -> None:
+    """``python -m cnfgnn.bench.dispatch``: both lookups hand out every message."""
+    for indexed in (False, True):
+        rec = measure(6, indexed, repeats=1)
+        assert set(rec) == {"handing_out_ms", "in_flight_ms"}
+        assert all(v > 0 for v in rec.values())
+
+
 def test_lookup_cost_does_not_grow_with_other_nodes_messages() -> None:
     """A node's lookup reads its own index entries only: with 300 messages in flight for
     other nodes, Flower's lookup checks each of them, the indexed one none (counted calls
@@ -152,7 +133,7 @@ def test_lookup_cost_does_not_grow_with_other_nodes_messages() -> None:
         state, grid, nodes = _federation()
         with within() if within else contextlib.nullcontext():
             for i in range(300):
-                _push(grid, nodes[i % (NODES - 1)], i)
+                push(grid, nodes[i % (NODES - 1)], i)
             calls["n"] = 0
             InMemoryLinkState._check_stored_messages = counting  # type: ignore[method-assign]
             try:
