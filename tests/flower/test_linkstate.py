@@ -18,8 +18,8 @@ import pytest
 from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.supercore.task_identity import TaskIdentity
 
-from cnfgnn.bench.dispatch import RUN_ID, measure, push, simulation_state
 from cnfgnn.flower import linkstate
+from cnfgnn.flower.dispatch import RUN_ID, measure, push, simulation_state
 
 NODES = 5
 
@@ -111,7 +111,7 @@ def test_methods_restored_and_version_gate(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_dispatch_benchmark_runs() -> None:
-    """``python -m cnfgnn.bench.dispatch``: both lookups hand out every message."""
+    """``python -m cnfgnn.flower.dispatch``: both lookups hand out every message."""
     for indexed in (False, True):
         rec = measure(6, indexed, repeats=1)
         assert set(rec) == {"handing_out_ms", "in_flight_ms"}

@@ -9,7 +9,7 @@ node, and times two passes over all nodes with Flower's lookup and with the inde
 * ``in_flight_ms``: a pass while they are delivered but not yet answered (the state during
   a round trip: this pass repeats every 0.1 s until the replies are in).
 
-``python -m cnfgnn.bench.dispatch 207 1000`` prints one JSON line per node count.
+``python -m cnfgnn.flower.dispatch 207 1000`` prints one JSON line per node count.
 """
 
 from __future__ import annotations
