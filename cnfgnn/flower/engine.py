@@ -57,6 +57,10 @@ class FlowerEngine:
         grid: the ServerApp's grid.
         timeout_s: seconds to wait for the replies of one ``send``.
         poll_interval_s: seconds between pulls.
+        poll_busy_share: at most this share of the wait goes to pulling: after a pull that
+            took ``t`` seconds the next waits at least ``t * (1 / share - 1)`` (a pull's cost
+            grows with the replies pending: 0.8 ms at 207 clients, 3.8 ms at 1,000 in
+            simulation). None: every ``poll_interval_s``.
         expected_clients: clients to wait for before the first message (None: whatever
             is connected once the number of nodes stops changing).
         wait_for_nodes_s: how long to wait for them.
@@ -73,6 +77,7 @@ class FlowerEngine:
         grid: Any,
         timeout_s: float = 600.0,
         poll_interval_s: float = 0.02,
+        poll_busy_share: float | None = None,
         expected_clients: int | None = None,
         wait_for_nodes_s: float = 120.0,
         measure_wire_bytes: bool = True,
@@ -81,6 +86,11 @@ class FlowerEngine:
         self.grid = grid
         self.timeout_s = float(timeout_s)
         self.poll_interval_s = float(poll_interval_s)
+        if poll_busy_share is not None and not 0.0 < float(poll_busy_share) <= 1.0:
+            raise ValueError(
+                f"engine.poll_busy_share={poll_busy_share}: use a share in (0, 1], or null"
+            )
+        self.poll_busy_share = None if poll_busy_share is None else float(poll_busy_share)
         self.expected_clients = expected_clients
         self.wait_for_nodes_s = float(wait_for_nodes_s)
         self.measure_wire_bytes = measure_wire_bytes
@@ -107,6 +117,7 @@ class FlowerEngine:
             grid,
             timeout_s=float(eng.get("timeout_s", 600)),
             poll_interval_s=float(eng.get("poll_interval_s", 0.02)),
+            poll_busy_share=eng.get("poll_busy_share"),
             expected_clients=expected_clients,
             wait_for_nodes_s=float(eng.get("wait_for_nodes_s", 120)),
             measure_wire_bytes=bool(eng.get("measure_wire_bytes", True)),
@@ -207,6 +218,7 @@ class FlowerEngine:
                 pending[mid] = cid
         deadline = time.monotonic() + timeout_s
         while pending:
+            t_pull = time.monotonic()
             for reply in self.grid.pull_messages(list(pending)):
                 cid = pending.pop(reply.metadata.reply_to_message_id, None)
                 if cid is not None:
@@ -214,10 +226,16 @@ class FlowerEngine:
             progress.answered(len(out), len(cids))
             if not pending or time.monotonic() >= deadline:
                 break
-            time.sleep(self.poll_interval_s)
+            time.sleep(self._poll_wait(time.monotonic() - t_pull))
         for cid in pending.values():
             out[cid] = P.ClientFailure(f"no reply within {timeout_s:g} s")
         return out
+
+    def _poll_wait(self, pull_s: float) -> float:
+        """Seconds to wait after a pull that took ``pull_s`` (see ``poll_busy_share``)."""
+        if self.poll_busy_share is None:
+            return self.poll_interval_s
+        return max(self.poll_interval_s, pull_s * (1.0 / self.poll_busy_share - 1.0))
 
     # ------------------------------------------------------------------ identities
     def _wait_for_nodes(self) -> None:
