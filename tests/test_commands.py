@@ -125,6 +125,10 @@ BAD_INPUT_IN_RUN = {  # arguments -> what the one line must say
         [*TINY, "federation.nodes_per_client=1", "engine.processes=two"],
         ["engine.processes='two'", "Fix: engine.processes=auto"],
     ),
+    "bad poll share": (  # before Ray starts
+        [*TINY, "engine=simulation", "engine.poll_busy_share=2"],
+        ["engine.poll_busy_share=2", "Fix: engine.poll_busy_share=0.05"],
+    ),
 }
 
 

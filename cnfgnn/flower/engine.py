@@ -30,6 +30,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation.secure import SecureSum
 from cnfgnn.flower import secagg
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
+from cnfgnn.shell import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,26 @@ def _short(reason: str, limit: int = 300) -> str:
 
 class FlowerError(RuntimeError):
     """The federation cannot start (too few SuperNodes, inconsistent partitions)."""
+
+
+def busy_share(value: Any) -> float | None:
+    """``engine.poll_busy_share`` checked: a share in (0, 1], or None.
+
+    Raises:
+        UsageError: anything else (the message names the key and the fix).
+    """
+    if value is None:
+        return None
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0.0 < share <= 1.0:
+        raise UsageError(
+            f"engine.poll_busy_share={value}: use a share in (0, 1], or null. "
+            "Fix: engine.poll_busy_share=0.05"
+        )
+    return share
 
 
 class FlowerEngine:
@@ -86,11 +107,7 @@ class FlowerEngine:
         self.grid = grid
         self.timeout_s = float(timeout_s)
         self.poll_interval_s = float(poll_interval_s)
-        if poll_busy_share is not None and not 0.0 < float(poll_busy_share) <= 1.0:
-            raise ValueError(
-                f"engine.poll_busy_share={poll_busy_share}: use a share in (0, 1], or null"
-            )
-        self.poll_busy_share = None if poll_busy_share is None else float(poll_busy_share)
+        self.poll_busy_share = busy_share(poll_busy_share)
         self.expected_clients = expected_clients
         self.wait_for_nodes_s = float(wait_for_nodes_s)
         self.measure_wire_bytes = measure_wire_bytes

@@ -9,8 +9,10 @@ per pass, and a million at 1,000 sensors. Measured on the bench's ``flower_1`` c
 (docs/results/2026-12-04-flower-dispatch.md) that scan took 34 s of an 86-s run and held
 the lock that replies and pulls wait for.
 
-:func:`fast_message_lookup` keeps, for the duration of a simulation, an index of the
-messages stored for each node (``store_message_ins`` adds to it) and answers
+:func:`fast_message_lookup` keeps, for the duration of a simulation that cnfgnn starts
+(:func:`cnfgnn.flower.simulation.simulate`; ``flwr run .`` runs Flower's own runtime
+process, which keeps Flower's lookup), an index of the messages stored for each node
+(``store_message_ins`` adds to it) and answers
 ``get_message_ins`` from that node's entries alone. The messages returned, their order, the
 ``limit``, the expiry check and the delivery stamp are Flower's
 (``tests/flower/test_linkstate.py`` compares both on the same state); an expired message of
@@ -29,8 +31,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FLOWER_VERSION = "1.42.0"
-
-
 INDEX = "_cnfgnn_ins_by_node"  # state attribute: node id -> {message id: None}, stored order
 
 

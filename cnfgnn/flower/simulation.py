@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from cnfgnn.config import ENV_OVERRIDES, flower_environment, overrides_for
 from cnfgnn.federation.inference import ForecastResult
-from cnfgnn.flower import client_app, linkstate, ray_cluster, server_app
+from cnfgnn.flower import client_app, engine, linkstate, ray_cluster, server_app
 from cnfgnn.results import RunWriter
 from cnfgnn.shell import UsageError
 
@@ -111,6 +111,7 @@ def simulate(
             "Ray is already initialised in this process; the simulation's "
             "actors would not see its configuration"
         )
+    engine.busy_share(cfg.engine.get("poll_busy_share"))  # bad input: before Ray starts
     env = flower_environment()
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
