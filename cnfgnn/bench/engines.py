@@ -85,7 +85,9 @@ def case_config(
     ``case['engine']`` picks the ``engine`` group (``central`` runs with ``inprocess``'s),
     ``case['nodes_per_client']`` sets ``federation.nodes_per_client`` (null: all nodes),
     ``case['threads']`` and ``case['processes']``, when given, the case's ``threads`` and
-    ``engine.processes``. ``extra`` maps dotted keys to values set afterwards.
+    ``engine.processes``; ``case['set']`` maps dotted keys to values for this case alone
+    (e.g. ``{engine.fuse_clients: false}``). ``extra`` maps dotted keys to values set
+    afterwards.
     """
     engine = "inprocess" if case["engine"] == "central" else str(case["engine"])
     eng = compose([f"engine={engine}"]).engine
@@ -98,7 +100,7 @@ def case_config(
         out.threads = case["threads"]
     if "processes" in case:
         out.engine.processes = case["processes"]
-    for key, value in (extra or {}).items():
+    for key, value in {**dict(case.get("set") or {}), **(extra or {})}.items():
         OmegaConf.update(out, key, value, merge=False)
     k = case.get("nodes_per_client")
     out.federation.nodes_per_client = dataset_nodes(out.dataset) if k is None else int(k)

@@ -18,6 +18,7 @@ import torch
 
 from cnfgnn import progress
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation.fused import FusedClients
 from cnfgnn.federation.node import NodeWorker
 from cnfgnn.federation.processes import ProcessEngine, client_processes
 
@@ -43,10 +44,13 @@ class InProcessEngine:
 
     Args:
         workers: client id -> the worker holding that client's series and state.
+        fuse: answer the split step of several clients in one pass
+            (:mod:`cnfgnn.federation.fused`, ``engine.fuse_clients``); the same replies.
     """
 
-    def __init__(self, workers: dict[int, NodeWorker]):
+    def __init__(self, workers: dict[int, NodeWorker], fuse: bool = False):
         self.workers = workers
+        self.fused = FusedClients(workers) if fuse else None
 
     def client_ids(self) -> list[int]:
         return sorted(self.workers)
@@ -55,7 +59,12 @@ class InProcessEngine:
         self, message_type: str, payloads: dict[int, P.Payload]
     ) -> dict[int, P.Payload | P.ClientFailure]:
         replies: dict[int, P.Payload | P.ClientFailure] = {}
+        if self.fused is not None:
+            replies.update(self.fused.answer(message_type, payloads))
+            progress.answered(len(replies), len(payloads))
         for cid, payload in payloads.items():
+            if cid in replies:
+                continue
             try:
                 replies[cid] = self.workers[cid].handle(message_type, payload)
             except Exception as exc:  # a broken client costs its answer, not the run
@@ -82,6 +91,7 @@ def local_engine(
     threads = torch.get_num_threads()
     # a run directory from before engine.processes existed (resume=true) lacks the key
     n = client_processes(cfg.engine.get("processes", "auto"), len(workers), threads, device)
+    fuse = bool(cfg.engine.get("fuse_clients", True))
     if n <= 1:
-        return InProcessEngine(workers)
-    return ProcessEngine(workers, n, max(1, threads // n))
+        return InProcessEngine(workers, fuse)
+    return ProcessEngine(workers, n, max(1, threads // n), fuse)

@@ -138,6 +138,70 @@ class LocalSeries:
         )
 
 
+def masked_mse(pred: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-node mean squared error of ``pred`` ``[B, H, K, 1]`` against ``y`` ``[B, H, K]``
+    over the entries ``mask`` ``[B, H, K]`` marks (None: all): losses ``[K]``, their sums
+    (detached) and counts."""
+    err = (pred[..., 0] - y).square()  # [B, H, K]
+    if mask is None:
+        sums = err.sum((0, 1))
+        counts = torch.full_like(sums, float(err.shape[0] * err.shape[1]))
+    else:
+        sums, counts = (err * mask).sum((0, 1)), mask.sum((0, 1))
+    return sums / counts.clamp_min(1.0), sums.detach(), counts
+
+
+@dataclass
+class SplitBatch:
+    """One server batch as a client decodes it in the split step. Every tensor has the
+    client's nodes on its K axis, so the batches of several clients stack into one
+    (:mod:`cnfgnn.federation.fused`)."""
+
+    x_last: Tensor  # [B, K, F] last observed input
+    y_tod: Tensor  # [B, H, K] time of day of the targets
+    y: Tensor  # [B, H, K] scaled targets
+    mask: Tensor | None  # [B, H, K] observed targets (float); None: unmasked loss
+    h_c: Tensor  # [B, K, L, H] the node's own encoding
+    h_g: Tensor  # [B, K, L, H] the server's graph embedding
+    teacher: Tensor  # [H, K] scheduled-sampling coins
+
+    #: The K axis of each field.
+    NODE_AXIS = {"x_last": 1, "y_tod": 2, "y": 2, "mask": 2, "h_c": 1, "h_g": 1, "teacher": 1}
+
+    @classmethod
+    def stack(cls, parts: list[SplitBatch]) -> SplitBatch:
+        """The batches of several clients (same windows) as one, nodes in ``parts`` order."""
+        fields: dict[str, Any] = {}
+        for name, axis in cls.NODE_AXIS.items():
+            values = [getattr(p, name) for p in parts]
+            fields[name] = None if values[0] is None else torch.cat(values, dim=axis)
+        return cls(**fields)
+
+
+def split_decode(
+    groups: list[tuple[slice, NodeSeq2Seq]], sb: SplitBatch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The split step's node side: decode ``sb`` with the node model (its runs ``groups``,
+    frozen) and return d(loss_k)/d(h_G,k) ``[B, K, L, H]``, loss sums and counts ``[K]``."""
+    grad = torch.empty_like(sb.h_g)
+    k = sb.h_g.shape[1]
+    sums, counts = torch.empty(2, k, device=sb.h_g.device)
+    for rows, net in groups:  # no weight gradients here
+        h_g = sb.h_g[:, rows].detach().requires_grad_(True)
+        pred = net.decode(
+            sb.x_last[:, rows],
+            sb.y_tod[..., rows],
+            sb.h_c[:, rows],
+            h_g,
+            targets=sb.y[..., rows],
+            teacher=sb.teacher[:, rows],
+        )
+        mask = None if sb.mask is None else sb.mask[..., rows]
+        per_node, sums[rows], counts[rows] = masked_mse(pred, sb.y[..., rows], mask)
+        (grad[:, rows],) = torch.autograd.grad(per_node.sum(), h_g)
+    return grad, sums, counts
+
+
 def group_gradients(
     groups: list[tuple[slice, NodeSeq2Seq]],
     buffers: list[Tensor],
@@ -433,22 +497,22 @@ class NodeWorker:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-node mean squared error ``[K]`` (unmasked unless configured), sums, counts;
         ``rows``: the worker's nodes that ``pred``, ``y`` and ``t`` hold (default all)."""
-        err = (pred[..., 0] - y).square()  # [B, H, K]
-        if self.cfg.federation.loss_masked:
-            k = torch.arange(self.num_nodes, device=self.device)[rows, None, None]
-            m = self.observed[k, t[:, :, self.in_steps :]].permute(1, 2, 0).float()  # [B, H, K]
-            sums, counts = (err * m).sum((0, 1)), m.sum((0, 1))
-        else:
-            sums = err.sum((0, 1))
-            counts = torch.full_like(sums, float(err.shape[0] * err.shape[1]))
-        return sums / counts.clamp_min(1.0), sums.detach(), counts
+        return masked_mse(pred, y, self._loss_mask(t, rows))
+
+    def _loss_mask(self, t: Tensor, rows: slice = slice(None)) -> Tensor | None:
+        """Where the targets of the flat time index ``t`` ``[k, B, T_in + H]`` (rows
+        ``rows`` of the worker's nodes) were observed, ``[B, H, k]`` float; None when the
+        loss is not masked (``federation.loss_masked``)."""
+        if not self.cfg.federation.loss_masked:
+            return None
+        k = torch.arange(self.num_nodes, device=self.device)[rows, None, None]
+        return self.observed[k, t[:, :, self.in_steps :]].permute(1, 2, 0).float()
 
     # ------------------------------------------------------------------ phases
     def local_train(self, payload: P.Payload) -> P.Payload:
         """R_c epochs on the node's own windows with last round's h_G fixed (step 1)."""
         fed = self.cfg.federation
         self.round = int(payload[P.ROUND])
-        step = int(payload[P.STEP])
         self._load_global(payload)
         dp_fedavg = dp.fedavg_dp(self.privacy, str(fed.aggregate))
         start = (  # the global model every node starts from (its update is clipped)
@@ -460,6 +524,18 @@ class NodeWorker:
             self.optimizer = make_adam(
                 self.net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay
             )
+        loss_sum, count, step = self.train_epochs(
+            int(payload[P.STEP]), self.optimizer, self._fmtl_term(payload)
+        )
+        return self.local_reply(payload, start, loss_sum, count, step)
+
+    def train_epochs(
+        self, step: int, optimizer: torch.optim.Optimizer, fmtl: Any = None, clients: int = 1
+    ) -> tuple[Tensor, Tensor, int]:
+        """The local epochs' batches from optimizer step ``step`` (``fmtl``: FMTL's
+        regulariser or None); returns loss sums and counts ``[K]`` and the next step.
+        ``clients``: how many clients these nodes stand for (progress counts their windows)."""
+        fed = self.cfg.federation
         s = len(self.series.starts[P.TRAIN])
         bs = int(fed.batch_size)
         loss_sum = torch.zeros(self.num_nodes, dtype=torch.float64, device=self.device)
@@ -469,7 +545,6 @@ class NodeWorker:
         if use_hg and h_g_train is None:
             raise RuntimeError(f"{P.LOCAL_TRAIN} before {P.CONFIGURE}: no h_G for the windows")
         k_ar = torch.arange(self.num_nodes, device=self.device)[:, None]
-        fmtl = self._fmtl_term(payload)
         self.net.train()
         params = list(self.net.parameters())
         grad_buffers = [torch.empty_like(p) for p in params]  # every row written per batch
@@ -496,12 +571,26 @@ class NodeWorker:
                         g_all += g
                 for p, g_all in zip(params, grad_buffers, strict=True):
                     p.grad = g_all
-                self.optimizer.step()
+                optimizer.step()
                 step += 1
-                progress.advance(idx.shape[1])
+                progress.advance(idx.shape[1] * clients)
         self.net.zero_grad(set_to_none=True)  # keep only the weights between messages:
+        return loss_sum, count, step
+
+    def local_reply(
+        self,
+        payload: P.Payload,
+        start: dict[str, Tensor] | None,
+        loss_sum: Tensor,
+        count: Tensor,
+        step: int,
+    ) -> P.Payload:
+        """The local phase's reply after training (``start``: the model before it, kept
+        for a DP-clipped update): the weights for FedAvg, examples, losses, next step."""
+        fed = self.cfg.federation
         if fed.reset_client_optimizer:  # grads + Adam moments were 3/4 of a node's memory
             self.optimizer = None
+        dp_fedavg = dp.fedavg_dp(self.privacy, str(fed.aggregate))
         out: P.Payload = {}
         if str(fed.aggregate) != "none":  # local / AT w/o FedAvg keep their models at home
             state = self.net.stacked_state()
@@ -520,6 +609,7 @@ class NodeWorker:
                     std = dp.node_update_noise_std(dp_fedavg.fedavg, int(payload[P.DP_NODES]))
                     state = dp.noise_updates(state, std, self._replay_seeds("fedavg_node", 0))
             out = {f"{P.WEIGHTS_PREFIX}{k}": v.cpu().numpy() for k, v in state.items()}
+        s = len(self.series.starts[P.TRAIN])
         out[P.NUM_EXAMPLES] = np.full(self.num_nodes, s * int(fed.local_epochs), np.int64)
         out |= self._loss_reply(loss_sum, count)
         out[P.STEP] = step
@@ -747,25 +837,30 @@ class NodeWorker:
         m = self.cfg.model
         return torch.zeros(0, self.num_nodes, m.num_layers, m.hidden_size, device=self.device)
 
-    def split_step(self, payload: P.Payload) -> P.Payload:
-        """Decode a server batch with the received h_G; return dL_k/dh_G (step 3)."""
+    def split_batch(self, payload: P.Payload) -> SplitBatch:
+        """What this client decodes in the split step for a checked request (step 3)."""
         batch = torch.as_tensor(np.asarray(payload[P.BATCH]), device=self.device)  # [B]
-        step = int(payload[P.STEP])
-        self.round = int(payload[P.ROUND])
-        h_g_all = torch.tensor(np.asarray(payload[P.H_G]), device=self.device)  # [B, K, L, H]
         idx = batch.expand(self.num_nodes, -1)  # every node decodes the same windows
         _, x_last, y_tod, y, t = self._gather(P.TRAIN, idx)
-        h_c = self.h_c[P.TRAIN][batch]  # [B, K, L, H], node model frozen here
-        teacher = self._teacher("split", step, 0)
+        return SplitBatch(
+            x_last=x_last,
+            y_tod=y_tod,
+            y=y,
+            mask=self._loss_mask(t),
+            h_c=self.h_c[P.TRAIN][batch],  # [B, K, L, H], node model frozen here
+            h_g=torch.tensor(np.asarray(payload[P.H_G]), device=self.device),
+            teacher=self._teacher("split", int(payload[P.STEP]), 0),
+        )
+
+    def split_step(self, payload: P.Payload) -> P.Payload:
+        """Decode a server batch with the received h_G; return dL_k/dh_G (step 3)."""
+        self.round = int(payload[P.ROUND])
         self.net.train()
-        grad = torch.empty_like(h_g_all)
-        sums, counts = torch.empty(2, self.num_nodes, device=self.device)
-        for rows, net in self._groups(trainable=False):  # no weight gradients here
-            h_g = h_g_all[:, rows].detach().requires_grad_(True)
-            per_node, sums[rows], counts[rows] = self.decode_losses(
-                rows, net, (x_last, y_tod, y, t), h_c, h_g, teacher
-            )
-            (grad[:, rows],) = torch.autograd.grad(per_node.sum(), h_g)  # d(loss_k)/d(h_G,k)
+        grad, sums, counts = split_decode(self._groups(trainable=False), self.split_batch(payload))
+        return self.split_reply(grad, sums, counts, int(payload[P.STEP]))
+
+    def split_reply(self, grad: Tensor, sums: Tensor, counts: Tensor, step: int) -> P.Payload:
+        """The split step's reply from :func:`split_decode`'s rows of this client."""
         grad = self._private("grad", grad, self.round, step)
         return {P.GRAD: grad.cpu().numpy()} | self._loss_reply(sums, counts)
 

@@ -33,6 +33,7 @@ from cnfgnn import progress
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.nodes import count_setting
 from cnfgnn.federation import protocol as P
+from cnfgnn.federation.fused import FusedClients
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,12 @@ _handoff: dict[int, Any] = {}
 _siblings: list[Connection] = []
 
 
-def _serve(conn: Connection, threads: int) -> None:
+def _serve(conn: Connection, threads: int, fuse: bool) -> None:
     """A child's loop: ``(message type, {client: payload})`` in, one ``(client, reply)`` out
-    per client as it is done, until ``None`` or the pipe closes."""
+    per client as it is done, until ``None`` or the pipe closes. ``fuse``: answer the
+    clients' split steps together (:mod:`cnfgnn.federation.fused`)."""
     workers = dict(_handoff)
+    fused = FusedClients(workers) if fuse else None
     _handoff.clear()
     for other in _siblings:
         other.close()
@@ -124,9 +127,12 @@ def _serve(conn: Connection, threads: int) -> None:
         if msg is None:
             return
         mtype, payloads = msg
+        together = {} if fused is None else fused.answer(mtype, payloads)
         for cid, payload in payloads.items():
             try:
-                reply: Any = workers[cid].handle(mtype, payload)
+                reply: Any = together.get(cid)
+                if reply is None:
+                    reply = workers[cid].handle(mtype, payload)
             except Exception as exc:  # a broken client costs its answer, not the run
                 log.warning("client %s failed on %s: %s", cid, mtype, exc)
                 log.debug("%s", traceback.format_exc())
@@ -147,9 +153,13 @@ class ProcessEngine:
             block of them and this object keeps none.
         processes: children to fork (at most one per client).
         threads_each: torch threads in each child.
+        fuse: each child answers its clients' split steps in one pass
+            (:mod:`cnfgnn.federation.fused`); the same replies.
     """
 
-    def __init__(self, workers: dict[int, Any], processes: int, threads_each: int = 1):
+    def __init__(
+        self, workers: dict[int, Any], processes: int, threads_each: int = 1, fuse: bool = False
+    ):
         if not fork_available():
             raise RuntimeError("ProcessEngine needs fork (Linux or macOS)")
         sizes = {cid: len(w.series.nodes) for cid, w in workers.items()}
@@ -166,7 +176,7 @@ class ProcessEngine:
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(
                     target=_serve,
-                    args=(child_end, threads_each),
+                    args=(child_end, threads_each, fuse),
                     name=f"cnfgnn-clients-{i}",
                     daemon=True,
                 )
