@@ -192,9 +192,7 @@ def stack_models(nets: list[NodeSeq2Seq], trainable: bool = False) -> NodeSeq2Se
     """One :class:`NodeSeq2Seq` whose nodes are those of ``nets``, in order (copied)."""
     first = nets[0]
     with torch.device("meta"):  # no storage, no draw from the global generator
-        out = NodeSeq2Seq(
-            sum(n.num_nodes for n in nets), *(getattr(first, a) for a in ARCH)
-        )
+        out = NodeSeq2Seq(sum(n.num_nodes for n in nets), *(getattr(first, a) for a in ARCH))
     for name, _ in first.named_parameters():
         owner, _, attr = name.rpartition(".")
         rows = torch.cat([n.get_parameter(name).detach() for n in nets])

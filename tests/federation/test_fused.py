@@ -4,7 +4,6 @@ privacy and changed weights are handled as one by one."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -35,8 +34,9 @@ def _requests(cfg, workers, seed: int = 0) -> dict[int, P.Payload]:
     return {
         cid: {
             P.BATCH: batch,
-            P.H_G: gen.standard_normal((len(batch), w.num_nodes, m.num_layers, m.hidden_size))
-            .astype(np.float32),
+            P.H_G: gen.standard_normal(
+                (len(batch), w.num_nodes, m.num_layers, m.hidden_size)
+            ).astype(np.float32),
             P.ROUND: 2,
             P.STEP: 7,
         }
@@ -68,8 +68,9 @@ def _local_requests(workers) -> dict[int, P.Payload]:
     so that training starts somewhere new), the same step and round for every client."""
     gen = np.random.default_rng(1)
     glob = {
-        f"{P.WEIGHTS_PREFIX}{k}": (v[0].numpy() + 0.01 * gen.standard_normal(v.shape[1:]))
-        .astype(np.float32)
+        f"{P.WEIGHTS_PREFIX}{k}": (v[0].numpy() + 0.01 * gen.standard_normal(v.shape[1:])).astype(
+            np.float32
+        )
         for k, v in workers[0].net.stacked_state().items()
     }
     return {cid: {P.STEP: 11, P.ROUND: 2, **glob} for cid in workers}
