@@ -176,7 +176,7 @@ class FusedClients:
     def _model(self, workers: list[NodeWorker]) -> NodeSeq2Seq:
         """The workers' node models stacked into one (copies, no gradients), reused while
         no parameter was replaced or changed in place since it was built."""
-        params = [p for w in workers for p in w.net.parameters()]
+        params: list[torch.Tensor] = [p for w in workers for p in w.net.parameters()]
         versions = [p._version for p in params]
         if self._stacked is not None:
             old, old_versions, net = self._stacked
