@@ -102,7 +102,7 @@ def test_message_overhead_per_type(tiny_bench):
 
 
 def test_los_loop_preset_composes():
-    """``cnfgnn-bench bench=los_loop``: the real data, the paper's METR-LA settings, three
+    """``cnfgnn-bench bench=los_loop``: the real data, the paper's METR-LA settings, four
     cases; config only (no round is run)."""
     cfg = bench.compose_bench(["bench=los_loop"])
     ds = cfg.dataset
@@ -116,10 +116,14 @@ def test_los_loop_preset_composes():
         "central",
         "inprocess_all",
         "inprocess_per_sensor",
+        "inprocess_per_sensor_unfused",
     ]
     assert cfg.bench.calibration.enabled and cfg.bench.message_overhead.enabled
     per_sensor = bench.case_config(cfg, dict(cfg.bench.engines[2]))
     assert per_sensor.federation.nodes_per_client == 1 and "bench" not in per_sensor
+    assert per_sensor.engine.fuse_clients is True
+    unfused = bench.case_config(cfg, dict(cfg.bench.engines[3]))  # the case's own `set`
+    assert unfused.engine.fuse_clients is False and unfused.federation.nodes_per_client == 1
     # the default preset keeps its synthetic network
     default = bench.compose_bench([])
     assert (default.dataset.kind, default.dataset.num_nodes) == ("synthetic", 207)
