@@ -95,6 +95,8 @@ class FusedClients:
         workers = [self.workers[cid] for cid in ids]
         first = payloads[ids[0]]
         step, round_ = int(first[P.STEP]), int(first[P.ROUND])
+        for worker in workers:  # before the coins, which are keyed by the round
+            worker.round = round_
         sb = SplitBatch.stack([w.split_batch(payloads[c]) for c, w in zip(ids, workers)])
         size = workers[0].cfg.get("node_chunk")
         net = self._model(workers)
@@ -104,7 +106,6 @@ class FusedClients:
         for cid, worker in zip(ids, workers):
             rows = slice(k0, k0 + worker.num_nodes)
             k0 = rows.stop
-            worker.round = round_
             replies[cid] = worker.split_reply(
                 grad[:, rows].clone(), sums[rows].clone(), counts[rows].clone(), step
             )
@@ -206,10 +207,17 @@ def _h_g_train(worker: NodeWorker) -> torch.Tensor:
     return worker.h_g_train
 
 
-def _fusable(worker: NodeWorker, message_type: str) -> bool:
-    """Whether a worker's message may run stacked with others': a node model, no noise (it
-    is drawn per client), configured; encoded for the split step; a fresh Adam each round
-    for local training (a kept one would be the client's own state)."""
+def _fusable(worker: Any, message_type: str) -> bool:
+    """Whether a worker's message may run stacked with others': a plain
+    :class:`NodeWorker` whose handler is the class's own (a wrapped or patched worker answers
+    through its own ``handle``), with a node model, no noise (it is drawn per client),
+    configured; encoded for the split step; a fresh Adam each round for local training (a
+    kept one would be the client's own state)."""
+    if type(worker) is not NodeWorker:
+        return False
+    row = P.message(message_type)
+    if row is None or {"handle", row.method} & set(vars(worker)):
+        return False
     if worker.model is None or worker.privacy is not None or worker.inputs is None:
         return False
     if message_type == P.SPLIT_STEP:

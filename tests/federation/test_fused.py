@@ -4,6 +4,8 @@ privacy and changed weights are handled as one by one."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from cnfgnn.experiment import run_experiment
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.engines import InProcessEngine
 from cnfgnn.federation.fused import FusedClients
+from cnfgnn.models.node_seq2seq import teacher_forcing_prob
 from tests.helpers import DP, REPLAY, TINY, in_process_federation, make_cfg
 
 PER_SENSOR = (*TINY, "federation.nodes_per_client=1")  # 6 clients of one sensor
@@ -27,9 +30,15 @@ def _trained(*overrides: str):
 
 def _requests(cfg, workers, seed: int = 0) -> dict[int, P.Payload]:
     """One server batch's split-step requests: the same windows, step and round for every
-    client, each with its own random h_G."""
+    client, each with its own random h_G. The round is not the workers' (their coins must
+    follow the request), and the step is where scheduled sampling feeds the truth about
+    half the time (so the coins matter)."""
     gen = np.random.default_rng(seed)
     m = cfg.model
+    k = float(m.cl_decay_steps)
+    step = int(k * math.log(k))  # k / (k + e^(s/k)) = 1/2
+    assert 0.3 < teacher_forcing_prob(step, k) < 0.7
+    assert all(w.round != 5 for w in workers.values())
     batch = np.array([5, 0, 17, 3, 9], np.int64)
     return {
         cid: {
@@ -37,8 +46,8 @@ def _requests(cfg, workers, seed: int = 0) -> dict[int, P.Payload]:
             P.H_G: gen.standard_normal(
                 (len(batch), w.num_nodes, m.num_layers, m.hidden_size)
             ).astype(np.float32),
-            P.ROUND: 2,
-            P.STEP: 7,
+            P.ROUND: 5,
+            P.STEP: step,
         }
         for cid, w in workers.items()
     }
@@ -52,11 +61,14 @@ def _assert_same(got: P.Payload, want: P.Payload) -> None:
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_replies_equal_each_clients_own(masked):
-    cfg, workers = _trained(f"federation.loss_masked={str(masked).lower()}")
+    masking = f"federation.loss_masked={str(masked).lower()}"
+    cfg, workers = _trained(masking)
+    _, alone_workers = _trained(masking)  # the same run again, answering one by one
     requests = _requests(cfg, workers)
-    alone = {cid: workers[cid].handle(P.SPLIT_STEP, r) for cid, r in requests.items()}
     together = FusedClients(workers).answer(P.SPLIT_STEP, requests)
+    alone = {c: alone_workers[c].handle(P.SPLIT_STEP, r) for c, r in requests.items()}
     assert sorted(together) == sorted(workers)  # all six in one pass
+    assert all(w.round == 5 for w in workers.values())
     for cid in workers:
         _assert_same(together[cid], alone[cid])
         assert together[cid][P.GRAD].shape == alone[cid][P.GRAD].shape
@@ -122,6 +134,34 @@ def test_malformed_and_mismatched_requests_are_answered_alone():
     _assert_same(replies[4], workers[4].handle(P.SPLIT_STEP, requests[4]))
     for cid in (0, 1, 3, 5):
         _assert_same(replies[cid], fused[cid])
+
+
+def test_wrapped_or_patched_workers_answer_through_their_own_handlers():
+    """A fused pass would bypass what wraps or patches a worker (a test double, a hostile
+    client): such workers are answered one by one, through their own methods."""
+    cfg, workers = _trained()
+
+    class Wrapped:  # proxies everything, changes nothing
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def handle(self, mtype, payload):
+            self.calls += 1
+            return self.inner.handle(mtype, payload)
+
+    def offline(payload):
+        raise RuntimeError("sensor offline")
+
+    workers[1] = Wrapped(workers[1])
+    workers[3].split_step = offline
+    requests = _requests(cfg, workers)
+    assert sorted(FusedClients(workers).answer(P.SPLIT_STEP, requests)) == [0, 2, 4, 5]
+    replies = InProcessEngine(workers, fuse=True).send(P.SPLIT_STEP, requests)
+    assert workers[1].calls == 1 and not isinstance(replies[1], P.ClientFailure)
+    assert isinstance(replies[3], P.ClientFailure) and "sensor offline" in replies[3].reason
 
 
 def test_clients_under_privacy_are_not_fused():

@@ -25,8 +25,10 @@ from cnfgnn.federation.node import own_initial_state
 from cnfgnn.federation.rounds import FederationError, Orchestrator, ServerGraph
 from tests.helpers import QUIET, ROOT, TINY, in_process_federation, make_cfg
 
-#: A GN learning rate high enough that the validation loss rises after round 1 (seed 42):
-#: the best round comes before the last one.
+#: A GN learning rate high enough that the validation loss rises in round 2 (seed 42), by 2%
+#: where runs of the same arithmetic in another order (client grouping, node_chunk, fused
+#: clients) differ by 1e-5: the best round comes before the last one. From round 3 on this
+#: rate is chaotic (those orders then differ by up to 50%): tests use 2 rounds.
 UNSTEADY = ("federation.server_lr=0.05",)
 
 
@@ -46,9 +48,9 @@ def _same_test(a: dict, b: dict) -> None:
 def test_best_round_earlier_than_last_tests_that_rounds_model_and_gn(tmp_path):
     """A run whose best round is earlier than its last tests exactly as the same run
     stopped at its best round; its checkpoint keeps that round's GN for forecasting."""
-    longer, w_long = _run(tmp_path / "long", *UNSTEADY, "federation.rounds=3")
+    longer, w_long = _run(tmp_path / "long", *UNSTEADY, "federation.rounds=2")
     best = longer["best_round"]
-    assert best < longer["rounds_run"] == 3  # else the test would prove nothing
+    assert best < longer["rounds_run"] == 2  # else the test would prove nothing
     stopped, w_stop = _run(tmp_path / "stop", *UNSTEADY, f"federation.rounds={best}")
     assert [r["val_loss"] for r in w_long.rounds()][:best] == [
         r["val_loss"] for r in w_stop.rounds()
