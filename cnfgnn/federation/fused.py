@@ -17,9 +17,10 @@ if the clients were one client of all their sensors:
 Nothing of one client reaches another client's reply or model, and the replies equal the
 clients' own answers to float rounding (tested). Each request is checked against its own
 client first (:func:`check_request`), as :meth:`NodeWorker.handle` does. A client that fails
-the check, a client under ``privacy`` (its noise is per client), FMTL's coupled training and
-any other message type are left to the engine, which answers them one by one; so is every
-client of a pass that raises.
+the check, a client under ``privacy`` (its noise is per client), FMTL's coupled training, a
+worker that is not a plain :class:`NodeWorker` with the class's own handlers (a wrapper or a
+patched method would be bypassed) and any other message type are left to the engine, which
+answers them one by one; so is every client of a pass that raises.
 """
 
 from __future__ import annotations
