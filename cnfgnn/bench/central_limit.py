@@ -35,7 +35,13 @@ from cnfgnn.data.dataset import SensorData
 from cnfgnn.data.scaler import global_scaler
 from cnfgnn.evaluation.metrics import metrics_from_sums, node_mean_loss
 from cnfgnn.federation import protocol as P
-from cnfgnn.federation.node import LocalSeries, NodeWorker, group_gradients
+from cnfgnn.federation.node import (
+    LocalSeries,
+    NodeWorker,
+    SplitBatch,
+    decode_group,
+    group_gradients,
+)
 from cnfgnn.federation.rounds import initial_node_model, seeded
 from cnfgnn.federation.server import GraphServer
 from cnfgnn.models.node_seq2seq import build_node_model
@@ -181,12 +187,20 @@ class CentralCNFGNN:
                     h_c_b = h_c[batch]  # [B, N, L, H]
                     h_g = self.server.gn(h_c_b, *self.graph)
                     _, x_last, y_tod, y, t = self._gather("train", batch.expand(n, -1))
-                    teacher = self._teacher("split", round_, self.step, 0)
+                    sb = SplitBatch(
+                        x_last=x_last,
+                        y_tod=y_tod,
+                        y=y,
+                        mask=self.worker._loss_mask(t),
+                        h_c=h_c_b,
+                        h_g=h_g,
+                        teacher=self._teacher("split", round_, self.step, 0),
+                    )
                     per_node = torch.empty(n, device=self.device)
                     sums, counts = torch.empty(2, n, device=self.device)
                     for rows, net in frozen:  # as NodeWorker.split_step, GN graph kept
-                        per_node[rows], sums[rows], counts[rows] = self.worker.decode_losses(
-                            rows, net, (x_last, y_tod, y, t), h_c_b, h_g[:, rows], teacher
+                        per_node[rows], sums[rows], counts[rows] = decode_group(
+                            rows, net, sb, h_g[:, rows]
                         )
                     self.server.optimizer.zero_grad(set_to_none=True)
                     torch.autograd.backward(per_node.mean(), inputs=params)  # GN only

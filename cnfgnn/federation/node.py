@@ -178,26 +178,36 @@ class SplitBatch:
         return cls(**fields)
 
 
+def decode_group(
+    rows: slice, net: NodeSeq2Seq, sb: SplitBatch, h_g: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The split step's decoding of one node group: ``net`` (the views of rows ``rows``)
+    decodes ``sb``'s windows of those rows from their ``h_c`` and ``h_g`` ``[B, k, L, H]``
+    (a leaf for ``dL/dh_G``, or the GN's output with its graph). Returns
+    :func:`masked_mse`'s per-node losses ``[k]`` (with the graph back to ``h_g``), sums and
+    counts."""
+    pred = net.decode(
+        sb.x_last[:, rows],
+        sb.y_tod[..., rows],
+        sb.h_c[:, rows],
+        h_g,
+        targets=sb.y[..., rows],
+        teacher=sb.teacher[:, rows],
+    )
+    mask = None if sb.mask is None else sb.mask[..., rows]
+    return masked_mse(pred, sb.y[..., rows], mask)
+
+
 def split_decode(
     groups: list[tuple[slice, NodeSeq2Seq]], sb: SplitBatch
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The split step's node side: decode ``sb`` with the node model (its runs ``groups``,
     frozen) and return d(loss_k)/d(h_G,k) ``[B, K, L, H]``, loss sums and counts ``[K]``."""
     grad = torch.empty_like(sb.h_g)
-    k = sb.h_g.shape[1]
-    sums, counts = torch.empty(2, k, device=sb.h_g.device)
+    sums, counts = torch.empty(2, sb.h_g.shape[1], device=sb.h_g.device)
     for rows, net in groups:  # no weight gradients here
         h_g = sb.h_g[:, rows].detach().requires_grad_(True)
-        pred = net.decode(
-            sb.x_last[:, rows],
-            sb.y_tod[..., rows],
-            sb.h_c[:, rows],
-            h_g,
-            targets=sb.y[..., rows],
-            teacher=sb.teacher[:, rows],
-        )
-        mask = None if sb.mask is None else sb.mask[..., rows]
-        per_node, sums[rows], counts[rows] = masked_mse(pred, sb.y[..., rows], mask)
+        per_node, sums[rows], counts[rows] = decode_group(rows, net, sb, h_g)
         (grad[:, rows],) = torch.autograd.grad(per_node.sum(), h_g)
     return grad, sums, counts
 
@@ -466,31 +476,6 @@ class NodeWorker:
             return per_node
 
         return losses
-
-    def decode_losses(
-        self,
-        rows: slice,
-        net: NodeSeq2Seq,
-        batch: tuple[Tensor, Tensor, Tensor, Tensor],
-        h_c: Tensor,
-        h_g: Tensor,
-        teacher: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The split step's decoding of one node group: ``net`` (the views of rows
-        ``rows``) decodes the batch's windows from ``h_c`` ``[B, K, L, H]`` (all the worker's
-        nodes) and the group's own ``h_g`` ``[B, k, L, H]`` with coins ``teacher`` ``[H, K]``;
-        ``batch`` is ``(x_last, y_tod, y, t)`` of :meth:`_gather`. Returns :meth:`_loss`'s
-        per-node losses ``[k]`` (with the graph back to ``h_g``), sums and counts."""
-        x_last, y_tod, y, t = batch
-        pred = net.decode(
-            x_last[:, rows],
-            y_tod[..., rows],
-            h_c[:, rows],
-            h_g,
-            targets=y[..., rows],
-            teacher=teacher[:, rows],
-        )
-        return self._loss(pred, y[..., rows], t[rows], rows)
 
     def _loss(
         self, pred: Tensor, y: Tensor, t: Tensor, rows: slice = slice(None)
