@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor
 
 from cnfgnn.federation import protocol as P
 from cnfgnn.federation.node import LocalSeries, NodeWorker, SplitBatch, split_decode
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Message types answered together.
 FUSED_TYPES = frozenset({P.SPLIT_STEP, P.LOCAL_TRAIN})
-#: Model hyper-parameters that must agree for two clients' models to stack.
-ARCH = ("input_size", "output_size", "hidden_size", "num_layers", "graph_embedding", "horizon")
 
 
 class FusedClients:
@@ -57,11 +56,7 @@ class FusedClients:
 
     def __init__(self, workers: Mapping[int, NodeWorker]):
         self.workers = workers
-        # the stacked model of the last group, with the parameters (and their in-place
-        # version counters) it was copied from: reused while none of them changed
-        self._stacked: tuple[list[torch.Tensor], list[int], NodeSeq2Seq] | None = None
-        # the clients' series as one worker's, by group: (their inputs, the merged worker)
-        self._merged: dict[tuple[int, ...], tuple[list[torch.Tensor], NodeWorker]] = {}
+        self._merged: _Merged | None = None  # the last group's clients as one worker
 
     def answer(self, message_type: str, payloads: Mapping[int, P.Payload]) -> dict[int, P.Payload]:
         """Replies of the clients answered together; the rest are the caller's to answer."""
@@ -99,14 +94,11 @@ class FusedClients:
         for worker in workers:  # before the coins, which are keyed by the round
             worker.round = round_
         sb = SplitBatch.stack([w.split_batch(payloads[c]) for c, w in zip(ids, workers)])
-        size = workers[0].cfg.get("node_chunk")
-        net = self._model(workers)
-        grad, sums, counts = split_decode(net.node_groups(size, trainable=False), sb)
+        merged = self._merged_worker(ids, workers)
+        merged.net.train()
+        grad, sums, counts = split_decode(merged._groups(trainable=False), sb)
         replies: dict[int, P.Payload] = {}
-        k0 = 0
-        for cid, worker in zip(ids, workers):
-            rows = slice(k0, k0 + worker.num_nodes)
-            k0 = rows.stop
+        for cid, worker, rows in zip(ids, workers, _rows(workers)):
             replies[cid] = worker.split_reply(
                 grad[:, rows].clone(), sums[rows].clone(), counts[rows].clone(), step
             )
@@ -122,28 +114,17 @@ class FusedClients:
             worker._load_global(payloads[cid])
         merged = self._merged_worker(ids, workers)
         merged.round = int(first[P.ROUND])
-        net = merged.net
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                torch.cat([w.net.get_parameter(name).detach() for w in workers], out=p.data)
         if merged.cfg.model.graph_embedding:
             merged.h_g_train = torch.cat([_h_g_train(w) for w in workers], dim=1)
         fed = merged.cfg.federation
-        optimizer = make_adam(net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay)
+        optimizer = make_adam(merged.net.parameters(), lr=fed.lr, weight_decay=fed.weight_decay)
         loss_sum, count, step = merged.train_epochs(int(first[P.STEP]), optimizer, None, len(ids))
         merged.h_g_train = None
         replies: dict[int, P.Payload] = {}
-        k0 = 0
-        with torch.no_grad():
-            for worker in workers:
-                rows = slice(k0, k0 + worker.num_nodes)
-                k0 = rows.stop
+        for cid, worker, rows in zip(ids, workers, _rows(workers)):
+            with torch.no_grad():  # the client's own rows of the trained weights
                 for name, p in worker.net.named_parameters():
-                    p.copy_(net.get_parameter(name)[rows])
-        k0 = 0
-        for cid, worker in zip(ids, workers):
-            rows = slice(k0, k0 + worker.num_nodes)
-            k0 = rows.stop
+                    p.copy_(merged.net.get_parameter(name)[rows])
             worker.optimizer = None  # reset_client_optimizer: as local_train leaves it
             replies[cid] = worker.local_reply(
                 payloads[cid], None, loss_sum[rows].clone(), count[rows].clone(), step
@@ -151,58 +132,68 @@ class FusedClients:
         return replies
 
     def _merged_worker(self, ids: list[int], workers: list[NodeWorker]) -> NodeWorker:
-        """One worker over the clients' series (inputs and masks stacked, a stacked model
-        of theirs), rebuilt when a client's inputs were replaced (``configure``)."""
-        key = tuple(ids)
+        """The clients as one worker whose model holds their current weights: rebuilt for
+        another group or after a client's inputs were replaced (``configure``); its weights
+        copied again when a client's parameter was replaced or changed in place."""
         inputs = [w.scaled_inputs for w in workers]
-        cached = self._merged.get(key)
-        if cached is not None and all(a is b for a, b in zip(cached[0], inputs)):
-            return cached[1]
-        first = workers[0]
-        s = first.series
-        series = LocalSeries(
-            nodes=np.concatenate([w.series.nodes for w in workers]),
-            sensor_ids=[i for w in workers for i in w.series.sensor_ids],
-            speed=np.concatenate([w.series.speed for w in workers], axis=1),
-            mask=np.concatenate([w.series.mask for w in workers], axis=1),
-            time_of_day=s.time_of_day,
-            starts=s.starts,
-        )
-        merged = NodeWorker(series, first.cfg, first.device, build_model=False)
-        merged.model = stack_models([w.net for w in workers], trainable=True)
-        merged.inputs = torch.cat(inputs)
-        merged.observed = torch.cat([w.observed for w in workers])
-        self._merged = {key: (inputs, merged)}  # one group per process at a time
+        params: list[Tensor] = [p for w in workers for p in w.net.parameters()]
+        versions = [p._version for p in params]
+        last = self._merged
+        if last is None or last.ids != tuple(ids) or not _same(last.inputs, inputs):
+            merged = _merge(workers)
+        else:
+            merged = last.worker
+            if not _same(last.params, params) or last.versions != versions:
+                with torch.no_grad():
+                    for name, p in merged.net.named_parameters():
+                        torch.cat([w.net.get_parameter(name) for w in workers], out=p.data)
+        self._merged = _Merged(tuple(ids), inputs, params, versions, merged)
         return merged
 
-    def _model(self, workers: list[NodeWorker]) -> NodeSeq2Seq:
-        """The workers' node models stacked into one (copies, no gradients), reused while
-        no parameter was replaced or changed in place since it was built."""
-        params: list[torch.Tensor] = [p for w in workers for p in w.net.parameters()]
-        versions = [p._version for p in params]
-        if self._stacked is not None:
-            old, old_versions, net = self._stacked
-            if len(old) == len(params) and old_versions == versions:
-                if all(a is b for a, b in zip(old, params)):
-                    return net
-        net = stack_models([w.net for w in workers])
-        self._stacked = (params, versions, net)
-        return net
+
+@dataclass
+class _Merged:
+    """A group of clients as one worker, and what it was made from: the clients' inputs and
+    parameters (the same objects) and the parameters' in-place version counters."""
+
+    ids: tuple[int, ...]
+    inputs: list[Tensor]
+    params: list[Tensor]
+    versions: list[int]
+    worker: NodeWorker
 
 
-def stack_models(nets: list[NodeSeq2Seq], trainable: bool = False) -> NodeSeq2Seq:
-    """One :class:`NodeSeq2Seq` whose nodes are those of ``nets``, in order (copied)."""
-    first = nets[0]
-    with torch.device("meta"):  # no storage, no draw from the global generator
-        out = NodeSeq2Seq(sum(n.num_nodes for n in nets), *(getattr(first, a) for a in ARCH))
-    for name, _ in first.named_parameters():
-        owner, _, attr = name.rpartition(".")
-        rows = torch.cat([n.get_parameter(name).detach() for n in nets])
-        setattr(out.get_submodule(owner), attr, nn.Parameter(rows, requires_grad=trainable))
-    return out
+def _merge(workers: list[NodeWorker]) -> NodeWorker:
+    """One worker over the clients' series: nodes, inputs and masks stacked, and a stacked
+    copy of their models (trainable: local training steps it)."""
+    s = workers[0].series
+    series = LocalSeries(
+        nodes=np.concatenate([w.series.nodes for w in workers]),
+        sensor_ids=[i for w in workers for i in w.series.sensor_ids],
+        speed=np.concatenate([w.series.speed for w in workers], axis=1),
+        mask=np.concatenate([w.series.mask for w in workers], axis=1),
+        time_of_day=s.time_of_day,
+        starts=s.starts,
+    )
+    merged = NodeWorker(series, workers[0].cfg, workers[0].device, build_model=False)
+    merged.model = NodeSeq2Seq.stacked([w.net for w in workers], trainable=True)
+    merged.inputs = torch.cat([w.scaled_inputs for w in workers])
+    merged.observed = torch.cat([w.observed for w in workers])
+    return merged
 
 
-def _h_g_train(worker: NodeWorker) -> torch.Tensor:
+def _rows(workers: list[NodeWorker]) -> list[slice]:
+    """Each worker's rows in the stacked node axis."""
+    ends = np.cumsum([0] + [w.num_nodes for w in workers])
+    return [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    """The same tensor objects, in order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _h_g_train(worker: NodeWorker) -> Tensor:
     if worker.h_g_train is None:
         raise RuntimeError(f"{P.LOCAL_TRAIN} before {P.EMBED}: no h_G for the windows")
     return worker.h_g_train
@@ -230,11 +221,10 @@ def _same_pass(worker: NodeWorker, payload: P.Payload) -> tuple[Any, ...]:
     """What clients must share to run in one pass: device, model shape, config (local
     training runs on one), windows (the split step's batch; local training: the training
     windows' starts), step and round. Each client's draws are its nodes' own."""
-    net = worker.net
     batch = np.asarray(payload.get(P.BATCH, worker.series.starts[P.TRAIN]))
     return (
         str(worker.device),
-        tuple(getattr(net, a) for a in ARCH),
+        worker.net.architecture,
         id(worker.cfg),
         batch.tobytes(),
         int(payload[P.STEP]),

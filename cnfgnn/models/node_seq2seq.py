@@ -362,22 +362,45 @@ class NodeSeq2Seq(nn.Module):
         groups = []
         for k0 in range(0, k, size):
             rows = slice(k0, min(k0 + size, k))
-            with torch.device("meta"):  # no storage, no draw from the global generator
-                view = NodeSeq2Seq(
-                    rows.stop - rows.start,
-                    self.input_size,
-                    self.output_size,
-                    self.hidden_size,
-                    self.num_layers,
-                    self.graph_embedding,
-                    self.horizon,
-                )
-            for name, p in self.named_parameters():
-                owner, _, attr = name.rpartition(".")
-                view_p = nn.Parameter(p.detach()[rows], requires_grad=trainable)
-                setattr(view.get_submodule(owner), attr, view_p)
-            groups.append((rows, view.train(self.training)))
+            rows_of = {name: p.detach()[rows] for name, p in self.named_parameters()}
+            groups.append((rows, self._with_parameters(rows_of, trainable)))
         return groups
+
+    @classmethod
+    def stacked(cls, nets: list[NodeSeq2Seq], trainable: bool) -> NodeSeq2Seq:
+        """One model whose nodes are those of ``nets`` (the same architecture), in order:
+        copies of their weights, in new storage."""
+        first = nets[0]
+        if any(n.architecture != first.architecture for n in nets):
+            raise ValueError("node models of different architectures do not stack")
+        rows = {
+            name: torch.cat([n.get_parameter(name).detach() for n in nets])
+            for name, _ in first.named_parameters()
+        }
+        return first._with_parameters(rows, trainable)
+
+    @property
+    def architecture(self) -> tuple[Any, ...]:
+        """Everything but ``num_nodes`` that shapes a node's weights and passes."""
+        return (
+            self.input_size,
+            self.output_size,
+            self.hidden_size,
+            self.num_layers,
+            self.graph_embedding,
+            self.horizon,
+        )
+
+    def _with_parameters(self, params: dict[str, Tensor], trainable: bool) -> NodeSeq2Seq:
+        """A model of this architecture whose parameters are ``params`` (name ->
+        ``[k, ...]``, used as they are: views stay views), in this model's train mode."""
+        k = next(iter(params.values())).shape[0]
+        with torch.device("meta"):  # no storage, no draw from the global generator
+            out = NodeSeq2Seq(k, *self.architecture)
+        for name, value in params.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(owner), attr, nn.Parameter(value, requires_grad=trainable))
+        return out.train(self.training)
 
     # ------------------------------------------------------------------ FedAvg helpers
     def node_state(self, k: int) -> dict[str, Tensor]:

@@ -180,6 +180,21 @@ def test_group_equals_alone(graph_embedding):
             torch.testing.assert_close(group.node_state(i)[name], value, atol=1e-5, rtol=0)
 
 
+def test_stacked_models_are_copies_of_each_nodes_rows_in_order():
+    torch.manual_seed(2)
+    nets = [NodeSeq2Seq(k, hidden_size=8, num_layers=2) for k in (1, 3, 2)]
+    out = NodeSeq2Seq.stacked(nets, trainable=False)
+    assert out.num_nodes == 6 and out.architecture == nets[0].architecture
+    assert not any(p.requires_grad for p in out.parameters())
+    for name, p in out.named_parameters():
+        want = torch.cat([n.get_parameter(name).detach() for n in nets])
+        assert torch.equal(p, want), name
+        assert p.data_ptr() != nets[0].get_parameter(name).data_ptr()  # new storage
+    assert all(p.requires_grad for p in NodeSeq2Seq.stacked(nets, trainable=True).parameters())
+    with pytest.raises(ValueError, match="different architectures"):
+        NodeSeq2Seq.stacked([nets[0], NodeSeq2Seq(1, hidden_size=16, num_layers=2)], False)
+
+
 @pytest.mark.parametrize("hidden, layers, graph_embedding", CONFIGS)
 def test_node_groups_are_views_with_the_same_gradients(hidden, layers, graph_embedding):
     """Run by run (3 + 3 + 1 nodes): same predictions and weight gradients as the whole
