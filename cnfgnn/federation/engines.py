@@ -44,7 +44,7 @@ class InProcessEngine:
 
     Args:
         workers: client id -> the worker holding that client's series and state.
-        fuse: answer the split step of several clients in one pass
+        fuse: answer the split step and local training of several clients in one pass
             (:mod:`cnfgnn.federation.fused`, ``engine.fuse_clients``); the same replies.
     """
 
@@ -86,8 +86,9 @@ def local_engine(
 ) -> InProcessEngine | ProcessEngine:
     """The engine ``engine=inprocess`` runs on: the clients one after another in this
     process, or, when ``engine.processes`` (:func:`client_processes`) gives more than one,
-    in that many forked processes with ``threads // processes`` torch threads each. Call
-    ``close()`` when the run ends (also on failure)."""
+    in that many forked processes with ``threads // processes`` torch threads each; with
+    ``engine.fuse_clients`` (default on) a process answers its clients' split steps and local
+    training in stacked passes. Call ``close()`` when the run ends (also on failure)."""
     threads = torch.get_num_threads()
     # a run directory from before engine.processes existed (resume=true) lacks the key
     n = client_processes(cfg.engine.get("processes", "auto"), len(workers), threads, device)

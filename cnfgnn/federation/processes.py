@@ -110,7 +110,7 @@ _siblings: list[Connection] = []
 def _serve(conn: Connection, threads: int, fuse: bool) -> None:
     """A child's loop: ``(message type, {client: payload})`` in, one ``(client, reply)`` out
     per client as it is done, until ``None`` or the pipe closes. ``fuse``: answer the
-    clients' split steps together (:mod:`cnfgnn.federation.fused`)."""
+    clients' split steps and local training together (:mod:`cnfgnn.federation.fused`)."""
     workers = dict(_handoff)
     fused = FusedClients(workers) if fuse else None
     _handoff.clear()
@@ -153,7 +153,7 @@ class ProcessEngine:
             block of them and this object keeps none.
         processes: children to fork (at most one per client).
         threads_each: torch threads in each child.
-        fuse: each child answers its clients' split steps in one pass
+        fuse: each child answers its clients' split steps and local training in one pass
             (:mod:`cnfgnn.federation.fused`); the same replies.
     """
 
