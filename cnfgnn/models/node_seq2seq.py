@@ -9,7 +9,7 @@ gives the same result as training it alone (docs/design.md ยง4; docs/method.md ย
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,92 @@ def teacher_forcing_prob(step: int, k: float) -> float:
         return 0.0
 
 
+class _HiddenWeightGrads:
+    r"""The recurrent weights' gradients of one sequence, summed in place over its steps.
+
+    Autograd would take one ``[K, 3H, H]`` gradient per step from :class:`_GRUCell` and add
+    the steps' up in a buffer: per step, two fresh matmul outputs, their concatenation and
+    an addition, all of the weight's size (for the decoder, as large as the step's own
+    activations). Here each step's backward adds ``d^T h`` into one buffer in the matmul
+    itself (``baddbmm_``), and :class:`_SequenceWeights` hands the sums to autograd once per
+    sequence: the same sums, a third of the passes over the weight.
+
+    A backward pass that does not reach the weights (``torch.autograd.grad`` for an input
+    alone) leaves partial sums behind; they are tagged with the pass's graph task and
+    dropped by the next pass.
+    """
+
+    __slots__ = ("task", "w_rz", "w_n", "b")
+
+    def __init__(self) -> None:
+        self.task: int | None = None
+        self.w_rz: Tensor | None = None  # [K, 2H, H]
+        self.w_n: Tensor | None = None  # [K, H, H]
+        self.b: Tensor | None = None  # [K, 3H]
+
+    def add(self, d_rz: Tensor, d_hn: Tensor, h: Tensor) -> None:
+        """One step: gate gradients d_rz ``[K, B, 2H]``, d_hn ``[K, B, H]``, state h
+        ``[K, B, H]``."""
+        task = torch._C._current_graph_task_id()
+        if self.task != task or self.w_rz is None or self.w_n is None or self.b is None:
+            self.task = task
+            self.w_rz = torch.bmm(d_rz.transpose(1, 2), h)
+            self.w_n = torch.bmm(d_hn.transpose(1, 2), h)
+            self.b = torch.cat([d_rz.sum(1), d_hn.sum(1)], 1)
+            return
+        self.w_rz.baddbmm_(d_rz.transpose(1, 2), h)
+        self.w_n.baddbmm_(d_hn.transpose(1, 2), h)
+        hs = h.shape[-1]
+        self.b[:, : 2 * hs].add_(d_rz.sum(1))
+        self.b[:, 2 * hs :].add_(d_hn.sum(1))
+
+    def take(self) -> tuple[Tensor | None, Tensor | None]:
+        """The sums of this backward pass (``None``, ``None`` if it added none) and reset."""
+        fresh = self.task == torch._C._current_graph_task_id()
+        w_rz, w_n, b = self.w_rz, self.w_n, self.b
+        self.task = self.w_rz = self.w_n = self.b = None
+        if not fresh or w_rz is None or w_n is None:
+            return None, None
+        return torch.cat([w_rz, w_n], 1), b
+
+
+class _SequenceWeights(torch.autograd.Function):
+    r"""Where one sequence's recurrent weights enter the graph (see :class:`_HiddenWeightGrads`).
+
+    Returns an empty *anchor* that every :class:`_GRUCell` of the sequence takes as an
+    input; the cells add their weight gradients to ``grads`` and return an empty gradient
+    for the anchor. Autograd runs this node's backward after all of them, and it returns the
+    sums as the weights' gradients.
+
+    Shapes: w_hh ``[K, 3H, H]``, b_hh ``[K, 3H]`` -> anchor ``[0]``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w_hh: Tensor, b_hh: Tensor, grads: _HiddenWeightGrads) -> Tensor:
+        ctx.grads = grads
+        return w_hh.new_empty(0)
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        dw, db = ctx.grads.take()
+        return (
+            dw if ctx.needs_input_grad[0] else None,
+            db if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+
+class Recurrent(NamedTuple):
+    """One layer's recurrent weights as the cells of a sequence take them
+    (:meth:`GroupGRU.recurrent`): w_hh ``[K, 3H, H]``, b_hh ``[K, 3H]``, and the anchor and
+    sums of :class:`_SequenceWeights` (both ``None`` when the weights take no gradient)."""
+
+    w_hh: Tensor
+    b_hh: Tensor
+    anchor: Tensor | None
+    grads: _HiddenWeightGrads | None
+
+
 class _GRUCell(torch.autograd.Function):
     r"""The GRU update of :class:`GroupGRU` with a hand-written backward.
 
@@ -36,12 +122,24 @@ class _GRUCell(torch.autograd.Function):
     these passes, not by the matmuls. ``gradcheck`` and the ``nn.GRU`` equivalence tests
     cover it.
 
+    With an ``anchor`` of :class:`_SequenceWeights` (and its ``grads``), the weight
+    gradients go to ``grads`` instead (pass the weights detached); without, they are
+    returned as usual.
+
     Shapes: gi ``[K, B, 3H]`` (input gates with bias), h ``[K, B, H]``, w_hh ``[K, 3H, H]``,
     b_hh ``[K, 3H]`` -> h' ``[K, B, H]``.
     """
 
     @staticmethod
-    def forward(ctx: Any, gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    def forward(
+        ctx: Any,
+        gi: Tensor,
+        h: Tensor,
+        w_hh: Tensor,
+        b_hh: Tensor,
+        anchor: Tensor | None = None,
+        grads: _HiddenWeightGrads | None = None,
+    ) -> Tensor:
         hs = h.shape[-1]
         w_rz, w_n = w_hh[:, : 2 * hs], w_hh[:, 2 * hs :]
         rz = torch.baddbmm(b_hh[:, None, : 2 * hs], h, w_rz.transpose(1, 2))  # [K, B, 2H]
@@ -50,10 +148,11 @@ class _GRUCell(torch.autograd.Function):
         r, z = rz[..., :hs], rz[..., hs:]
         n = torch.addcmul(gi[..., 2 * hs :], r, h_n).tanh_()
         ctx.save_for_backward(h, w_hh, rz, n, h_n)
+        ctx.grads = grads
         return torch.lerp(n, h, z)  # n + z (h - n)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         h, w_hh, rz, n, h_n = ctx.saved_tensors
         hs = h.shape[-1]
         r, z = rz[..., :hs], rz[..., hs:]
@@ -66,14 +165,18 @@ class _GRUCell(torch.autograd.Function):
         d_rz = d[..., : 2 * hs]
         dh = torch.mul(g, z)
         dh.baddbmm_(d_rz, w_hh[:, : 2 * hs]).baddbmm_(d_hn, w_hh[:, 2 * hs :])
-        dw = db = None  # weight gradients only when the weights take them (not in split steps)
-        if ctx.needs_input_grad[2]:
+        dw = db = d_anchor = None  # weight gradients only when the weights take them
+        needs = ctx.needs_input_grad
+        if len(needs) > 4 and needs[4]:  # the sequence's weights: summed in place
+            ctx.grads.add(d_rz, d_hn, h)
+            d_anchor = g.new_empty(0)
+        if needs[2]:
             dw = torch.cat(
                 [torch.bmm(d_rz.transpose(1, 2), h), torch.bmm(d_hn.transpose(1, 2), h)], 1
             )
-        if ctx.needs_input_grad[3]:
+        if needs[3]:
             db = torch.cat([d_rz.sum(1), d_hn.sum(1)], 1)
-        return d, dh, dw, db
+        return d, dh, dw, db, d_anchor, None
 
 
 class GroupGRU(nn.Module):
@@ -140,19 +243,43 @@ class GroupGRU(nn.Module):
         """``[K, R, in]`` -> ``[K, R, 3H]``: W_ih x + b_ih for every row of every node."""
         return torch.baddbmm(b_ih.unsqueeze(1), x, w_ih.transpose(1, 2))
 
-    @staticmethod
-    def _cell(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-        """One GRU update from precomputed input gates ``gi`` ``[K, B, 3H]``, h ``[K, B, H]``."""
-        return _GRUCell.apply(gi, h, w_hh, b_hh)
+    def recurrent(self) -> list[Recurrent]:
+        """Every layer's ``(w_hh, b_hh, anchor, grads)`` for the cells of ONE sequence.
 
-    def step_layers(self, x: Tensor, h: list[Tensor]) -> list[Tensor]:
+        When the weights take gradients, they come detached with an anchor
+        (:class:`_SequenceWeights`) whose backward hands autograd their gradients summed
+        over the sequence's steps (:class:`_HiddenWeightGrads`); otherwise as they are,
+        with no anchor. A caller that steps a sequence itself (:meth:`NodeSeq2Seq.decode`)
+        gets these once and passes them to every :meth:`step_layers`.
+        """
+        out = []
+        for layer in range(self.num_layers):
+            _, w_hh, _, b_hh = self._layer(layer)
+            if torch.is_grad_enabled() and (w_hh.requires_grad or b_hh.requires_grad):
+                grads = _HiddenWeightGrads()
+                anchor = _SequenceWeights.apply(w_hh, b_hh, grads)
+                out.append(Recurrent(w_hh.detach(), b_hh.detach(), anchor, grads))
+            else:
+                out.append(Recurrent(w_hh, b_hh, None, None))
+        return out
+
+    @staticmethod
+    def _cell(gi: Tensor, h: Tensor, rec: Recurrent) -> Tensor:
+        """One GRU update from precomputed input gates ``gi`` ``[K, B, 3H]``, h ``[K, B, H]``."""
+        return _GRUCell.apply(gi, h, rec.w_hh, rec.b_hh, rec.anchor, rec.grads)
+
+    def step_layers(
+        self, x: Tensor, h: list[Tensor], rec: list[Recurrent] | None = None
+    ) -> list[Tensor]:
         """:meth:`step` on a list of per-layer states ``[K, B, H]`` (cheaper backward than
-        selecting from a stacked tensor at every step)."""
+        selecting from a stacked tensor at every step); ``rec``: the sequence's
+        :meth:`recurrent` weights (``None``: this step is a sequence of its own)."""
+        rec = self.recurrent() if rec is None else rec
         out = []
         inp = x
         for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._layer(layer)
-            inp = self._cell(self._input_gates(inp, w_ih, b_ih), h[layer], w_hh, b_hh)
+            w_ih, _, b_ih, _ = self._layer(layer)
+            inp = self._cell(self._input_gates(inp, w_ih, b_ih), h[layer], rec[layer])
             out.append(inp)
         return out
 
@@ -168,13 +295,14 @@ class GroupGRU(nn.Module):
         )
         seq = x.transpose(1, 2)  # [K, T, B, in]: time-major rows, so every step is one slab
         h_n = []
+        recs = self.recurrent()
         for layer in range(self.num_layers):  # layer by layer: input gates of all steps at once
-            w_ih, w_hh, b_ih, b_hh = self._layer(layer)
+            w_ih, _, b_ih, _ = self._layer(layer)
             gi = self._input_gates(seq.reshape(k, t * b, -1), w_ih, b_ih)  # [K, T*B, 3H]
             h = h0s[layer]
             outs = []
             for gi_s in gi.view(k, t, b, -1).unbind(1):  # unbind: one stack in backward
-                h = self._cell(gi_s, h, w_hh, b_hh)
+                h = self._cell(gi_s, h, recs[layer])
                 outs.append(h)
             h_n.append(h)
             if layer + 1 < self.num_layers:
@@ -325,8 +453,9 @@ class NodeSeq2Seq(nn.Module):
             truth = targets.permute(1, 2, 0).unsqueeze(-1)  # [horizon, K, B, 1]
             mask = teacher.to(torch.bool)[:, :, None, None]  # [horizon, K, 1, 1]
         preds = []
+        rec = self.decoder.recurrent()  # one sequence: weight gradients summed in place
         for t in range(self.horizon):
-            h = self.decoder.step_layers(inp, h)
+            h = self.decoder.step_layers(inp, h, rec)
             y = self.readout(h[-1])  # [K, B, out]
             preds.append(y)
             if t + 1 < self.horizon:

@@ -122,3 +122,47 @@ def test_seq2seq_gradients_equal_torch_gru(graph_embedding, layers):
                 rtol=1e-9,
                 msg=lambda m, name=name: f"{name}: {m}",
             )
+
+
+def _sequence_grads(gru: GroupGRU, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:
+    """Weight gradients of one fresh forward and backward pass."""
+    gru.zero_grad(set_to_none=True)
+    gru(x, h0).square().sum().backward()
+    return [p.grad.clone() for p in gru.parameters()]
+
+
+def test_sequence_weight_sums_survive_other_backward_passes():
+    """The recurrent weights' gradients are summed in place over a sequence's steps
+    (``_HiddenWeightGrads``): a pass for an input alone (``autograd.grad``, which never
+    reaches the weights) leaves partial sums that the next pass must not add; a second
+    backward over a retained graph adds the same gradients again, exactly."""
+    torch.manual_seed(17)
+    gru = GroupGRU(2, 2, 4, num_layers=2).double()
+    x = torch.randn(2, 3, 5, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 3, 4, dtype=torch.float64)
+    want = _sequence_grads(gru, x, h0)
+    gru.zero_grad(set_to_none=True)
+    out = gru(x, h0).square().sum()
+    (dx,) = torch.autograd.grad(out, x, retain_graph=True)  # cells run, weights not reached
+    assert dx.abs().max() > 0
+    assert all(p.grad is None for p in gru.parameters())
+    out.backward(retain_graph=True)
+    for got, ref in zip([p.grad.clone() for p in gru.parameters()], want, strict=True):
+        torch.testing.assert_close(got, ref, atol=0.0, rtol=0.0)
+    out.backward()  # the same graph again: autograd adds to .grad, the sums start over
+    for p, ref in zip(gru.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, 2 * ref, atol=1e-14, rtol=1e-12)
+
+
+def test_frozen_weights_take_no_gradient_and_need_no_anchor():
+    """Weights that take no gradient (the split step's views) run the plain cells: inputs
+    still get their gradient, the weights none."""
+    torch.manual_seed(18)
+    gru = GroupGRU(2, 2, 4).double().requires_grad_(False)
+    assert all(r.anchor is None for r in gru.recurrent())
+    x = torch.randn(2, 3, 5, 2, dtype=torch.float64, requires_grad=True)
+    gru(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().max() > 0
+    assert all(p.grad is None for p in gru.parameters())
+    with torch.no_grad():
+        assert all(r.anchor is None for r in GroupGRU(2, 2, 4).recurrent())
