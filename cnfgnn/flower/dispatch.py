@@ -7,7 +7,11 @@ node, and times two passes over all nodes with Flower's lookup and with the inde
 
 * ``handing_out_ms``: the pass that finds and delivers the N messages;
 * ``in_flight_ms``: a pass while they are delivered but not yet answered (the state during
-  a round trip: this pass repeats every 0.1 s until the replies are in).
+  a round trip: this pass repeats every 0.1 s until the replies are in);
+* ``to_queue_ms``: the runtime's dispatch thread running, from the push of one message per
+  node to the last of them in the actors' queue (mean over round trips pushed at
+  spread-out moments of Flower's 0.1-s tick); ``to_queue_woken_ms``: the same with the
+  thread that a push wakes (:func:`cnfgnn.flower.linkstate.add_messages_to_queue`).
 
 ``python -m cnfgnn.flower.dispatch 207 1000`` prints one JSON line per node count.
 """
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -86,11 +92,45 @@ def measure(nodes: int, indexed: bool, repeats: int = 5) -> dict[str, float]:
     return {"handing_out_ms": 1000 * first, "in_flight_ms": 1000 * idle}
 
 
+def to_queue(nodes: int, indexed: bool, wake: bool, round_trips: int = 7) -> float:
+    """Mean milliseconds from pushing one message per node to the last one in the queue
+    that the actors take from, with the runtime's dispatch thread running (``wake``: the
+    one woken by a push, with the index)."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    lookup = linkstate.fast_message_lookup(wake) if indexed else contextlib.nullcontext()
+    with lookup:
+        state, grid, ids = simulation_state(nodes)
+        ready: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+        mapping = {node: i for i, node in enumerate(ids)}
+        thread = threading.Thread(
+            target=vce_api.add_messages_to_queue, args=(state, ready, mapping, stop), daemon=True
+        )
+        thread.start()
+        waits = []
+        try:
+            for trip in range(round_trips):
+                time.sleep(linkstate.TICK_S * (1 + trip / round_trips))  # another tick phase
+                t0 = time.perf_counter()
+                for i, node in enumerate(ids):
+                    push(grid, node, trip * nodes + i)
+                for _ in ids:
+                    ready.get(timeout=30)
+                waits.append(time.perf_counter() - t0)
+        finally:
+            stop.set()
+            thread.join()
+    return 1000 * sum(waits) / len(waits)
+
+
 def main(argv: list[str]) -> None:
     for nodes in [int(a) for a in argv] or [207, 1000]:
         rec: dict[str, Any] = {"nodes": nodes}
         for name, indexed in (("flower", False), ("indexed", True)):
             rec[name] = {k: round(v, 2) for k, v in measure(nodes, indexed).items()}
+            rec[name]["to_queue_ms"] = round(to_queue(nodes, indexed, wake=False), 2)
+        rec["indexed"]["to_queue_woken_ms"] = round(to_queue(nodes, True, wake=True), 2)
         print(json.dumps(rec), flush=True)
 
 

@@ -10,6 +10,8 @@ order, the delivery stamps, and what is left in the store.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +21,7 @@ from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.supercore.task_identity import TaskIdentity
 
 from cnfgnn.flower import linkstate
-from cnfgnn.flower.dispatch import RUN_ID, measure, push, simulation_state
+from cnfgnn.flower.dispatch import RUN_ID, measure, push, simulation_state, to_queue
 
 NODES = 5
 
@@ -91,17 +93,25 @@ def test_same_answers_as_flower() -> None:
 
 
 def test_methods_restored_and_version_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
     before = {n: InMemoryLinkState.__dict__[n] for n in ("get_message_ins", "store_message_ins")}
+    dispatch = vce_api.add_messages_to_queue
     with linkstate.fast_message_lookup() as active:
         assert active
         assert InMemoryLinkState.get_message_ins is linkstate.get_message_ins
+        assert vce_api.add_messages_to_queue is linkstate.add_messages_to_queue
         with linkstate.fast_message_lookup() as inner:  # nested: still in place
             assert inner
         assert InMemoryLinkState.get_message_ins is linkstate.get_message_ins
     assert {n: InMemoryLinkState.__dict__[n] for n in before} == before
+    assert vce_api.add_messages_to_queue is dispatch
+    with linkstate.fast_message_lookup(wake=False):
+        assert vce_api.add_messages_to_queue is dispatch
     with pytest.raises(RuntimeError), linkstate.fast_message_lookup():
         raise RuntimeError("a failed simulation")
     assert {n: InMemoryLinkState.__dict__[n] for n in before} == before
+    assert vce_api.add_messages_to_queue is dispatch
     import flwr
 
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
@@ -116,6 +126,64 @@ def test_dispatch_benchmark_runs() -> None:
         rec = measure(6, indexed, repeats=1)
         assert set(rec) == {"handing_out_ms", "in_flight_ms"}
         assert all(v > 0 for v in rec.values())
+    assert to_queue(4, indexed=True, wake=True, round_trips=2) > 0  # every message arrived
+
+
+def _dispatching(state: Any, nodes: list[int]) -> tuple[queue.Queue[Any], Callable[[], None]]:
+    """Start the woken dispatch thread on ``state``; returns its queue and a stop that
+    joins it (and asserts that it stopped)."""
+    ready: queue.Queue[Any] = queue.Queue()
+    stop = threading.Event()
+    mapping = {node: i for i, node in enumerate(nodes)}
+    thread = threading.Thread(
+        target=linkstate.add_messages_to_queue, args=(state, ready, mapping, stop)
+    )
+    thread.start()
+
+    def halt() -> None:
+        stop.set()
+        linkstate._wake(state).set()  # as in Flower, the stop is seen at the end of a wait
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+    return ready, halt
+
+
+def test_woken_dispatch_keeps_flowers_passes() -> None:
+    """Three messages per node: each pass hands out one per node, in Flower's node order,
+    a node's in the order they were pushed, each message once."""
+    with linkstate.fast_message_lookup():
+        state, grid, nodes = _federation()
+        for tag in range(3 * NODES):
+            push(grid, nodes[tag % NODES], tag)
+        ready, halt = _dispatching(state, nodes)
+        try:
+            got = _tags([ready.get(timeout=10) for _ in range(3 * NODES)])
+        finally:
+            halt()
+    assert got == list(range(3 * NODES))
+    assert ready.empty()
+
+
+def test_woken_dispatch_does_not_wait_for_the_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round trips as the ServerApp sends them (one message per node, the next after the
+    replies): a push wakes the waiting thread. The tick is made 60 s here, so a thread that
+    waited it out would fail the 10-s gets."""
+    monkeypatch.setattr(linkstate, "TICK_S", 60.0)
+    with linkstate.fast_message_lookup():
+        state, grid, nodes = _federation()
+        ready, halt = _dispatching(state, nodes)
+        try:
+            trips = []
+            for trip in range(3):
+                time.sleep(0.2)  # the thread is waiting now
+                assert ready.empty()
+                for i, node in enumerate(nodes):
+                    push(grid, node, trip * NODES + i)
+                trips.append(_tags([ready.get(timeout=10) for _ in nodes]))
+        finally:
+            halt()
+    assert trips == [[t * NODES + i for i in range(NODES)] for t in range(3)]
 
 
 def test_lookup_cost_does_not_grow_with_other_nodes_messages() -> None:
