@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +177,18 @@ def same_state(a, b) -> None:
 
 
 class LoopbackGrid(Grid):
-    """Delivers each message to the real ClientApp in this process (one Context per node)."""
+    """Delivers each message to the real ClientApp in this process (one Context per node).
 
-    def __init__(self, overrides: str, num_nodes: int, run_id: int, fresh_process: bool):
+    ``fresh_process``: every message starts from an empty worker cache (a deployment);
+    ``actors > 1``: each message goes to one of that many worker caches, drawn from a seeded
+    generator (a simulation's Ray actors, where a node's messages land on any of them)."""
+
+    def __init__(
+        self, overrides: str, num_nodes: int, run_id: int, fresh_process: bool, actors: int = 1
+    ):
         self.fresh_process = fresh_process
+        self.caches = [client_app._WORKERS] + [OrderedDict() for _ in range(actors - 1)]
+        self.draw = random.Random(actors)
         self.replies: dict[str, Message] = {}
         self.contexts = {
             1000 + i: Context(
@@ -211,10 +221,14 @@ class LoopbackGrid(Grid):
             msg.metadata.__dict__["_message_id"] = mid
             if self.fresh_process:  # deployment: a new ClientApp process per message
                 client_app._WORKERS.clear()
+            home = client_app._WORKERS
+            client_app._WORKERS = self.caches[self.draw.randrange(len(self.caches))]
             try:
                 reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # as Flower: an error reply, the context unchanged
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            finally:
+                client_app._WORKERS = home
             self.replies[mid] = reply
             ids.append(mid)
         return ids
@@ -275,11 +289,14 @@ def kill_superlink(dep) -> None:
     dep.progress("[test] killed the SuperLink (and its ServerApp)")
 
 
-def inprocess_and_loopback(tmp: Path, run_id: int, *args: str) -> tuple[dict, dict]:
+def inprocess_and_loopback(
+    tmp: Path, run_id: int, *args: str, actors: int = 0
+) -> tuple[dict, dict]:
     """The same config (``args``) run in-process (``tmp/a``) and through the real ServerApp
     and ClientApp over a :class:`LoopbackGrid` of 3 nodes, a fresh process per message
-    (``tmp/b/run``; node state under ``$CNFGNN_STATE_ROOT``, set by the caller's
-    ``flower_env``): ``(in-process final, Flower final)``."""
+    (``actors > 0``: that many worker caches instead; ``tmp/b/run``; node state under
+    ``$CNFGNN_STATE_ROOT``, set by the caller's ``flower_env``):
+    ``(in-process final, Flower final)``."""
     from cnfgnn.config import compose_cfg, overrides_for
     from cnfgnn.experiment import run_experiment
     from cnfgnn.flower import server_app
@@ -287,6 +304,8 @@ def inprocess_and_loopback(tmp: Path, run_id: int, *args: str) -> tuple[dict, di
     ref, _ = run_experiment(make_cfg(*args, f"output_root={tmp}/a"), **QUIET)
     cfg = make_cfg(*args, f"output_root={tmp}/b", "engine=simulation")
     overrides = overrides_for(cfg, tmp / "b" / "run")
-    grid = LoopbackGrid(overrides, num_nodes=3, run_id=run_id, fresh_process=True)
+    grid = LoopbackGrid(
+        overrides, num_nodes=3, run_id=run_id, fresh_process=actors == 0, actors=max(actors, 1)
+    )
     final = server_app.run_server(grid, compose_cfg(overrides), run_id=None, **QUIET)
     return ref, final

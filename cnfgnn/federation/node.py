@@ -1067,6 +1067,7 @@ class NodeWorker:
             return None if t is None else dev(t)
 
         self.net.load_state_dict(state["model"])
+        self._noisy = None  # derived from the inputs, which this may replace
         self.optimizer = None
         if state["optimizer"] is not None:
             fed = self.cfg.federation

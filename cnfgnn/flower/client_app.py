@@ -21,15 +21,15 @@ State between messages. Flower keeps ``context.state`` per (run, node), but in s
 node's messages land on any Ray actor, and in deployment every message starts a fresh
 process. So the worker's mutable state (``NodeWorker.state_dict``: model, optimizer,
 scaler, ``h_c``, ``h_G``, round) is saved on the node's disk under
-``<state-root>/<run_id>/client_<partition-id>/state.pt`` after every message that changes
-it, and ``context.state`` carries only its version number. A process that already holds the
-current version in memory skips the reload.
+``<state-root>/<run_id>/client_<partition-id>/`` after every message that changes it, the
+changed entries only (:mod:`cnfgnn.flower.node_state`), and ``context.state`` carries only
+its version number. A process that already holds the current version in memory skips the
+reload; one that holds an older version reads only what changed since.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,7 +52,7 @@ from cnfgnn.federation import protocol as P
 from cnfgnn.federation import secure
 from cnfgnn.federation.node import LocalSeries, NodeWorker
 from cnfgnn.federation.validate import MALFORMED_CODE, MalformedMessage
-from cnfgnn.flower import secagg
+from cnfgnn.flower import node_state, secagg
 from cnfgnn.flower.codec import pack, unpack
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ STATE_RECORD = "cnfgnn"  # ConfigRecord in context.state: {"version": int}
 VERSION = "version"
 
 _DATA: dict[str, Any] = {}  # dataset config -> (data, time of day, client groups), per process
-_WORKERS: OrderedDict[tuple[int, int], tuple[int, NodeWorker]] = OrderedDict()
+_WORKERS: OrderedDict[tuple[int, int], node_state.Held] = OrderedDict()  # (run, partition)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -115,9 +115,10 @@ def _series(cfg: Any, node_config: Any) -> LocalSeries:
     return LocalSeries.from_data(data, groups[pid], cfg.dataset, tod)
 
 
-def state_path(cfg: Any, context: Context) -> Path:
+def state_dir(cfg: Any, context: Context) -> Path:
+    """This client's state between messages (:mod:`cnfgnn.flower.node_state`)."""
     root = state_root(cfg, context.node_config)
-    return root / str(context.run_id) / f"client_{_partition(context)}" / "state.pt"
+    return root / str(context.run_id) / f"client_{_partition(context)}"
 
 
 def node_store(cfg: Any, context: Context) -> Path:
@@ -137,8 +138,10 @@ def _context_version(context: Context) -> int | None:
     return None
 
 
-def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
-    """This client's worker at the version ``context.state`` names (memory, else disk).
+def _worker(cfg: Any, context: Context) -> node_state.Held:
+    """This client's worker at the version ``context.state`` names: held in memory, else
+    brought up to date from disk (an older version held here reads only the entries
+    written since; none held: a new worker reads them all).
 
     Raises:
         RuntimeError: ``context.state`` names a saved version but no state is on this
@@ -146,56 +149,58 @@ def _worker(cfg: Any, context: Context) -> tuple[NodeWorker, int]:
     """
     key = (int(context.run_id), _partition(context))
     version = _context_version(context)
-    cached = _WORKERS.get(key)
-    if cached is not None and version is not None and cached[0] == version:
+    held = _WORKERS.get(key)
+    if held is not None and version is not None and held.version == version:
         _WORKERS.move_to_end(key)
-        return cached[1], version
-    worker = NodeWorker(
+        return held
+    directory = state_dir(cfg, context)
+    on_disk = node_state.stored_version(directory)
+    if on_disk is None:
+        if version:  # this node saved a state that this process cannot see: never start over
+            raise RuntimeError(
+                f"client {key[1]}: its state (version {version}) is not under {directory}; on "
+                "a Ray cluster of several machines engine.state_root must be a directory "
+                "that every node shares (docs/benchmark.md#flower-simulation-on-a-ray-cluster)"
+            )
+        held = node_state.Held(0, _new_worker(cfg, context), {}, {})
+    else:  # also after a SuperNode restart (fresh context, state on disk)
+        if version is not None and on_disk != version:
+            log.warning(
+                "client %s: state on disk is version %s, context expects %s; using the disk",
+                key[1],
+                on_disk,
+                version,
+            )
+        if held is None:
+            held = node_state.load(directory, _new_worker(cfg, context))
+        else:
+            held = node_state.load(directory, held.worker, held)
+    _remember(cfg, key, held)
+    return held
+
+
+def _new_worker(cfg: Any, context: Context) -> NodeWorker:
+    return NodeWorker(
         _series(cfg, context.node_config),
         cfg,
         resolve_device(str(cfg.device)),
         store=node_store(cfg, context),
     )
-    path = state_path(cfg, context)
-    if path.exists():  # also after a SuperNode restart (fresh context, state on disk)
-        saved = torch.load(path, map_location=worker.device, weights_only=False)
-        if version is not None and saved[VERSION] != version:
-            log.warning(
-                "client %s: state on disk is version %s, context expects %s; using the disk",
-                key[1],
-                saved[VERSION],
-                version,
-            )
-        worker.load_state_dict(saved["worker"])
-        version = int(saved[VERSION])
-    elif version:  # this node saved a state that this process cannot see: never start over
-        raise RuntimeError(
-            f"client {key[1]}: its state (version {version}) is not at {path}; on a Ray "
-            "cluster of several machines engine.state_root must be a directory that every "
-            "node shares (docs/benchmark.md#flower-simulation-on-a-ray-cluster)"
-        )
-    else:
-        version = 0
-    _remember(cfg, key, version, worker)
-    return worker, version
 
 
-def _remember(cfg: Any, key: tuple[int, int], version: int, worker: NodeWorker) -> None:
-    _WORKERS[key] = (version, worker)
+def _remember(cfg: Any, key: tuple[int, int], held: node_state.Held) -> None:
+    _WORKERS[key] = held
     _WORKERS.move_to_end(key)
     limit = int(cfg.engine.get("worker_cache", 256))
     while len(_WORKERS) > max(limit, 0):
         _WORKERS.popitem(last=False)
 
 
-def _save(cfg: Any, context: Context, worker: NodeWorker, version: int) -> None:
-    path = state_path(cfg, context)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({VERSION: version, "worker": worker.state_dict()}, tmp)
-    os.replace(tmp, path)
-    context.state[STATE_RECORD] = ConfigRecord({VERSION: version})
-    _remember(cfg, (int(context.run_id), _partition(context)), version, worker)
+def _save(cfg: Any, context: Context, held: node_state.Held) -> None:
+    """Persist the worker as the next version (what changed) and name it in the context."""
+    held = node_state.save(state_dir(cfg, context), held, held.worker, held.version + 1)
+    context.state[STATE_RECORD] = ConfigRecord({VERSION: held.version})
+    _remember(cfg, (int(context.run_id), _partition(context)), held)
 
 
 def _inject_fault(cfg: Any, partition: int, message_type: str) -> None:
@@ -236,16 +241,16 @@ def _answer(
         torch.set_num_threads(threads)
     pid = _partition(context)
     _inject_fault(cfg, pid, msg.metadata.message_type)
-    worker, version = _worker(cfg, context)
+    held = _worker(cfg, context)
     key = (int(context.run_id), pid)
     try:
         try:
             payload = decode(msg.content)
         except Exception as exc:  # a RecordDict that is not a packed payload
             raise MalformedMessage(f"{mtype}: cannot unpack the content: {exc!r}") from exc
-        reply = encode(payload, worker.handle(mtype, payload))
+        reply = encode(payload, held.worker.handle(mtype, payload))
         if mtype not in P.READ_ONLY:
-            _save(cfg, context, worker, version + 1)
+            _save(cfg, context, held)
     except MalformedMessage as exc:  # refused before dispatch: the worker is unchanged
         log.warning("client %s refused a malformed %s: %s", pid, mtype, exc)
         return Message(Error(code=MALFORMED_CODE, reason=f"MalformedMessage: {exc}"), reply_to=msg)

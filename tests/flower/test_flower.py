@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from cnfgnn.config import RUN_CONFIG_KEY, compose_cfg, overrides_for
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.experiment import build_workers, run_experiment
 from cnfgnn.federation import protocol as P
-from cnfgnn.flower import client_app, secagg
+from cnfgnn.federation.node import NodeWorker
+from cnfgnn.flower import client_app, node_state, secagg
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 from cnfgnn.results import read_predictions
 from tests.helpers import (
@@ -144,12 +146,103 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_client_app_over_loopback_grid_equals_inprocess(flower_env, task_identity):
-    """ServerApp + ClientApp code (fresh process per message, state on disk) = in-process."""
-    tmp_path = flower_env
-    ref, final = inprocess_and_loopback(
-        tmp_path, task_identity, *TINY, "federation.nodes_per_client=2"
+def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_path, monkeypatch):
+    """``node_state``: a save writes the entries that changed (and deletes what they
+    supersede), a process holding an older version reads only those, a fresh one all; a
+    save that fails leaves the last complete state."""
+    _, workers, orch, _ = _configured_workers(tiny_cfg)
+    worker = workers[orch.train_clients[0]]
+    directory = tmp_path / "client_0"
+    first = node_state.save(directory, None, worker, 1)
+    entries = set(first.parts)
+    assert entries == set(worker.state_dict()) and set(first.parts.values()) == {1}
+    other = NodeWorker(worker.series, worker.cfg, worker.device, store=worker.store)
+    stale = node_state.load(directory, other)  # a second process, at version 1
+    same_state(stale.snapshot, first.snapshot)
+
+    worker.handle(P.LOCAL_TRAIN, {P.ROUND: 2, P.STEP: 7})
+    changed = {
+        k for k, v in worker.state_dict().items() if not node_state.same(v, first.snapshot[k])
+    }
+    assert "model" in changed and "h_c" not in changed and changed < entries
+    second = node_state.save(directory, first, worker, 2)
+    assert {k for k, v in second.parts.items() if v == 2} == changed
+    on_disk = sorted(p.name for p in directory.iterdir())
+    assert on_disk == sorted(
+        [node_state.MANIFEST, *(f"{k}.{v}.pt" for k, v in second.parts.items())]
     )
+
+    read: list[str] = []
+    torch_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda f, *a, **k: read.append(Path(f).name) or torch_load(f, *a, **k)
+    )
+    caught_up = node_state.load(directory, stale.worker, stale)
+    assert caught_up.version == 2 and caught_up.worker is other
+    assert sorted(read) == sorted([node_state.MANIFEST, *(f"{k}.2.pt" for k in changed)])
+    same_state(caught_up.snapshot, worker.state_dict())
+    for key, value in worker.state_dict()["model"].items():
+        torch.testing.assert_close(other.net.state_dict()[key], value, rtol=0, atol=0)
+
+    worker.handle(P.LOCAL_TRAIN, {P.ROUND: 3, P.STEP: 9})
+    monkeypatch.setattr(
+        node_state, "_write", lambda path, obj: (_ for _ in ()).throw(OSError("disk full"))
+    )
+    with pytest.raises(OSError, match="disk full"):
+        node_state.save(directory, second, worker, 3)
+    monkeypatch.undo()
+    assert node_state.stored_version(directory) == 2
+    fresh = node_state.load(directory, NodeWorker(worker.series, worker.cfg, worker.device))
+    same_state(fresh.snapshot, second.snapshot)
+
+
+def test_node_state_equality_is_exact():
+    same = node_state.same
+    t = torch.tensor([1.0, 2.0])
+    assert same({"a": [t, (1, "x")], "b": None}, {"a": [t.clone(), (1, "x")], "b": None})
+    assert not same(t, t.double())  # dtype
+    assert not same(t, t[:1])  # shape
+    assert not same(torch.tensor([float("nan")]), torch.tensor([float("nan")]))  # written again
+    assert not same([1, 2], (1, 2)) and not same({"a": 1}, {"a": 1, "b": 2})
+    assert same(np.arange(3), np.arange(3)) and not same(np.arange(3), np.arange(3.0))
+    assert not same(t, t.numpy()) and not same(1, 1.0)
+
+
+@pytest.mark.parametrize("actors", [0, 2], ids=["fresh_process", "two_actors"])
+def test_client_app_over_loopback_grid_equals_inprocess(
+    flower_env, task_identity, monkeypatch, actors
+):
+    """ServerApp + ClientApp code = in-process: with a fresh process per message (every
+    message reads the whole state from disk), and with two processes that each hold the
+    workers they last served (a message on the other one reads only what changed since,
+    and a save writes only what changed)."""
+    tmp_path = flower_env
+    loads: list[bool] = []  # per load: did this process hold an older version?
+    written: dict[str, list[str]] = {}  # client dir -> part files written, in order
+    load, write = node_state.load, node_state._write
+
+    def counting_load(directory, worker, held=None):
+        loads.append(held is not None)
+        return load(directory, worker, held)
+
+    def counting_write(path, obj):
+        if path.name != node_state.MANIFEST:
+            written.setdefault(path.parent.name, []).append(path.name)
+        write(path, obj)
+
+    monkeypatch.setattr(node_state, "load", counting_load)
+    monkeypatch.setattr(node_state, "_write", counting_write)
+    ref, final = inprocess_and_loopback(
+        tmp_path, task_identity, *TINY, "federation.nodes_per_client=2", actors=actors
+    )
+    assert loads and any(loads) == bool(actors)  # older workers brought up to date
+    for names in written.values():  # a save writes only the entries that changed
+        per_save: dict[str, int] = {}
+        for name in names:
+            version = name.split(".")[-2]
+            per_save[version] = per_save.get(version, 0) + 1
+        counts = list(per_save.values())
+        assert counts[0] == max(counts) and min(counts) < counts[0], counts
     for key in METRICS:
         assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
     assert final["bytes"] == ref["bytes"]
