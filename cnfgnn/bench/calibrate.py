@@ -32,8 +32,8 @@ import torch
 
 #: Op kinds of the calibration: FlopCounterMode op names whose FLOPs each kind stands for.
 OP_KINDS: dict[str, tuple[str, ...]] = {
-    "bmm": ("aten.bmm", "aten.baddbmm"),  # node GRU (forward baddbmm, backward bmm/baddbmm)
-    "mm": ("aten.mm", "aten.addmm"),  # server GN's Linear layers
+    "bmm": ("aten.bmm", "aten.baddbmm", "aten.baddbmm_"),  # node GRU (backward: in place too)
+    "mm": ("aten.mm", "aten.addmm", "aten.addmm_"),  # server GN's Linear layers
 }
 #: The calibrated torch op of each kind.
 KIND_OP = {"bmm": "baddbmm", "mm": "addmm"}

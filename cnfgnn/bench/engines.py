@@ -234,15 +234,33 @@ def _per_round_records(run_dir: Path, log: SendLog) -> list[dict[str, Any]]:
     return out
 
 
+def _inplace_matmul_flops(
+    self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    """FLOPs of ``out.addmm_(a, b)`` / ``out.baddbmm_(a, b)`` (2 per multiply-add, as
+    FlopCounterMode counts their out-of-place forms): it counts nothing for them."""
+    return 2 * math.prod(a_shape) * int(b_shape[-1])
+
+
+def flop_counter() -> Any:
+    """A :class:`FlopCounterMode` (not printing) that also counts ``addmm_``/``baddbmm_``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    inplace = {aten.addmm_: _inplace_matmul_flops, aten.baddbmm_: _inplace_matmul_flops}
+    return FlopCounterMode(display=False, custom_mapping=inplace)
+
+
 def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, Any]:
-    """FLOPs (matmul-like, :class:`FlopCounterMode`) and aten ops of one central round.
+    """FLOPs (matmul-like, :class:`FlopCounterMode`, with the in-place ``addmm_`` and
+    ``baddbmm_`` that the GRU backward uses counted too) and aten ops of one central round.
 
     Returns:
         ``flops`` (total), ``flops_by_op`` (op name, e.g. ``aten.bmm`` -> FLOPs: the
         calibration's weights) and ``ops`` (aten ops dispatched).
     """
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     from cnfgnn.bench.central_limit import CentralCNFGNN
 
@@ -256,7 +274,7 @@ def _count_central_round(cfg: Any, data: Any, device: Any) -> dict[str, Any]:
             return func(*args, **(kwargs or {}))
 
     model = CentralCNFGNN(cfg, data, device)
-    flops = FlopCounterMode(display=False)
+    flops = flop_counter()
     ops = OpCounter()
     with flops, ops:
         model.round(1)

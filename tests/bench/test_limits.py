@@ -58,6 +58,25 @@ def test_case_limit():
     assert case_limit(2.0, 4e9, None) == {"achieved_gflops": 2.0, "flop_fraction": None}
 
 
+def test_in_place_matmuls_count_as_their_out_of_place_forms():
+    """FlopCounterMode alone counts nothing for ``baddbmm_``/``addmm_`` (the GRU backward's
+    input and weight gradients); the bench's counter counts what their other forms count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, b, c = torch.randn(3, 4, 5), torch.randn(3, 5, 6), torch.zeros(3, 4, 6)
+    with FlopCounterMode(display=False) as plain:
+        c.clone().baddbmm_(a, b)
+        c[0].clone().addmm_(a[0], b[0])
+    assert plain.get_total_flops() == 0
+    with FlopCounterMode(display=False) as out_of_place:
+        torch.baddbmm(c, a, b)
+        torch.addmm(c[0], a[0], b[0])
+    with bench.flop_counter() as counter:
+        c.clone().baddbmm_(a, b)
+        c[0].clone().addmm_(a[0], b[0])
+    assert counter.get_total_flops() == out_of_place.get_total_flops() == 2 * 4 * 5 * 6 * 4
+
+
 def test_flop_fraction_of_a_tiny_central_round(tiny_bench, tmp_path):
     """The bench's count of one central round, the calibration at the case's threads, and
     the fraction of the limit the measured round reached."""
@@ -67,7 +86,7 @@ def test_flop_fraction_of_a_tiny_central_round(tiny_bench, tmp_path):
     rec["threads"] = bench.thread_setting(ccfg)
     count = rec["count"]
     assert count["flops"] == pytest.approx(sum(count["flops_by_op"].values()))
-    assert {"aten.baddbmm", "aten.addmm"} <= set(count["flops_by_op"])
+    assert {"aten.baddbmm", "aten.baddbmm_", "aten.addmm"} <= set(count["flops_by_op"])
     torch.set_num_threads(rec["threads"])
     cal = calibrate(ccfg, rec["nodes"], 10, tiny_bench.bench.calibration) | {"status": "ok"}
     limit = bench.cpu_limit({"central": rec}, {str(rec["threads"]): cal})
