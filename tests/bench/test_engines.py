@@ -88,10 +88,39 @@ def test_bench_measures_engines_on_the_same_math(tmp_path, capsys):
     # against the calibrated matmul limit (threads=1 for every case), and the message overhead
     limit = doc["cpu_limit"]
     assert limit["calibrations"]["1"]["sustained"]["gflops"] > 0
+    cal = limit["calibrations"]["1"]  # calibrated before each repeat, each shape's fastest
+    assert [r["status"] for r in cal["runs"]] == ["ok", "ok"]
+    for name, shape in cal["shapes"].items():
+        assert len(shape["gflops_runs"]) == 2 and shape["gflops"] == max(shape["gflops_runs"]), name
+    assert len(list(written[0].parent.glob("repeat2/calibration_threads1*"))) >= 1
     for name in cases:
         assert 0 < limit["cases"][name]["flop_fraction"] <= 1.5, name
     assert doc["message_overhead"]["status"] == "ok"
     assert doc["message_overhead"]["types"]["split_step"]["overhead_s"]["median"] is not None
+
+
+def test_calibrations_merge_to_each_shapes_fastest():
+    """``merge_calibrations``: per thread setting, each shape at its fastest calibration;
+    a failed calibration is listed but not used; one calibration stays as it was."""
+
+    def cal(rates, status="ok"):
+        shapes = {n: {"op": "addmm", "gflops": g, "calls": 1} for n, g in rates.items()}
+        return {"status": status, "seconds": 1.0, "threads": 2, "shapes": shapes}
+
+    runs = [
+        {"2": cal({"a": 100.0, "b": 50.0})},
+        {"2": cal({"a": 80.0, "b": 70.0}), "1": cal({"a": 40.0})},
+        {"2": {"status": "timeout", "seconds": 9.0}},
+    ]
+    merged = bench.merge_calibrations(runs)
+    assert set(merged) == {"2", "1"}
+    two = merged["2"]
+    assert {n: s["gflops"] for n, s in two["shapes"].items()} == {"a": 100.0, "b": 70.0}
+    assert two["shapes"]["b"]["gflops_runs"] == [50.0, 70.0]
+    assert [r["status"] for r in two["runs"]] == ["ok", "ok", "timeout"]
+    assert merged["1"]["shapes"]["a"]["gflops"] == 40.0 and len(merged["1"]["runs"]) == 1
+    assert bench.merge_calibrations([{"2": {"status": "timeout"}}])["2"]["status"] == "timeout"
+    assert bench.merge_calibrations([]) == {}
 
 
 def test_goals_are_met_missed_or_not_measured():
