@@ -154,8 +154,8 @@ def _worker(cfg: Any, context: Context) -> node_state.Held:
         _WORKERS.move_to_end(key)
         return held
     directory = state_dir(cfg, context)
-    on_disk = node_state.stored_version(directory)
-    if on_disk is None:
+    stored = node_state.manifest(directory)
+    if stored is None:
         if version:  # this node saved a state that this process cannot see: never start over
             raise RuntimeError(
                 f"client {key[1]}: its state (version {version}) is not under {directory}; on "
@@ -164,17 +164,15 @@ def _worker(cfg: Any, context: Context) -> node_state.Held:
             )
         held = node_state.Held(0, _new_worker(cfg, context), {}, {})
     else:  # also after a SuperNode restart (fresh context, state on disk)
-        if version is not None and on_disk != version:
+        if version is not None and stored[node_state.VERSION] != version:
             log.warning(
                 "client %s: state on disk is version %s, context expects %s; using the disk",
                 key[1],
-                on_disk,
+                stored[node_state.VERSION],
                 version,
             )
-        if held is None:
-            held = node_state.load(directory, _new_worker(cfg, context))
-        else:
-            held = node_state.load(directory, held.worker, held)
+        worker = _new_worker(cfg, context) if held is None else held.worker
+        held = node_state.load(directory, stored, worker, held)
     _remember(cfg, key, held)
     return held
 
@@ -198,7 +196,7 @@ def _remember(cfg: Any, key: tuple[int, int], held: node_state.Held) -> None:
 
 def _save(cfg: Any, context: Context, held: node_state.Held) -> None:
     """Persist the worker as the next version (what changed) and name it in the context."""
-    held = node_state.save(state_dir(cfg, context), held, held.worker, held.version + 1)
+    held = node_state.save(state_dir(cfg, context), held, held.version + 1)
     context.state[STATE_RECORD] = ConfigRecord({VERSION: held.version})
     _remember(cfg, (int(context.run_id), _partition(context)), held)
 

@@ -89,17 +89,16 @@ def _write(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save(directory: Path, held: Held | None, worker: NodeWorker, version: int) -> Held:
-    """Persist ``worker`` as ``version``: the entries that differ from ``held``'s (all of
-    them without one, or with an empty one), then the manifest. Returns what this process
-    now holds."""
+def save(directory: Path, held: Held, version: int) -> Held:
+    """Persist ``held.worker`` as ``version``: the entries that differ from ``held``'s
+    snapshot (all of them for a new worker, whose snapshot is empty), then the manifest.
+    Returns what this process now holds."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = worker.state_dict()
-    parts = {} if held is None else dict(held.parts)
-    old = {} if held is None else held.snapshot
+    state = held.worker.state_dict()
+    parts = dict(held.parts)
     superseded = []
     for entry, value in state.items():
-        if entry in parts and entry in old and same(value, old[entry]):
+        if entry in parts and entry in held.snapshot and same(value, held.snapshot[entry]):
             continue
         _write(_part(directory, entry, version), value)
         if entry in parts and parts[entry] != version:
@@ -108,27 +107,28 @@ def save(directory: Path, held: Held | None, worker: NodeWorker, version: int) -
     _write(directory / MANIFEST, {VERSION: version, PARTS: parts})
     for path in superseded:
         path.unlink(missing_ok=True)
-    return Held(version, worker, state, parts)
+    return Held(version, held.worker, state, parts)
 
 
-def stored_version(directory: Path) -> int | None:
-    """The version of the state on disk, or None if there is none."""
+def manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of the state on disk (``version``, ``parts``), or None if there is none."""
     path = directory / MANIFEST
     if not path.exists():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)[VERSION])
+    return dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
-def load(directory: Path, worker: NodeWorker, held: Held | None = None) -> Held:
-    """Restore the state on disk into ``worker``: the entries that ``held`` (an older
-    version of the same client, in this process) does not hold already, read from their
-    files. Returns what this process now holds.
+def load(
+    directory: Path, stored: dict[str, Any], worker: NodeWorker, held: Held | None = None
+) -> Held:
+    """Restore the state that the manifest ``stored`` names into ``worker``: the entries
+    that ``held`` (an older version of the same client, in this process) does not hold
+    already, read from their files. Returns what this process now holds.
 
     Raises:
-        FileNotFoundError: no state in ``directory``, or an entry's file is missing.
+        FileNotFoundError: an entry's file is missing.
     """
-    manifest = torch.load(directory / MANIFEST, map_location="cpu", weights_only=False)
-    parts = {str(k): int(v) for k, v in manifest[PARTS].items()}
+    parts = {str(k): int(v) for k, v in stored[PARTS].items()}
     state = {}
     for entry, version in parts.items():
         if held is not None and held.parts.get(entry) == version and entry in held.snapshot:
@@ -138,4 +138,4 @@ def load(directory: Path, worker: NodeWorker, held: Held | None = None) -> Held:
                 _part(directory, entry, version), map_location=worker.device, weights_only=False
             )
     worker.load_state_dict(state)
-    return Held(int(manifest[VERSION]), worker, worker.state_dict(), parts)
+    return Held(int(stored[VERSION]), worker, worker.state_dict(), parts)

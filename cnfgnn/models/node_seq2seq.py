@@ -170,12 +170,11 @@ class _GRUCell(torch.autograd.Function):
         if len(needs) > 4 and needs[4]:  # the sequence's weights: summed in place
             ctx.grads.add(d_rz, d_hn, h)
             d_anchor = g.new_empty(0)
-        if needs[2]:
-            dw = torch.cat(
-                [torch.bmm(d_rz.transpose(1, 2), h), torch.bmm(d_hn.transpose(1, 2), h)], 1
-            )
-        if needs[3]:
-            db = torch.cat([d_rz.sum(1), d_hn.sum(1)], 1)
+        if needs[2] or needs[3]:  # weights passed as they are: this step is its own sequence
+            own = _HiddenWeightGrads()
+            own.add(d_rz, d_hn, h)
+            dw, db = own.take()
+            dw, db = (dw if needs[2] else None), (db if needs[3] else None)
         return d, dh, dw, db, d_anchor, None
 
 

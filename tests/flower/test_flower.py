@@ -153,11 +153,11 @@ def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_pa
     _, workers, orch, _ = _configured_workers(tiny_cfg)
     worker = workers[orch.train_clients[0]]
     directory = tmp_path / "client_0"
-    first = node_state.save(directory, None, worker, 1)
+    first = node_state.save(directory, node_state.Held(0, worker, {}, {}), 1)
     entries = set(first.parts)
     assert entries == set(worker.state_dict()) and set(first.parts.values()) == {1}
     other = NodeWorker(worker.series, worker.cfg, worker.device, store=worker.store)
-    stale = node_state.load(directory, other)  # a second process, at version 1
+    stale = node_state.load(directory, node_state.manifest(directory), other)  # at version 1
     same_state(stale.snapshot, first.snapshot)
 
     worker.handle(P.LOCAL_TRAIN, {P.ROUND: 2, P.STEP: 7})
@@ -165,7 +165,7 @@ def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_pa
         k for k, v in worker.state_dict().items() if not node_state.same(v, first.snapshot[k])
     }
     assert "model" in changed and "h_c" not in changed and changed < entries
-    second = node_state.save(directory, first, worker, 2)
+    second = node_state.save(directory, first, 2)
     assert {k for k, v in second.parts.items() if v == 2} == changed
     on_disk = sorted(p.name for p in directory.iterdir())
     assert on_disk == sorted(
@@ -177,7 +177,7 @@ def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_pa
     monkeypatch.setattr(
         torch, "load", lambda f, *a, **k: read.append(Path(f).name) or torch_load(f, *a, **k)
     )
-    caught_up = node_state.load(directory, stale.worker, stale)
+    caught_up = node_state.load(directory, node_state.manifest(directory), other, stale)
     assert caught_up.version == 2 and caught_up.worker is other
     assert sorted(read) == sorted([node_state.MANIFEST, *(f"{k}.2.pt" for k in changed)])
     same_state(caught_up.snapshot, worker.state_dict())
@@ -189,10 +189,11 @@ def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_pa
         node_state, "_write", lambda path, obj: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError, match="disk full"):
-        node_state.save(directory, second, worker, 3)
+        node_state.save(directory, second, 3)
     monkeypatch.undo()
-    assert node_state.stored_version(directory) == 2
-    fresh = node_state.load(directory, NodeWorker(worker.series, worker.cfg, worker.device))
+    stored = node_state.manifest(directory)
+    assert stored is not None and stored[node_state.VERSION] == 2
+    fresh = node_state.load(directory, stored, NodeWorker(worker.series, worker.cfg, worker.device))
     same_state(fresh.snapshot, second.snapshot)
 
 
@@ -221,9 +222,9 @@ def test_client_app_over_loopback_grid_equals_inprocess(
     written: dict[str, list[str]] = {}  # client dir -> part files written, in order
     load, write = node_state.load, node_state._write
 
-    def counting_load(directory, worker, held=None):
+    def counting_load(directory, stored, worker, held=None):
         loads.append(held is not None)
-        return load(directory, worker, held)
+        return load(directory, stored, worker, held)
 
     def counting_write(path, obj):
         if path.name != node_state.MANIFEST:
