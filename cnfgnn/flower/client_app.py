@@ -141,7 +141,8 @@ def _context_version(context: Context) -> int | None:
 def _worker(cfg: Any, context: Context) -> node_state.Held:
     """This client's worker at the version ``context.state`` names: held in memory, else
     brought up to date from disk (an older version held here reads only the entries
-    written since; none held: a new worker reads them all).
+    written since; none held: a new worker reads them all). Before the first save, the
+    fresh worker built at identification (:func:`_prepare`) is used.
 
     Raises:
         RuntimeError: ``context.state`` names a saved version but no state is on this
@@ -154,7 +155,7 @@ def _worker(cfg: Any, context: Context) -> node_state.Held:
         _WORKERS.move_to_end(key)
         return held
     directory = state_dir(cfg, context)
-    stored = node_state.manifest(directory)
+    stored = node_state.latest(directory)
     if stored is None:
         if version:  # this node saved a state that this process cannot see: never start over
             raise RuntimeError(
@@ -162,13 +163,14 @@ def _worker(cfg: Any, context: Context) -> node_state.Held:
                 "a Ray cluster of several machines engine.state_root must be a directory "
                 "that every node shares (docs/benchmark.md#flower-simulation-on-a-ray-cluster)"
             )
-        held = node_state.Held(0, _new_worker(cfg, context), {}, {})
+        if held is None or held.version != 0:
+            held = node_state.Held(0, _new_worker(cfg, context), {}, {})
     else:  # also after a SuperNode restart (fresh context, state on disk)
-        if version is not None and stored[node_state.VERSION] != version:
+        if version is not None and stored.version != version:
             log.warning(
                 "client %s: state on disk is version %s, context expects %s; using the disk",
                 key[1],
-                stored[node_state.VERSION],
+                stored.version,
                 version,
             )
         worker = _new_worker(cfg, context) if held is None else held.worker
@@ -199,6 +201,32 @@ def _save(cfg: Any, context: Context, held: node_state.Held) -> None:
     held = node_state.save(state_dir(cfg, context), held, held.version + 1)
     context.state[STATE_RECORD] = ConfigRecord({VERSION: held.version})
     _remember(cfg, (int(context.run_id), _partition(context)), held)
+
+
+def _config(context: Context) -> Any:
+    """The run's config (composed once per process), with this process's torch threads."""
+    cfg = compose_cfg(overrides_from_run_config(context.run_config))
+    threads = int(cfg.engine.get("client_threads", 1))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return cfg
+
+
+def _prepare(context: Context) -> None:
+    """With ``engine.prepare_at_identify``, what this client's first message would otherwise
+    pay, paid at identification (before round 1): the config, the dataset (once per
+    process), a fresh worker, and ``torch._dynamo``, which ``torch.optim`` imports when a
+    process makes its first optimizer (about 1 s). A failure here is logged and left to the
+    first message that needs the worker, which reports it to the server."""
+    try:
+        cfg = _config(context)
+        if not cfg.engine.get("prepare_at_identify", False):
+            return
+        import torch._dynamo  # noqa: F401
+
+        _worker(cfg, context)
+    except Exception as exc:  # noqa: BLE001 - reported by the first message instead
+        log.warning("client %s: preparing at identification failed: %r", _partition(context), exc)
 
 
 def _inject_fault(cfg: Any, partition: int, message_type: str) -> None:
@@ -233,10 +261,7 @@ def _answer(
 
     ``decode`` turns the content into a payload, ``encode(request, reply)`` the worker's
     reply into the content sent back."""
-    cfg = compose_cfg(overrides_from_run_config(context.run_config))
-    threads = int(cfg.engine.get("client_threads", 1))
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    cfg = _config(context)
     pid = _partition(context)
     _inject_fault(cfg, pid, msg.metadata.message_type)
     held = _worker(cfg, context)
@@ -294,6 +319,7 @@ def identify(msg: Message, context: Context) -> Message:
     """Which client this SuperNode is (the server maps Flower node ids with it)."""
     pid = _partition(context)
     n = int(context.node_config.get(NUM_PARTITIONS, -1))
+    _prepare(context)
     return Message(pack({P.PARTITION_ID: pid, P.NUM_PARTITIONS: n}), reply_to=msg)
 
 

@@ -29,9 +29,11 @@ from cnfgnn.flower import client_app, node_state, secagg
 from cnfgnn.flower.codec import pack, unpack, wire_nbytes
 from cnfgnn.results import read_predictions
 from tests.helpers import (
+    QUIET,
     ROOT,
     TINY,
     TRAINING_UP,
+    LoopbackGrid,
     RecordingEngine,
     check_private,
     in_process_federation,
@@ -147,17 +149,22 @@ def test_split_step_is_read_only_and_state_restores_exactly(tiny_cfg):
 
 
 def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_path, monkeypatch):
-    """``node_state``: a save writes the entries that changed (and deletes what they
-    supersede), a process holding an older version reads only those, a fresh one all; a
-    save that fails leaves the last complete state."""
+    """``node_state``: a save writes one file with the entries that changed (and deletes the
+    files no entry refers to any more), a process holding an older version reads only the
+    newest file, a fresh one every file; a save that fails leaves the last complete state."""
     _, workers, orch, _ = _configured_workers(tiny_cfg)
     worker = workers[orch.train_clients[0]]
     directory = tmp_path / "client_0"
+
+    def on_disk() -> list[str]:
+        return sorted(p.name for p in directory.iterdir())
+
     first = node_state.save(directory, node_state.Held(0, worker, {}, {}), 1)
     entries = set(first.parts)
     assert entries == set(worker.state_dict()) and set(first.parts.values()) == {1}
+    assert on_disk() == ["v1.pt"]
     other = NodeWorker(worker.series, worker.cfg, worker.device, store=worker.store)
-    stale = node_state.load(directory, node_state.manifest(directory), other)  # at version 1
+    stale = node_state.load(directory, node_state.latest(directory), other)  # at version 1
     same_state(stale.snapshot, first.snapshot)
 
     worker.handle(P.LOCAL_TRAIN, {P.ROUND: 2, P.STEP: 7})
@@ -167,34 +174,55 @@ def test_node_state_writes_what_changed_and_reads_what_it_lacks(tiny_cfg, tmp_pa
     assert "model" in changed and "h_c" not in changed and changed < entries
     second = node_state.save(directory, first, 2)
     assert {k for k, v in second.parts.items() if v == 2} == changed
-    on_disk = sorted(p.name for p in directory.iterdir())
-    assert on_disk == sorted(
-        [node_state.MANIFEST, *(f"{k}.{v}.pt" for k, v in second.parts.items())]
-    )
+    assert on_disk() == ["v1.pt", "v2.pt"]  # v1 still holds the unchanged entries
 
     read: list[str] = []
     torch_load = torch.load
     monkeypatch.setattr(
         torch, "load", lambda f, *a, **k: read.append(Path(f).name) or torch_load(f, *a, **k)
     )
-    caught_up = node_state.load(directory, node_state.manifest(directory), other, stale)
+    stored = node_state.latest(directory)
+    assert stored is not None and set(stored.entries) == changed
+    caught_up = node_state.load(directory, stored, other, stale)
     assert caught_up.version == 2 and caught_up.worker is other
-    assert sorted(read) == sorted([node_state.MANIFEST, *(f"{k}.2.pt" for k in changed)])
+    assert read == ["v2.pt"]
     same_state(caught_up.snapshot, worker.state_dict())
     for key, value in worker.state_dict()["model"].items():
         torch.testing.assert_close(other.net.state_dict()[key], value, rtol=0, atol=0)
+    read.clear()
+    fresh = NodeWorker(worker.series, worker.cfg, worker.device)
+    node_state.load(directory, node_state.latest(directory), fresh)
+    assert sorted(read) == ["v1.pt", "v2.pt"]
+    monkeypatch.undo()
 
     worker.handle(P.LOCAL_TRAIN, {P.ROUND: 3, P.STEP: 9})
+    third = node_state.save(directory, second, 3)
+    assert {k for k, v in third.parts.items() if v == 3} == changed
+    assert on_disk() == ["v1.pt", "v3.pt"]  # every entry of v2 superseded: its file deleted
+
+    worker.handle(P.LOCAL_TRAIN, {P.ROUND: 4, P.STEP: 11})
     monkeypatch.setattr(
         node_state, "_write", lambda path, obj: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError, match="disk full"):
-        node_state.save(directory, second, 3)
+        node_state.save(directory, third, 4)
     monkeypatch.undo()
-    stored = node_state.manifest(directory)
-    assert stored is not None and stored[node_state.VERSION] == 2
+    assert on_disk() == ["v1.pt", "v3.pt"]
+    stored = node_state.latest(directory)
+    assert stored is not None and stored.version == 3
     fresh = node_state.load(directory, stored, NodeWorker(worker.series, worker.cfg, worker.device))
-    same_state(fresh.snapshot, second.snapshot)
+    same_state(fresh.snapshot, third.snapshot)
+
+
+def test_node_state_refuses_the_earlier_layout(tmp_path):
+    """A state directory of the layout before one file per version (``state.pt`` and a
+    file per entry) is refused with the fix, not read as empty (which would start over)."""
+    assert node_state.latest(tmp_path / "missing") is None
+    directory = tmp_path / "client_0"
+    directory.mkdir()
+    torch.save({"version": 3, "parts": {"model": 3}}, directory / "state.pt")
+    with pytest.raises(RuntimeError, match="earlier cnfgnn.*start a new run"):
+        node_state.latest(directory)
 
 
 def test_node_state_equality_is_exact():
@@ -219,7 +247,7 @@ def test_client_app_over_loopback_grid_equals_inprocess(
     and a save writes only what changed)."""
     tmp_path = flower_env
     loads: list[bool] = []  # per load: did this process hold an older version?
-    written: dict[str, list[str]] = {}  # client dir -> part files written, in order
+    written: dict[str, list[int]] = {}  # client dir -> entries per save, in order
     load, write = node_state.load, node_state._write
 
     def counting_load(directory, stored, worker, held=None):
@@ -227,8 +255,7 @@ def test_client_app_over_loopback_grid_equals_inprocess(
         return load(directory, stored, worker, held)
 
     def counting_write(path, obj):
-        if path.name != node_state.MANIFEST:
-            written.setdefault(path.parent.name, []).append(path.name)
+        written.setdefault(path.parent.name, []).append(len(obj[node_state.ENTRIES]))
         write(path, obj)
 
     monkeypatch.setattr(node_state, "load", counting_load)
@@ -237,12 +264,7 @@ def test_client_app_over_loopback_grid_equals_inprocess(
         tmp_path, task_identity, *TINY, "federation.nodes_per_client=2", actors=actors
     )
     assert loads and any(loads) == bool(actors)  # older workers brought up to date
-    for names in written.values():  # a save writes only the entries that changed
-        per_save: dict[str, int] = {}
-        for name in names:
-            version = name.split(".")[-2]
-            per_save[version] = per_save.get(version, 0) + 1
-        counts = list(per_save.values())
+    for counts in written.values():  # a save writes only the entries that changed
         assert counts[0] == max(counts) and min(counts) < counts[0], counts
     for key in METRICS:
         assert final["test"][key] == pytest.approx(ref["test"][key], rel=1e-5, abs=1e-6), key
@@ -251,6 +273,40 @@ def test_client_app_over_loopback_grid_equals_inprocess(
     assert sorted(p.name for p in state.iterdir()) == ["client_0", "client_1", "client_2"]
     rounds = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").open()]
     assert rounds[-1]["wire_bytes"][P.SPLIT_STEP]["up"] > 0
+
+
+def test_client_app_prepares_its_worker_at_identification(flower_env, task_identity, monkeypatch):
+    """With ``engine.prepare_at_identify`` (the simulation's default) a ClientApp builds its
+    worker when asked who it is, and the run's first message uses that worker: over a whole
+    run, one worker per client, all built before round 1."""
+    import sys
+
+    from flwr.app import Message
+
+    from cnfgnn.flower import server_app
+
+    cfg = make_cfg(
+        *TINY, "federation.nodes_per_client=2", f"output_root={flower_env}", "engine=simulation"
+    )
+    assert cfg.engine.prepare_at_identify
+    overrides = overrides_for(cfg, flower_env / "run")
+    grid = LoopbackGrid(overrides, num_nodes=3, run_id=task_identity, fresh_process=False)
+    built: list[int] = []
+    new_worker = client_app._new_worker
+    monkeypatch.setattr(
+        client_app,
+        "_new_worker",
+        lambda cfg, context: (
+            built.append(int(context.node_config["partition-id"])) or new_worker(cfg, context)
+        ),
+    )
+    nodes = grid.get_node_ids()
+    asks = [Message(pack({}), dst_node_id=n, message_type=P.IDENTIFY) for n in nodes]
+    replies = grid.pull_messages(grid.push_messages(asks))
+    assert [unpack(r.content)[P.PARTITION_ID] for r in replies] == [0, 1, 2]
+    assert sorted(built) == [0, 1, 2] and "torch._dynamo" in sys.modules
+    final = server_app.run_server(grid, compose_cfg(overrides), run_id=None, **QUIET)
+    assert sorted(built) == [0, 1, 2] and final["test"]["rmse"] > 0
 
 
 # ---------------------------------------------------------------------- simulation
