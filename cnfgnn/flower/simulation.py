@@ -25,6 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from cnfgnn import machine
 from cnfgnn.config import ENV_OVERRIDES, flower_environment, overrides_for
 from cnfgnn.federation.inference import ForecastResult
 from cnfgnn.flower import client_app, engine, linkstate, ray_cluster, server_app
@@ -112,6 +113,7 @@ def simulate(
             "actors would not see its configuration"
         )
     engine.busy_share(cfg.engine.get("poll_busy_share"))  # bad input: before Ray starts
+    machine.tune_malloc(cfg.get("malloc"))  # before Flower starts the ServerApp's thread
     env = flower_environment()
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
