@@ -58,6 +58,7 @@ print("TABLES " + json.dumps({"jobs": jobs, "actors": actors}))
 def test_backend_config_joins_a_cluster_without_node_level_init_args():
     private = backend_config(make_cfg("engine=simulation"))
     assert private["init_args"]["num_cpus"] == 2 and "address" not in private["init_args"]
+    assert private["init_args"]["_system_config"]["max_direct_call_object_size"] == 4 * 2**20
     joined = backend_config(make_cfg("engine=simulation", "engine.ray.address=10.0.0.1:6379"))
     assert joined["init_args"] == {
         "address": "10.0.0.1:6379",
