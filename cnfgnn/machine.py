@@ -93,7 +93,7 @@ def tune_malloc(settings: Any) -> bool:
     heaps of their own that glibc trims at once, so a Flower simulation's ServerApp thread
     took twice the page faults of the main thread for the same server step (20,000 against
     10,000 per GN step on the bench's graph, +0.09 s of system time each); with these
-    settings both take almost none (docs/results/2026-12-05-flower-warm-up-and-state-files.md).
+    settings a few hundred and 2 (docs/results/2026-12-05-flower-warm-up-and-state-files.md).
     ``arena_max`` counts only for threads that have not allocated yet: call this before
     starting them.
     """
