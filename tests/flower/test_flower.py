@@ -309,6 +309,30 @@ def test_client_app_prepares_its_worker_at_identification(flower_env, task_ident
     assert sorted(built) == [0, 1, 2] and final["test"]["rmse"] > 0
 
 
+def test_a_failed_preparation_does_not_fail_identification(
+    flower_env, task_identity, monkeypatch, caplog
+):
+    """A SuperNode whose worker cannot be built (here: a fourth partition of a three-client
+    federation) still says who it is; the failure is logged, and its first real message
+    reports it to the server."""
+    from flwr.app import Message
+
+    cfg = make_cfg(
+        *TINY, "federation.nodes_per_client=2", f"output_root={flower_env}", "engine=simulation"
+    )
+    overrides = overrides_for(cfg, flower_env / "run")
+    grid = LoopbackGrid(overrides, num_nodes=4, run_id=task_identity, fresh_process=False)
+    nodes = grid.get_node_ids()
+    asks = [Message(pack({}), dst_node_id=n, message_type=P.IDENTIFY) for n in nodes]
+    with caplog.at_level("WARNING", logger="cnfgnn.flower.client_app"):
+        replies = grid.pull_messages(grid.push_messages(asks))
+    assert [unpack(r.content)[P.PARTITION_ID] for r in replies] == [0, 1, 2, 3]
+    assert "client 3: preparing at identification failed" in caplog.text
+    train = Message(pack({P.ROUND: 1, P.STEP: 0}), dst_node_id=nodes[3], message_type=P.LOCAL_TRAIN)
+    (reply,) = grid.pull_messages(grid.push_messages([train]))
+    assert reply.has_error() and "partition 3 of 4" in reply.error.reason
+
+
 # ---------------------------------------------------------------------- simulation
 def test_simulation_equals_inprocess_and_keeps_series_private(flower_env):
     tmp = flower_env
