@@ -1,5 +1,5 @@
-"""Fit a run to the machine: torch threads, glibc's allocator and the progress display
-(``conf/config.yaml``).
+"""Fit a run to the machine: torch threads and the progress display (``conf/config.yaml``),
+and glibc's allocator (a Flower simulation's driver, ``engine.malloc``).
 
 ``threads: null`` (the default) uses every core this process may run on; an integer pins
 torch's intra-op threads (tests and benchmarks pin 1 or 2). ``device: auto`` (the default)
@@ -84,18 +84,20 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
 
 def tune_malloc(settings: Any) -> bool:
-    """Set glibc's allocator from ``malloc`` (``arena_max``, ``mmap_threshold_mb``,
-    ``trim_threshold_mb``; a missing or null key keeps glibc's own); returns whether it
-    could (False off glibc).
+    """Set glibc's allocator from ``settings`` (``engine.malloc`` of a simulation:
+    ``arena_max``, ``mmap_threshold_mb``, ``trim_threshold_mb``; a missing or null key keeps
+    glibc's own); returns whether it could (False off glibc).
 
     A tensor freed and allocated again each step comes back from the heap instead of as
     fresh pages that the kernel faults in and zeroes. Threads other than the main one get
     heaps of their own that glibc trims at once, so a Flower simulation's ServerApp thread
     took twice the page faults of the main thread for the same server step (20,000 against
     10,000 per GN step on the bench's graph, +0.09 s of system time each); with these
-    settings a few hundred and 2 (docs/results/2026-12-05-flower-warm-up-and-state-files.md).
-    ``arena_max`` counts only for threads that have not allocated yet: call this before
-    starting them.
+    settings a few hundred and 2, and the GN's step in a simulation 4-7% shorter. Only a
+    simulation's driver sets it: the in-process engines ran no faster, and the central
+    limit's peak memory on Los-loop rose from 2.0 to 5.2 GB
+    (docs/results/2026-12-05-flower-warm-up-and-state-files.md). ``arena_max`` counts only
+    for threads that have not allocated yet: call this before starting them.
     """
     if not hasattr(os, "confstr") or "glibc" not in (_confstr("CS_GNU_LIBC_VERSION") or ""):
         return False
@@ -110,9 +112,9 @@ def tune_malloc(settings: Any) -> bool:
         if value is None:
             continue
         if int(value) < 1:
-            raise ValueError(f"malloc.{key}={value!r}: use a positive number, or null")
+            raise ValueError(f"engine.malloc.{key}={value!r}: use a positive number, or null")
         if libc.mallopt(param, int(value) * scale) != 1:
-            raise ValueError(f"malloc.{key}={value!r}: glibc refused it (mallopt)")
+            raise ValueError(f"engine.malloc.{key}={value!r}: glibc refused it (mallopt)")
     return True
 
 
@@ -124,11 +126,9 @@ def _confstr(name: str) -> str | None:
 
 
 def apply(cfg: Any) -> None:
-    """Threads, allocator and progress display of a composed config (``threads``,
-    ``malloc``, ``progress``)."""
+    """Threads and progress display of a composed config (``threads``, ``progress``)."""
     from cnfgnn import progress
 
-    tune_malloc(cfg.get("malloc"))
     n = set_threads(cfg.get("threads"))
     progress.configure(cfg.get("progress", "auto"))
     log.debug("torch threads: %d (threads=%s), device=%s", n, cfg.get("threads"), cfg.get("device"))

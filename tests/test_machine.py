@@ -64,13 +64,13 @@ GLIBC = "glibc" in (machine._confstr("CS_GNU_LIBC_VERSION") or "")
 
 # A thread other than the main one allocates and frees a server step's worth of tensors
 # (4 x 24 MB and 3 x 8 MB live at once), 10 times after 3 untimed steps; prints the minor
-# page faults per step. argv[1] == "tuned": conf/config.yaml's malloc settings first.
+# page faults per step. argv[1] == "tuned": the simulation's engine.malloc settings first.
 FAULTS = """
 import resource, sys, threading, torch
 from cnfgnn import machine
 from cnfgnn.config import compose
 if sys.argv[1] == "tuned":
-    assert machine.tune_malloc(compose([]).malloc)
+    assert machine.tune_malloc(compose(["engine=simulation"]).engine.malloc)
 out = {}
 def step():
     xs = [torch.ones(n) for n in (6 * 2**20,) * 4 + (2**21,) * 3]
@@ -91,7 +91,7 @@ print(out["faults"])
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
 def test_tune_malloc_keeps_a_threads_freed_tensors_mapped():
-    """With the config's ``malloc`` settings a thread's freed tensors come back from the
+    """With a simulation's ``engine.malloc`` settings a thread's freed tensors come back from the
     heap: (almost) no page faults per step, against hundreds with glibc's defaults."""
 
     def faults(mode: str) -> float:
@@ -108,6 +108,6 @@ def test_tune_malloc_keeps_a_threads_freed_tensors_mapped():
 def test_tune_malloc_checks_its_settings():
     assert machine.tune_malloc(None) == GLIBC  # nothing to set: glibc's own values
     if GLIBC:
-        with pytest.raises(ValueError, match="malloc.arena_max=0: use a positive number"):
+        with pytest.raises(ValueError, match="engine.malloc.arena_max=0: use a positive number"):
             machine.tune_malloc({"arena_max": 0})
         assert machine.tune_malloc({"arena_max": None, "trim_threshold_mb": 512})

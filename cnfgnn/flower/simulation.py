@@ -113,7 +113,7 @@ def simulate(
             "actors would not see its configuration"
         )
     engine.busy_share(cfg.engine.get("poll_busy_share"))  # bad input: before Ray starts
-    machine.tune_malloc(cfg.get("malloc"))  # before Flower starts the ServerApp's thread
+    machine.tune_malloc(cfg.engine.get("malloc"))  # before Flower starts the ServerApp's thread
     env = flower_environment()
     env[ENV_OVERRIDES] = overrides
     for key in ("FLWR_HOME", "TMPDIR", "RAY_TMPDIR"):
