@@ -97,9 +97,11 @@ def tune_malloc(settings: Any) -> bool:
     simulation's driver sets it: the in-process engines ran no faster, and the central
     limit's peak memory on Los-loop rose from 2.0 to 5.2 GB
     (docs/results/2026-12-05-flower-warm-up-and-state-files.md). ``arena_max`` counts only
-    for threads that have not allocated yet: call this before starting them.
+    for threads that have not allocated yet: call this before starting them. The settings
+    hold for the rest of the process (glibc cannot go back to its adaptive thresholds): a
+    Python session that runs other engines after a simulation keeps them too.
     """
-    if not hasattr(os, "confstr") or "glibc" not in (_confstr("CS_GNU_LIBC_VERSION") or ""):
+    if "glibc" not in (_confstr("CS_GNU_LIBC_VERSION") or ""):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     params = (
@@ -119,9 +121,10 @@ def tune_malloc(settings: Any) -> bool:
 
 
 def _confstr(name: str) -> str | None:
+    """``os.confstr(name)``, or None where the platform has no such value (or no confstr)."""
     try:
         return os.confstr(name)
-    except (ValueError, OSError):
+    except (AttributeError, ValueError, OSError):
         return None
 
 
