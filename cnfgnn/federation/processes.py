@@ -29,7 +29,7 @@ from typing import Any, cast
 
 import torch
 
-from cnfgnn import progress
+from cnfgnn import optim, progress
 from cnfgnn.data.errors import DataError
 from cnfgnn.data.nodes import count_setting
 from cnfgnn.federation import protocol as P
@@ -168,6 +168,7 @@ class ProcessEngine:
         self.owner = {cid: i for i, block in enumerate(self.blocks) for cid in block}
         self.dead: dict[int, str] = {}  # child index -> why its clients fail
         self.busy = False  # a send is waiting for replies (close() then does not wait)
+        optim.prepare()  # once here, not once per child inside round 1
         ctx = mp.get_context("fork")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []

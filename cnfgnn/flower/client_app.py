@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.compat.common import recorddict_compat as compat
 from omegaconf import OmegaConf
 
+from cnfgnn import optim
 from cnfgnn.config import compose_cfg, overrides_from_run_config, state_root
 from cnfgnn.data.loaders import load_dataset
 from cnfgnn.data.nodes import client_groups
@@ -222,8 +223,7 @@ def _prepare(context: Context) -> None:
         cfg = _config(context)
         if not cfg.engine.get("prepare_at_identify", False):
             return
-        import torch._dynamo  # noqa: F401
-
+        optim.prepare()
         _worker(cfg, context)
     except Exception as exc:  # noqa: BLE001 - reported by the first message instead
         log.warning("client %s: preparing at identification failed: %r", _partition(context), exc)

@@ -209,3 +209,34 @@ def test_local_engine_follows_the_config():
     one = make_cfg(*TINY, "federation.nodes_per_client=null", "engine.processes=2")
     only = build_workers(one, load_dataset(one.dataset), CPU)
     assert isinstance(local_engine(one, only, CPU), InProcessEngine)  # one client: no fork
+
+
+#: A fresh interpreter that forks two client processes and asks each whether it can make its
+#: first optimizer without importing torch._dynamo (the import torch.optim does then).
+FIRST_OPTIMIZER = """
+import sys, types
+from cnfgnn.federation.processes import ProcessEngine
+
+class Stub:
+    series = types.SimpleNamespace(nodes=[0])
+    def handle(self, mtype, payload):
+        return {"had_dynamo": "torch._dynamo" in sys.modules}
+
+assert "torch._dynamo" not in sys.modules
+engine = ProcessEngine({0: Stub(), 1: Stub()}, 2)
+try:
+    replies = engine.send("query.ping", {0: {}, 1: {}})
+finally:
+    engine.close()
+print(sorted(r["had_dynamo"] for r in replies.values()))
+"""
+
+
+def test_children_inherit_what_the_first_optimizer_imports():
+    """The parent imports torch._dynamo before it forks (1-2 s on 2 cores), so no child pays
+    for it inside the first round's local training."""
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_OPTIMIZER], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "[True, True]"
