@@ -10,7 +10,7 @@ import torch
 def prepare() -> None:
     """Import what ``torch.optim`` imports when a process makes its first optimizer.
 
-    That is ``torch._dynamo``: about 1-2 s on this 2-core machine, paid once per process.
+    That is ``torch._dynamo``: about 1-2 s on a 2-core machine, paid once per process.
     Called where it would otherwise land inside round 1: before the in-process
     engine forks its client processes (the children inherit the import) and when a Flower
     ClientApp prepares at identification. A torch without it is left to fail, if at all,

@@ -239,4 +239,4 @@ def test_children_inherit_what_the_first_optimizer_imports():
         [sys.executable, "-c", FIRST_OPTIMIZER], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-2] == "[True, True]"
+    assert out.stdout.strip().splitlines()[-1] == "[True, True]"
