@@ -88,14 +88,16 @@ def tune_malloc(settings: Any) -> bool:
     ``arena_max``, ``mmap_threshold_mb``, ``trim_threshold_mb``; a missing or null key keeps
     glibc's own); returns whether it could (False off glibc).
 
-    A tensor freed and allocated again each step comes back from the heap instead of as
-    fresh pages that the kernel faults in and zeroes. Threads other than the main one get
-    heaps of their own that glibc trims at once, so a Flower simulation's ServerApp thread
-    took twice the page faults of the main thread for the same server step (20,000 against
-    10,000 per GN step on the bench's graph, +0.09 s of system time each); with these
-    settings a few hundred and 2, and the GN's step in a simulation 4-7% shorter. Only a
-    simulation's driver sets it: the in-process engines ran no faster, and the central
-    limit's peak memory on Los-loop rose from 2.0 to 5.2 GB
+    A tensor freed and allocated again each step is meant to come back from the heap instead
+    of as fresh pages that the kernel faults in and zeroes. Threads other than the main one
+    get heaps of their own that glibc trims at once: in a micro-benchmark of the GN's split
+    step, another thread took 20,000 page faults per step against 10,000 in the main thread,
+    and with these settings a few hundred and 2. Interleaved on and off, the GN's step in a
+    simulation was 4-7% shorter. In the bench's simulation driver its threads still take
+    11,000-15,000 faults per split step and several times the in-process system time, for a
+    reason not found (docs/results/2026-12-05-forked-clients-first-optimizer.md). Only a
+    simulation's driver sets it: the in-process engines ran no faster, and the per-sensor
+    process tree's peak memory rose by 10%
     (docs/results/2026-12-05-flower-warm-up-and-state-files.md). ``arena_max`` counts only
     for threads that have not allocated yet: call this before starting them. The settings
     hold for the rest of the process (glibc cannot go back to its adaptive thresholds): a

@@ -13,13 +13,9 @@ def prepare() -> None:
     That is ``torch._dynamo``: about 1-2 s on a 2-core machine, paid once per process.
     Called where it would otherwise land inside round 1: before the in-process
     engine forks its client processes (the children inherit the import) and when a Flower
-    ClientApp prepares at identification. A torch without it is left to fail, if at all,
-    where it would have: at the first optimizer.
+    ClientApp prepares at identification.
     """
-    try:
-        import torch._dynamo  # noqa: F401
-    except ImportError:  # pragma: no cover - every supported torch has it
-        pass
+    import torch._dynamo  # noqa: F401
 
 
 def make_adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:

@@ -113,4 +113,12 @@ def test_tune_malloc_checks_its_settings():
     if GLIBC:
         with pytest.raises(ValueError, match="engine.malloc.arena_max=0: use a positive number"):
             machine.tune_malloc({"arena_max": 0})
-        assert machine.tune_malloc({"arena_max": None, "trim_threshold_mb": 512})
+        # a valid setting holds for the rest of its process: set it in a process of its own
+        partial = (
+            "from cnfgnn import machine; "
+            "print(machine.tune_malloc({'arena_max': None, 'trim_threshold_mb': 512}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", partial], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split()[-1] == "True"
